@@ -1,0 +1,142 @@
+//! Writes the fuzzers' seed corpus: one valid stream per message type, so the fuzzers
+//! start from real frames. Run from the repository root:
+//! `cargo run -p sluice-protocol --example write_fuzz_seeds`.
+
+use std::fs;
+use std::path::Path;
+
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+use sluice_protocol::*;
+
+const MAX: u32 = 1 << 20;
+
+fn frames<T: Serialize>(msgs: &[T]) -> BytesMut {
+    let mut out = BytesMut::new();
+    for m in msgs {
+        encode(m, &mut out, MAX).expect("seed encodes");
+    }
+    out
+}
+
+fn body<T: Serialize>(msg: &T) -> Vec<u8> {
+    encode_to_vec(msg, MAX).expect("seed encodes")[LENGTH_PREFIX_LEN..].to_vec()
+}
+
+fn write(dir: &Path, name: &str, selector: u8, bytes: &[u8]) {
+    let mut data = vec![selector];
+    data.extend_from_slice(bytes);
+    fs::write(dir.join(format!("seed-{name}")), data).expect("write seed");
+}
+
+fn main() {
+    let enqueue = Enqueue {
+        query_id: 42,
+        tenant: "tenant-a".into(),
+        actors: vec!["user-1".into(), "dash-7".into()],
+        component: Some("store-gateway".into()),
+        priority: Some(2),
+        cost_hint: Some(5),
+        timeout_ms: Some(60_000),
+        metadata: vec![("traceparent".into(), "00-4bf92f-00f067-01".into())],
+        payload: Bytes::from_static(b"{\"query\":\"sum(rate(http_requests_total[5m]))\"}"),
+    };
+    let dispatch = Dispatch {
+        query_id: 42,
+        frontend: FrontendAddress {
+            id: "fe-1".into(),
+            address: "127.0.0.1:9095".into(),
+            server_name: "localhost".into(),
+        },
+        tenant: "tenant-a".into(),
+        actors: vec!["user-1".into()],
+        component: None,
+        metadata: vec![],
+        queue_time_us: 1234,
+        timeout_ms: Some(59_000),
+        payload: Bytes::from_static(b"q"),
+    };
+    let hello = |role, stream| Hello::new(role, "peer-1", stream);
+
+    let stream_dir = Path::new("fuzz/corpus/decode_stream");
+    let rt_dir = Path::new("fuzz/corpus/roundtrip");
+    fs::create_dir_all(stream_dir).unwrap();
+    fs::create_dir_all(rt_dir).unwrap();
+
+    // decode_stream: selector low 3 bits pick the type, high bits the piece size.
+    let mut fe = frames(&[hello(Role::Frontend, StreamKind::FrontendLoop)]);
+    fe.extend_from_slice(&frames(&[
+        FrontendToScheduler::Enqueue(enqueue.clone()),
+        FrontendToScheduler::Cancel { query_id: 42 },
+    ]));
+    write(stream_dir, "frontend", 7 << 3, &fe); // type 0
+    let sf = frames(&[
+        SchedulerToFrontend::EnqueueStatus {
+            query_id: 42,
+            status: EnqueueStatus::TooManyOutstanding { limit: 100 },
+            load: LoadHint {
+                queued: 12,
+                idle_workers: 3,
+            },
+        },
+        SchedulerToFrontend::QueryError {
+            query_id: 42,
+            kind: QueryErrorKind::QuerierFailed,
+            message: "querier q-1 disconnected".into(),
+        },
+    ]);
+    write(stream_dir, "to-frontend", 1 | (3 << 3), &sf);
+    let mut q = frames(&[hello(Role::Querier, StreamKind::DequeueLoop)]);
+    q.extend_from_slice(&frames(&[QuerierToScheduler::Ready {
+        finished: Some(Finished {
+            frontend_id: "fe-1".into(),
+            query_id: 41,
+            measured_cost: Some(9),
+        }),
+    }]));
+    write(stream_dir, "querier", 2, &q);
+    let sq = frames(&[
+        SchedulerToQuerier::Dispatch(Box::new(dispatch.clone())),
+        SchedulerToQuerier::Cancel { query_id: 42 },
+        SchedulerToQuerier::ShuttingDown,
+    ]);
+    write(stream_dir, "to-querier", 3 | (15 << 3), &sq);
+    let mut r = frames(&[hello(Role::Querier, StreamKind::Result)]);
+    r.extend_from_slice(&frames(&[
+        ResultFrame::Head {
+            query_id: 42,
+            tenant: "tenant-a".into(),
+            status: 200,
+            metadata: vec![],
+        },
+        ResultFrame::Chunk(Bytes::from_static(b"partial result bytes")),
+        ResultFrame::End { total_len: 20 },
+    ]));
+    write(stream_dir, "result", 4 | (1 << 3), &r);
+
+    // roundtrip: selector % 10 picks the type; the rest is one message body.
+    write(
+        rt_dir,
+        "hello",
+        0,
+        &body(&hello(Role::Frontend, StreamKind::FrontendLoop)),
+    );
+    write(rt_dir, "enqueue", 2, &body(&FrontendToScheduler::Enqueue(enqueue)));
+    write(
+        rt_dir,
+        "dispatch",
+        5,
+        &body(&SchedulerToQuerier::Dispatch(Box::new(dispatch))),
+    );
+    write(
+        rt_dir,
+        "result-error",
+        6,
+        &body(&ResultFrame::Error {
+            query_id: 1,
+            tenant: "t".into(),
+            message: "handler panicked".into(),
+        }),
+    );
+    println!("seeds written under fuzz/corpus/");
+}

@@ -1,0 +1,368 @@
+//! Every frame of the Sluice conversation, grouped by stream and direction.
+//!
+//! Four kinds of stream exist. Each starts with a [`Hello`] from the side that
+//! opened it, answered by a [`HelloReply`]; after that only the two message
+//! types named for that stream travel on it.
+//!
+//! ```text
+//! frontend ──(bi stream, one per frontend connection)── scheduler      StreamKind::FrontendLoop
+//!   Hello                      ─►
+//!                              ◄─ HelloReply::Welcome
+//!   FrontendToScheduler::Enqueue ─►
+//!                              ◄─ SchedulerToFrontend::EnqueueStatus   (exactly one per Enqueue)
+//!   FrontendToScheduler::Cancel  ─►
+//!                              ◄─ SchedulerToFrontend::QueryError      (querier died, deadline, shutdown…)
+//!                              ◄─ SchedulerToFrontend::ShuttingDown
+//!
+//! querier worker ──(bi stream, one per worker)── scheduler               StreamKind::DequeueLoop
+//!   Hello                      ─►
+//!                              ◄─ HelloReply::Welcome
+//!   QuerierToScheduler::Ready    ─►                                     ("give me work"; also "previous one done")
+//!                              ◄─ SchedulerToQuerier::Dispatch
+//!                              ◄─ SchedulerToQuerier::Cancel           (stop the in-flight query; stream stays)
+//!   QuerierToScheduler::Ready    ─►
+//!                              ◄─ SchedulerToQuerier::ShuttingDown
+//!
+//! querier ──(bi stream, short)── scheduler                               StreamKind::ShutdownNotice
+//!   Hello, Notice::QuerierShuttingDown ─►
+//!                              ◄─ NoticeReply::Acknowledged
+//!
+//! querier ──(bi stream, one per result)── frontend result endpoint      StreamKind::Result
+//!   Hello                      ─►
+//!                              ◄─ HelloReply::Welcome
+//!   ResultFrame::Head          ─►
+//!   ResultFrame::Chunk …       ─►
+//!   ResultFrame::End           ─►   (or ResultFrame::Error instead of Head/Chunk/End)
+//!                              ◄─ ResultReceipt
+//! ```
+//!
+//! Query ids are chosen by the frontend and are unique per frontend; a query is
+//! identified system-wide by the frontend's id plus its query id.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this crate speaks. A peer with another version is refused in
+/// the [`HelloReply`]; the version is the first field of [`Hello`] so it can always be read.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// A frontend-chosen query identifier, unique among that frontend's outstanding queries.
+pub type QueryId = u64;
+
+/// Free-form key/value pairs carried with a query (tracing headers, request ids).
+pub type Metadata = Vec<(String, String)>;
+
+/// What a peer is, as it claims in [`Hello`]; the scheduler checks it against the
+/// role in the peer's TLS certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// A query frontend: enqueues sub-queries, receives results.
+    Frontend,
+    /// A querier: runs worker loops that dequeue and execute sub-queries.
+    Querier,
+    /// A scheduler (used by scheduler-to-scheduler traffic).
+    Scheduler,
+}
+
+/// Which conversation a stream carries; fixed by its opener's [`Hello`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StreamKind {
+    /// Frontend → scheduler: [`FrontendToScheduler`] / [`SchedulerToFrontend`].
+    FrontendLoop,
+    /// Querier worker → scheduler: [`QuerierToScheduler`] / [`SchedulerToQuerier`].
+    DequeueLoop,
+    /// Querier → scheduler: one [`Notice`] answered by one [`NoticeReply`].
+    ShutdownNotice,
+    /// Querier → frontend result endpoint: [`ResultFrame`]s answered by one [`ResultReceipt`].
+    Result,
+}
+
+/// First frame on every stream, sent by the side that opened it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must equal [`PROTOCOL_VERSION`]; always the first encoded field.
+    pub version: u16,
+    /// The role the opener claims.
+    pub role: Role,
+    /// The opener's stable identity: frontend id, querier id or scheduler id.
+    pub id: String,
+    /// The conversation this stream carries.
+    pub stream: StreamKind,
+}
+
+impl Hello {
+    /// A hello for this crate's [`PROTOCOL_VERSION`].
+    pub fn new(role: Role, id: impl Into<String>, stream: StreamKind) -> Self {
+        Hello {
+            version: PROTOCOL_VERSION,
+            role,
+            id: id.into(),
+            stream,
+        }
+    }
+}
+
+/// The answer to a [`Hello`], sent by the side that accepted the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    /// Accepted; carries the acceptor's id (scheduler id or frontend id).
+    Welcome { id: String },
+    /// Refused; the stream is closed after this frame.
+    Rejected { code: RejectCode, message: String },
+}
+
+/// Why a stream was refused at [`Hello`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectCode {
+    /// The opener's protocol version is not spoken here.
+    UnsupportedVersion,
+    /// The claimed role does not match the certificate, or may not open this kind of stream.
+    RoleNotAllowed,
+    /// The hello was malformed (empty id, bad stream kind for the role).
+    InvalidHello,
+    /// The acceptor is shutting down and takes no new streams.
+    ShuttingDown,
+}
+
+// ---------------------------------------------------------------------------
+// Frontend loop
+// ---------------------------------------------------------------------------
+
+/// Frontend → scheduler on the frontend loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FrontendToScheduler {
+    /// Queue a sub-query. Answered by exactly one [`SchedulerToFrontend::EnqueueStatus`].
+    Enqueue(Enqueue),
+    /// Withdraw a query: removed if queued, or the querier running it is told to stop.
+    /// Not answered; a cancelled query produces no further frames.
+    Cancel { query_id: QueryId },
+}
+
+/// A sub-query to queue, with everything the scheduler needs to place it fairly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enqueue {
+    /// Frontend-chosen id, unique among this frontend's outstanding queries.
+    pub query_id: QueryId,
+    /// The tenant the query runs for; the first fairness level.
+    pub tenant: String,
+    /// Actors below the tenant, outermost first (user, dashboard, query hash…); any depth
+    /// up to [`Limits::max_actor_depth`](crate::Limits::max_actor_depth).
+    pub actors: Vec<String>,
+    /// The backend the query will hit (for example `ingester`, `store-gateway`);
+    /// `None` when unknown. Workers are spread across components.
+    pub component: Option<String>,
+    /// Priority class; higher is served first. `None` means the tenant's default.
+    pub priority: Option<u8>,
+    /// Expected cost in arbitrary units (default 1), for cost-aware fairness.
+    pub cost_hint: Option<u32>,
+    /// Time the query may still take, in milliseconds, counted from when the scheduler
+    /// receives this frame (relative, so clocks need not agree). `None`: no deadline.
+    pub timeout_ms: Option<u64>,
+    /// Tracing headers and other metadata, passed through to the querier.
+    pub metadata: Metadata,
+    /// The opaque request the querier executes.
+    pub payload: Bytes,
+}
+
+/// Scheduler → frontend on the frontend loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SchedulerToFrontend {
+    /// The answer to one [`Enqueue`], with a load hint for client-side balancing.
+    EnqueueStatus {
+        query_id: QueryId,
+        status: EnqueueStatus,
+        load: LoadHint,
+    },
+    /// A query that was accepted will not produce a result: the frontend should stop
+    /// waiting for it (and may retry it, see [`QueryErrorKind`]).
+    QueryError {
+        query_id: QueryId,
+        kind: QueryErrorKind,
+        message: String,
+    },
+    /// The scheduler is draining: further enqueues will be refused. Queued queries will
+    /// still be dispatched or handed back with [`QueryErrorKind::HandedBack`].
+    ShuttingDown,
+}
+
+/// The outcome of one [`Enqueue`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnqueueStatus {
+    /// Queued; a result or a [`SchedulerToFrontend::QueryError`] will follow.
+    Accepted,
+    /// The tenant already has its maximum of queued queries; try later or elsewhere.
+    TooManyOutstanding { limit: u32 },
+    /// The scheduler's global queue bound (requests or bytes) is reached.
+    QueueFull,
+    /// The scheduler is shutting down; enqueue on another scheduler.
+    ShuttingDown,
+    /// The request breaks a protocol limit (too long a tenant, too deep a path…).
+    Invalid { reason: String },
+    /// The scheduler failed for another reason.
+    Error { message: String },
+}
+
+/// How loaded the scheduler is, returned with every enqueue status so a frontend can
+/// prefer the less loaded of several schedulers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadHint {
+    /// Requests queued across all tenants.
+    pub queued: u32,
+    /// Querier workers connected and waiting for work.
+    pub idle_workers: u32,
+}
+
+/// Why an accepted query ended without a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueryErrorKind {
+    /// The querier running the query disconnected or reset its stream.
+    QuerierFailed,
+    /// The query's deadline passed before a querier took it.
+    DeadlineExceeded,
+    /// The scheduler shut down before dispatching the query; it was not run and can be
+    /// enqueued on another scheduler.
+    HandedBack,
+    /// The scheduler cancelled the query (for example an operator action).
+    Cancelled,
+    /// Anything else; see the message.
+    Internal,
+}
+
+// ---------------------------------------------------------------------------
+// Dequeue loop
+// ---------------------------------------------------------------------------
+
+/// Querier worker → scheduler on the dequeue loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QuerierToScheduler {
+    /// The worker is free. If it was running a query, that query is finished: `finished`
+    /// names it and may report its measured cost.
+    Ready { finished: Option<Finished> },
+}
+
+/// The query a worker just finished, reported with its next [`QuerierToScheduler::Ready`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finished {
+    /// The frontend that sent the query.
+    pub frontend_id: String,
+    /// The query's id at that frontend.
+    pub query_id: QueryId,
+    /// Measured cost in the same units as [`Enqueue::cost_hint`], when the querier knows it.
+    pub measured_cost: Option<u32>,
+}
+
+/// Scheduler → querier worker on the dequeue loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SchedulerToQuerier {
+    /// Run this query and send the result to the frontend's result endpoint.
+    Dispatch(Box<Dispatch>),
+    /// Stop running the in-flight query; the worker then says `Ready` as usual.
+    Cancel { query_id: QueryId },
+    /// The worker's querier (or the scheduler) is shutting down: no more work on this
+    /// stream; the worker should close it.
+    ShuttingDown,
+}
+
+/// A query handed to a querier worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dispatch {
+    /// The query's id at its frontend.
+    pub query_id: QueryId,
+    /// Where to send the result.
+    pub frontend: FrontendAddress,
+    /// The tenant the query runs for.
+    pub tenant: String,
+    /// The actor path it was queued under.
+    pub actors: Vec<String>,
+    /// The component it was queued under, if any.
+    pub component: Option<String>,
+    /// Metadata from the frontend, unchanged.
+    pub metadata: Metadata,
+    /// Time the query spent queued, in microseconds.
+    pub queue_time_us: u64,
+    /// Time left before the query's deadline, in milliseconds; `None`: no deadline.
+    pub timeout_ms: Option<u64>,
+    /// The opaque request to execute.
+    pub payload: Bytes,
+}
+
+/// A frontend's result endpoint, as the frontend announced it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendAddress {
+    /// The frontend's id (its [`Hello::id`]).
+    pub id: String,
+    /// `host:port` of its QUIC result endpoint.
+    pub address: String,
+    /// TLS server name to verify the endpoint's certificate against.
+    pub server_name: String,
+}
+
+// ---------------------------------------------------------------------------
+// Shutdown notice
+// ---------------------------------------------------------------------------
+
+/// Querier → scheduler on a shutdown-notice stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Notice {
+    /// The querier is going away: give its workers no new work, forget it as soon as its
+    /// last worker disconnects (no forget delay).
+    QuerierShuttingDown,
+}
+
+/// Scheduler → querier on a shutdown-notice stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoticeReply {
+    /// The notice took effect.
+    Acknowledged,
+}
+
+// ---------------------------------------------------------------------------
+// Results
+// ---------------------------------------------------------------------------
+
+/// Querier → frontend on a result stream: `Head`, any number of `Chunk`s, `End`; or a
+/// single `Error`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResultFrame {
+    /// The start of a result.
+    Head {
+        query_id: QueryId,
+        /// The tenant the query ran for; checked against the frontend's record.
+        tenant: String,
+        /// Application status, HTTP style (200 = success).
+        status: u16,
+        metadata: Metadata,
+    },
+    /// A piece of the result body, in order.
+    Chunk(Bytes),
+    /// The body is complete; `total_len` is the sum of the chunk lengths.
+    End { total_len: u64 },
+    /// The query failed in the querier (handler error or panic).
+    Error {
+        query_id: QueryId,
+        tenant: String,
+        message: String,
+    },
+}
+
+/// Frontend → querier: the single answer on a result stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResultReceipt {
+    /// The result was delivered to the waiting caller.
+    Delivered,
+    /// The result was not taken; the querier must not retry it.
+    Refused { reason: RefuseReason },
+}
+
+/// Why a frontend refused a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefuseReason {
+    /// The frontend has no such query outstanding (finished, cancelled or unknown).
+    UnknownQuery,
+    /// The result names another tenant than the query.
+    TenantMismatch,
+    /// A result for this query was already received.
+    Duplicate,
+    /// The frames broke the result protocol (chunk before head, wrong length…).
+    Malformed,
+}

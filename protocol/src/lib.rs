@@ -1,0 +1,34 @@
+//! The Sluice wire protocol: every frame exchanged between frontends, schedulers and
+//! queriers, and the length-prefixed postcard framing that carries them.
+//!
+//! This crate does no I/O. A connection owns a [`bytes::BytesMut`] read buffer, appends
+//! what arrives, and asks a [`FrameDecoder`] for whole messages; replies are appended to a
+//! write buffer with [`encode`].
+//!
+//! ```
+//! use bytes::BytesMut;
+//! use sluice_protocol::*;
+//!
+//! let limits = Limits::default();
+//! let mut wire = BytesMut::new();
+//! encode(&Hello::new(Role::Querier, "querier-1", StreamKind::DequeueLoop), &mut wire, limits.max_frame_len)?;
+//! encode(&QuerierToScheduler::Ready { finished: None }, &mut wire, limits.max_frame_len)?;
+//!
+//! let decoder = FrameDecoder::new(limits.max_frame_len);
+//! let hello = decoder.decode_hello(&mut wire)?.expect("a whole frame");
+//! assert_eq!(hello.id, "querier-1");
+//! let ready: Option<QuerierToScheduler> = decoder.decode(&mut wire)?;
+//! assert_eq!(ready, Some(QuerierToScheduler::Ready { finished: None }));
+//! assert_eq!(decoder.decode::<QuerierToScheduler>(&mut wire)?, None); // need more bytes
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod codec;
+mod error;
+mod frame;
+mod limits;
+
+pub use codec::{FrameDecoder, LENGTH_PREFIX_LEN, decode_body, decode_hello_body, encode, encode_to_vec};
+pub use error::{DecodeError, EncodeError, InvalidRequest};
+pub use frame::*;
+pub use limits::{HARD_MAX_FRAME_LEN, Limits};

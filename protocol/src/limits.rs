@@ -1,0 +1,90 @@
+//! Size limits shared by both ends of a connection.
+
+use crate::{Enqueue, InvalidRequest};
+
+/// The largest frame any peer may be configured to accept: 64 MiB.
+pub const HARD_MAX_FRAME_LEN: u32 = 64 * 1024 * 1024;
+
+/// Bounds on frames and on the fields of an [`Enqueue`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame body (excluding the 4-byte length prefix) accepted or produced.
+    pub max_frame_len: u32,
+    /// Longest tenant name, in bytes.
+    pub max_tenant_len: usize,
+    /// Deepest actor path below the tenant.
+    pub max_actor_depth: usize,
+    /// Longest single actor name, in bytes.
+    pub max_actor_len: usize,
+    /// Longest component name, in bytes.
+    pub max_component_len: usize,
+    /// Most metadata entries on one query.
+    pub max_metadata_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_len: 8 * 1024 * 1024,
+            max_tenant_len: 256,
+            max_actor_depth: 8,
+            max_actor_len: 256,
+            max_component_len: 64,
+            max_metadata_entries: 64,
+        }
+    }
+}
+
+impl Enqueue {
+    /// Checks the request's fields against `limits`; the first rule broken is returned.
+    pub fn validate(&self, limits: &Limits) -> Result<(), InvalidRequest> {
+        if self.tenant.is_empty() {
+            return Err(InvalidRequest::EmptyTenant);
+        }
+        if self.tenant.len() > limits.max_tenant_len {
+            return Err(InvalidRequest::TenantTooLong {
+                len: self.tenant.len(),
+                max: limits.max_tenant_len,
+            });
+        }
+        if self.actors.len() > limits.max_actor_depth {
+            return Err(InvalidRequest::ActorPathTooDeep {
+                depth: self.actors.len(),
+                max: limits.max_actor_depth,
+            });
+        }
+        for (level, actor) in self.actors.iter().enumerate() {
+            if actor.is_empty() {
+                return Err(InvalidRequest::EmptyActor { level });
+            }
+            if actor.len() > limits.max_actor_len {
+                return Err(InvalidRequest::ActorTooLong {
+                    level,
+                    len: actor.len(),
+                    max: limits.max_actor_len,
+                });
+            }
+        }
+        if let Some(component) = &self.component {
+            if component.is_empty() {
+                return Err(InvalidRequest::EmptyComponent);
+            }
+            if component.len() > limits.max_component_len {
+                return Err(InvalidRequest::ComponentTooLong {
+                    len: component.len(),
+                    max: limits.max_component_len,
+                });
+            }
+        }
+        if self.metadata.len() > limits.max_metadata_entries {
+            return Err(InvalidRequest::TooMuchMetadata {
+                entries: self.metadata.len(),
+                max: limits.max_metadata_entries,
+            });
+        }
+        if self.cost_hint == Some(0) {
+            return Err(InvalidRequest::ZeroCost);
+        }
+        Ok(())
+    }
+}

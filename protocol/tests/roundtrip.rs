@@ -1,0 +1,308 @@
+//! Every frame type survives encode → decode unchanged, however the bytes are split.
+
+use bytes::{Bytes, BytesMut};
+use proptest::collection::vec;
+use proptest::option;
+use proptest::prelude::*;
+use sluice_protocol::*;
+
+fn text() -> impl Strategy<Value = String> {
+    // Mixes ASCII and multi-byte characters so UTF-8 handling is exercised.
+    "[a-zA-Z0-9_\\-é漢🦀]{0,12}"
+}
+
+fn payload() -> impl Strategy<Value = Bytes> {
+    vec(any::<u8>(), 0..300).prop_map(Bytes::from)
+}
+
+fn metadata() -> impl Strategy<Value = Metadata> {
+    vec((text(), text()), 0..4)
+}
+
+fn role() -> impl Strategy<Value = Role> {
+    prop_oneof![Just(Role::Frontend), Just(Role::Querier), Just(Role::Scheduler)]
+}
+
+fn stream_kind() -> impl Strategy<Value = StreamKind> {
+    prop_oneof![
+        Just(StreamKind::FrontendLoop),
+        Just(StreamKind::DequeueLoop),
+        Just(StreamKind::ShutdownNotice),
+        Just(StreamKind::Result),
+    ]
+}
+
+fn hello() -> impl Strategy<Value = Hello> {
+    (role(), text(), stream_kind()).prop_map(|(role, id, stream)| Hello::new(role, id, stream))
+}
+
+fn hello_reply() -> impl Strategy<Value = HelloReply> {
+    let code = prop_oneof![
+        Just(RejectCode::UnsupportedVersion),
+        Just(RejectCode::RoleNotAllowed),
+        Just(RejectCode::InvalidHello),
+        Just(RejectCode::ShuttingDown),
+    ];
+    prop_oneof![
+        text().prop_map(|id| HelloReply::Welcome { id }),
+        (code, text()).prop_map(|(code, message)| HelloReply::Rejected { code, message }),
+    ]
+}
+
+fn enqueue() -> impl Strategy<Value = Enqueue> {
+    (
+        any::<u64>(),
+        text(),
+        vec(text(), 0..5),
+        option::of(text()),
+        option::of(any::<u8>()),
+        option::of(any::<u32>()),
+        option::of(any::<u64>()),
+        metadata(),
+        payload(),
+    )
+        .prop_map(
+            |(query_id, tenant, actors, component, priority, cost_hint, timeout_ms, metadata, payload)| Enqueue {
+                query_id,
+                tenant,
+                actors,
+                component,
+                priority,
+                cost_hint,
+                timeout_ms,
+                metadata,
+                payload,
+            },
+        )
+}
+
+fn frontend_to_scheduler() -> impl Strategy<Value = FrontendToScheduler> {
+    prop_oneof![
+        enqueue().prop_map(FrontendToScheduler::Enqueue),
+        any::<u64>().prop_map(|query_id| FrontendToScheduler::Cancel { query_id }),
+    ]
+}
+
+fn enqueue_status() -> impl Strategy<Value = EnqueueStatus> {
+    prop_oneof![
+        Just(EnqueueStatus::Accepted),
+        any::<u32>().prop_map(|limit| EnqueueStatus::TooManyOutstanding { limit }),
+        Just(EnqueueStatus::QueueFull),
+        Just(EnqueueStatus::ShuttingDown),
+        text().prop_map(|reason| EnqueueStatus::Invalid { reason }),
+        text().prop_map(|message| EnqueueStatus::Error { message }),
+    ]
+}
+
+fn error_kind() -> impl Strategy<Value = QueryErrorKind> {
+    prop_oneof![
+        Just(QueryErrorKind::QuerierFailed),
+        Just(QueryErrorKind::DeadlineExceeded),
+        Just(QueryErrorKind::HandedBack),
+        Just(QueryErrorKind::Cancelled),
+        Just(QueryErrorKind::Internal),
+    ]
+}
+
+fn scheduler_to_frontend() -> impl Strategy<Value = SchedulerToFrontend> {
+    prop_oneof![
+        (any::<u64>(), enqueue_status(), any::<(u32, u32)>()).prop_map(|(query_id, status, (queued, idle_workers))| {
+            SchedulerToFrontend::EnqueueStatus {
+                query_id,
+                status,
+                load: LoadHint { queued, idle_workers },
+            }
+        }),
+        (any::<u64>(), error_kind(), text()).prop_map(|(query_id, kind, message)| SchedulerToFrontend::QueryError {
+            query_id,
+            kind,
+            message
+        }),
+        Just(SchedulerToFrontend::ShuttingDown),
+    ]
+}
+
+fn querier_to_scheduler() -> impl Strategy<Value = QuerierToScheduler> {
+    option::of((text(), any::<u64>(), option::of(any::<u32>()))).prop_map(|finished| QuerierToScheduler::Ready {
+        finished: finished.map(|(frontend_id, query_id, measured_cost)| Finished {
+            frontend_id,
+            query_id,
+            measured_cost,
+        }),
+    })
+}
+
+fn dispatch() -> impl Strategy<Value = Dispatch> {
+    (
+        any::<u64>(),
+        (text(), text(), text()),
+        text(),
+        vec(text(), 0..5),
+        option::of(text()),
+        metadata(),
+        any::<u64>(),
+        option::of(any::<u64>()),
+        payload(),
+    )
+        .prop_map(
+            |(
+                query_id,
+                (id, address, server_name),
+                tenant,
+                actors,
+                component,
+                metadata,
+                queue_time_us,
+                timeout_ms,
+                payload,
+            )| {
+                Dispatch {
+                    query_id,
+                    frontend: FrontendAddress {
+                        id,
+                        address,
+                        server_name,
+                    },
+                    tenant,
+                    actors,
+                    component,
+                    metadata,
+                    queue_time_us,
+                    timeout_ms,
+                    payload,
+                }
+            },
+        )
+}
+
+fn scheduler_to_querier() -> impl Strategy<Value = SchedulerToQuerier> {
+    prop_oneof![
+        dispatch().prop_map(|d| SchedulerToQuerier::Dispatch(Box::new(d))),
+        any::<u64>().prop_map(|query_id| SchedulerToQuerier::Cancel { query_id }),
+        Just(SchedulerToQuerier::ShuttingDown),
+    ]
+}
+
+fn result_frame() -> impl Strategy<Value = ResultFrame> {
+    prop_oneof![
+        (any::<u64>(), text(), any::<u16>(), metadata()).prop_map(|(query_id, tenant, status, metadata)| {
+            ResultFrame::Head {
+                query_id,
+                tenant,
+                status,
+                metadata,
+            }
+        }),
+        payload().prop_map(ResultFrame::Chunk),
+        any::<u64>().prop_map(|total_len| ResultFrame::End { total_len }),
+        (any::<u64>(), text(), text()).prop_map(|(query_id, tenant, message)| ResultFrame::Error {
+            query_id,
+            tenant,
+            message
+        }),
+    ]
+}
+
+fn result_receipt() -> impl Strategy<Value = ResultReceipt> {
+    prop_oneof![
+        Just(ResultReceipt::Delivered),
+        prop_oneof![
+            Just(RefuseReason::UnknownQuery),
+            Just(RefuseReason::TenantMismatch),
+            Just(RefuseReason::Duplicate),
+            Just(RefuseReason::Malformed),
+        ]
+        .prop_map(|reason| ResultReceipt::Refused { reason }),
+    ]
+}
+
+/// Encodes `msgs` back to back, feeds the bytes to a decoder in pieces of `piece` bytes,
+/// and checks that exactly the same messages come out, with `Ok(None)` in between.
+fn assert_stream_roundtrip<T>(msgs: &[T], piece: usize)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let max = Limits::default().max_frame_len;
+    let mut wire = BytesMut::new();
+    for m in msgs {
+        encode(m, &mut wire, max).expect("encodes");
+    }
+    let decoder = FrameDecoder::new(max);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for chunk in wire.chunks(piece.max(1)) {
+        buf.extend_from_slice(chunk);
+        while let Some(m) = decoder.decode::<T>(&mut buf).expect("decodes") {
+            out.push(m);
+        }
+    }
+    assert!(buf.is_empty(), "bytes left over: {}", buf.len());
+    assert_eq!(out.as_slice(), msgs);
+}
+
+proptest! {
+    #[test]
+    fn hello_roundtrips(msgs in vec(hello(), 1..4), piece in 1usize..64) {
+        // Hello has its own decoding entry point; check it too.
+        let max = Limits::default().max_frame_len;
+        for m in &msgs {
+            let mut wire = encode_to_vec(m, max).unwrap();
+            let got = FrameDecoder::new(max).decode_hello(&mut wire).unwrap();
+            prop_assert_eq!(got.as_ref(), Some(m));
+        }
+        assert_stream_roundtrip(&msgs, piece);
+    }
+
+    #[test]
+    fn hello_reply_roundtrips(msgs in vec(hello_reply(), 1..4), piece in 1usize..64) {
+        assert_stream_roundtrip(&msgs, piece);
+    }
+
+    #[test]
+    fn frontend_to_scheduler_roundtrips(msgs in vec(frontend_to_scheduler(), 1..6), piece in 1usize..512) {
+        assert_stream_roundtrip(&msgs, piece);
+    }
+
+    #[test]
+    fn scheduler_to_frontend_roundtrips(msgs in vec(scheduler_to_frontend(), 1..6), piece in 1usize..64) {
+        assert_stream_roundtrip(&msgs, piece);
+    }
+
+    #[test]
+    fn querier_to_scheduler_roundtrips(msgs in vec(querier_to_scheduler(), 1..6), piece in 1usize..64) {
+        assert_stream_roundtrip(&msgs, piece);
+    }
+
+    #[test]
+    fn scheduler_to_querier_roundtrips(msgs in vec(scheduler_to_querier(), 1..6), piece in 1usize..512) {
+        assert_stream_roundtrip(&msgs, piece);
+    }
+
+    #[test]
+    fn notice_and_reply_roundtrip(piece in 1usize..8) {
+        assert_stream_roundtrip(&[Notice::QuerierShuttingDown, Notice::QuerierShuttingDown], piece);
+        assert_stream_roundtrip(&[NoticeReply::Acknowledged], piece);
+    }
+
+    #[test]
+    fn result_frames_roundtrip(msgs in vec(result_frame(), 1..6), piece in 1usize..512) {
+        assert_stream_roundtrip(&msgs, piece);
+    }
+
+    #[test]
+    fn result_receipt_roundtrips(msgs in vec(result_receipt(), 1..4), piece in 1usize..16) {
+        assert_stream_roundtrip(&msgs, piece);
+    }
+
+    /// Any byte string is either decoded or refused with an error; never a panic, and a
+    /// decoded message re-encodes to something that decodes to the same message.
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..200)) {
+        let decoder = FrameDecoder::new(1024);
+        let mut buf = BytesMut::from(&bytes[..]);
+        if let Ok(Some(m)) = decoder.decode::<FrontendToScheduler>(&mut buf) {
+            let mut again = encode_to_vec(&m, 1 << 20).unwrap();
+            prop_assert_eq!(decoder.decode::<FrontendToScheduler>(&mut again).unwrap(), Some(m));
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Sluice: a fair, multi-tenant query scheduler.
