@@ -1,1 +1,3 @@
 //! Sluice: a fair, multi-tenant query scheduler.
+
+pub mod queue;

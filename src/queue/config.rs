@@ -1,0 +1,95 @@
+//! Queue limits and fairness settings, with per-tenant overrides.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// Limits and fairness settings of a [`TreeQueue`](super::TreeQueue).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Most requests one tenant may have queued (across all components). At least 1.
+    pub max_outstanding_per_tenant: u32,
+    /// Queriers serving each tenant (shuffle sharding); 0 means every querier.
+    pub max_queriers_per_tenant: u32,
+    /// Most requests queued in total, across tenants. At least 1.
+    pub max_queued_requests: usize,
+    /// Most payload bytes queued in total, across tenants. At least 1.
+    pub max_queued_bytes: u64,
+    /// How long a querier whose last worker disconnected keeps its place in the tenants'
+    /// shards, so that a quick reconnect changes nothing. Ignored after a shutdown notice.
+    pub querier_forget_delay: Duration,
+    /// Per-tenant overrides, by tenant name.
+    pub tenants: HashMap<String, TenantOverrides>,
+}
+
+/// Settings one tenant has instead of the defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TenantOverrides {
+    /// Replaces [`QueueConfig::max_outstanding_per_tenant`].
+    pub max_outstanding: Option<u32>,
+    /// Replaces [`QueueConfig::max_queriers_per_tenant`].
+    pub max_queriers: Option<u32>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_outstanding_per_tenant: 100,
+            max_queriers_per_tenant: 0,
+            max_queued_requests: 1_000_000,
+            max_queued_bytes: 1 << 30,
+            querier_forget_delay: Duration::from_secs(30),
+            tenants: HashMap::new(),
+        }
+    }
+}
+
+/// A setting that cannot work, named by its configuration key.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl QueueConfig {
+    /// Checks every setting; the error names the key and what is wrong with it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, problem: &str| ConfigError {
+            key: key.into(),
+            problem: problem.into(),
+        };
+        if self.max_outstanding_per_tenant == 0 {
+            return Err(err("max_outstanding_per_tenant", "must be at least 1"));
+        }
+        if self.max_queued_requests == 0 {
+            return Err(err("max_queued_requests", "must be at least 1"));
+        }
+        if self.max_queued_bytes == 0 {
+            return Err(err("max_queued_bytes", "must be at least 1"));
+        }
+        for (tenant, o) in &self.tenants {
+            if o.max_outstanding == Some(0) {
+                return Err(err(&format!("tenants.{tenant}.max_outstanding"), "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The per-tenant request limit for `tenant`.
+    pub fn max_outstanding(&self, tenant: &str) -> u32 {
+        self.tenants
+            .get(tenant)
+            .and_then(|o| o.max_outstanding)
+            .unwrap_or(self.max_outstanding_per_tenant)
+    }
+
+    /// The shuffle-shard size for `tenant` (0: every querier).
+    pub fn max_queriers(&self, tenant: &str) -> u32 {
+        self.tenants
+            .get(tenant)
+            .and_then(|o| o.max_queriers)
+            .unwrap_or(self.max_queriers_per_tenant)
+    }
+}

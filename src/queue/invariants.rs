@@ -1,0 +1,155 @@
+//! The queue's internal invariants, checked by walking everything. Used by tests after
+//! random operation sequences; not on any hot path.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::tree::Member;
+use super::{Queued, TreeQueue};
+
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+pub(super) fn check<R: Queued>(q: &TreeQueue<R>) -> Result<(), String> {
+    let c = q.counters;
+    ensure!(
+        c.enqueued == c.dispatched + c.cancelled + c.expired + c.handed_back + q.requests.len() as u64,
+        "accounting: {c:?} with {} queued",
+        q.requests.len()
+    );
+    ensure!(q.by_key.len() == q.requests.len(), "key index size");
+
+    // Requests: indexed, counted per tenant/component, present in their leaf's FIFO.
+    let mut per_tenant: HashMap<u32, (u32, u64)> = HashMap::new();
+    let mut per_component: HashMap<u32, u32> = HashMap::new();
+    let mut bytes = 0;
+    for (h, e) in q.requests.iter() {
+        ensure!(q.by_key.get(&e.key) == Some(&h), "key index for {:?}", e.key);
+        let leaf = q
+            .nodes
+            .get(e.leaf)
+            .ok_or_else(|| format!("leaf of {:?} freed", e.key))?;
+        ensure!(leaf.fifo.contains(&h), "{:?} missing from its leaf FIFO", e.key);
+        let t = per_tenant.entry(e.tenant).or_default();
+        t.0 += 1;
+        t.1 += e.bytes;
+        *per_component.entry(e.component).or_default() += 1;
+        bytes += e.bytes;
+        ensure!(
+            e.request.path().tenant == &*q.tenants[e.tenant as usize].as_ref().unwrap().name,
+            "tenant slot"
+        );
+    }
+    ensure!(bytes == q.queued_bytes, "queued bytes {} vs {}", q.queued_bytes, bytes);
+
+    // Tenants: exactly those with requests, counts right, shard current.
+    for (t, slot) in q.tenants.iter().enumerate() {
+        let t = t as u32;
+        match slot {
+            None => ensure!(q.free_tenant_slots.contains(&t), "empty tenant slot {t} not free"),
+            Some(tenant) => {
+                ensure!(
+                    per_tenant.get(&t) == Some(&(tenant.queued, tenant.bytes)),
+                    "tenant {} counts",
+                    tenant.name
+                );
+                ensure!(q.tenant_by_name.get(&tenant.name) == Some(&t), "tenant name index");
+                let want = super::shard::select(tenant.hash, tenant.max_queriers, &q.shard_candidates);
+                ensure!(want == tenant.shard, "tenant {} shard stale", tenant.name);
+                ensure!(tenant.peak >= tenant.queued, "peak below queued");
+            }
+        }
+    }
+    ensure!(
+        per_tenant.len() == q.tenant_by_name.len(),
+        "tenants without requests remain"
+    );
+
+    // Components and the tenant rotation sets.
+    let mut order_names = Vec::new();
+    for &c in &q.component_order {
+        let comp = q.components[c as usize].as_ref().ok_or("ordered component freed")?;
+        order_names.push(comp.name.clone());
+        ensure!(
+            per_component.get(&c) == Some(&comp.queued),
+            "component {} count",
+            comp.name
+        );
+        let mut sharded_members: BTreeSet<(usize, u32)> = BTreeSet::new();
+        for (qi, set) in comp.by_querier.iter().enumerate() {
+            sharded_members.extend(set.iter().map(|&t| (qi, t)));
+        }
+        let mut expected_sharded = BTreeSet::new();
+        let mut expected_unsharded = BTreeSet::new();
+        let mut live_sum = 0;
+        for (&t, &root) in &comp.roots {
+            let tenant = q.tenants[t as usize].as_ref().ok_or("root of freed tenant")?;
+            ensure!(
+                tenant.components.contains(&c),
+                "tenant {} misses component",
+                tenant.name
+            );
+            match &tenant.shard {
+                None => {
+                    expected_unsharded.insert(t);
+                }
+                Some(qs) => expected_sharded.extend(qs.iter().map(|&qi| (qi as usize, t))),
+            }
+            live_sum += check_subtree(q, root)?;
+        }
+        ensure!(live_sum == comp.queued, "component {} node counts", comp.name);
+        ensure!(
+            expected_unsharded == comp.unsharded,
+            "component {} unsharded set",
+            comp.name
+        );
+        ensure!(
+            expected_sharded == sharded_members,
+            "component {} sharded sets",
+            comp.name
+        );
+    }
+    let mut sorted = order_names.clone();
+    sorted.sort();
+    ensure!(sorted == order_names, "component order");
+    ensure!(
+        q.components.iter().flatten().count() == q.component_order.len(),
+        "component outside the order"
+    );
+    Ok(())
+}
+
+/// Checks the node invariants under `root`; returns its live count.
+fn check_subtree<R: Queued>(q: &TreeQueue<R>, root: super::Handle) -> Result<u32, String> {
+    let node = q.nodes.get(root).ok_or("freed node reachable")?;
+    let live_local = node
+        .fifo
+        .iter()
+        .filter(|&&h| q.requests.get(h).is_some_and(|e| e.leaf == root))
+        .count();
+    ensure!(live_local as u32 == node.live_local, "node {} live_local", node.name);
+    if node.live_local > 0 {
+        ensure!(node.local_in_rotation, "node {} has requests but no turn", node.name);
+    }
+    let locals = node.rotation.iter().filter(|m| **m == Member::Local).count();
+    ensure!(
+        locals == usize::from(node.local_in_rotation),
+        "node {} Local entries",
+        node.name
+    );
+    let mut live = node.live_local;
+    for (name, &child) in &node.children {
+        let c = q.nodes.get(child).ok_or("freed child in children map")?;
+        ensure!(*c.name == **name && c.parent == Some(root), "child {name} links");
+        ensure!(c.live > 0, "empty child {name} kept");
+        let turns = node.rotation.iter().filter(|m| **m == Member::Child(child)).count();
+        ensure!(turns == 1, "child {name} has {turns} turns");
+        live += check_subtree(q, child)?;
+    }
+    ensure!(live == node.live, "node {} live {} vs {}", node.name, node.live, live);
+    Ok(live)
+}

@@ -1,0 +1,853 @@
+//! The fair tree queue: where every waiting sub-query sits, and which one each querier
+//! worker gets next.
+//!
+//! A plain data structure and state machine: no I/O, no async, no clock of its own. Every
+//! call that depends on time takes `now`, so tests drive it with a fake clock and get the
+//! same answer every run. The server owns one `TreeQueue` and translates frames into
+//! calls on it.
+//!
+//! A request is queued under the path `component / tenant / actor_1 / … / actor_n`:
+//!
+//! - **component** (the backend the request will hit; one unnamed component for requests
+//!   that name none): a worker starts at component `slot mod n` of the components that
+//!   have work, in name order, and moves on to the next when that one has nothing for it,
+//!   so workers are spread across backends and none idles while it could work.
+//! - **tenant**: tenants hold slots in one global rotation (a removed tenant's slot is
+//!   reused by the next new one); each querier keeps its own position per component and
+//!   takes the next tenant after it that has work *and* has that querier in its shuffle
+//!   shard. Finding that tenant costs O(log tenants), whatever the sharding.
+//! - **actors**, any depth: round robin among the children and the node's own FIFO at
+//!   every level, so one user, dashboard or query cannot crowd out its siblings.
+//!
+//! Every request leaves exactly once, as dispatched, cancelled, expired or handed back
+//! (see [`Counters`]); one that is refused at enqueue is returned to the caller.
+
+mod config;
+mod queriers;
+mod shard;
+mod slab;
+mod tree;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+pub use config::{ConfigError, QueueConfig, TenantOverrides};
+pub use queriers::WorkerId;
+
+use queriers::{Membership, Queriers};
+use slab::{Handle, Slab};
+use tree::Node;
+
+/// Identifies a queued request: the frontend connection that sent it and its id there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueryKey {
+    pub frontend: u64,
+    pub query: u64,
+}
+
+/// Where a request is queued.
+#[derive(Debug, Clone, Copy)]
+pub struct QueuePath<'a> {
+    pub component: Option<&'a str>,
+    pub tenant: &'a str,
+    pub actors: &'a [String],
+}
+
+/// What the queue needs to know of a request it holds.
+pub trait Queued {
+    /// The request's place in the tree.
+    fn path(&self) -> QueuePath<'_>;
+    /// Bytes the request occupies, counted against the global byte limit.
+    fn size_bytes(&self) -> u64;
+}
+
+/// Per-request scheduling inputs besides the path.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EnqueueOptions {
+    /// Past this instant the request is never dispatched: it comes out as [`Expired`].
+    pub deadline: Option<Instant>,
+}
+
+/// Why an enqueue was refused. Nothing was queued.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RejectReason {
+    #[error("the tenant already has {limit} requests queued, its limit")]
+    TooManyOutstanding { limit: u32 },
+    #[error("the queue holds {limit} requests, its limit")]
+    QueueFull { limit: usize },
+    #[error("queued payloads would exceed {limit} bytes, the limit")]
+    QueueBytesFull { limit: u64 },
+    #[error("a request with this key is already queued")]
+    Duplicate,
+}
+
+/// A refused request, handed back with the reason so it is never lost.
+#[derive(Debug)]
+pub struct Rejected<R> {
+    pub reason: RejectReason,
+    pub request: R,
+}
+
+/// The answer to a worker asking for work.
+#[derive(Debug)]
+pub enum Dequeue<R> {
+    /// Run this request.
+    Dispatch(Dispatched<R>),
+    /// Nothing this worker may take is queued; ask again when something is enqueued.
+    Empty,
+    /// The worker's querier announced shutdown: it gets no more work.
+    ShuttingDown,
+    /// The worker is not registered (it was unregistered, or its querier forgotten).
+    UnknownWorker,
+}
+
+/// A request handed to a worker.
+#[derive(Debug)]
+pub struct Dispatched<R> {
+    pub key: QueryKey,
+    pub request: R,
+    /// Time from enqueue to this dispatch.
+    pub queue_time: Duration,
+    pub deadline: Option<Instant>,
+}
+
+/// A request whose deadline passed while it was queued; its frontend must be told.
+#[derive(Debug)]
+pub struct Expired<R> {
+    pub key: QueryKey,
+    pub request: R,
+    pub queue_time: Duration,
+}
+
+/// How every request that entered the queue left it. At all times
+/// `enqueued == dispatched + cancelled + expired + handed_back + queued`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub enqueued: u64,
+    pub dispatched: u64,
+    pub cancelled: u64,
+    pub expired: u64,
+    pub handed_back: u64,
+    /// Refused at enqueue (never entered, so not part of the equation above).
+    pub rejected: u64,
+}
+
+/// What the status page and metrics show per tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantStats {
+    pub tenant: String,
+    pub queued: u32,
+    pub queued_bytes: u64,
+    /// Most requests queued at once since the tenant last had none.
+    pub peak: u32,
+    /// Age of its oldest queued request.
+    pub oldest: Duration,
+    /// Queriers in its shard; `None`: every querier.
+    pub shard_size: Option<usize>,
+}
+
+/// What the status page shows per querier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuerierStats {
+    pub querier: String,
+    pub workers: u32,
+    pub shutting_down: bool,
+    /// How long it has had no worker, if it has none (it is forgotten after the delay).
+    pub disconnected_for: Option<Duration>,
+}
+
+/// Deadlines are indexed in buckets of this many nanoseconds.
+const DEADLINE_BUCKET_NS: u64 = 100_000_000;
+
+struct Entry<R> {
+    request: R,
+    key: QueryKey,
+    tenant: u32,
+    component: u32,
+    leaf: Handle,
+    /// Nanoseconds since the queue's epoch.
+    enqueued_at: u64,
+    /// Nanoseconds since the epoch; 0: no deadline.
+    deadline: u64,
+    bytes: u64,
+}
+
+struct Tenant {
+    name: Box<str>,
+    hash: u64,
+    queued: u32,
+    bytes: u64,
+    peak: u32,
+    max_outstanding: u32,
+    max_queriers: u32,
+    /// Querier indexes allowed to serve it; `None`: all.
+    shard: Option<Vec<u32>>,
+    /// Components where it has a root node.
+    components: Vec<u32>,
+}
+
+struct Component {
+    name: Box<str>,
+    queued: u32,
+    /// The tenant's root node in this component, by tenant slot.
+    roots: HashMap<u32, Handle>,
+    /// Tenant slots with work here that every querier may serve.
+    unsharded: BTreeSet<u32>,
+    /// Tenant slots with work here, per querier index in their shard.
+    by_querier: Vec<BTreeSet<u32>>,
+    /// Each querier's position in the tenant rotation (the slot it served last).
+    cursors: Vec<Option<u32>>,
+}
+
+impl Component {
+    /// The first tenant slot after the querier's position (wrapping) that it may serve.
+    fn next_tenant(&self, querier: u32) -> Option<u32> {
+        let q = querier as usize;
+        let cursor = self.cursors.get(q).copied().flatten();
+        let sharded = self.by_querier.get(q);
+        let after = |set: &BTreeSet<u32>| match cursor {
+            Some(c) => set.range((Bound::Excluded(c), Bound::Unbounded)).next().copied(),
+            None => set.first().copied(),
+        };
+        let first = |set: &BTreeSet<u32>| set.first().copied();
+        min_some(after(&self.unsharded), sharded.and_then(after))
+            .or_else(|| min_some(first(&self.unsharded), sharded.and_then(first)))
+    }
+}
+
+fn min_some(a: Option<u32>, b: Option<u32>) -> Option<u32> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+/// Puts tenant `t` into the rotation sets of component `comp` for its shard.
+fn activate(comp: &mut Component, t: u32, shard: &Option<Vec<u32>>) {
+    match shard {
+        None => {
+            comp.unsharded.insert(t);
+        }
+        Some(queriers) => {
+            for &q in queriers {
+                let q = q as usize;
+                if comp.by_querier.len() <= q {
+                    comp.by_querier.resize_with(q + 1, BTreeSet::new);
+                }
+                comp.by_querier[q].insert(t);
+            }
+        }
+    }
+}
+
+fn deactivate(comp: &mut Component, t: u32, shard: &Option<Vec<u32>>) {
+    match shard {
+        None => {
+            comp.unsharded.remove(&t);
+        }
+        Some(queriers) => {
+            for &q in queriers {
+                if let Some(set) = comp.by_querier.get_mut(q as usize) {
+                    set.remove(&t);
+                }
+            }
+        }
+    }
+}
+
+/// The fair tree queue. `R` is the caller's request type.
+pub struct TreeQueue<R> {
+    config: QueueConfig,
+    epoch: Instant,
+    requests: Slab<Entry<R>>,
+    by_key: HashMap<QueryKey, Handle>,
+    nodes: Slab<Node>,
+    tenants: Vec<Option<Tenant>>,
+    tenant_by_name: HashMap<Box<str>, u32>,
+    free_tenant_slots: BTreeSet<u32>,
+    components: Vec<Option<Component>>,
+    component_by_name: HashMap<Box<str>, u32>,
+    /// Components with work, in name order: the order workers are spread over.
+    component_order: Vec<u32>,
+    queriers: Queriers,
+    /// `(index, hash)` of the queriers shards are cut from; refreshed on membership change.
+    shard_candidates: Vec<(u32, u64)>,
+    /// Request handles by deadline bucket; entries of requests already gone are skipped.
+    deadlines: BTreeMap<u64, Vec<Handle>>,
+    expired: VecDeque<Expired<R>>,
+    queued_bytes: u64,
+    counters: Counters,
+}
+
+impl<R: Queued> TreeQueue<R> {
+    /// An empty queue. `epoch` is any instant not after the first `now` passed in.
+    pub fn new(config: QueueConfig, epoch: Instant) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(TreeQueue {
+            config,
+            epoch,
+            requests: Slab::default(),
+            by_key: HashMap::new(),
+            nodes: Slab::default(),
+            tenants: Vec::new(),
+            tenant_by_name: HashMap::new(),
+            free_tenant_slots: BTreeSet::new(),
+            components: Vec::new(),
+            component_by_name: HashMap::new(),
+            component_order: Vec::new(),
+            queriers: Queriers::default(),
+            shard_candidates: Vec::new(),
+            deadlines: BTreeMap::new(),
+            expired: VecDeque::new(),
+            queued_bytes: 0,
+            counters: Counters::default(),
+        })
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn instant(&self, nanos: u64) -> Instant {
+        self.epoch + Duration::from_nanos(nanos)
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
+    }
+
+    /// Replaces the settings (for example after a reload). Limits apply to the next
+    /// enqueue; shards are recomputed at once. Nothing queued is dropped, even by a lower
+    /// limit.
+    pub fn set_config(&mut self, config: QueueConfig) -> Result<(), ConfigError> {
+        config.validate()?;
+        for tenant in self.tenants.iter_mut().flatten() {
+            tenant.max_outstanding = config.max_outstanding(&tenant.name);
+            tenant.max_queriers = config.max_queriers(&tenant.name);
+        }
+        self.config = config;
+        self.reshard();
+        Ok(())
+    }
+
+    /// Queues `request` under its path, or refuses it (handing it back) if a limit is
+    /// reached or its key is already queued.
+    pub fn enqueue(
+        &mut self,
+        now: Instant,
+        key: QueryKey,
+        request: R,
+        options: EnqueueOptions,
+    ) -> Result<(), Rejected<R>> {
+        if let Err(reason) = self.admit(key, &request) {
+            self.counters.rejected += 1;
+            return Err(Rejected { reason, request });
+        }
+        let bytes = request.size_bytes();
+        let path = request.path();
+        let t = self.tenant_slot(path.tenant);
+        let c = self.component_slot(path.component.unwrap_or(""));
+        let root = self.tenant_root(c, t);
+        let leaf = tree::attach_path(&mut self.nodes, root, path.actors);
+
+        let enqueued_at = self.nanos(now);
+        let deadline = options.deadline.map_or(0, |d| self.nanos(d).max(1));
+        let h = self.requests.insert(Entry {
+            request,
+            key,
+            tenant: t,
+            component: c,
+            leaf,
+            enqueued_at,
+            deadline,
+            bytes,
+        });
+        tree::push_request(&mut self.nodes, leaf, h);
+        self.by_key.insert(key, h);
+        if deadline != 0 {
+            self.deadlines.entry(deadline / DEADLINE_BUCKET_NS).or_default().push(h);
+        }
+        let tenant = self.tenants[t as usize].as_mut().expect("tenant slot is live");
+        tenant.queued += 1;
+        tenant.bytes += bytes;
+        tenant.peak = tenant.peak.max(tenant.queued);
+        self.components[c as usize].as_mut().expect("component is live").queued += 1;
+        self.queued_bytes += bytes;
+        self.counters.enqueued += 1;
+        Ok(())
+    }
+
+    fn admit(&self, key: QueryKey, request: &R) -> Result<(), RejectReason> {
+        if self.by_key.contains_key(&key) {
+            return Err(RejectReason::Duplicate);
+        }
+        if self.requests.len() >= self.config.max_queued_requests {
+            return Err(RejectReason::QueueFull {
+                limit: self.config.max_queued_requests,
+            });
+        }
+        if self.queued_bytes.saturating_add(request.size_bytes()) > self.config.max_queued_bytes {
+            return Err(RejectReason::QueueBytesFull {
+                limit: self.config.max_queued_bytes,
+            });
+        }
+        let tenant = request.path().tenant;
+        let limit = match self.tenant_by_name.get(tenant) {
+            Some(&t) => {
+                let tenant = self.tenants[t as usize].as_ref().expect("tenant slot is live");
+                (tenant.queued >= tenant.max_outstanding).then_some(tenant.max_outstanding)
+            }
+            None => None,
+        };
+        match limit {
+            Some(limit) => Err(RejectReason::TooManyOutstanding { limit }),
+            None => Ok(()),
+        }
+    }
+
+    /// The tenant's slot, creating the tenant (in the lowest free slot) if it is new.
+    fn tenant_slot(&mut self, name: &str) -> u32 {
+        if let Some(&t) = self.tenant_by_name.get(name) {
+            return t;
+        }
+        let hash = shard::stable_hash(name);
+        let max_queriers = self.config.max_queriers(name);
+        let tenant = Tenant {
+            name: name.into(),
+            hash,
+            queued: 0,
+            bytes: 0,
+            peak: 0,
+            max_outstanding: self.config.max_outstanding(name),
+            max_queriers,
+            shard: shard::select(hash, max_queriers, &self.shard_candidates),
+            components: Vec::new(),
+        };
+        let t = match self.free_tenant_slots.pop_first() {
+            Some(t) => {
+                self.tenants[t as usize] = Some(tenant);
+                t
+            }
+            None => {
+                self.tenants.push(Some(tenant));
+                (self.tenants.len() - 1) as u32
+            }
+        };
+        self.tenant_by_name.insert(name.into(), t);
+        t
+    }
+
+    fn component_slot(&mut self, name: &str) -> u32 {
+        if let Some(&c) = self.component_by_name.get(name) {
+            return c;
+        }
+        let comp = Component {
+            name: name.into(),
+            queued: 0,
+            roots: HashMap::new(),
+            unsharded: BTreeSet::new(),
+            by_querier: Vec::new(),
+            cursors: Vec::new(),
+        };
+        let c = match self.components.iter().position(Option::is_none) {
+            Some(i) => {
+                self.components[i] = Some(comp);
+                i as u32
+            }
+            None => {
+                self.components.push(Some(comp));
+                (self.components.len() - 1) as u32
+            }
+        };
+        self.component_by_name.insert(name.into(), c);
+        let components = &self.components;
+        let at = self.component_order.partition_point(|&o| {
+            components[o as usize]
+                .as_ref()
+                .expect("ordered component is live")
+                .name
+                .as_ref()
+                < name
+        });
+        self.component_order.insert(at, c);
+        c
+    }
+
+    /// The tenant's root node in component `c`, creating it and entering the tenant into
+    /// the component's rotation if needed.
+    fn tenant_root(&mut self, c: u32, t: u32) -> Handle {
+        let comp = self.components[c as usize].as_mut().expect("component is live");
+        if let Some(&root) = comp.roots.get(&t) {
+            return root;
+        }
+        let tenant = self.tenants[t as usize].as_mut().expect("tenant slot is live");
+        let root = self.nodes.insert(Node::new(None, &tenant.name));
+        comp.roots.insert(t, root);
+        tenant.components.push(c);
+        activate(comp, t, &tenant.shard);
+        root
+    }
+
+    /// Removes a request's entry and updates every count above its leaf; frees the
+    /// tenant's root, the component and the tenant when they empty. The leaf's own
+    /// bookkeeping (`tree::pop` or `tree::detach`) must already be done.
+    fn take_entry(&mut self, h: Handle) -> Entry<R> {
+        let e = self.requests.remove(h).expect("queued request");
+        self.by_key.remove(&e.key);
+        self.queued_bytes -= e.bytes;
+        let (t, c) = (e.tenant, e.component);
+        let tenant = self.tenants[t as usize].as_mut().expect("tenant slot is live");
+        tenant.queued -= 1;
+        tenant.bytes -= e.bytes;
+        let comp = self.components[c as usize].as_mut().expect("component is live");
+        comp.queued -= 1;
+        let root = comp.roots[&t];
+        if self.nodes[root].live == 0 {
+            self.nodes.remove(root);
+            comp.roots.remove(&t);
+            deactivate(comp, t, &tenant.shard);
+            tenant.components.retain(|&x| x != c);
+        }
+        if comp.queued == 0 {
+            let comp = self.components[c as usize].take().expect("component is live");
+            self.component_by_name.remove(&comp.name);
+            self.component_order.retain(|&x| x != c);
+        }
+        if tenant.queued == 0 {
+            let tenant = self.tenants[t as usize].take().expect("tenant slot is live");
+            self.tenant_by_name.remove(&tenant.name);
+            self.free_tenant_slots.insert(t);
+        }
+        e
+    }
+
+    /// Picks the (component, tenant) a worker of querier index `q` with slot `slot` is
+    /// served from next.
+    fn select(&self, q: u32, slot: u32) -> Option<(u32, u32)> {
+        let n = self.component_order.len();
+        if n == 0 {
+            return None;
+        }
+        let start = slot as usize % n;
+        (0..n).find_map(|i| {
+            let c = self.component_order[(start + i) % n];
+            let comp = self.components[c as usize].as_ref().expect("ordered component is live");
+            comp.next_tenant(q).map(|t| (c, t))
+        })
+    }
+
+    /// Hands `worker` its next request: fairly chosen, within its querier's shards, never
+    /// one past its deadline (those go to [`poll_expired`](Self::poll_expired)).
+    pub fn dequeue(&mut self, now: Instant, worker: WorkerId) -> Dequeue<R> {
+        let Some(q) = self.queriers.slab.get(worker.querier) else {
+            return Dequeue::UnknownWorker;
+        };
+        if !q.workers.get(worker.slot as usize).copied().unwrap_or(false) {
+            return Dequeue::UnknownWorker;
+        }
+        if q.shutting_down {
+            return Dequeue::ShuttingDown;
+        }
+        let qi = worker.querier.idx;
+        let now_ns = self.nanos(now);
+        loop {
+            let Some((c, t)) = self.select(qi, worker.slot) else {
+                return Dequeue::Empty;
+            };
+            let comp = self.components[c as usize]
+                .as_mut()
+                .expect("selected component is live");
+            if comp.cursors.len() <= qi as usize {
+                comp.cursors.resize(qi as usize + 1, None);
+            }
+            comp.cursors[qi as usize] = Some(t);
+            let root = comp.roots[&t];
+            let requests = &self.requests;
+            let h = tree::pop(&mut self.nodes, root, |h| requests.contains(h)).expect("active tenant has work");
+            let e = self.take_entry(h);
+            let queue_time = Duration::from_nanos(now_ns.saturating_sub(e.enqueued_at));
+            if e.deadline != 0 && e.deadline <= now_ns {
+                self.counters.expired += 1;
+                self.expired.push_back(Expired {
+                    key: e.key,
+                    request: e.request,
+                    queue_time,
+                });
+                continue;
+            }
+            self.counters.dispatched += 1;
+            return Dequeue::Dispatch(Dispatched {
+                key: e.key,
+                request: e.request,
+                queue_time,
+                deadline: (e.deadline != 0).then(|| self.instant(e.deadline)),
+            });
+        }
+    }
+
+    /// Moves every queued request whose deadline is at or before `now` to the expired
+    /// outbox; returns how many. Call it periodically (every 100 ms is plenty).
+    pub fn expire(&mut self, now: Instant) -> usize {
+        let now_ns = self.nanos(now);
+        let last_bucket = now_ns / DEADLINE_BUCKET_NS;
+        let mut not_yet = Vec::new();
+        let mut count = 0;
+        while let Some(bucket) = self.deadlines.first_entry() {
+            if *bucket.key() > last_bucket {
+                break;
+            }
+            for h in bucket.remove() {
+                match self.requests.get(h) {
+                    Some(e) if e.deadline <= now_ns => {
+                        let leaf = e.leaf;
+                        tree::detach(&mut self.nodes, leaf);
+                        let e = self.take_entry(h);
+                        self.counters.expired += 1;
+                        self.expired.push_back(Expired {
+                            key: e.key,
+                            request: e.request,
+                            queue_time: Duration::from_nanos(now_ns.saturating_sub(e.enqueued_at)),
+                        });
+                        count += 1;
+                    }
+                    Some(_) => not_yet.push(h),
+                    None => {} // already dispatched or cancelled
+                }
+            }
+        }
+        if !not_yet.is_empty() {
+            self.deadlines.insert(last_bucket, not_yet);
+        }
+        count
+    }
+
+    /// The next request that expired while queued, oldest first.
+    pub fn poll_expired(&mut self) -> Option<Expired<R>> {
+        self.expired.pop_front()
+    }
+
+    /// Removes a queued request at once, freeing its place under the tenant's limit.
+    /// `None` if it is not queued (already dispatched, expired, or unknown).
+    pub fn cancel(&mut self, key: QueryKey) -> Option<R> {
+        let &h = self.by_key.get(&key)?;
+        let leaf = self.requests[h].leaf;
+        tree::detach(&mut self.nodes, leaf);
+        let e = self.take_entry(h);
+        self.counters.cancelled += 1;
+        Some(e.request)
+    }
+
+    /// Cancels every request queued by `frontend` (its connection closed), in key order.
+    pub fn cancel_frontend(&mut self, frontend: u64) -> Vec<(QueryKey, R)> {
+        let mut keys: Vec<QueryKey> = self.by_key.keys().filter(|k| k.frontend == frontend).copied().collect();
+        keys.sort_unstable();
+        keys.into_iter()
+            .filter_map(|k| self.cancel(k).map(|r| (k, r)))
+            .collect()
+    }
+
+    /// Empties the queue at shutdown, handing every request back, oldest first, so its
+    /// frontend can enqueue it elsewhere.
+    pub fn drain(&mut self) -> Vec<(QueryKey, R)> {
+        let mut entries = self.requests.drain();
+        entries.sort_by_key(|e| e.enqueued_at);
+        self.counters.handed_back += entries.len() as u64;
+        self.by_key.clear();
+        self.nodes = Slab::default();
+        self.tenants.clear();
+        self.tenant_by_name.clear();
+        self.free_tenant_slots.clear();
+        self.components.clear();
+        self.component_by_name.clear();
+        self.component_order.clear();
+        self.deadlines.clear();
+        self.queued_bytes = 0;
+        entries.into_iter().map(|e| (e.key, e.request)).collect()
+    }
+
+    /// Registers a worker of querier `querier` (a new querier joins the shards; one
+    /// inside its forget delay gets its old place back).
+    pub fn register_worker(&mut self, _now: Instant, querier: &str) -> WorkerId {
+        let (w, membership) = self.queriers.register(querier);
+        if membership == Membership::Changed {
+            self.reshard();
+        }
+        w
+    }
+
+    /// Unregisters a worker. When its querier's last worker goes, the querier is
+    /// forgotten at once if it announced shutdown or the forget delay is zero, otherwise
+    /// after the delay (see [`forget_disconnected_queriers`](Self::forget_disconnected_queriers)).
+    pub fn unregister_worker(&mut self, now: Instant, worker: WorkerId) {
+        let now_ns = self.nanos(now);
+        let immediately = self.config.querier_forget_delay.is_zero();
+        if self.queriers.unregister(worker, now_ns, immediately) == Membership::Changed {
+            self.reshard();
+        }
+    }
+
+    /// Marks a querier as shutting down: its workers get [`Dequeue::ShuttingDown`], and it
+    /// is forgotten as soon as its last worker goes. Returns whether it was known.
+    pub fn notify_querier_shutdown(&mut self, _now: Instant, querier: &str) -> bool {
+        let (known, membership) = self.queriers.shutting_down(querier);
+        if membership == Membership::Changed {
+            self.reshard();
+        }
+        known
+    }
+
+    /// Forgets queriers that have had no worker for the forget delay; returns how many.
+    /// Call it periodically.
+    pub fn forget_disconnected_queriers(&mut self, now: Instant) -> usize {
+        let delay = u64::try_from(self.config.querier_forget_delay.as_nanos()).unwrap_or(u64::MAX);
+        let n = self.queriers.forget_disconnected(self.nanos(now), delay);
+        if n > 0 {
+            self.reshard();
+        }
+        n
+    }
+
+    /// Recomputes every queued tenant's shard from the current queriers, moving only the
+    /// tenants whose shard changed.
+    fn reshard(&mut self) {
+        self.shard_candidates = self.queriers.shard_candidates();
+        for (t, slot) in self.tenants.iter_mut().enumerate() {
+            let Some(tenant) = slot else { continue };
+            let shard = shard::select(tenant.hash, tenant.max_queriers, &self.shard_candidates);
+            if shard == tenant.shard {
+                continue;
+            }
+            for &c in &tenant.components {
+                let comp = self.components[c as usize]
+                    .as_mut()
+                    .expect("tenant's component is live");
+                deactivate(comp, t as u32, &tenant.shard);
+                activate(comp, t as u32, &shard);
+            }
+            tenant.shard = shard;
+        }
+    }
+
+    /// Requests queued.
+    pub fn len(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.requests.len() == 0
+    }
+
+    /// Payload bytes queued.
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes
+    }
+
+    /// How requests have left the queue so far.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Tenants with queued requests.
+    pub fn tenant_count(&self) -> usize {
+        self.tenant_by_name.len()
+    }
+
+    /// Known queriers (connected, or disconnected inside the forget delay).
+    pub fn querier_count(&self) -> usize {
+        self.queriers.by_id.len()
+    }
+
+    /// The queriers in `tenant`'s shard, by id; `None` if it may use every querier or
+    /// has nothing queued.
+    pub fn tenant_shard(&self, tenant: &str) -> Option<Vec<String>> {
+        let &t = self.tenant_by_name.get(tenant)?;
+        let shard = self.tenants[t as usize].as_ref()?.shard.as_ref()?;
+        let mut ids: Vec<String> = self
+            .queriers
+            .slab
+            .iter()
+            .filter(|(h, _)| shard.contains(&h.idx))
+            .map(|(_, q)| q.id.to_string())
+            .collect();
+        ids.sort();
+        Some(ids)
+    }
+
+    /// Per-tenant figures, sorted by tenant. Costs O(nodes) for the oldest ages.
+    pub fn tenant_stats(&self, now: Instant) -> Vec<TenantStats> {
+        let now_ns = self.nanos(now);
+        let mut out: Vec<TenantStats> = self
+            .tenants
+            .iter()
+            .enumerate()
+            .filter_map(|(t, slot)| {
+                let tenant = slot.as_ref()?;
+                let oldest = tenant
+                    .components
+                    .iter()
+                    .filter_map(|&c| {
+                        let root = self.components[c as usize].as_ref()?.roots[&(t as u32)];
+                        tree::oldest(&self.nodes, root, |h| self.requests.get(h).map(|e| e.enqueued_at))
+                    })
+                    .min()
+                    .unwrap_or(now_ns);
+                Some(TenantStats {
+                    tenant: tenant.name.to_string(),
+                    queued: tenant.queued,
+                    queued_bytes: tenant.bytes,
+                    peak: tenant.peak,
+                    oldest: Duration::from_nanos(now_ns.saturating_sub(oldest)),
+                    shard_size: tenant.shard.as_ref().map(Vec::len),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        out
+    }
+
+    /// Per-querier figures, sorted by querier id.
+    pub fn querier_stats(&self, now: Instant) -> Vec<QuerierStats> {
+        let now_ns = self.nanos(now);
+        let mut out: Vec<QuerierStats> = self
+            .queriers
+            .slab
+            .iter()
+            .map(|(_, q)| QuerierStats {
+                querier: q.id.to_string(),
+                workers: q.connected,
+                shutting_down: q.shutting_down,
+                disconnected_for: q
+                    .disconnected_at
+                    .map(|t| Duration::from_nanos(now_ns.saturating_sub(t))),
+            })
+            .collect();
+        out.sort_by(|a, b| a.querier.cmp(&b.querier));
+        out
+    }
+
+    /// Requests queued per component, in the order workers are spread over them; the
+    /// unnamed component is `""`.
+    pub fn component_lengths(&self) -> Vec<(String, u32)> {
+        self.component_order
+            .iter()
+            .filter_map(|&c| self.components[c as usize].as_ref())
+            .map(|comp| (comp.name.to_string(), comp.queued))
+            .collect()
+    }
+
+    /// Checks every internal invariant, walking the whole structure (O(size)); for tests
+    /// and debugging. Returns the first violation found.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        invariants::check(self)
+    }
+}
+
+mod invariants;

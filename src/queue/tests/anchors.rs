@@ -1,0 +1,575 @@
+//! Deterministic tests of each behaviour, including ports of the reference schedulers'
+//! anchor behaviours (written from their descriptions).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use super::*;
+
+#[test]
+fn two_queriers_round_robin_over_tenants_with_independent_positions() {
+    let mut f = Fixture::new(no_forget());
+    let q1 = f.worker("querier-1");
+    let q2 = f.worker("querier-2");
+    for i in 0..3 {
+        for t in ["a", "b", "c"] {
+            f.push(req(t, &[], &format!("{t}{i}")));
+        }
+    }
+    // q1 starts the rotation; q2 has its own position, so it also starts at "a".
+    assert_eq!(f.next_tenant(q1).as_deref(), Some("a"));
+    assert_eq!(f.next_tenant(q1).as_deref(), Some("b"));
+    assert_eq!(f.next_tenant(q2).as_deref(), Some("a"));
+    assert_eq!(f.next_tenant(q1).as_deref(), Some("c"));
+    assert_eq!(f.next_tenant(q2).as_deref(), Some("b"));
+    assert_eq!(f.next_tenant(q1).as_deref(), Some("a"));
+    assert_eq!(f.next_tenant(q2).as_deref(), Some("c"));
+    let rest: Vec<_> = std::iter::from_fn(|| f.next_tenant(q1)).collect();
+    assert_eq!(rest, ["b", "c"]);
+    f.assert_ok();
+}
+
+#[test]
+fn fifo_within_a_tenant() {
+    let mut f = Fixture::new(no_forget());
+    let w = f.worker("q");
+    for i in 0..5 {
+        f.push(req("a", &[], &i.to_string()));
+    }
+    let got: Vec<_> = std::iter::from_fn(|| f.next(w)).collect();
+    assert_eq!(got, ["0", "1", "2", "3", "4"]);
+}
+
+#[test]
+fn removed_tenants_slot_is_reused_by_the_next_new_tenant() {
+    let mut f = Fixture::new(no_forget());
+    let w = f.worker("q");
+    f.push(req("a", &[], "a"));
+    f.push(req("b", &[], "b"));
+    f.push(req("c", &[], "c"));
+    assert_eq!(f.next(w).as_deref(), Some("a")); // "a" empties: slot 0 freed
+    f.push(req("d", &[], "d")); // takes slot 0, not the end of the rotation
+    f.push(req("e", &[], "e")); // appended after "c"
+    assert_eq!(f.q.tenants[0].as_ref().map(|t| &*t.name), Some("d"));
+    let order: Vec<_> = std::iter::from_fn(|| f.next(w)).collect();
+    // Position is after slot 0, so b, c, e come before the wrap to d.
+    assert_eq!(order, ["b", "c", "e", "d"]);
+    f.assert_ok();
+}
+
+#[test]
+fn new_tenant_is_served_within_one_rotation_not_first() {
+    let mut f = Fixture::new(no_forget());
+    let w = f.worker("q");
+    for t in ["a", "b", "c"] {
+        for i in 0..3 {
+            f.push(req(t, &[], &format!("{t}{i}")));
+        }
+    }
+    assert_eq!(f.next_tenant(w).as_deref(), Some("a"));
+    f.push(req("new", &[], "new0"));
+    let order: Vec<_> = (0..4).map(|_| f.next_tenant(w).unwrap()).collect();
+    assert_eq!(order, ["b", "c", "new", "a"]);
+}
+
+#[test]
+fn actors_take_turns_at_every_level() {
+    let mut f = Fixture::new(no_forget());
+    let w = f.worker("q");
+    // u1 floods with two dashboards; u2 sends little; one request has no actor at all.
+    for i in 0..4 {
+        f.push(req("t", &["u1", "d1"], &format!("u1d1-{i}")));
+        f.push(req("t", &["u1", "d2"], &format!("u1d2-{i}")));
+    }
+    f.push(req("t", &["u2"], "u2-0"));
+    f.push(req("t", &["u2"], "u2-1"));
+    f.push(req("t", &[], "own-0"));
+    let order: Vec<_> = std::iter::from_fn(|| f.next(w)).collect();
+    assert_eq!(
+        order,
+        [
+            "u1d1-0", "u2-0", "own-0", // u1, u2, the tenant's own FIFO
+            "u1d2-0", "u2-1", // u1 (its next dashboard), u2
+            "u1d1-1", "u1d2-1", "u1d1-2", "u1d2-2", "u1d1-3", "u1d2-3",
+        ]
+    );
+    f.assert_ok();
+}
+
+#[test]
+fn per_tenant_limit_counts_every_component() {
+    let mut f = Fixture::new(QueueConfig {
+        max_outstanding_per_tenant: 3,
+        ..no_forget()
+    });
+    f.push(in_component(req("a", &[], "1"), "ingester"));
+    f.push(in_component(req("a", &[], "2"), "store-gateway"));
+    f.push(req("a", &[], "3"));
+    let key = f.key();
+    let now = f.now;
+    let err =
+        f.q.enqueue(
+            now,
+            key,
+            in_component(req("a", &[], "4"), "ingester"),
+            EnqueueOptions::default(),
+        )
+        .unwrap_err();
+    assert_eq!(err.reason, RejectReason::TooManyOutstanding { limit: 3 });
+    assert_eq!(err.request.label, "4", "the refused request is handed back");
+    f.push(req("b", &[], "other tenant unaffected"));
+    assert_eq!(f.q.counters().rejected, 1);
+    f.assert_ok();
+}
+
+#[test]
+fn per_tenant_override_and_reload() {
+    let mut config = no_forget();
+    config.max_outstanding_per_tenant = 1;
+    config.tenants.insert(
+        "big".into(),
+        TenantOverrides {
+            max_outstanding: Some(2),
+            max_queriers: None,
+        },
+    );
+    let mut f = Fixture::new(config.clone());
+    f.push(req("big", &[], "1"));
+    f.push(req("big", &[], "2"));
+    f.push(req("small", &[], "1"));
+    let (k, now) = (f.key(), f.now);
+    assert!(
+        f.q.enqueue(now, k, req("small", &[], "2"), EnqueueOptions::default())
+            .is_err()
+    );
+    config.max_outstanding_per_tenant = 5;
+    f.q.set_config(config).unwrap();
+    f.push(req("small", &[], "2"));
+    f.assert_ok();
+}
+
+#[test]
+fn cancel_frees_the_limit_slot_at_once() {
+    let mut f = Fixture::new(QueueConfig {
+        max_outstanding_per_tenant: 2,
+        ..no_forget()
+    });
+    let k1 = f.push(req("a", &["u"], "1"));
+    f.push(req("a", &["u"], "2"));
+    let (k, now) = (f.key(), f.now);
+    assert!(
+        f.q.enqueue(now, k, req("a", &[], "3"), EnqueueOptions::default())
+            .is_err()
+    );
+    assert_eq!(f.q.cancel(k1).map(|r| r.label), Some("1".into()));
+    assert_eq!(f.q.cancel(k1), None, "cancelled once only");
+    f.push(req("a", &[], "3"));
+    let w = f.worker("q");
+    let got: Vec<_> = std::iter::from_fn(|| f.next(w)).collect();
+    assert_eq!(got, ["2", "3"], "the cancelled request is never dispatched");
+    assert_eq!(f.q.counters().cancelled, 1);
+    f.assert_ok();
+}
+
+#[test]
+fn cancelling_the_only_request_of_an_actor_keeps_rotation_fair() {
+    let mut f = Fixture::new(no_forget());
+    let w = f.worker("q");
+    let gone = f.push(req("t", &["x"], "x0"));
+    f.push(req("t", &["y"], "y0"));
+    f.push(req("t", &["y"], "y1"));
+    f.q.cancel(gone);
+    f.assert_ok();
+    f.push(req("t", &["x"], "x1")); // "x" is a new node now, behind "y"
+    let got: Vec<_> = std::iter::from_fn(|| f.next(w)).collect();
+    assert_eq!(got, ["y0", "x1", "y1"]);
+    f.assert_ok();
+}
+
+#[test]
+fn global_request_and_byte_caps_refuse_and_hand_back() {
+    let mut f = Fixture::new(QueueConfig {
+        max_queued_requests: 2,
+        max_queued_bytes: 25,
+        ..no_forget()
+    });
+    f.push(req("a", &[], "1")); // 10 bytes
+    let mut big = req("b", &[], "big");
+    big.bytes = 16;
+    let (k, now) = (f.key(), f.now);
+    let err = f.q.enqueue(now, k, big, EnqueueOptions::default()).unwrap_err();
+    assert_eq!(err.reason, RejectReason::QueueBytesFull { limit: 25 });
+    f.push(req("b", &[], "2"));
+    let (k, now) = (f.key(), f.now);
+    let err =
+        f.q.enqueue(now, k, req("c", &[], "3"), EnqueueOptions::default())
+            .unwrap_err();
+    assert_eq!(err.reason, RejectReason::QueueFull { limit: 2 });
+    assert_eq!(f.q.len(), 2);
+    assert_eq!(f.q.queued_bytes(), 20);
+}
+
+#[test]
+fn duplicate_key_is_refused() {
+    let mut f = Fixture::new(no_forget());
+    let k = f.push(req("a", &[], "1"));
+    let now = f.now;
+    let err =
+        f.q.enqueue(now, k, req("a", &[], "again"), EnqueueOptions::default())
+            .unwrap_err();
+    assert_eq!(err.reason, RejectReason::Duplicate);
+    assert_eq!(f.q.len(), 1);
+}
+
+#[test]
+fn expired_requests_are_never_dispatched() {
+    let mut f = Fixture::new(no_forget());
+    let w = f.worker("q");
+    let late = f.push_with_deadline(req("a", &[], "late"), Duration::from_millis(50));
+    f.push_with_deadline(req("a", &[], "fine"), Duration::from_secs(10));
+    f.advance(Duration::from_millis(50));
+    assert_eq!(f.next(w).as_deref(), Some("fine"));
+    let e = f.q.poll_expired().expect("the late one expired");
+    assert_eq!(e.key, late);
+    assert_eq!(e.queue_time, Duration::from_millis(50));
+    assert!(f.q.poll_expired().is_none());
+    assert_eq!(f.q.counters().expired, 1);
+    f.assert_ok();
+}
+
+#[test]
+fn expire_sweeps_requests_nobody_dequeues() {
+    let mut f = Fixture::new(no_forget());
+    f.push_with_deadline(req("a", &["u"], "1"), Duration::from_millis(120));
+    f.push_with_deadline(req("b", &[], "2"), Duration::from_millis(500));
+    f.push(req("c", &[], "3"));
+    f.advance(Duration::from_millis(119));
+    assert_eq!(f.q.expire(f.now), 0);
+    f.advance(Duration::from_millis(1));
+    assert_eq!(f.q.expire(f.now), 1);
+    assert_eq!(f.q.poll_expired().unwrap().request.label, "1");
+    f.assert_ok();
+    f.advance(Duration::from_secs(1));
+    assert_eq!(f.q.expire(f.now), 1);
+    assert_eq!(f.q.len(), 1);
+    f.assert_ok();
+}
+
+#[test]
+fn shutting_down_querier_is_refused_while_others_continue() {
+    let mut f = Fixture::new(no_forget());
+    let a = f.worker("querier-a");
+    let b = f.worker("querier-b");
+    f.push(req("t", &[], "1"));
+    f.push(req("t", &[], "2"));
+    assert!(f.q.notify_querier_shutdown(f.now, "querier-a"));
+    assert!(matches!(f.q.dequeue(f.now, a), Dequeue::ShuttingDown));
+    assert_eq!(f.next(b).as_deref(), Some("1"));
+    f.q.unregister_worker(f.now, a);
+    assert_eq!(f.q.querier_count(), 1, "forgotten as its last worker left");
+    assert!(matches!(f.q.dequeue(f.now, a), Dequeue::UnknownWorker));
+    assert_eq!(f.next(b).as_deref(), Some("2"));
+}
+
+#[test]
+fn worker_slots_reuse_the_lowest_free_one() {
+    let mut f = Fixture::new(no_forget());
+    let w0 = f.worker("q");
+    let w1 = f.worker("q");
+    let w2 = f.worker("q");
+    assert_eq!((w0.slot, w1.slot, w2.slot), (0, 1, 2));
+    f.q.unregister_worker(f.now, w1);
+    assert_eq!(f.worker("q").slot, 1);
+    assert_eq!(f.worker("q").slot, 3);
+}
+
+fn shard_config(k: u32, forget: Duration) -> QueueConfig {
+    QueueConfig {
+        max_queriers_per_tenant: k,
+        querier_forget_delay: forget,
+        max_outstanding_per_tenant: 10_000,
+        ..QueueConfig::default()
+    }
+}
+
+/// Largest relative distance of the per-querier tenant counts from their mean, for
+/// `queriers` queriers and `tenants` tenants with shards of `k`, names made from `prefix`.
+fn shard_imbalance(prefix: &str, queriers: usize, tenants: usize, k: u32) -> (f64, Vec<usize>) {
+    let candidates: Vec<(u32, u64)> = (0..queriers)
+        .map(|i| (i as u32, shard::stable_hash(&format!("{prefix}querier-{i}"))))
+        .collect();
+    let mut counts = vec![0usize; queriers];
+    for t in 0..tenants {
+        let shard = shard::select(shard::stable_hash(&format!("{prefix}tenant-{t}")), k, &candidates).unwrap();
+        assert_eq!(shard.len(), k as usize);
+        for q in shard {
+            counts[q as usize] += 1;
+        }
+    }
+    let mean = (tenants * k as usize) as f64 / queriers as f64;
+    let worst = counts
+        .iter()
+        .map(|&c| (c as f64 - mean).abs() / mean)
+        .fold(0.0, f64::max);
+    (worst, counts)
+}
+
+#[test]
+fn shard_distribution_is_exact_and_even() {
+    let mut f = Fixture::new(shard_config(5, Duration::ZERO));
+    for i in 0..30 {
+        f.worker(&format!("querier-{i}"));
+    }
+    for t in 0..1000 {
+        f.push(req(&format!("tenant-{t}"), &[], ""));
+    }
+    let mut per_querier: BTreeMap<String, usize> = BTreeMap::new();
+    for t in 0..1000 {
+        let shard = f.q.tenant_shard(&format!("tenant-{t}")).expect("sharded");
+        assert_eq!(shard.len(), 5, "every tenant has exactly k queriers");
+        for q in shard {
+            *per_querier.entry(q).or_default() += 1;
+        }
+    }
+    assert_eq!(per_querier.len(), 30, "every querier serves someone");
+    assert_eq!(per_querier.values().sum::<usize>(), 5000);
+    // Each tenant's shard is independent of the others' (that is what keeps movement
+    // minimal), so per-querier counts are binomial: sd ≈ 7% of the mean here. See
+    // `shard_balance_matches_ideal_random_assignment` for the statistics over many names.
+    let (worst, counts) = shard_imbalance("", 30, 1000, 5);
+    assert!(
+        worst <= 0.25,
+        "worst querier {:.0}% off the mean: {counts:?}",
+        worst * 100.0
+    );
+    f.assert_ok();
+}
+
+#[test]
+fn shard_balance_matches_ideal_random_assignment() {
+    // For 30 queriers, 1000 tenants, k = 5, a perfectly random assignment has a median
+    // worst-querier deviation of ~16% and exceeds 20% for ~15% of name sets. The hash
+    // must do as well: no bias, no correlation between names.
+    let mut worst: Vec<f64> = (0..60)
+        .map(|s| shard_imbalance(&format!("set{s}-"), 30, 1000, 5).0)
+        .collect();
+    worst.sort_by(f64::total_cmp);
+    let median = worst[worst.len() / 2];
+    let within_20 = worst.iter().filter(|&&w| w <= 0.20).count();
+    assert!(median <= 0.18, "median worst deviation {:.1}%", median * 100.0);
+    assert!(within_20 >= 45, "only {within_20} of 60 name sets within 20%");
+    assert!(
+        worst[worst.len() - 1] <= 0.30,
+        "worst of all {:.1}%",
+        worst[worst.len() - 1] * 100.0
+    );
+}
+
+#[test]
+fn tenants_outside_a_queriers_shard_are_never_handed_to_it() {
+    let mut f = Fixture::new(shard_config(2, Duration::ZERO));
+    let workers: Vec<_> = (0..6).map(|i| f.worker(&format!("q{i}"))).collect();
+    for t in 0..20 {
+        for i in 0..5 {
+            f.push(req(&format!("t{t}"), &[], &i.to_string()));
+        }
+    }
+    let shards: BTreeMap<String, Vec<String>> = (0..20)
+        .map(|t| (format!("t{t}"), f.q.tenant_shard(&format!("t{t}")).unwrap()))
+        .collect();
+    let mut served = 0;
+    for round in 0..200 {
+        let i = round % 6;
+        if let Some(t) = f.next_tenant(workers[i]) {
+            assert!(shards[&t].contains(&format!("q{i}")), "q{i} got {t}");
+            served += 1;
+        }
+    }
+    assert_eq!(served, 100, "every request was served by someone in its shard");
+}
+
+#[test]
+fn joining_querier_moves_only_the_tenants_it_enters() {
+    let mut f = Fixture::new(shard_config(3, Duration::ZERO));
+    for i in 0..10 {
+        f.worker(&format!("q{i}"));
+    }
+    let tenants: Vec<String> = (0..300).map(|t| format!("t{t}")).collect();
+    for t in &tenants {
+        f.push(req(t, &[], ""));
+    }
+    let before: Vec<_> = tenants.iter().map(|t| f.q.tenant_shard(t).unwrap()).collect();
+    let joined = f.worker("q-new");
+    let after: Vec<_> = tenants.iter().map(|t| f.q.tenant_shard(t).unwrap()).collect();
+    let mut moved = 0;
+    for (b, a) in before.iter().zip(&after) {
+        if b != a {
+            moved += 1;
+            assert!(
+                a.contains(&"q-new".to_string()),
+                "a tenant changed shard without gaining the newcomer"
+            );
+            let kept: BTreeSet<_> = b.iter().filter(|q| a.contains(q)).collect();
+            assert_eq!(kept.len(), 2, "exactly one querier swapped for the newcomer");
+        }
+    }
+    // Expected share: k/(n+1) = 3/11 of the tenants.
+    assert!((50..=115).contains(&moved), "{moved} of 300 tenants moved");
+    // And leaving again restores every shard exactly.
+    f.q.unregister_worker(f.now, joined);
+    let restored: Vec<_> = tenants.iter().map(|t| f.q.tenant_shard(t).unwrap()).collect();
+    assert_eq!(restored, before);
+    f.assert_ok();
+}
+
+#[test]
+fn forget_delay_keeps_shards_for_a_crashed_querier_and_restores_on_reconnect() {
+    let delay = Duration::from_secs(30);
+    let mut f = Fixture::new(shard_config(2, delay));
+    let ws: Vec<_> = (0..5).map(|i| f.worker(&format!("q{i}"))).collect();
+    let tenants: Vec<String> = (0..50).map(|t| format!("t{t}")).collect();
+    for t in &tenants {
+        f.push(req(t, &[], ""));
+    }
+    let shards = |f: &Fixture| -> Vec<_> { tenants.iter().map(|t| f.q.tenant_shard(t).unwrap()).collect() };
+    let before = shards(&f);
+
+    // Crash: the last worker of q0 goes without a notice.
+    f.q.unregister_worker(f.now, ws[0]);
+    assert_eq!(shards(&f), before, "shards kept during the delay");
+    f.advance(delay - Duration::from_secs(1));
+    assert_eq!(f.q.forget_disconnected_queriers(f.now), 0);
+    // Reconnect inside the delay: nothing changes, and it is no longer pending.
+    f.worker("q0");
+    f.advance(Duration::from_secs(5));
+    assert_eq!(f.q.forget_disconnected_queriers(f.now), 0);
+    assert_eq!(shards(&f), before);
+
+    // Crash for good: forgotten after the delay, its tenants reshard.
+    let w = f.q.querier_stats(f.now);
+    assert_eq!(w.iter().find(|s| s.querier == "q0").unwrap().workers, 1);
+    let q0 = f.worker("q0"); // a second worker, then both go
+    f.q.unregister_worker(f.now, q0);
+    f.q.unregister_worker(
+        f.now,
+        WorkerId {
+            querier: q0.querier,
+            slot: 0,
+        },
+    );
+    f.advance(delay);
+    assert_eq!(f.q.forget_disconnected_queriers(f.now), 1);
+    let after = shards(&f);
+    assert!(after.iter().all(|s| !s.contains(&"q0".to_string())));
+    assert_ne!(after, before);
+    f.assert_ok();
+}
+
+#[test]
+fn graceful_shutdown_reshards_at_once_despite_the_delay() {
+    let mut f = Fixture::new(shard_config(2, Duration::from_secs(30)));
+    let ws: Vec<_> = (0..4).map(|i| f.worker(&format!("q{i}"))).collect();
+    for t in 0..40 {
+        f.push(req(&format!("t{t}"), &[], ""));
+    }
+    f.q.notify_querier_shutdown(f.now, "q1");
+    f.q.unregister_worker(f.now, ws[1]);
+    assert_eq!(f.q.querier_count(), 3);
+    for t in 0..40 {
+        assert!(!f.q.tenant_shard(&format!("t{t}")).unwrap().contains(&"q1".to_string()));
+    }
+    f.assert_ok();
+}
+
+#[test]
+fn workers_spread_over_components_and_move_on_when_theirs_is_empty() {
+    let mut f = Fixture::new(no_forget());
+    let w0 = f.worker("q"); // slot 0
+    let w1 = f.worker("q"); // slot 1
+    for i in 0..3 {
+        f.push(in_component(req("t", &[], &format!("ing{i}")), "ingester"));
+        f.push(in_component(req("t", &[], &format!("sg{i}")), "store-gateway"));
+    }
+    // Components in name order: ingester (0), store-gateway (1).
+    assert_eq!(f.next(w0).as_deref(), Some("ing0"));
+    assert_eq!(f.next(w1).as_deref(), Some("sg0"));
+    assert_eq!(f.next(w0).as_deref(), Some("ing1"));
+    assert_eq!(f.next(w1).as_deref(), Some("sg1"));
+    assert_eq!(f.next(w0).as_deref(), Some("ing2"));
+    // The ingester queue is empty: w0 moves on instead of idling.
+    assert_eq!(f.next(w0).as_deref(), Some("sg2"));
+    assert_eq!(f.next(w1), None);
+    assert!(f.q.component_lengths().is_empty(), "empty components disappear");
+    f.assert_ok();
+}
+
+#[test]
+fn cancel_frontend_removes_only_its_requests() {
+    let mut f = Fixture::new(no_forget());
+    f.push(req("a", &[], "mine"));
+    let now = f.now;
+    f.q.enqueue(
+        now,
+        QueryKey { frontend: 2, query: 1 },
+        req("a", &[], "theirs"),
+        EnqueueOptions::default(),
+    )
+    .unwrap();
+    let gone = f.q.cancel_frontend(1);
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].1.label, "mine");
+    assert_eq!(f.q.len(), 1);
+    f.assert_ok();
+}
+
+#[test]
+fn drain_hands_everything_back_oldest_first() {
+    let mut f = Fixture::new(no_forget());
+    f.push(req("b", &["u"], "first"));
+    f.advance(Duration::from_millis(1));
+    f.push_with_deadline(req("a", &[], "second"), Duration::from_secs(1));
+    f.advance(Duration::from_millis(1));
+    f.push(in_component(req("a", &[], "third"), "x"));
+    let labels: Vec<_> = f.q.drain().into_iter().map(|(_, r)| r.label).collect();
+    assert_eq!(labels, ["first", "second", "third"]);
+    let c = f.q.counters();
+    assert_eq!((c.enqueued, c.handed_back), (3, 3));
+    f.assert_ok();
+    // The queue still works afterwards.
+    let w = f.worker("q");
+    f.push(req("a", &[], "after"));
+    assert_eq!(f.next(w).as_deref(), Some("after"));
+    f.advance(Duration::from_secs(5));
+    assert_eq!(f.q.expire(f.now), 0, "drained deadlines are gone");
+}
+
+#[test]
+fn tenant_stats_report_length_oldest_age_and_peak() {
+    let mut f = Fixture::new(no_forget());
+    let w = f.worker("q");
+    f.push(req("a", &["u1"], "1"));
+    f.advance(Duration::from_millis(5));
+    f.push(in_component(req("a", &["u2"], "2"), "c"));
+    f.push(req("a", &[], "3"));
+    f.advance(Duration::from_millis(10));
+    let stats = f.q.tenant_stats(f.now);
+    assert_eq!(stats.len(), 1);
+    assert_eq!((stats[0].queued, stats[0].queued_bytes, stats[0].peak), (3, 30, 3));
+    assert_eq!(stats[0].oldest, Duration::from_millis(15));
+    // The unnamed component ("") sorts first, so slot 0 starts there.
+    assert_eq!(f.next(w).as_deref(), Some("1"));
+}
+
+#[test]
+fn invalid_config_names_the_key() {
+    let err = TreeQueue::<Req>::new(
+        QueueConfig {
+            max_outstanding_per_tenant: 0,
+            ..QueueConfig::default()
+        },
+        std::time::Instant::now(),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(err.to_string(), "max_outstanding_per_tenant: must be at least 1");
+}

@@ -1,0 +1,152 @@
+//! Tests of the queue core, all driven by a fake clock (`t0 + offsets`).
+
+mod anchors;
+mod props;
+
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// A request as the tests see it: its path, a size, and a label to recognise it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Req {
+    pub tenant: String,
+    pub actors: Vec<String>,
+    pub component: Option<String>,
+    pub bytes: u64,
+    pub label: String,
+}
+
+impl Queued for Req {
+    fn path(&self) -> QueuePath<'_> {
+        QueuePath {
+            component: self.component.as_deref(),
+            tenant: &self.tenant,
+            actors: &self.actors,
+        }
+    }
+    fn size_bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+pub(super) fn req(tenant: &str, actors: &[&str], label: &str) -> Req {
+    Req {
+        tenant: tenant.into(),
+        actors: actors.iter().map(|a| a.to_string()).collect(),
+        component: None,
+        bytes: 10,
+        label: label.into(),
+    }
+}
+
+pub(super) fn in_component(mut r: Req, component: &str) -> Req {
+    r.component = Some(component.into());
+    r
+}
+
+/// A queue plus a fake clock and a key counter.
+pub(super) struct Fixture {
+    pub q: TreeQueue<Req>,
+
+    pub now: Instant,
+    next_key: u64,
+}
+
+impl Fixture {
+    pub fn new(config: QueueConfig) -> Self {
+        let t0 = Instant::now();
+        Fixture {
+            q: TreeQueue::new(config, t0).expect("valid config"),
+
+            now: t0,
+            next_key: 0,
+        }
+    }
+
+    pub fn advance(&mut self, d: Duration) {
+        self.now += d;
+    }
+
+    pub fn key(&mut self) -> QueryKey {
+        self.next_key += 1;
+        QueryKey {
+            frontend: 1,
+            query: self.next_key,
+        }
+    }
+
+    /// Enqueues and returns the key; panics if refused.
+    pub fn push(&mut self, r: Req) -> QueryKey {
+        let key = self.key();
+        let now = self.now;
+        self.q
+            .enqueue(now, key, r, EnqueueOptions::default())
+            .expect("accepted");
+        key
+    }
+
+    pub fn push_with_deadline(&mut self, r: Req, after: Duration) -> QueryKey {
+        let key = self.key();
+        let (now, deadline) = (self.now, self.now + after);
+        self.q
+            .enqueue(
+                now,
+                key,
+                r,
+                EnqueueOptions {
+                    deadline: Some(deadline),
+                },
+            )
+            .expect("accepted");
+        key
+    }
+
+    pub fn worker(&mut self, querier: &str) -> WorkerId {
+        let now = self.now;
+        self.q.register_worker(now, querier)
+    }
+
+    /// The label of what `w` gets next, or `None` if nothing.
+    pub fn next(&mut self, w: WorkerId) -> Option<String> {
+        let now = self.now;
+        match self.q.dequeue(now, w) {
+            Dequeue::Dispatch(d) => Some(d.request.label),
+            Dequeue::Empty => None,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// The tenant of what `w` gets next.
+    pub fn next_tenant(&mut self, w: WorkerId) -> Option<String> {
+        let now = self.now;
+        match self.q.dequeue(now, w) {
+            Dequeue::Dispatch(d) => Some(d.request.tenant),
+            Dequeue::Empty => None,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    pub fn assert_ok(&self) {
+        if let Err(e) = self.q.check_invariants() {
+            panic!("invariant broken: {e}");
+        }
+    }
+}
+
+pub(super) fn no_forget() -> QueueConfig {
+    QueueConfig {
+        querier_forget_delay: Duration::ZERO,
+        ..QueueConfig::default()
+    }
+}
+
+/// Jain's fairness index of the shares: 1 when all equal, 1/n when one takes everything.
+pub(super) fn jain(shares: &[f64]) -> f64 {
+    let sum: f64 = shares.iter().sum();
+    let sq: f64 = shares.iter().map(|x| x * x).sum();
+    if sq == 0.0 {
+        return 1.0;
+    }
+    sum * sum / (shares.len() as f64 * sq)
+}

@@ -1,0 +1,302 @@
+//! Property tests over random workloads, on the fake clock.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Enqueue {
+        tenant: u8,
+        actors: Vec<u8>,
+        component: Option<u8>,
+        deadline_ms: Option<u16>,
+    },
+    Dequeue {
+        worker: u8,
+    },
+    Cancel {
+        pick: u16,
+    },
+    CancelFrontend,
+    Advance {
+        ms: u16,
+    },
+    Expire,
+    AddWorker {
+        querier: u8,
+    },
+    RemoveWorker {
+        pick: u8,
+    },
+    Shutdown {
+        querier: u8,
+    },
+    Forget,
+    Reconfigure {
+        limit: u32,
+        shard: u32,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0u8..6, prop::collection::vec(0u8..3, 0..3), prop::option::of(0u8..3), prop::option::of(1u16..500))
+            .prop_map(|(tenant, actors, component, deadline_ms)| Op::Enqueue { tenant, actors, component, deadline_ms }),
+        6 => (0u8..16).prop_map(|worker| Op::Dequeue { worker }),
+        2 => any::<u16>().prop_map(|pick| Op::Cancel { pick }),
+        1 => Just(Op::CancelFrontend),
+        2 => (0u16..300).prop_map(|ms| Op::Advance { ms }),
+        1 => Just(Op::Expire),
+        2 => (0u8..5).prop_map(|querier| Op::AddWorker { querier }),
+        1 => any::<u8>().prop_map(|pick| Op::RemoveWorker { pick }),
+        1 => (0u8..5).prop_map(|querier| Op::Shutdown { querier }),
+        1 => Just(Op::Forget),
+        1 => (1u32..8, 0u32..4).prop_map(|(limit, shard)| Op::Reconfigure { limit, shard }),
+    ]
+}
+
+/// How a request the model saw accepted has ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Dispatched,
+    Cancelled,
+    Expired,
+    HandedBack,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Whatever happens, every accepted request ends exactly once, nothing expired is
+    /// dispatched, shards are respected, and the internal invariants hold throughout.
+    #[test]
+    fn every_request_ends_exactly_once(ops in prop::collection::vec(op(), 1..300)) {
+        let mut f = Fixture::new(QueueConfig {
+            max_outstanding_per_tenant: 6,
+            max_queued_requests: 40,
+            max_queriers_per_tenant: 2,
+            querier_forget_delay: Duration::from_millis(200),
+            ..QueueConfig::default()
+        });
+        let mut workers: Vec<(WorkerId, String)> = Vec::new();
+        let mut deadlines: HashMap<QueryKey, Instant> = HashMap::new();
+        let mut queued: Vec<QueryKey> = Vec::new();
+        let mut ends: HashMap<QueryKey, End> = HashMap::new();
+        let end = |ends: &mut HashMap<QueryKey, End>, k: QueryKey, e: End| {
+            prop_assert!(ends.insert(k, e).is_none(), "{k:?} ended twice");
+            Ok(())
+        };
+        let mut frontend = 1;
+        for op in ops {
+            match op {
+                Op::Enqueue { tenant, actors, component, deadline_ms } => {
+                    let mut r = req(&format!("t{tenant}"), &[], "");
+                    r.actors = actors.iter().map(|a| format!("a{a}")).collect();
+                    r.component = component.map(|c| format!("c{c}"));
+                    frontend = 1 + (tenant as u64 % 2);
+                    let key = QueryKey { frontend, query: f.q.counters().enqueued + f.q.counters().rejected + 1 };
+                    let deadline = deadline_ms.map(|ms| f.now + Duration::from_millis(ms.into()));
+                    if f.q.enqueue(f.now, key, r, EnqueueOptions { deadline }).is_ok() {
+                        queued.push(key);
+                        if let Some(d) = deadline { deadlines.insert(key, d); }
+                    }
+                }
+                Op::Dequeue { worker } => {
+                    if workers.is_empty() { continue; }
+                    let (w, querier) = workers[worker as usize % workers.len()].clone();
+                    let shards: HashMap<String, Option<Vec<String>>> = (0..6)
+                        .map(|t| (format!("t{t}"), f.q.tenant_shard(&format!("t{t}"))))
+                        .collect();
+                    if let Dequeue::Dispatch(d) = f.q.dequeue(f.now, w) {
+                        if let Some(Some(shard)) = shards.get(&d.request.tenant) {
+                            prop_assert!(shard.contains(&querier), "{querier} served {} outside its shard", d.request.tenant);
+                        }
+                        if let Some(&dl) = deadlines.get(&d.key) {
+                            prop_assert!(dl > f.now, "expired request dispatched");
+                        }
+                        end(&mut ends, d.key, End::Dispatched)?;
+                    }
+                }
+                Op::Cancel { pick } => {
+                    if queued.is_empty() { continue; }
+                    let k = queued[pick as usize % queued.len()];
+                    if f.q.cancel(k).is_some() { end(&mut ends, k, End::Cancelled)?; }
+                }
+                Op::CancelFrontend => {
+                    for (k, _) in f.q.cancel_frontend(frontend) { end(&mut ends, k, End::Cancelled)?; }
+                }
+                Op::Advance { ms } => f.advance(Duration::from_millis(ms.into())),
+                Op::Expire => { f.q.expire(f.now); }
+                Op::AddWorker { querier } => {
+                    let id = format!("q{querier}");
+                    workers.push((f.worker(&id), id));
+                }
+                Op::RemoveWorker { pick } => {
+                    if workers.is_empty() { continue; }
+                    let (w, _) = workers.remove(pick as usize % workers.len());
+                    f.q.unregister_worker(f.now, w);
+                }
+                Op::Shutdown { querier } => { f.q.notify_querier_shutdown(f.now, &format!("q{querier}")); }
+                Op::Forget => { f.q.forget_disconnected_queriers(f.now); }
+                Op::Reconfigure { limit, shard } => {
+                    let mut c = f.q.config().clone();
+                    c.max_outstanding_per_tenant = limit;
+                    c.max_queriers_per_tenant = shard;
+                    f.q.set_config(c).unwrap();
+                }
+            }
+            while let Some(e) = f.q.poll_expired() {
+                prop_assert!(deadlines[&e.key] <= f.now, "expired early");
+                end(&mut ends, e.key, End::Expired)?;
+            }
+            if let Err(e) = f.q.check_invariants() { prop_assert!(false, "{e}"); }
+        }
+        for (k, _) in f.q.drain() { end(&mut ends, k, End::HandedBack)?; }
+        let c = f.q.counters();
+        prop_assert_eq!(ends.len() as u64, c.enqueued);
+        prop_assert_eq!(queued.len() as u64, c.enqueued);
+        let count = |e: End| ends.values().filter(|&&x| x == e).count() as u64;
+        prop_assert_eq!((count(End::Dispatched), count(End::Cancelled), count(End::Expired), count(End::HandedBack)),
+            (c.dispatched, c.cancelled, c.expired, c.handed_back));
+        prop_assert!(f.q.is_empty());
+        if let Err(e) = f.q.check_invariants() { prop_assert!(false, "{e}"); }
+    }
+
+    /// No starvation: once a request is at the head of its leaf FIFO, it is dispatched
+    /// within `tenants × (fan-out + 1)^depth` dequeues, however the others arrive.
+    #[test]
+    fn heads_are_served_within_a_bounded_number_of_dequeues(
+        arrivals in prop::collection::vec((0u8..4, prop::collection::vec(0u8..3, 0..=2), 0u8..3), 1..400),
+    ) {
+        const TENANTS: usize = 4;
+        const FANOUT: usize = 3;
+        let bound = TENANTS * (FANOUT + 1).pow(2);
+        let mut f = Fixture::new(QueueConfig { max_outstanding_per_tenant: 10_000, ..no_forget() });
+        let w = f.worker("q");
+        // The model: FIFO per leaf path, and when each request became its leaf's head.
+        let mut leaves: BTreeMap<String, VecDeque<String>> = BTreeMap::new();
+        let mut head_since: HashMap<String, u64> = HashMap::new();
+        let mut dequeues: u64 = 0;
+        let mut n = 0;
+        let step = |f: &mut Fixture, leaves: &mut BTreeMap<String, VecDeque<String>>, head_since: &mut HashMap<String, u64>, dequeues: &mut u64| -> Result<(), TestCaseError> {
+            *dequeues += 1;
+            let Some(label) = f.next(w) else { return Ok(()) };
+            let leaf = label.rsplit_once('#').unwrap().0.to_string();
+            let fifo = leaves.get_mut(&leaf).unwrap();
+            let head = fifo.pop_front();
+            prop_assert_eq!(head.as_ref(), Some(&label), "FIFO order within a leaf");
+            let waited = *dequeues - head_since.remove(&label).unwrap();
+            prop_assert!(waited as usize <= bound, "{label} waited {waited} dequeues at the head (bound {bound})");
+            if let Some(next) = fifo.front() { head_since.insert(next.clone(), *dequeues); }
+            Ok(())
+        };
+        for (tenant, actors, dequeue_after) in arrivals {
+            let actors: Vec<String> = actors.iter().map(|a| format!("a{a}")).collect();
+            let leaf = format!("t{tenant}/{}", actors.join("/"));
+            n += 1;
+            let label = format!("{leaf}#{n}");
+            let mut r = req(&format!("t{tenant}"), &[], &label);
+            r.actors = actors;
+            f.push(r);
+            let fifo = leaves.entry(leaf).or_default();
+            if fifo.is_empty() { head_since.insert(label.clone(), dequeues); }
+            fifo.push_back(label);
+            for _ in 0..dequeue_after { step(&mut f, &mut leaves, &mut head_since, &mut dequeues)?; }
+        }
+        while !f.q.is_empty() { step(&mut f, &mut leaves, &mut head_since, &mut dequeues)?; }
+    }
+
+    /// Backlogged tenants with equal demand get equal service (Jain's index ≥ 0.99),
+    /// whatever their actor trees and however several queriers' workers interleave.
+    #[test]
+    fn equal_demand_gets_equal_shares(
+        tenants in 2usize..20,
+        actor_shapes in prop::collection::vec(prop::collection::vec(0u8..4, 0..=2), 20),
+        queriers in 1usize..5,
+        order in prop::collection::vec(any::<u8>(), 64),
+    ) {
+        const BACKLOG: usize = 200;
+        let mut f = Fixture::new(QueueConfig { max_outstanding_per_tenant: 10_000, ..no_forget() });
+        let workers: Vec<WorkerId> = (0..queriers).flat_map(|q| (0..3).map(move |_| q)).map(|q| f.worker(&format!("q{q}"))).collect();
+        for i in 0..BACKLOG {
+            for (t, shape) in actor_shapes.iter().enumerate().take(tenants) {
+                let mut r = req(&format!("t{t}"), &[], "");
+                // Each tenant spreads its requests over its own actor shape.
+                r.actors = shape.iter().enumerate().map(|(lvl, &fan)| format!("l{lvl}-{}", i % (fan as usize + 1))).collect();
+                f.push(r);
+            }
+        }
+        let mut served: HashMap<String, f64> = HashMap::new();
+        for i in 0..BACKLOG * tenants / 2 {
+            let w = workers[order[i % order.len()] as usize % workers.len()];
+            let t = f.next_tenant(w).expect("backlogged");
+            *served.entry(t).or_default() += 1.0;
+        }
+        let shares: Vec<f64> = (0..tenants).map(|t| served.get(&format!("t{t}")).copied().unwrap_or(0.0)).collect();
+        let j = jain(&shares);
+        prop_assert!(j >= 0.99, "Jain's index {j:.4} for {shares:?}");
+    }
+
+    /// One actor flooding its tenant does not change what its siblings get by more
+    /// than 5%, compared with the same run without the flood.
+    #[test]
+    fn a_flooding_actor_does_not_crowd_out_its_siblings(
+        siblings in 2usize..6,
+        per_sibling in 20usize..60,
+        flood_factor in 10usize..100,
+    ) {
+        let run = |flood: usize| -> Vec<f64> {
+            let mut f = Fixture::new(QueueConfig { max_outstanding_per_tenant: 100_000, ..no_forget() });
+            let w = f.worker("q");
+            for i in 0..per_sibling * flood {
+                f.push(req("t", &["flooder"], &format!("flooder#{i}")));
+            }
+            for s in 0..siblings {
+                for i in 0..per_sibling {
+                    f.push(req("t", &[&format!("user{s}")], &format!("user{s}#{i}")));
+                }
+            }
+            // Serve as many as the siblings' demand, while they are all still backlogged.
+            let mut counts = vec![0.0; siblings];
+            for _ in 0..per_sibling * siblings / 2 {
+                let label = f.next(w).unwrap();
+                if let Some(s) = label.strip_prefix("user") {
+                    counts[s.split('#').next().unwrap().parse::<usize>().unwrap()] += 1.0;
+                }
+            }
+            counts
+        };
+        let calm = run(1);
+        let flooded = run(flood_factor);
+        for (c, fl) in calm.iter().zip(&flooded) {
+            prop_assert!((c - fl).abs() <= 0.05 * c.max(1.0), "sibling share {c} without flood vs {fl} with");
+        }
+        // And the flooder itself gets no more than one sibling's share.
+        let flood_served = (per_sibling * siblings / 2) as f64 - flooded.iter().sum::<f64>();
+        prop_assert!(flood_served <= flooded[0] + 1.0);
+    }
+}
+
+#[test]
+fn distinct_queriers_see_distinct_tenant_sets_under_sharding() {
+    // A sanity check that sharded rotation sets are per querier: with k = 1 each tenant
+    // is served by exactly one of two queriers.
+    let mut f = Fixture::new(QueueConfig {
+        max_queriers_per_tenant: 1,
+        ..no_forget()
+    });
+    let a = f.worker("qa");
+    let b = f.worker("qb");
+    for t in 0..20 {
+        f.push(req(&format!("t{t}"), &[], ""));
+    }
+    let from_a: HashSet<String> = std::iter::from_fn(|| f.next_tenant(a)).collect();
+    let from_b: HashSet<String> = std::iter::from_fn(|| f.next_tenant(b)).collect();
+    assert!(from_a.is_disjoint(&from_b));
+    assert_eq!(from_a.len() + from_b.len(), 20);
+    assert!(!from_a.is_empty() && !from_b.is_empty());
+}

@@ -1,0 +1,188 @@
+//! The nodes below a tenant: one node per actor path prefix, each with a FIFO of its own
+//! requests and a round-robin rotation over its members (its own FIFO and its children).
+//!
+//! Invariants (checked by `TreeQueue::check_invariants`):
+//! - a node exists iff requests are queued in its subtree (`live > 0`), except a tenant
+//!   root, which its owner frees when it empties;
+//! - every live child appears exactly once, as `Member::Child`, in its parent's rotation;
+//! - `local_in_rotation` is set iff `Member::Local` is in the rotation, and it is set
+//!   whenever `live_local > 0`;
+//! - rotations and FIFOs may also hold stale entries (a child freed by a cancel, a
+//!   cancelled request): they are skipped and dropped when reached, so a cancel is O(depth).
+//!
+//! Round robin is the level policy today. Weighted and cost-aware policies (deficit round
+//! robin) replace `rotation` with a policy enum chosen per level; `pop` is the only reader.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::slab::{Handle, Slab};
+
+/// A member of a node's rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Member {
+    /// The node's own FIFO.
+    Local,
+    /// A child node.
+    Child(Handle),
+}
+
+#[derive(Debug)]
+pub(crate) struct Node {
+    pub(crate) parent: Option<Handle>,
+    pub(crate) name: Box<str>,
+    pub(crate) children: HashMap<Box<str>, Handle>,
+    pub(crate) rotation: VecDeque<Member>,
+    /// Request handles, oldest first; may include stale (removed) ones.
+    pub(crate) fifo: VecDeque<Handle>,
+    /// Requests queued in `fifo` (excluding stale entries).
+    pub(crate) live_local: u32,
+    /// Requests queued in this subtree.
+    pub(crate) live: u32,
+    pub(crate) local_in_rotation: bool,
+}
+
+impl Node {
+    pub(crate) fn new(parent: Option<Handle>, name: &str) -> Self {
+        Node {
+            parent,
+            name: name.into(),
+            children: HashMap::new(),
+            rotation: VecDeque::new(),
+            fifo: VecDeque::new(),
+            live_local: 0,
+            live: 0,
+            local_in_rotation: false,
+        }
+    }
+}
+
+/// Walks from `root` down `actors`, creating the missing nodes, and counts one more
+/// request on every node of the path; returns the leaf, where [`push_request`] must put
+/// the request next. A new child joins the back of its parent's rotation: it is served
+/// soon, but not ahead of the members already waiting.
+pub(crate) fn attach_path(nodes: &mut Slab<Node>, root: Handle, actors: &[String]) -> Handle {
+    let mut cur = root;
+    nodes[cur].live += 1;
+    for actor in actors {
+        let existing = nodes[cur].children.get(actor.as_str()).copied();
+        let child = match existing {
+            Some(c) => c,
+            None => {
+                let c = nodes.insert(Node::new(Some(cur), actor));
+                let parent = &mut nodes[cur];
+                parent.children.insert(actor.as_str().into(), c);
+                parent.rotation.push_back(Member::Child(c));
+                c
+            }
+        };
+        nodes[child].live += 1;
+        cur = child;
+    }
+    cur
+}
+
+/// Appends `request` to `leaf`'s FIFO (after [`attach_path`] counted it).
+pub(crate) fn push_request(nodes: &mut Slab<Node>, leaf: Handle, request: Handle) {
+    let leaf = &mut nodes[leaf];
+    leaf.fifo.push_back(request);
+    leaf.live_local += 1;
+    if !leaf.local_in_rotation {
+        leaf.rotation.push_back(Member::Local);
+        leaf.local_in_rotation = true;
+    }
+}
+
+/// Takes the next request under `root`: at every level the member at the front of the
+/// rotation is chosen and, if it still has work, goes to the back. Empty non-root nodes
+/// are freed. `is_queued` tells live request handles from stale ones.
+/// Returns `None` only if `root` has nothing queued.
+pub(crate) fn pop(nodes: &mut Slab<Node>, root: Handle, is_queued: impl Fn(Handle) -> bool) -> Option<Handle> {
+    if nodes.get(root).is_none_or(|n| n.live == 0) {
+        return None;
+    }
+    let mut cur = root;
+    let request = loop {
+        let node = &mut nodes[cur];
+        let member = node
+            .rotation
+            .pop_front()
+            .expect("a node with live requests has a live member");
+        match member {
+            Member::Local if node.live_local == 0 => node.local_in_rotation = false,
+            Member::Local => {
+                break loop {
+                    let h = node.fifo.pop_front().expect("live_local counts queued FIFO entries");
+                    if is_queued(h) {
+                        break h;
+                    }
+                };
+            }
+            Member::Child(c) if nodes.contains(c) => cur = c,
+            Member::Child(_) => {} // freed by a cancel: drop the stale entry
+        }
+    };
+    // Bookkeeping at the leaf, then on the way up, re-queueing each member we took.
+    let leaf = &mut nodes[cur];
+    leaf.live_local -= 1;
+    if leaf.live_local > 0 {
+        leaf.rotation.push_back(Member::Local);
+    } else {
+        leaf.local_in_rotation = false;
+        leaf.fifo.clear();
+    }
+    let mut id = cur;
+    loop {
+        let node = &mut nodes[id];
+        node.live -= 1;
+        let alive = node.live > 0;
+        let Some(parent) = node.parent else { break };
+        if alive {
+            nodes[parent].rotation.push_back(Member::Child(id));
+        } else {
+            free_child(nodes, parent, id);
+        }
+        id = parent;
+    }
+    Some(request)
+}
+
+/// Un-counts one request queued at `leaf` that was removed out of turn (cancelled or
+/// expired). Its FIFO entry and any rotation entries of freed nodes stay behind as stale.
+pub(crate) fn detach(nodes: &mut Slab<Node>, leaf: Handle) {
+    let node = &mut nodes[leaf];
+    node.live_local -= 1;
+    if node.live_local == 0 {
+        node.fifo.clear();
+    }
+    let mut id = leaf;
+    loop {
+        let node = &mut nodes[id];
+        node.live -= 1;
+        let alive = node.live > 0;
+        let Some(parent) = node.parent else { break };
+        if !alive {
+            free_child(nodes, parent, id);
+        }
+        id = parent;
+    }
+}
+
+fn free_child(nodes: &mut Slab<Node>, parent: Handle, child: Handle) {
+    let gone = nodes.remove(child).expect("child is live");
+    nodes[parent].children.remove(&gone.name);
+}
+
+/// The enqueue time of the oldest request under `root`, found by looking at the front of
+/// every FIFO in the subtree (FIFOs are in arrival order). O(nodes in the subtree).
+pub(crate) fn oldest(nodes: &Slab<Node>, root: Handle, enqueued_at: impl Fn(Handle) -> Option<u64>) -> Option<u64> {
+    let mut stack = vec![root];
+    let mut best: Option<u64> = None;
+    while let Some(id) = stack.pop() {
+        let node = &nodes[id];
+        if let Some(t) = node.fifo.iter().find_map(|&h| enqueued_at(h)) {
+            best = Some(best.map_or(t, |b| b.min(t)));
+        }
+        stack.extend(node.children.values().copied());
+    }
+    best
+}
