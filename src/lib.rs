@@ -1,3 +1,4 @@
 //! Sluice: a fair, multi-tenant query scheduler.
 
 pub mod queue;
+pub mod sim;

@@ -61,6 +61,16 @@ pub(super) fn check<R: Queued>(q: &TreeQueue<R>) -> Result<(), String> {
                 let want = super::shard::select(tenant.hash, tenant.max_queriers, &q.shard_candidates);
                 ensure!(want == tenant.shard, "tenant {} shard stale", tenant.name);
                 ensure!(tenant.peak >= tenant.queued, "peak below queued");
+                for &(c, _) in &tenant.roots {
+                    ensure!(
+                        q.components.get(c as usize).is_some_and(Option::is_some),
+                        "root in freed component"
+                    );
+                }
+                let mut comps: Vec<u32> = tenant.roots.iter().map(|r| r.0).collect();
+                comps.sort_unstable();
+                comps.dedup();
+                ensure!(comps.len() == tenant.roots.len(), "two roots in one component");
             }
         }
     }
@@ -86,13 +96,12 @@ pub(super) fn check<R: Queued>(q: &TreeQueue<R>) -> Result<(), String> {
         let mut expected_sharded = BTreeSet::new();
         let mut expected_unsharded = BTreeSet::new();
         let mut live_sum = 0;
-        for (&t, &root) in &comp.roots {
-            let tenant = q.tenants[t as usize].as_ref().ok_or("root of freed tenant")?;
-            ensure!(
-                tenant.components.contains(&c),
-                "tenant {} misses component",
-                tenant.name
-            );
+        let roots = q.tenants.iter().enumerate().filter_map(|(t, slot)| {
+            let tenant = slot.as_ref()?;
+            let &(_, root) = tenant.roots.iter().find(|(x, _)| *x == c)?;
+            Some((t as u32, tenant, root))
+        });
+        for (t, tenant, root) in roots {
             match &tenant.shard {
                 None => {
                     expected_unsharded.insert(t);

@@ -32,6 +32,9 @@ mod tree;
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+/// The hash map used on hot paths: foldhash, seeded per map.
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::ops::Bound;
 use std::time::{Duration, Instant};
 
@@ -39,10 +42,11 @@ use thiserror::Error;
 
 pub use config::{ConfigError, QueueConfig, TenantOverrides};
 pub use queriers::WorkerId;
+pub(crate) use shard::mix as mix64;
 
 use queriers::{Membership, Queriers};
 use slab::{Handle, Slab};
-use tree::Node;
+use tree::Nodes;
 
 /// Identifies a queued request: the frontend connection that sent it and its id there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -188,15 +192,13 @@ struct Tenant {
     max_queriers: u32,
     /// Querier indexes allowed to serve it; `None`: all.
     shard: Option<Vec<u32>>,
-    /// Components where it has a root node.
-    components: Vec<u32>,
+    /// Its root node in each component where it has work: (component, root).
+    roots: Vec<(u32, Handle)>,
 }
 
 struct Component {
     name: Box<str>,
     queued: u32,
-    /// The tenant's root node in this component, by tenant slot.
-    roots: HashMap<u32, Handle>,
     /// Tenant slots with work here that every querier may serve.
     unsharded: BTreeSet<u32>,
     /// Tenant slots with work here, per querier index in their shard.
@@ -266,13 +268,13 @@ pub struct TreeQueue<R> {
     config: QueueConfig,
     epoch: Instant,
     requests: Slab<Entry<R>>,
-    by_key: HashMap<QueryKey, Handle>,
-    nodes: Slab<Node>,
+    by_key: FastMap<QueryKey, Handle>,
+    nodes: Nodes,
     tenants: Vec<Option<Tenant>>,
-    tenant_by_name: HashMap<Box<str>, u32>,
+    tenant_by_name: FastMap<Box<str>, u32>,
     free_tenant_slots: BTreeSet<u32>,
     components: Vec<Option<Component>>,
-    component_by_name: HashMap<Box<str>, u32>,
+    component_by_name: FastMap<Box<str>, u32>,
     /// Components with work, in name order: the order workers are spread over.
     component_order: Vec<u32>,
     queriers: Queriers,
@@ -293,13 +295,13 @@ impl<R: Queued> TreeQueue<R> {
             config,
             epoch,
             requests: Slab::default(),
-            by_key: HashMap::new(),
-            nodes: Slab::default(),
+            by_key: FastMap::default(),
+            nodes: Nodes::default(),
             tenants: Vec::new(),
-            tenant_by_name: HashMap::new(),
+            tenant_by_name: FastMap::default(),
             free_tenant_slots: BTreeSet::new(),
             components: Vec::new(),
-            component_by_name: HashMap::new(),
+            component_by_name: FastMap::default(),
             component_order: Vec::new(),
             queriers: Queriers::default(),
             shard_candidates: Vec::new(),
@@ -428,7 +430,7 @@ impl<R: Queued> TreeQueue<R> {
             max_outstanding: self.config.max_outstanding(name),
             max_queriers,
             shard: shard::select(hash, max_queriers, &self.shard_candidates),
-            components: Vec::new(),
+            roots: Vec::new(),
         };
         let t = match self.free_tenant_slots.pop_first() {
             Some(t) => {
@@ -451,7 +453,6 @@ impl<R: Queued> TreeQueue<R> {
         let comp = Component {
             name: name.into(),
             queued: 0,
-            roots: HashMap::new(),
             unsharded: BTreeSet::new(),
             by_querier: Vec::new(),
             cursors: Vec::new(),
@@ -483,14 +484,13 @@ impl<R: Queued> TreeQueue<R> {
     /// The tenant's root node in component `c`, creating it and entering the tenant into
     /// the component's rotation if needed.
     fn tenant_root(&mut self, c: u32, t: u32) -> Handle {
-        let comp = self.components[c as usize].as_mut().expect("component is live");
-        if let Some(&root) = comp.roots.get(&t) {
+        let tenant = self.tenants[t as usize].as_mut().expect("tenant slot is live");
+        if let Some(&(_, root)) = tenant.roots.iter().find(|(x, _)| *x == c) {
             return root;
         }
-        let tenant = self.tenants[t as usize].as_mut().expect("tenant slot is live");
-        let root = self.nodes.insert(Node::new(None, &tenant.name));
-        comp.roots.insert(t, root);
-        tenant.components.push(c);
+        let root = self.nodes.insert(None, &tenant.name);
+        tenant.roots.push((c, root));
+        let comp = self.components[c as usize].as_mut().expect("component is live");
         activate(comp, t, &tenant.shard);
         root
     }
@@ -508,12 +508,16 @@ impl<R: Queued> TreeQueue<R> {
         tenant.bytes -= e.bytes;
         let comp = self.components[c as usize].as_mut().expect("component is live");
         comp.queued -= 1;
-        let root = comp.roots[&t];
+        let at = tenant
+            .roots
+            .iter()
+            .position(|(x, _)| *x == c)
+            .expect("tenant has a root here");
+        let root = tenant.roots[at].1;
         if self.nodes[root].live == 0 {
             self.nodes.remove(root);
-            comp.roots.remove(&t);
+            tenant.roots.swap_remove(at);
             deactivate(comp, t, &tenant.shard);
-            tenant.components.retain(|&x| x != c);
         }
         if comp.queued == 0 {
             let comp = self.components[c as usize].take().expect("component is live");
@@ -568,7 +572,13 @@ impl<R: Queued> TreeQueue<R> {
                 comp.cursors.resize(qi as usize + 1, None);
             }
             comp.cursors[qi as usize] = Some(t);
-            let root = comp.roots[&t];
+            let tenant = self.tenants[t as usize].as_ref().expect("selected tenant is live");
+            let root = tenant
+                .roots
+                .iter()
+                .find(|(x, _)| *x == c)
+                .expect("tenant has a root here")
+                .1;
             let requests = &self.requests;
             let h = tree::pop(&mut self.nodes, root, |h| requests.contains(h)).expect("active tenant has work");
             let e = self.take_entry(h);
@@ -660,7 +670,7 @@ impl<R: Queued> TreeQueue<R> {
         entries.sort_by_key(|e| e.enqueued_at);
         self.counters.handed_back += entries.len() as u64;
         self.by_key.clear();
-        self.nodes = Slab::default();
+        self.nodes = Nodes::default();
         self.tenants.clear();
         self.tenant_by_name.clear();
         self.free_tenant_slots.clear();
@@ -724,7 +734,7 @@ impl<R: Queued> TreeQueue<R> {
             if shard == tenant.shard {
                 continue;
             }
-            for &c in &tenant.components {
+            for &(c, _) in &tenant.roots {
                 let comp = self.components[c as usize]
                     .as_mut()
                     .expect("tenant's component is live");
@@ -787,14 +797,12 @@ impl<R: Queued> TreeQueue<R> {
         let mut out: Vec<TenantStats> = self
             .tenants
             .iter()
-            .enumerate()
-            .filter_map(|(t, slot)| {
+            .filter_map(|slot| {
                 let tenant = slot.as_ref()?;
                 let oldest = tenant
-                    .components
+                    .roots
                     .iter()
-                    .filter_map(|&c| {
-                        let root = self.components[c as usize].as_ref()?.roots[&(t as u32)];
+                    .filter_map(|&(_, root)| {
                         tree::oldest(&self.nodes, root, |h| self.requests.get(h).map(|e| e.enqueued_at))
                     })
                     .min()

@@ -1,8 +1,7 @@
 //! Queriers and their worker slots: who may dequeue, and which queriers count for
 //! shuffle sharding (connected ones, plus disconnected ones inside the forget delay).
 
-use std::collections::HashMap;
-
+use super::FastMap;
 use super::shard::stable_hash;
 use super::slab::{Handle, Slab};
 
@@ -30,7 +29,7 @@ pub(crate) struct Querier {
 #[derive(Debug, Default)]
 pub(crate) struct Queriers {
     pub(crate) slab: Slab<Querier>,
-    pub(crate) by_id: HashMap<Box<str>, Handle>,
+    pub(crate) by_id: FastMap<Box<str>, Handle>,
 }
 
 /// What a registration or removal did to the set of queriers that shards are cut from.

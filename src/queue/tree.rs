@@ -13,9 +13,11 @@
 //! Round robin is the level policy today. Weighted and cost-aware policies (deficit round
 //! robin) replace `rotation` with a policy enum chosen per level; `pop` is the only reader.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
-use super::slab::{Handle, Slab};
+use super::FastMap;
+use super::slab::Handle;
+use super::slab::Slab;
 
 /// A member of a node's rotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +32,7 @@ pub(crate) enum Member {
 pub(crate) struct Node {
     pub(crate) parent: Option<Handle>,
     pub(crate) name: Box<str>,
-    pub(crate) children: HashMap<Box<str>, Handle>,
+    pub(crate) children: FastMap<Box<str>, Handle>,
     pub(crate) rotation: VecDeque<Member>,
     /// Request handles, oldest first; may include stale (removed) ones.
     pub(crate) fifo: VecDeque<Handle>,
@@ -41,18 +43,79 @@ pub(crate) struct Node {
     pub(crate) local_in_rotation: bool,
 }
 
-impl Node {
-    pub(crate) fn new(parent: Option<Handle>, name: &str) -> Self {
-        Node {
-            parent,
-            name: name.into(),
-            children: HashMap::new(),
-            rotation: VecDeque::new(),
-            fifo: VecDeque::new(),
-            live_local: 0,
-            live: 0,
-            local_in_rotation: false,
+/// Freed nodes kept for reuse, so that actors that come and go do not cost an
+/// allocation of maps and queues every time.
+const SPARE_NODES: usize = 4096;
+/// A freed node whose buffers grew beyond this many entries is dropped, not kept.
+const SPARE_CAPACITY: usize = 64;
+
+/// The node arena: a slab plus spare nodes whose buffers are reused.
+#[derive(Debug, Default)]
+pub(crate) struct Nodes {
+    slab: Slab<Node>,
+    spare: Vec<Node>,
+}
+
+impl Nodes {
+    pub(crate) fn insert(&mut self, parent: Option<Handle>, name: &str) -> Handle {
+        let node = match self.spare.pop() {
+            Some(mut n) => {
+                n.parent = parent;
+                n.name = name.into();
+                n
+            }
+            None => Node {
+                parent,
+                name: name.into(),
+                children: FastMap::default(),
+                rotation: VecDeque::new(),
+                fifo: VecDeque::new(),
+                live_local: 0,
+                live: 0,
+                local_in_rotation: false,
+            },
+        };
+        self.slab.insert(node)
+    }
+
+    /// Frees a node, keeping its buffers for reuse when they are small. Returns its name.
+    pub(crate) fn remove(&mut self, h: Handle) -> Box<str> {
+        let mut n = self.slab.remove(h).expect("live node");
+        let name = std::mem::take(&mut n.name);
+        let small = n.children.capacity() <= SPARE_CAPACITY
+            && n.rotation.capacity() <= SPARE_CAPACITY
+            && n.fifo.capacity() <= SPARE_CAPACITY;
+        if small && self.spare.len() < SPARE_NODES {
+            n.children.clear();
+            n.rotation.clear();
+            n.fifo.clear();
+            n.live_local = 0;
+            n.live = 0;
+            n.local_in_rotation = false;
+            self.spare.push(n);
         }
+        name
+    }
+
+    pub(crate) fn get(&self, h: Handle) -> Option<&Node> {
+        self.slab.get(h)
+    }
+
+    pub(crate) fn contains(&self, h: Handle) -> bool {
+        self.slab.contains(h)
+    }
+}
+
+impl std::ops::Index<Handle> for Nodes {
+    type Output = Node;
+    fn index(&self, h: Handle) -> &Node {
+        &self.slab[h]
+    }
+}
+
+impl std::ops::IndexMut<Handle> for Nodes {
+    fn index_mut(&mut self, h: Handle) -> &mut Node {
+        &mut self.slab[h]
     }
 }
 
@@ -60,7 +123,7 @@ impl Node {
 /// request on every node of the path; returns the leaf, where [`push_request`] must put
 /// the request next. A new child joins the back of its parent's rotation: it is served
 /// soon, but not ahead of the members already waiting.
-pub(crate) fn attach_path(nodes: &mut Slab<Node>, root: Handle, actors: &[String]) -> Handle {
+pub(crate) fn attach_path(nodes: &mut Nodes, root: Handle, actors: &[String]) -> Handle {
     let mut cur = root;
     nodes[cur].live += 1;
     for actor in actors {
@@ -68,7 +131,7 @@ pub(crate) fn attach_path(nodes: &mut Slab<Node>, root: Handle, actors: &[String
         let child = match existing {
             Some(c) => c,
             None => {
-                let c = nodes.insert(Node::new(Some(cur), actor));
+                let c = nodes.insert(Some(cur), actor);
                 let parent = &mut nodes[cur];
                 parent.children.insert(actor.as_str().into(), c);
                 parent.rotation.push_back(Member::Child(c));
@@ -82,7 +145,7 @@ pub(crate) fn attach_path(nodes: &mut Slab<Node>, root: Handle, actors: &[String
 }
 
 /// Appends `request` to `leaf`'s FIFO (after [`attach_path`] counted it).
-pub(crate) fn push_request(nodes: &mut Slab<Node>, leaf: Handle, request: Handle) {
+pub(crate) fn push_request(nodes: &mut Nodes, leaf: Handle, request: Handle) {
     let leaf = &mut nodes[leaf];
     leaf.fifo.push_back(request);
     leaf.live_local += 1;
@@ -96,7 +159,7 @@ pub(crate) fn push_request(nodes: &mut Slab<Node>, leaf: Handle, request: Handle
 /// rotation is chosen and, if it still has work, goes to the back. Empty non-root nodes
 /// are freed. `is_queued` tells live request handles from stale ones.
 /// Returns `None` only if `root` has nothing queued.
-pub(crate) fn pop(nodes: &mut Slab<Node>, root: Handle, is_queued: impl Fn(Handle) -> bool) -> Option<Handle> {
+pub(crate) fn pop(nodes: &mut Nodes, root: Handle, is_queued: impl Fn(Handle) -> bool) -> Option<Handle> {
     if nodes.get(root).is_none_or(|n| n.live == 0) {
         return None;
     }
@@ -148,7 +211,7 @@ pub(crate) fn pop(nodes: &mut Slab<Node>, root: Handle, is_queued: impl Fn(Handl
 
 /// Un-counts one request queued at `leaf` that was removed out of turn (cancelled or
 /// expired). Its FIFO entry and any rotation entries of freed nodes stay behind as stale.
-pub(crate) fn detach(nodes: &mut Slab<Node>, leaf: Handle) {
+pub(crate) fn detach(nodes: &mut Nodes, leaf: Handle) {
     let node = &mut nodes[leaf];
     node.live_local -= 1;
     if node.live_local == 0 {
@@ -167,14 +230,14 @@ pub(crate) fn detach(nodes: &mut Slab<Node>, leaf: Handle) {
     }
 }
 
-fn free_child(nodes: &mut Slab<Node>, parent: Handle, child: Handle) {
-    let gone = nodes.remove(child).expect("child is live");
-    nodes[parent].children.remove(&gone.name);
+fn free_child(nodes: &mut Nodes, parent: Handle, child: Handle) {
+    let name = nodes.remove(child);
+    nodes[parent].children.remove(&name);
 }
 
 /// The enqueue time of the oldest request under `root`, found by looking at the front of
 /// every FIFO in the subtree (FIFOs are in arrival order). O(nodes in the subtree).
-pub(crate) fn oldest(nodes: &Slab<Node>, root: Handle, enqueued_at: impl Fn(Handle) -> Option<u64>) -> Option<u64> {
+pub(crate) fn oldest(nodes: &Nodes, root: Handle, enqueued_at: impl Fn(Handle) -> Option<u64>) -> Option<u64> {
     let mut stack = vec![root];
     let mut best: Option<u64> = None;
     while let Some(id) = stack.pop() {
