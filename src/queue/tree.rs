@@ -193,20 +193,34 @@ pub(crate) fn pop(nodes: &mut Nodes, root: Handle, is_queued: impl Fn(Handle) ->
         leaf.local_in_rotation = false;
         leaf.fifo.clear();
     }
-    let mut id = cur;
+    uncount_upwards(nodes, cur, Turn::Requeue);
+    Some(request)
+}
+
+/// Whether the members on a path took their turn (and go to the back of their
+/// parent's rotation) or keep their place.
+#[derive(PartialEq, Eq)]
+enum Turn {
+    Requeue,
+    Keep,
+}
+
+/// Counts one request less on `from` and every ancestor, freeing the non-root nodes
+/// that empty.
+fn uncount_upwards(nodes: &mut Nodes, from: Handle, turn: Turn) {
+    let mut id = from;
     loop {
         let node = &mut nodes[id];
         node.live -= 1;
         let alive = node.live > 0;
         let Some(parent) = node.parent else { break };
-        if alive {
-            nodes[parent].rotation.push_back(Member::Child(id));
-        } else {
+        if !alive {
             free_child(nodes, parent, id);
+        } else if turn == Turn::Requeue {
+            nodes[parent].rotation.push_back(Member::Child(id));
         }
         id = parent;
     }
-    Some(request)
 }
 
 /// Un-counts one request queued at `leaf` that was removed out of turn (cancelled or
@@ -217,17 +231,7 @@ pub(crate) fn detach(nodes: &mut Nodes, leaf: Handle) {
     if node.live_local == 0 {
         node.fifo.clear();
     }
-    let mut id = leaf;
-    loop {
-        let node = &mut nodes[id];
-        node.live -= 1;
-        let alive = node.live > 0;
-        let Some(parent) = node.parent else { break };
-        if !alive {
-            free_child(nodes, parent, id);
-        }
-        id = parent;
-    }
+    uncount_upwards(nodes, leaf, Turn::Keep);
 }
 
 fn free_child(nodes: &mut Nodes, parent: Handle, child: Handle) {

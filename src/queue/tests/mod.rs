@@ -107,24 +107,24 @@ impl Fixture {
         self.q.register_worker(now, querier)
     }
 
-    /// The label of what `w` gets next, or `None` if nothing.
-    pub fn next(&mut self, w: WorkerId) -> Option<String> {
+    /// What `w` gets next, or `None` if nothing; panics on any other answer.
+    pub fn take(&mut self, w: WorkerId) -> Option<Req> {
         let now = self.now;
         match self.q.dequeue(now, w) {
-            Dequeue::Dispatch(d) => Some(d.request.label),
+            Dequeue::Dispatch(d) => Some(d.request),
             Dequeue::Empty => None,
             other => panic!("unexpected {other:?}"),
         }
     }
 
+    /// The label of what `w` gets next.
+    pub fn next(&mut self, w: WorkerId) -> Option<String> {
+        self.take(w).map(|r| r.label)
+    }
+
     /// The tenant of what `w` gets next.
     pub fn next_tenant(&mut self, w: WorkerId) -> Option<String> {
-        let now = self.now;
-        match self.q.dequeue(now, w) {
-            Dequeue::Dispatch(d) => Some(d.request.tenant),
-            Dequeue::Empty => None,
-            other => panic!("unexpected {other:?}"),
-        }
+        self.take(w).map(|r| r.tenant)
     }
 
     pub fn assert_ok(&self) {
