@@ -1,9 +1,14 @@
 //! The `sluice` binary.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sluice::config::{self, Settings};
+use sluice::server::Server;
 use sluice::sim::{self, SimReport, WaitStats};
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "A fair, multi-tenant query scheduler")]
@@ -14,6 +19,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve frontends and queriers over QUIC. With no TLS files, a development CA and
+    /// certificates are generated in the data directory (reused on restart).
+    Serve {
+        /// TOML configuration file; flags and SLUICE_* variables override its keys.
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
     /// Run the deterministic simulations of the queue core (a degraded backend, a noisy
     /// tenant) and print queue waits: the scheduler's fairness, without a network.
     Simulate {
@@ -30,6 +44,16 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Serve { config, settings } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .init();
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(serve(config, *settings))?;
+        }
         Command::Simulate { seconds, seed } => simulate(Duration::from_secs(seconds), seed),
         Command::Info => {
             let limits = sluice_protocol::Limits::default();
@@ -41,6 +65,62 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Flags over file over defaults, validated.
+fn load(config: Option<&PathBuf>, settings: Settings) -> anyhow::Result<config::ServeConfig> {
+    let file = match config {
+        Some(path) => config::read_file(path)?,
+        None => Settings::default(),
+    };
+    Ok(settings.over(file).resolve()?)
+}
+
+async fn serve(config_path: Option<PathBuf>, settings: Settings) -> anyhow::Result<()> {
+    let config = load(config_path.as_ref(), settings.clone())?;
+    let server = Server::start(config).await?;
+    println!("sluice scheduler listening");
+    println!("  QUIC address:     {}", server.quic_addr());
+    if let Some(certs) = server.dev_certs() {
+        println!(
+            "  development certificates in {} (mutual TLS; roles in SAN URIs):",
+            certs.dir.display()
+        );
+        println!("    CA:        {}", certs.ca_cert.display());
+        println!(
+            "    frontend:  {} + {}",
+            certs.frontend.cert.display(),
+            certs.frontend.key.display()
+        );
+        println!(
+            "    querier:   {} + {}",
+            certs.querier.cert.display(),
+            certs.querier.key.display()
+        );
+    }
+    println!("  stop with Ctrl-C or SIGTERM (queued work drains, the rest is handed back)");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                // Reload limits and per-tenant overrides; addresses and TLS need a restart.
+                match load(config_path.as_ref(), settings.clone()) {
+                    Ok(c) => match server.set_queue_config(c.queue).await {
+                        Ok(()) => info!("configuration reloaded"),
+                        Err(e) => error!(error = %e, "reload refused"),
+                    },
+                    Err(e) => warn!(error = %e, "reload failed; keeping the running configuration"),
+                }
+            }
+        }
+    }
+    info!("shutting down");
+    server.shutdown().await;
     Ok(())
 }
 

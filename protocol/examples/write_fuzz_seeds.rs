@@ -66,6 +66,11 @@ fn main() {
     // decode_stream: selector low 3 bits pick the type, high bits the piece size.
     let mut fe = frames(&[hello(Role::Frontend, StreamKind::FrontendLoop)]);
     fe.extend_from_slice(&frames(&[
+        FrontendToScheduler::ResultEndpoint(FrontendAddress {
+            id: "fe-1".into(),
+            address: "127.0.0.1:9095".into(),
+            server_name: "localhost".into(),
+        }),
         FrontendToScheduler::Enqueue(enqueue.clone()),
         FrontendToScheduler::Cancel { query_id: 42 },
     ]));

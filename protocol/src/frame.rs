@@ -8,6 +8,7 @@
 //! frontend ──(bi stream, one per frontend connection)── scheduler      StreamKind::FrontendLoop
 //!   Hello                      ─►
 //!                              ◄─ HelloReply::Welcome
+//!   FrontendToScheduler::ResultEndpoint ─►                         (once, before the first Enqueue)
 //!   FrontendToScheduler::Enqueue ─►
 //!                              ◄─ SchedulerToFrontend::EnqueueStatus   (exactly one per Enqueue)
 //!   FrontendToScheduler::Cancel  ─►
@@ -136,6 +137,9 @@ pub enum FrontendToScheduler {
     /// Withdraw a query: removed if queued, or the querier running it is told to stop.
     /// Not answered; a cancelled query produces no further frames.
     Cancel { query_id: QueryId },
+    /// Where queriers must send this frontend's results. Sent once, right after the
+    /// hello; an `Enqueue` before it is refused as invalid.
+    ResultEndpoint(FrontendAddress),
 }
 
 /// A sub-query to queue, with everything the scheduler needs to place it fairly.
@@ -365,4 +369,21 @@ pub enum RefuseReason {
     Duplicate,
     /// The frames broke the result protocol (chunk before head, wrong length…).
     Malformed,
+}
+
+/// QUIC application error codes used when a stream is reset or a connection closed. The
+/// reason text says more.
+pub mod close_code {
+    /// A normal close.
+    pub const DONE: u32 = 0;
+    /// The peer broke the protocol (bad frame, wrong order, frame too large).
+    pub const PROTOCOL_ERROR: u32 = 1;
+    /// The peer's certificate names no role, or a role that may not do this.
+    pub const ROLE_NOT_ALLOWED: u32 = 2;
+    /// The other side is shutting down.
+    pub const SHUTTING_DOWN: u32 = 3;
+    /// The scheduler has too many connections.
+    pub const TOO_MANY_CONNECTIONS: u32 = 4;
+    /// The stream did not say hello in time.
+    pub const HELLO_TIMEOUT: u32 = 5;
 }

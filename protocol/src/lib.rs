@@ -26,9 +26,13 @@
 mod codec;
 mod error;
 mod frame;
+#[cfg(feature = "tokio")]
+mod io;
 mod limits;
 
 pub use codec::{FrameDecoder, LENGTH_PREFIX_LEN, decode_body, decode_hello_body, encode, encode_to_vec};
 pub use error::{DecodeError, EncodeError, InvalidRequest};
 pub use frame::*;
+#[cfg(feature = "tokio")]
+pub use io::{FramedRead, FramedWrite, ReadError, WriteError};
 pub use limits::{HARD_MAX_FRAME_LEN, Limits};

@@ -80,6 +80,13 @@ fn frontend_to_scheduler() -> impl Strategy<Value = FrontendToScheduler> {
     prop_oneof![
         enqueue().prop_map(FrontendToScheduler::Enqueue),
         any::<u64>().prop_map(|query_id| FrontendToScheduler::Cancel { query_id }),
+        (text(), text(), text()).prop_map(|(id, address, server_name)| FrontendToScheduler::ResultEndpoint(
+            FrontendAddress {
+                id,
+                address,
+                server_name
+            }
+        )),
     ]
 }
 

@@ -1,0 +1,369 @@
+//! `sluice serve` configuration: a TOML file, every key of which is also a command-line
+//! flag (`--max-outstanding-per-tenant`) and an environment variable
+//! (`SLUICE_MAX_OUTSTANDING_PER_TENANT`). Flags and variables win over the file; the file
+//! wins over defaults. Per-tenant overrides (`[tenants.<name>]`) live in the file only and
+//! are reloaded on SIGHUP.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+use sluice_protocol::HARD_MAX_FRAME_LEN;
+use thiserror::Error;
+
+use crate::queue::{QueueConfig, TenantOverrides};
+use crate::tls::Identity;
+
+/// Settings as given by flags, environment or file; anything unset takes its default.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// QUIC address to serve frontends and queriers on.
+    #[arg(long, env = "SLUICE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// HTTP address of /metrics, /ready and /status.
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// This scheduler's id, as reported to peers.
+    #[arg(long, env = "SLUICE_SCHEDULER_ID")]
+    pub scheduler_id: Option<String>,
+    /// Directory for generated development certificates (used when no TLS files are given).
+    #[arg(long, env = "SLUICE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// CA certificate (PEM) that signs every peer; with tls_cert and tls_key.
+    #[arg(long, env = "SLUICE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This scheduler's certificate chain (PEM).
+    #[arg(long, env = "SLUICE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// This scheduler's private key (PEM).
+    #[arg(long, env = "SLUICE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Most requests one tenant may have queued.
+    #[arg(long, env = "SLUICE_MAX_OUTSTANDING_PER_TENANT")]
+    pub max_outstanding_per_tenant: Option<u32>,
+    /// Queriers per tenant (shuffle sharding); 0 = all.
+    #[arg(long, env = "SLUICE_MAX_QUERIERS_PER_TENANT")]
+    pub max_queriers_per_tenant: Option<u32>,
+    /// Most requests queued in total.
+    #[arg(long, env = "SLUICE_MAX_QUEUED_REQUESTS")]
+    pub max_queued_requests: Option<usize>,
+    /// Most payload bytes queued in total.
+    #[arg(long, env = "SLUICE_MAX_QUEUED_BYTES")]
+    pub max_queued_bytes: Option<u64>,
+    /// How long a querier with no worker keeps its shards, in milliseconds.
+    #[arg(long, env = "SLUICE_QUERIER_FORGET_DELAY_MS")]
+    pub querier_forget_delay_ms: Option<u64>,
+    /// Largest frame accepted, in bytes.
+    #[arg(long, env = "SLUICE_MAX_FRAME_LEN")]
+    pub max_frame_len: Option<u32>,
+    /// Most simultaneous QUIC connections.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS")]
+    pub max_connections: Option<u32>,
+    /// Most simultaneous streams a peer may open on one connection.
+    #[arg(long, env = "SLUICE_MAX_STREAMS_PER_CONNECTION")]
+    pub max_streams_per_connection: Option<u32>,
+    /// A connection silent for this long is closed, in milliseconds.
+    #[arg(long, env = "SLUICE_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// A stream must send its hello within this many milliseconds.
+    #[arg(long, env = "SLUICE_HELLO_TIMEOUT_MS")]
+    pub hello_timeout_ms: Option<u64>,
+    /// On SIGTERM, how long queued work keeps dispatching before the rest is handed back.
+    #[arg(long, env = "SLUICE_DRAIN_TIMEOUT_MS")]
+    pub drain_timeout_ms: Option<u64>,
+    /// Per-tenant overrides (file only).
+    #[arg(skip)]
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantSettings>,
+}
+
+/// A `[tenants.<name>]` table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    pub max_outstanding: Option<u32>,
+    pub max_queriers: Option<u32>,
+}
+
+/// A configuration that cannot be used; says which key (or file) and why.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Where the scheduler's TLS identity comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// Files given by the operator.
+    Files(Identity),
+    /// A development set generated (or reused) in this directory.
+    Development(PathBuf),
+}
+
+/// The complete, validated configuration of `sluice serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub scheduler_id: String,
+    pub tls: TlsSource,
+    pub queue: QueueConfig,
+    pub max_frame_len: u32,
+    pub max_connections: u32,
+    pub max_streams_per_connection: u32,
+    pub idle_timeout: Duration,
+    pub hello_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// Reads a TOML settings file.
+pub fn read_file(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })
+}
+
+macro_rules! overlay {
+    ($top:expr, $base:expr, $($field:ident),+ $(,)?) => {
+        Settings {
+            $($field: $top.$field.or($base.$field),)+
+            tenants: $base.tenants,
+        }
+    };
+}
+
+impl Settings {
+    /// These settings, with `file`'s filling whatever these leave unset. Per-tenant
+    /// overrides come from the file.
+    pub fn over(self, file: Settings) -> Settings {
+        overlay!(
+            self,
+            file,
+            listen,
+            admin_listen,
+            scheduler_id,
+            data_dir,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            max_outstanding_per_tenant,
+            max_queriers_per_tenant,
+            max_queued_requests,
+            max_queued_bytes,
+            querier_forget_delay_ms,
+            max_frame_len,
+            max_connections,
+            max_streams_per_connection,
+            idle_timeout_ms,
+            hello_timeout_ms,
+            drain_timeout_ms,
+        )
+    }
+
+    /// Fills in defaults and checks every value.
+    pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
+        let defaults = QueueConfig::default();
+        let listen = self.listen.unwrap_or_else(|| "127.0.0.1:9095".parse().unwrap());
+        let admin_listen = self.admin_listen.unwrap_or_else(|| "127.0.0.1:9096".parse().unwrap());
+        if listen == admin_listen && listen.port() != 0 {
+            return Err(invalid("admin_listen", "must differ from listen"));
+        }
+        let tls = match (self.tls_ca, self.tls_cert, self.tls_key) {
+            (None, None, None) => TlsSource::Development(self.data_dir.unwrap_or_else(|| PathBuf::from("sluice-data"))),
+            (Some(ca), Some(cert), Some(key)) => TlsSource::Files(Identity { ca, cert, key }),
+            _ => {
+                return Err(invalid(
+                    "tls_ca",
+                    "tls_ca, tls_cert and tls_key go together: give all three or none",
+                ));
+            }
+        };
+        let queue = QueueConfig {
+            max_outstanding_per_tenant: self
+                .max_outstanding_per_tenant
+                .unwrap_or(defaults.max_outstanding_per_tenant),
+            max_queriers_per_tenant: self.max_queriers_per_tenant.unwrap_or(defaults.max_queriers_per_tenant),
+            max_queued_requests: self.max_queued_requests.unwrap_or(defaults.max_queued_requests),
+            max_queued_bytes: self.max_queued_bytes.unwrap_or(defaults.max_queued_bytes),
+            querier_forget_delay: self
+                .querier_forget_delay_ms
+                .map_or(defaults.querier_forget_delay, Duration::from_millis),
+            tenants: self
+                .tenants
+                .into_iter()
+                .map(|(name, t)| {
+                    (
+                        name,
+                        TenantOverrides {
+                            max_outstanding: t.max_outstanding,
+                            max_queriers: t.max_queriers,
+                        },
+                    )
+                })
+                .collect::<HashMap<_, _>>(),
+        };
+        queue.validate().map_err(|e| invalid(&e.key, e.problem))?;
+        let max_frame_len = self.max_frame_len.unwrap_or(8 * 1024 * 1024);
+        if !(1024..=HARD_MAX_FRAME_LEN).contains(&max_frame_len) {
+            return Err(invalid(
+                "max_frame_len",
+                format!("must be between 1024 and {HARD_MAX_FRAME_LEN} bytes"),
+            ));
+        }
+        let positive = |key: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
+            match v.unwrap_or(default) {
+                0 => Err(invalid(key, "must be at least 1")),
+                ms => Ok(Duration::from_millis(ms)),
+            }
+        };
+        let max_connections = self.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        let max_streams_per_connection = self.max_streams_per_connection.unwrap_or(1024);
+        if max_streams_per_connection == 0 {
+            return Err(invalid("max_streams_per_connection", "must be at least 1"));
+        }
+        Ok(ServeConfig {
+            listen,
+            admin_listen,
+            scheduler_id: self
+                .scheduler_id
+                .unwrap_or_else(|| format!("scheduler-{}", listen.port())),
+            tls,
+            queue,
+            max_frame_len,
+            max_connections,
+            max_streams_per_connection,
+            idle_timeout: positive("idle_timeout_ms", self.idle_timeout_ms, 30_000)?,
+            hello_timeout: positive("hello_timeout_ms", self.hello_timeout_ms, 10_000)?,
+            drain_timeout: positive("drain_timeout_ms", self.drain_timeout_ms, 30_000)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_sane_and_local() {
+        let c = Settings::default().resolve().unwrap();
+        assert!(c.listen.ip().is_loopback() && c.admin_listen.ip().is_loopback());
+        assert_eq!(c.tls, TlsSource::Development(PathBuf::from("sluice-data")));
+        assert_eq!(c.queue.max_outstanding_per_tenant, 100);
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_tenants_come_from_the_file() {
+        let file =
+            parse("max_outstanding_per_tenant = 5\nmax_queriers_per_tenant = 3\n[tenants.big]\nmax_outstanding = 50\n")
+                .unwrap();
+        let flags = Settings {
+            max_outstanding_per_tenant: Some(7),
+            ..Settings::default()
+        };
+        let c = flags.over(file).resolve().unwrap();
+        assert_eq!(c.queue.max_outstanding_per_tenant, 7);
+        assert_eq!(c.queue.max_queriers_per_tenant, 3);
+        assert_eq!(c.queue.max_outstanding("big"), 50);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_named() {
+        let err = parse("max_outstanding_per_tenantt = 5").unwrap_err();
+        assert!(err.contains("max_outstanding_per_tenantt"), "{err}");
+        let err = parse("max_queued_bytes = \"lots\"").unwrap_err();
+        assert!(err.contains("max_queued_bytes"), "{err}");
+        let err = parse("[tenants.a]\nmax_outstandin = 1").unwrap_err();
+        assert!(err.contains("max_outstandin"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let check = |s: Settings, key: &str| {
+            let err = s.resolve().unwrap_err().to_string();
+            assert!(err.starts_with(key), "{err}");
+        };
+        check(
+            Settings {
+                max_outstanding_per_tenant: Some(0),
+                ..Settings::default()
+            },
+            "max_outstanding_per_tenant:",
+        );
+        check(
+            Settings {
+                max_frame_len: Some(10),
+                ..Settings::default()
+            },
+            "max_frame_len:",
+        );
+        check(
+            Settings {
+                drain_timeout_ms: Some(0),
+                ..Settings::default()
+            },
+            "drain_timeout_ms:",
+        );
+        check(
+            Settings {
+                tls_cert: Some("x".into()),
+                ..Settings::default()
+            },
+            "tls_ca:",
+        );
+        let mut tenants = BTreeMap::new();
+        tenants.insert(
+            "t".to_string(),
+            TenantSettings {
+                max_outstanding: Some(0),
+                max_queriers: None,
+            },
+        );
+        check(
+            Settings {
+                tenants,
+                ..Settings::default()
+            },
+            "tenants.t.max_outstanding:",
+        );
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = read_file(Path::new("/nonexistent/sluice.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/nonexistent/sluice.toml"), "{err}");
+    }
+}

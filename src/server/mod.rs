@@ -1,0 +1,282 @@
+//! The broker's I/O shell: a QUIC endpoint (quinn, mutual TLS), one task per connection
+//! and per stream, and the [`dispatcher`] task that owns the queue. Nothing here decides
+//! who runs what; it translates frames into dispatcher commands and back.
+
+mod dispatcher;
+pub mod status;
+mod streams;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use sluice_protocol::{Limits, Role, close_code};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{ServeConfig, TlsSource};
+use crate::queue::QueueConfig;
+use crate::tls::{self, CertSet, Identity, TlsError};
+
+pub use status::{Status, WorkerStatus};
+
+use dispatcher::{Command, Dispatcher};
+
+/// Why the server could not start or stopped.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid queue configuration: {0}")]
+    Queue(String),
+    #[error("the dispatcher has stopped")]
+    DispatcherGone,
+}
+
+/// A running scheduler.
+pub struct Server {
+    quic_addr: SocketAddr,
+    identity: Identity,
+    dev_certs: Option<CertSet>,
+    commands: mpsc::Sender<Command>,
+    drain_timeout: Duration,
+    stop_accepting: CancellationToken,
+    endpoint: quinn::Endpoint,
+    accept_task: JoinHandle<()>,
+    dispatcher_task: JoinHandle<()>,
+}
+
+/// Runtime limits the connection tasks need.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamLimits {
+    pub(crate) limits: Limits,
+    pub(crate) hello_timeout: Duration,
+    pub(crate) scheduler_id: String,
+}
+
+impl Server {
+    /// Binds the QUIC endpoint and starts serving. With no TLS files configured, a
+    /// development CA and certificates are created in (or reused from) the data directory.
+    pub async fn start(config: ServeConfig) -> Result<Server, ServerError> {
+        let (identity, dev_certs) = match &config.tls {
+            TlsSource::Files(id) => (id.clone(), None),
+            TlsSource::Development(dir) => {
+                let (set, created) = tls::ensure_dev_set(dir)?;
+                if created {
+                    info!(dir = %dir.display(), "generated development certificates");
+                }
+                (set.scheduler.clone(), Some(set))
+            }
+        };
+        let tls_config = tls::server_tls(&identity)?;
+        let crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls_config).map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(config.max_streams_per_connection.into())
+            .max_concurrent_uni_streams(0u8.into())
+            .max_idle_timeout(Some(
+                quinn::IdleTimeout::try_from(config.idle_timeout)
+                    .map_err(|_| ServerError::Queue("idle_timeout_ms too large".into()))?,
+            ))
+            .keep_alive_interval(Some(config.idle_timeout / 3));
+        server_config.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let quic_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+
+        let limits = Limits {
+            max_frame_len: config.max_frame_len,
+            ..Limits::default()
+        };
+        let dispatcher =
+            Dispatcher::new(config.scheduler_id.clone(), config.queue.clone(), limits).map_err(ServerError::Queue)?;
+        let (commands, rx) = mpsc::channel(4096);
+        let dispatcher_task = tokio::spawn(dispatcher.run(rx));
+        let stop_accepting = CancellationToken::new();
+        let stream_limits = StreamLimits {
+            limits,
+            hello_timeout: config.hello_timeout,
+            scheduler_id: config.scheduler_id.clone(),
+        };
+        let accept_task = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            commands.clone(),
+            stream_limits,
+            config.max_connections,
+            stop_accepting.clone(),
+        ));
+        info!(%quic_addr, scheduler = %config.scheduler_id, "serving");
+        Ok(Server {
+            quic_addr,
+            identity,
+            dev_certs,
+            commands,
+            drain_timeout: config.drain_timeout,
+            stop_accepting,
+            endpoint,
+            accept_task,
+            dispatcher_task,
+        })
+    }
+
+    /// The address QUIC clients connect to.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// The scheduler's own TLS files.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The development certificate set, when the server made (or reused) one.
+    pub fn dev_certs(&self) -> Option<&CertSet> {
+        self.dev_certs.as_ref()
+    }
+
+    /// A snapshot of queues, tenants, queriers and counters.
+    pub async fn status(&self) -> Result<Status, ServerError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Status { reply })
+            .await
+            .map_err(|_| ServerError::DispatcherGone)?;
+        rx.await.map_err(|_| ServerError::DispatcherGone)
+    }
+
+    /// Replaces limits and per-tenant overrides without a restart.
+    pub async fn set_queue_config(&self, config: QueueConfig) -> Result<(), ServerError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::SetQueueConfig { config, reply })
+            .await
+            .map_err(|_| ServerError::DispatcherGone)?;
+        rx.await
+            .map_err(|_| ServerError::DispatcherGone)?
+            .map_err(ServerError::Queue)
+    }
+
+    /// Graceful shutdown: new enqueues are answered `ShuttingDown`, queued work keeps
+    /// dispatching for up to the drain timeout, whatever is still queued then is handed
+    /// back to its frontend with an explicit error, and the endpoint closes.
+    pub async fn shutdown(self) {
+        let (done, drained) = oneshot::channel();
+        let drain_timeout = self.drain_timeout;
+        if self
+            .commands
+            .send(Command::Shutdown { drain_timeout, done })
+            .await
+            .is_ok()
+        {
+            let _ = drained.await;
+        }
+        self.stop_accepting.cancel();
+        // Let the hand-back and shutting-down frames reach their peers before closing.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.endpoint
+            .close(close_code::SHUTTING_DOWN.into(), b"scheduler shutting down");
+        let _ = self.accept_task.await;
+        drop(self.commands);
+        self.endpoint.wait_idle().await;
+        self.dispatcher_task.abort();
+        info!("stopped");
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    commands: mpsc::Sender<Command>,
+    limits: StreamLimits,
+    max_connections: u32,
+    stop: CancellationToken,
+) {
+    let open = Arc::new(AtomicU32::new(0));
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => break,
+            },
+            _ = stop.cancelled() => break,
+        };
+        if open.load(Ordering::Relaxed) >= max_connections {
+            warn!(remote = %incoming.remote_address(), max_connections, "refusing connection: too many");
+            incoming.refuse();
+            continue;
+        }
+        open.fetch_add(1, Ordering::Relaxed);
+        let (commands, limits, open, stop) = (commands.clone(), limits.clone(), open.clone(), stop.clone());
+        tokio::spawn(async move {
+            handle_connection(incoming, commands, limits, stop).await;
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    commands: mpsc::Sender<Command>,
+    limits: StreamLimits,
+    stop: CancellationToken,
+) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            // Unknown CA, no client certificate, wrong ALPN…: rustls reports it to the peer.
+            warn!(%remote, error = %e, "handshake failed");
+            return;
+        }
+    };
+    let role = match tls::peer_role(&conn) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(%remote, error = %e, "refusing connection");
+            conn.close(close_code::ROLE_NOT_ALLOWED.into(), e.to_string().as_bytes());
+            return;
+        }
+    };
+    debug!(%remote, ?role, "connected");
+    loop {
+        let stream = tokio::select! {
+            s = conn.accept_bi() => s,
+            _ = stop.cancelled() => break,
+        };
+        match stream {
+            Ok((send, recv)) => {
+                let (conn, commands, limits) = (conn.clone(), commands.clone(), limits.clone());
+                tokio::spawn(streams::serve_stream(conn, role, send, recv, commands, limits));
+            }
+            Err(e) => {
+                debug!(%remote, error = %e, "connection ended");
+                break;
+            }
+        }
+    }
+}
+
+/// Which streams a role may open.
+pub(crate) fn may_open(role: Role, stream: sluice_protocol::StreamKind) -> bool {
+    use sluice_protocol::StreamKind::*;
+    matches!(
+        (role, stream),
+        (Role::Frontend, FrontendLoop) | (Role::Querier, DequeueLoop) | (Role::Querier, ShutdownNotice)
+    )
+}

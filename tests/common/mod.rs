@@ -1,0 +1,172 @@
+//! A scheduler started in-process on loopback, and raw protocol peers to drive it.
+#![allow(dead_code)] // each test file uses a different part
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Serialize, de::DeserializeOwned};
+use sluice::config::Settings;
+use sluice::server::{Server, Status};
+use sluice::tls::{self, CertSet, Identity};
+use sluice_protocol::*;
+
+/// How long any single expected event may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub struct TestServer {
+    pub server: Server,
+    pub certs: CertSet,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a scheduler on 127.0.0.1 (ephemeral port) with development certificates.
+pub async fn start(tweak: impl FnOnce(&mut Settings)) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        admin_listen: Some("127.0.0.1:0".parse().unwrap()),
+        data_dir: Some(dir.path().join("certs")),
+        scheduler_id: Some("scheduler-test".into()),
+        ..Settings::default()
+    };
+    tweak(&mut settings);
+    let server = Server::start(settings.resolve().unwrap()).await.unwrap();
+    let certs = server.dev_certs().unwrap().clone();
+    TestServer {
+        server,
+        certs,
+        _dir: dir,
+    }
+}
+
+impl TestServer {
+    pub async fn connect(&self, id: &Identity) -> Result<quinn::Connection, String> {
+        connect(self.server.quic_addr(), id).await
+    }
+
+    /// Polls the status until `ok` holds (bounded by [`WAIT`]).
+    pub async fn status_until(&self, what: &str, ok: impl Fn(&Status) -> bool) -> Status {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let s = self.server.status().await.unwrap();
+            if ok(&s) {
+                return s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {s:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+pub async fn connect(addr: SocketAddr, id: &Identity) -> Result<quinn::Connection, String> {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut config = tls::quic_client(id).map_err(|e| e.to_string())?;
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    config.transport_config(Arc::new(transport));
+    endpoint.set_default_client_config(config);
+    let connecting = endpoint.connect(addr, "localhost").map_err(|e| e.to_string())?;
+    tokio::time::timeout(WAIT, connecting)
+        .await
+        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// One bidirectional stream, after a successful hello.
+pub struct Peer {
+    pub reader: FramedRead<quinn::RecvStream>,
+    pub writer: FramedWrite<quinn::SendStream>,
+}
+
+impl Peer {
+    pub async fn send<T: Serialize>(&mut self, msg: &T) {
+        self.writer.send(msg).await.expect("send");
+    }
+
+    /// The next message, failing the test after [`WAIT`].
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> T {
+        tokio::time::timeout(WAIT, self.reader.next::<T>())
+            .await
+            .expect("timed out waiting for a frame")
+            .expect("read")
+            .expect("stream ended")
+    }
+
+    /// Whatever the stream yields next, with no timeout interpretation.
+    pub async fn try_recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ReadError> {
+        tokio::time::timeout(WAIT, self.reader.next::<T>())
+            .await
+            .expect("timed out waiting for the stream")
+    }
+}
+
+/// Opens a stream and says hello; returns the peer or the rejection.
+pub async fn open(conn: &quinn::Connection, hello: Hello) -> Result<Peer, HelloReply> {
+    let (send, recv) = conn.open_bi().await.expect("open stream");
+    let mut peer = Peer {
+        reader: FramedRead::new(recv, 1 << 20),
+        writer: FramedWrite::new(send, 1 << 20),
+    };
+    peer.send(&hello).await;
+    match peer.recv::<HelloReply>().await {
+        HelloReply::Welcome { .. } => Ok(peer),
+        rejected => Err(rejected),
+    }
+}
+
+/// A frontend loop that announced its result endpoint.
+pub async fn frontend(conn: &quinn::Connection, id: &str) -> Peer {
+    let mut peer = open(conn, Hello::new(Role::Frontend, id, StreamKind::FrontendLoop))
+        .await
+        .expect("welcome");
+    peer.send(&FrontendToScheduler::ResultEndpoint(FrontendAddress {
+        id: id.into(),
+        address: "127.0.0.1:7777".into(),
+        server_name: "localhost".into(),
+    }))
+    .await;
+    peer
+}
+
+/// A querier worker's dequeue loop.
+pub async fn worker(conn: &quinn::Connection, querier: &str) -> Peer {
+    open(conn, Hello::new(Role::Querier, querier, StreamKind::DequeueLoop))
+        .await
+        .expect("welcome")
+}
+
+pub fn enqueue(query_id: u64, tenant: &str) -> FrontendToScheduler {
+    FrontendToScheduler::Enqueue(Enqueue {
+        query_id,
+        tenant: tenant.into(),
+        actors: vec!["user-1".into()],
+        component: None,
+        priority: None,
+        cost_hint: None,
+        timeout_ms: None,
+        metadata: vec![("traceparent".into(), "00-1-2-01".into())],
+        payload: bytes::Bytes::from(format!("query {query_id}")),
+    })
+}
+
+/// Expects the enqueue status of `query_id`.
+pub async fn status_of(frontend: &mut Peer, query_id: u64) -> EnqueueStatus {
+    match frontend.recv::<SchedulerToFrontend>().await {
+        SchedulerToFrontend::EnqueueStatus {
+            query_id: q, status, ..
+        } if q == query_id => status,
+        other => panic!("expected the status of {query_id}, got {other:?}"),
+    }
+}
+
+/// Expects a dispatch on a worker stream.
+pub async fn dispatched(worker: &mut Peer) -> Dispatch {
+    match worker.recv::<SchedulerToQuerier>().await {
+        SchedulerToQuerier::Dispatch(d) => *d,
+        other => panic!("expected a dispatch, got {other:?}"),
+    }
+}

@@ -1,0 +1,427 @@
+//! The broker over real QUIC on loopback, driven with raw protocol frames.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use sluice_protocol::*;
+
+#[tokio::test]
+async fn enqueue_dispatch_ready_cycle() {
+    let t = start(|_| {}).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    let mut w = worker(&q_conn, "querier-1").await;
+
+    fe.send(&enqueue(1, "tenant-a")).await;
+    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    let d = dispatched(&mut w).await;
+    assert_eq!((d.query_id, d.tenant.as_str()), (1, "tenant-a"));
+    assert_eq!(d.frontend.id, "fe-1");
+    assert_eq!(d.frontend.address, "127.0.0.1:7777");
+    assert_eq!(d.actors, ["user-1"]);
+    assert_eq!(&d.payload[..], b"query 1");
+    assert_eq!(d.metadata, [("traceparent".to_string(), "00-1-2-01".to_string())]);
+
+    // The worker waits for more; an enqueue now reaches it at once.
+    w.send(&QuerierToScheduler::Ready {
+        finished: Some(Finished {
+            frontend_id: "fe-1".into(),
+            query_id: 1,
+            measured_cost: None,
+        }),
+    })
+    .await;
+    fe.send(&enqueue(2, "tenant-b")).await;
+    assert_eq!(status_of(&mut fe, 2).await, EnqueueStatus::Accepted);
+    assert_eq!(dispatched(&mut w).await.query_id, 2);
+
+    let s = t.status_until("two dispatched", |s| s.counters.dispatched == 2).await;
+    assert_eq!((s.queued, s.running, s.frontends.len(), s.workers.len()), (0, 1, 1, 1));
+}
+
+#[tokio::test]
+async fn tenants_take_turns_across_the_network() {
+    let t = start(|_| {}).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    // A flood from one tenant, then one query from another.
+    for q in 0..5 {
+        fe.send(&enqueue(q, "noisy")).await;
+        assert_eq!(status_of(&mut fe, q).await, EnqueueStatus::Accepted);
+    }
+    fe.send(&enqueue(100, "quiet")).await;
+    assert_eq!(status_of(&mut fe, 100).await, EnqueueStatus::Accepted);
+    let mut w = worker(&q_conn, "querier-1").await;
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        w.send(&QuerierToScheduler::Ready { finished: None }).await;
+        order.push(dispatched(&mut w).await.tenant);
+    }
+    assert_eq!(order, ["noisy", "quiet", "noisy"]);
+}
+
+#[tokio::test]
+async fn cancel_removes_a_queued_query() {
+    let t = start(|_| {}).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    fe.send(&enqueue(1, "t")).await;
+    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    fe.send(&FrontendToScheduler::Cancel { query_id: 1 }).await;
+    t.status_until("the cancel", |s| s.counters.cancelled == 1 && s.queued == 0)
+        .await;
+    fe.send(&enqueue(2, "t")).await;
+    assert_eq!(status_of(&mut fe, 2).await, EnqueueStatus::Accepted);
+    let mut w = worker(&q_conn, "q").await;
+    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    assert_eq!(dispatched(&mut w).await.query_id, 2, "the cancelled query is never run");
+}
+
+#[tokio::test]
+async fn cancel_in_flight_tells_the_querier_and_keeps_its_stream() {
+    let t = start(|_| {}).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    let mut w = worker(&q_conn, "q").await;
+    fe.send(&enqueue(1, "t")).await;
+    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    assert_eq!(dispatched(&mut w).await.query_id, 1);
+    fe.send(&FrontendToScheduler::Cancel { query_id: 1 }).await;
+    assert_eq!(
+        w.recv::<SchedulerToQuerier>().await,
+        SchedulerToQuerier::Cancel { query_id: 1 }
+    );
+    // Same stream, next query.
+    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    fe.send(&enqueue(2, "t")).await;
+    assert_eq!(status_of(&mut fe, 2).await, EnqueueStatus::Accepted);
+    assert_eq!(dispatched(&mut w).await.query_id, 2);
+}
+
+#[tokio::test]
+async fn a_querier_that_resets_its_stream_mid_query_fails_the_query_at_once() {
+    let t = start(|_| {}).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    let mut w = worker(&q_conn, "querier-9").await;
+    fe.send(&enqueue(1, "t")).await;
+    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    assert_eq!(dispatched(&mut w).await.query_id, 1);
+
+    let reset_at = Instant::now();
+    w.writer.get_mut().reset(0u32.into()).unwrap();
+    match fe.recv::<SchedulerToFrontend>().await {
+        SchedulerToFrontend::QueryError {
+            query_id,
+            kind,
+            message,
+        } => {
+            assert_eq!((query_id, kind), (1, QueryErrorKind::QuerierFailed));
+            assert!(message.contains("querier-9"), "{message}");
+        }
+        other => panic!("expected a query error, got {other:?}"),
+    }
+    let elapsed = reset_at.elapsed();
+    println!("querier reset → frontend error: {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
+}
+
+#[tokio::test]
+async fn a_querier_connection_closing_mid_query_fails_the_query() {
+    let t = start(|_| {}).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    let mut w = worker(&q_conn, "q").await;
+    fe.send(&enqueue(1, "t")).await;
+    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    dispatched(&mut w).await;
+    q_conn.close(0u32.into(), b"bye");
+    assert!(matches!(
+        fe.recv::<SchedulerToFrontend>().await,
+        SchedulerToFrontend::QueryError {
+            query_id: 1,
+            kind: QueryErrorKind::QuerierFailed,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn an_expired_query_is_reported_not_run() {
+    let t = start(|_| {}).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    let FrontendToScheduler::Enqueue(mut e) = enqueue(1, "t") else {
+        unreachable!()
+    };
+    e.timeout_ms = Some(20);
+    fe.send(&FrontendToScheduler::Enqueue(e)).await;
+    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    // No querier: the deadline sweep reports it.
+    assert!(matches!(
+        fe.recv::<SchedulerToFrontend>().await,
+        SchedulerToFrontend::QueryError {
+            query_id: 1,
+            kind: QueryErrorKind::DeadlineExceeded,
+            ..
+        }
+    ));
+    let s = t.status_until("expiry counted", |s| s.counters.expired == 1).await;
+    assert_eq!(s.queued, 0);
+}
+
+#[tokio::test]
+async fn per_tenant_limit_answers_too_many_outstanding() {
+    let t = start(|s| s.max_outstanding_per_tenant = Some(2)).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    for q in 0..2 {
+        fe.send(&enqueue(q, "t")).await;
+        assert_eq!(status_of(&mut fe, q).await, EnqueueStatus::Accepted);
+    }
+    fe.send(&enqueue(2, "t")).await;
+    assert_eq!(
+        status_of(&mut fe, 2).await,
+        EnqueueStatus::TooManyOutstanding { limit: 2 }
+    );
+    fe.send(&enqueue(3, "other")).await;
+    assert_eq!(status_of(&mut fe, 3).await, EnqueueStatus::Accepted);
+}
+
+#[tokio::test]
+async fn invalid_enqueues_are_answered_not_dropped() {
+    let t = start(|_| {}).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    // Before the result endpoint is announced.
+    let mut fe = open(&fe_conn, Hello::new(Role::Frontend, "fe-1", StreamKind::FrontendLoop))
+        .await
+        .unwrap();
+    fe.send(&enqueue(1, "t")).await;
+    assert!(
+        matches!(status_of(&mut fe, 1).await, EnqueueStatus::Invalid { reason } if reason.contains("result endpoint"))
+    );
+    // A field over its limit.
+    let mut fe = frontend(&fe_conn, "fe-2").await;
+    let FrontendToScheduler::Enqueue(mut e) = enqueue(2, "t") else {
+        unreachable!()
+    };
+    e.actors = vec!["a".into(); 20];
+    fe.send(&FrontendToScheduler::Enqueue(e)).await;
+    assert!(matches!(status_of(&mut fe, 2).await, EnqueueStatus::Invalid { reason } if reason.contains("actor path")));
+    // A duplicate id.
+    fe.send(&enqueue(3, "t")).await;
+    assert_eq!(status_of(&mut fe, 3).await, EnqueueStatus::Accepted);
+    fe.send(&enqueue(3, "t")).await;
+    assert!(
+        matches!(status_of(&mut fe, 3).await, EnqueueStatus::Invalid { reason } if reason.contains("already queued"))
+    );
+}
+
+#[tokio::test]
+async fn a_closed_frontend_loses_its_queued_queries() {
+    let t = start(|_| {}).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    for q in 0..3 {
+        fe.send(&enqueue(q, "t")).await;
+        assert_eq!(status_of(&mut fe, q).await, EnqueueStatus::Accepted);
+    }
+    fe_conn.close(0u32.into(), b"gone");
+    let s = t.status_until("queue emptied", |s| s.queued == 0).await;
+    assert_eq!(s.counters.cancelled, 3);
+    assert!(s.frontends.is_empty());
+}
+
+#[tokio::test]
+async fn shutdown_drains_then_hands_back_what_is_left() {
+    let t = start(|s| s.drain_timeout_ms = Some(300)).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    for q in 0..3 {
+        fe.send(&enqueue(q, "t")).await;
+        assert_eq!(status_of(&mut fe, q).await, EnqueueStatus::Accepted);
+    }
+    let mut w = worker(&q_conn, "q").await;
+    let shutdown = tokio::spawn(t.server.shutdown());
+    assert_eq!(
+        fe.recv::<SchedulerToFrontend>().await,
+        SchedulerToFrontend::ShuttingDown
+    );
+    // New work is refused…
+    fe.send(&enqueue(9, "t")).await;
+    assert_eq!(status_of(&mut fe, 9).await, EnqueueStatus::ShuttingDown);
+    // …queued work still dispatches during the drain…
+    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    assert_eq!(dispatched(&mut w).await.query_id, 0);
+    // …and what is left is handed back, each query explicitly.
+    let mut handed_back = Vec::new();
+    while handed_back.len() < 2 {
+        match fe.recv::<SchedulerToFrontend>().await {
+            SchedulerToFrontend::QueryError {
+                query_id,
+                kind: QueryErrorKind::HandedBack,
+                ..
+            } => handed_back.push(query_id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    handed_back.sort();
+    assert_eq!(handed_back, [1, 2]);
+    tokio::time::timeout(WAIT, shutdown).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn querier_shutdown_notice_stops_its_workers() {
+    let t = start(|_| {}).await;
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut w = worker(&q_conn, "q-1").await;
+    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    t.status_until("worker waiting", |s| s.workers.len() == 1).await;
+    let mut notice = open(&q_conn, Hello::new(Role::Querier, "q-1", StreamKind::ShutdownNotice))
+        .await
+        .unwrap();
+    notice.send(&Notice::QuerierShuttingDown).await;
+    assert_eq!(notice.recv::<NoticeReply>().await, NoticeReply::Acknowledged);
+    assert_eq!(w.recv::<SchedulerToQuerier>().await, SchedulerToQuerier::ShuttingDown);
+}
+
+#[tokio::test]
+async fn roles_come_from_certificates() {
+    let t = start(|_| {}).await;
+    // A querier certificate may not open a frontend loop (so it cannot enqueue)…
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let refused = open(&q_conn, Hello::new(Role::Querier, "q", StreamKind::FrontendLoop)).await;
+    assert!(matches!(
+        refused,
+        Err(HelloReply::Rejected {
+            code: RejectCode::RoleNotAllowed,
+            ..
+        })
+    ));
+    // …nor claim to be a frontend.
+    let refused = open(&q_conn, Hello::new(Role::Frontend, "q", StreamKind::FrontendLoop)).await;
+    assert!(
+        matches!(refused, Err(HelloReply::Rejected { code: RejectCode::RoleNotAllowed, message }) if message.contains("certificate"))
+    );
+    // A frontend certificate may not dequeue.
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let refused = open(&fe_conn, Hello::new(Role::Frontend, "fe", StreamKind::DequeueLoop)).await;
+    assert!(matches!(
+        refused,
+        Err(HelloReply::Rejected {
+            code: RejectCode::RoleNotAllowed,
+            ..
+        })
+    ));
+    // The connection itself stays usable for what the role may do.
+    let mut fe = frontend(&fe_conn, "fe").await;
+    fe.send(&enqueue(1, "t")).await;
+    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+}
+
+#[tokio::test]
+async fn a_certificate_from_an_unknown_ca_is_refused() {
+    let t = start(|_| {}).await;
+    let other = tempfile::tempdir().unwrap();
+    let (foreign, _) = sluice::tls::ensure_dev_set(other.path()).unwrap();
+    // Trust the real CA but present a certificate signed by another one.
+    let id = sluice::tls::Identity {
+        ca: t.certs.ca_cert.clone(),
+        ..foreign.frontend.clone()
+    };
+    // TLS 1.3 lets the client finish its handshake before the server checks its
+    // certificate, so the refusal may show at connect or on the first stream.
+    match t.connect(&id).await {
+        Err(e) => assert!(e.to_lowercase().contains("certificate") || e.contains("alert"), "{e}"),
+        Ok(conn) => {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            let hello = encode_to_vec(&Hello::new(Role::Frontend, "x", StreamKind::FrontendLoop), 1024).unwrap();
+            let _ = send.write_all(&hello).await;
+            let mut buf = [0u8; 16];
+            let read = tokio::time::timeout(WAIT, recv.read(&mut buf)).await.unwrap();
+            assert!(
+                read.is_err(),
+                "a stream on a refused connection must fail, got {read:?}"
+            );
+        }
+    }
+    let s = t.server.status().await.unwrap();
+    assert!(s.frontends.is_empty());
+}
+
+#[tokio::test]
+async fn a_malformed_frame_closes_only_that_connection() {
+    let t = start(|_| {}).await;
+    let bad_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let good_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let mut good = frontend(&good_conn, "good").await;
+    let mut bad = frontend(&bad_conn, "bad").await;
+    // A frame whose body is an unknown variant.
+    bad.writer.get_mut().write_all(&[0, 0, 0, 1, 0x7f]).await.unwrap();
+    let reason = tokio::time::timeout(WAIT, bad_conn.closed()).await.unwrap();
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, close_code::PROTOCOL_ERROR.into());
+            assert!(String::from_utf8_lossy(&c.reason).contains("unknown"), "{c:?}");
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
+    good.send(&enqueue(1, "t")).await;
+    assert_eq!(status_of(&mut good, 1).await, EnqueueStatus::Accepted);
+}
+
+#[tokio::test]
+async fn an_oversized_frame_is_refused_before_it_is_read() {
+    let t = start(|s| s.max_frame_len = Some(4096)).await;
+    let conn = t.connect(&t.certs.frontend).await.unwrap();
+    let mut fe = frontend(&conn, "fe").await;
+    fe.writer.get_mut().write_all(&[0x00, 0x10, 0x00, 0x00]).await.unwrap(); // 1 MiB announced
+    match tokio::time::timeout(WAIT, conn.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, close_code::PROTOCOL_ERROR.into());
+            assert!(
+                String::from_utf8_lossy(&c.reason).contains("exceeds the maximum"),
+                "{c:?}"
+            );
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_newer_protocol_version_is_told_what_is_spoken() {
+    let t = start(|_| {}).await;
+    let conn = t.connect(&t.certs.frontend).await.unwrap();
+    let mut hello = Hello::new(Role::Frontend, "fe", StreamKind::FrontendLoop);
+    hello.version = PROTOCOL_VERSION + 1;
+    match open(&conn, hello).await {
+        Err(HelloReply::Rejected {
+            code: RejectCode::UnsupportedVersion,
+            message,
+        }) => assert!(message.contains(&format!("speaks {PROTOCOL_VERSION}")), "{message}"),
+        Err(other) => panic!("unexpected {other:?}"),
+        Ok(_) => panic!("a newer version was welcomed"),
+    }
+}
+
+#[tokio::test]
+async fn too_many_connections_are_refused() {
+    let t = start(|s| s.max_connections = Some(1)).await;
+    let _first = t.connect(&t.certs.frontend).await.unwrap();
+    t.status_until("first connection registered", |_| true).await;
+    let second = t.connect(&t.certs.frontend).await;
+    assert!(second.is_err(), "a second connection was accepted");
+}
