@@ -1,6 +1,7 @@
 //! Sluice: a fair, multi-tenant query scheduler.
 
 pub mod config;
+pub mod metrics;
 pub mod queue;
 pub mod server;
 pub mod sim;

@@ -1,6 +1,7 @@
 //! The `sluice` binary.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -28,6 +29,11 @@ enum Command {
         #[command(flatten)]
         settings: Box<Settings>,
     },
+    /// Create certificates for a real deployment: a CA and role certificates.
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
     /// Run the deterministic simulations of the queue core (a degraded backend, a noisy
     /// tenant) and print queue waits: the scheduler's fairness, without a network.
     Simulate {
@@ -42,10 +48,112 @@ enum Command {
     Info,
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Create a new CA plus scheduler, frontend and querier certificates in DIR.
+    Init {
+        /// Directory to write into (created, owner-only).
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS names the scheduler and frontend certificates are valid for (repeatable).
+        #[arg(long = "dns", default_value = "localhost")]
+        dns: Vec<String>,
+        /// IP addresses they are valid for (repeatable).
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u64).range(1..=3650))]
+        days: u64,
+    },
+    /// Issue one more role certificate from an existing CA (one per instance, say).
+    Issue {
+        /// Directory holding ca.pem and ca-key.pem.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// frontend, querier or scheduler.
+        #[arg(long, value_parser = ["frontend", "querier", "scheduler"])]
+        role: String,
+        /// Name of the certificate files (NAME.pem, NAME-key.pem) and its common name.
+        #[arg(long)]
+        name: String,
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u64).range(1..=3650))]
+        days: u64,
+    },
+}
+
+fn certs(action: CertsAction) -> anyhow::Result<()> {
+    use sluice::tls;
+    match action {
+        CertsAction::Init { dir, dns, ips, days } => {
+            if tls::CertSet::in_dir(&dir).ca_cert.exists() {
+                anyhow::bail!("{} already holds a CA; refusing to overwrite it", dir.display());
+            }
+            let set = tls::generate_set(&dir, &dns, &ips, Duration::from_secs(days * 24 * 3600))?;
+            println!("CA and role certificates written to {}:", set.dir.display());
+            println!("  CA:        {} (key {})", set.ca_cert.display(), set.ca_key.display());
+            for (role, id) in [
+                ("scheduler", &set.scheduler),
+                ("frontend", &set.frontend),
+                ("querier", &set.querier),
+            ] {
+                println!("  {role:<10} {} + {}", id.cert.display(), id.key.display());
+            }
+            println!("Keep ca-key.pem offline once every certificate is issued.");
+        }
+        CertsAction::Issue {
+            ca_dir,
+            role,
+            name,
+            out,
+            dns,
+            ips,
+            days,
+        } => {
+            let set = tls::CertSet::in_dir(&ca_dir);
+            let issuer = tls::load_issuer(&set.ca_cert, &set.ca_key)?;
+            let role = match role.as_str() {
+                "frontend" => sluice_protocol::Role::Frontend,
+                "querier" => sluice_protocol::Role::Querier,
+                _ => sluice_protocol::Role::Scheduler,
+            };
+            let (cert, key) = tls::issue(&issuer, role, &name, &dns, &ips, Duration::from_secs(days * 24 * 3600))?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let (cert_path, key_path) = (out.join(format!("{name}.pem")), out.join(format!("{name}-key.pem")));
+            tls::write_file(&cert_path, cert.as_bytes(), false)?;
+            tls::write_file(&key_path, key.as_bytes(), true)?;
+            println!(
+                "{} certificate {} + {}",
+                tls::role_name(role),
+                cert_path.display(),
+                key_path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Serve { config, settings } => {
             tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -54,6 +162,7 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(serve(config, *settings))?;
         }
+        Command::Certs { action } => certs(action)?,
         Command::Simulate { seconds, seed } => simulate(Duration::from_secs(seconds), seed),
         Command::Info => {
             let limits = sluice_protocol::Limits::default();
@@ -82,6 +191,10 @@ async fn serve(config_path: Option<PathBuf>, settings: Settings) -> anyhow::Resu
     let server = Server::start(config).await?;
     println!("sluice scheduler listening");
     println!("  QUIC address:     {}", server.quic_addr());
+    println!(
+        "  admin HTTP:       http://{}/  (/metrics, /ready, /status)",
+        server.admin_addr()
+    );
     if let Some(certs) = server.dev_certs() {
         println!(
             "  development certificates in {} (mutual TLS; roles in SAN URIs):",

@@ -32,12 +32,8 @@ pub const ROLE_URI_PREFIX: &str = "sluice:role:";
 /// What went wrong with certificates or TLS settings; names the file where one is involved.
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: {problem}")]
     BadFile { path: PathBuf, problem: String },
     #[error("certificate generation failed: {0}")]
@@ -226,16 +222,16 @@ fn bad(path: &Path, problem: impl std::fmt::Display) -> TlsError {
 }
 
 fn read_text(path: &Path) -> Result<String, TlsError> {
-    fs::read_to_string(path).map_err(|source| TlsError::Io {
+    fs::read_to_string(path).map_err(|error| TlsError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), TlsError> {
-    let io = |source| TlsError::Io {
+    let io = |error| TlsError::Io {
         path: dir.to_path_buf(),
-        source,
+        error,
     };
     fs::create_dir_all(dir).map_err(io)?;
     #[cfg(unix)]
@@ -248,9 +244,9 @@ fn create_private_dir(dir: &Path) -> Result<(), TlsError> {
 
 /// Writes `data` to `path`, created with mode 0600 when `private`.
 pub fn write_file(path: &Path, data: &[u8], private: bool) -> Result<(), TlsError> {
-    let io = |source| TlsError::Io {
+    let io = |error| TlsError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let mut options = fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);

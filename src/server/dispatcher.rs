@@ -6,8 +6,11 @@
 //! the query at once when that worker's connection breaks, and to forward cancels), the
 //! frontends' result endpoints, and the drain at shutdown.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge, histogram};
 
 use sluice_protocol::{
     Dispatch, Enqueue, EnqueueStatus, Finished, FrontendAddress, Limits, LoadHint, QueryErrorKind, QueryId,
@@ -21,6 +24,7 @@ use crate::queue::{
 };
 
 use super::status::{Status, WorkerStatus};
+use crate::metrics::{self as m, Metrics};
 
 /// Outbound messages to one frontend connection.
 pub(crate) type FrontendTx = mpsc::UnboundedSender<SchedulerToFrontend>;
@@ -115,6 +119,13 @@ struct Worker {
     running: Option<QueryKey>,
 }
 
+/// A dispatched query, until its worker says `Ready` again.
+struct Running {
+    worker: WorkerId,
+    tenant: String,
+    component: Option<String>,
+}
+
 struct Draining {
     until: Instant,
     done: oneshot::Sender<()>,
@@ -129,17 +140,29 @@ pub(crate) struct Dispatcher {
     /// Workers that asked for work and got none, longest waiting first.
     waiting: VecDeque<WorkerId>,
     /// Which worker runs each dispatched query.
-    running: HashMap<QueryKey, WorkerId>,
+    running: HashMap<QueryKey, Running>,
     draining: Option<Draining>,
+    /// The drain is over and the server is closing its connections: a worker stream
+    /// that ends now was closed by us, and its querier still delivers its result.
+    closing: bool,
     scheduler_id: String,
     started: Instant,
+    metrics: Arc<Metrics>,
+    /// Tenants with per-tenant gauges set, so that they are zeroed once when they empty.
+    reported_tenants: BTreeSet<String>,
+    ticks: u64,
 }
 
 /// How often deadlines are swept and disconnected queriers forgotten.
 pub(crate) const TICK: Duration = Duration::from_millis(100);
 
 impl Dispatcher {
-    pub(crate) fn new(scheduler_id: String, queue: QueueConfig, limits: Limits) -> Result<Self, String> {
+    pub(crate) fn new(
+        scheduler_id: String,
+        queue: QueueConfig,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
         let now = Instant::now();
         Ok(Dispatcher {
             queue: TreeQueue::new(queue, now).map_err(|e| e.to_string())?,
@@ -150,8 +173,12 @@ impl Dispatcher {
             waiting: VecDeque::new(),
             running: HashMap::new(),
             draining: None,
+            closing: false,
             scheduler_id,
             started: now,
+            metrics,
+            reported_tenants: BTreeSet::new(),
+            ticks: 0,
         })
     }
 
@@ -263,6 +290,7 @@ impl Dispatcher {
             return; // its connection already closed
         };
         let query_id = enqueue.query_id;
+        let tenant = enqueue.tenant.clone();
         let status = if self.draining.is_some() {
             EnqueueStatus::ShuttingDown
         } else if f.address.is_none() {
@@ -291,6 +319,19 @@ impl Dispatcher {
             }
         };
         let accepted = status == EnqueueStatus::Accepted;
+        let refused = match &status {
+            EnqueueStatus::Accepted => None,
+            EnqueueStatus::TooManyOutstanding { .. } => Some("too_many_outstanding"),
+            EnqueueStatus::QueueFull => Some("queue_full"),
+            EnqueueStatus::ShuttingDown => Some("shutting_down"),
+            EnqueueStatus::Invalid { .. } | EnqueueStatus::Error { .. } => Some("invalid"),
+        };
+        self.metrics.record(|| {
+            histogram!(m::ENQUEUE_DURATION).record(now.saturating_duration_since(received).as_secs_f64());
+            if let Some(reason) = refused {
+                counter!(m::DISCARDED_REQUESTS, "tenant" => tenant, "reason" => reason).increment(1);
+            }
+        });
         let _ = f.tx.send(SchedulerToFrontend::EnqueueStatus {
             query_id,
             status,
@@ -302,17 +343,29 @@ impl Dispatcher {
     }
 
     fn cancel(&mut self, key: QueryKey) {
-        if self.queue.cancel(key).is_some() {
+        let tenant = if let Some(p) = self.queue.cancel(key) {
             debug!(?key, "cancelled while queued");
+            p.enqueue.tenant
+        } else if let Some(r) = self.running.get(&key) {
+            if let Some(w) = self.workers.get(&r.worker) {
+                let _ = w.tx.send(SchedulerToQuerier::Cancel { query_id: key.query });
+            }
+            r.tenant.clone()
+        } else {
             return;
-        }
-        if let Some(w) = self.running.get(&key).and_then(|w| self.workers.get(w)) {
-            let _ = w.tx.send(SchedulerToQuerier::Cancel { query_id: key.query });
-        }
+        };
+        self.metrics
+            .record(|| counter!(m::CANCELLED_REQUESTS, "tenant" => tenant).increment(1));
     }
 
     fn frontend_closed(&mut self, frontend: u64) {
-        let removed = self.queue.cancel_frontend(frontend).len();
+        let removed = self.queue.cancel_frontend(frontend);
+        self.metrics.record(|| {
+            for (_, p) in &removed {
+                counter!(m::CANCELLED_REQUESTS, "tenant" => p.enqueue.tenant.clone()).increment(1);
+            }
+        });
+        let removed = removed.len();
         let running: Vec<QueryKey> = self
             .running
             .keys()
@@ -351,6 +404,12 @@ impl Dispatcher {
                     return false; // cannot happen: a closed frontend's queries are cancelled
                 };
                 let e = *d.request.enqueue;
+                let (tenant, component) = (e.tenant.clone(), e.component.clone());
+                self.metrics.record(|| {
+                    let c = component.clone().unwrap_or_else(|| "unknown".into());
+                    histogram!(m::QUEUE_DURATION, "tenant" => tenant.clone(), "component" => c)
+                        .record(d.queue_time.as_secs_f64());
+                });
                 let timeout_ms = d
                     .deadline
                     .map(|dl| u64::try_from(dl.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX));
@@ -367,7 +426,14 @@ impl Dispatcher {
                 };
                 if w.tx.send(SchedulerToQuerier::Dispatch(Box::new(dispatch))).is_ok() {
                     w.running = Some(d.key);
-                    self.running.insert(d.key, worker);
+                    self.running.insert(
+                        d.key,
+                        Running {
+                            worker,
+                            tenant,
+                            component,
+                        },
+                    );
                 } else {
                     // The stream task is gone and its close is on the way: fail the query now.
                     self.query_error(d.key, QueryErrorKind::QuerierFailed, "querier stream closed".into());
@@ -408,7 +474,13 @@ impl Dispatcher {
         self.waiting.retain(|x| *x != worker);
         if let Some(key) = w.running {
             self.running.remove(&key);
+            if self.closing {
+                debug!(querier = %w.querier, query = key.query, "worker stream closed at shutdown while running");
+                self.queue.unregister_worker(now, worker);
+                return;
+            }
             warn!(querier = %w.querier, query = key.query, "querier worker gone while running a query");
+            self.metrics.record(|| counter!(m::QUERIER_FAILURES).increment(1));
             self.query_error(
                 key,
                 QueryErrorKind::QuerierFailed,
@@ -430,6 +502,9 @@ impl Dispatcher {
 
     fn send_expired(&mut self) {
         while let Some(e) = self.queue.poll_expired() {
+            let tenant = e.request.enqueue.tenant.clone();
+            self.metrics
+                .record(|| counter!(m::DISCARDED_REQUESTS, "tenant" => tenant, "reason" => "expired").increment(1));
             let message = format!("deadline passed after {:?} in the queue", e.queue_time);
             self.query_error(e.key, QueryErrorKind::DeadlineExceeded, message);
         }
@@ -451,7 +526,11 @@ impl Dispatcher {
                     "handing queued queries back to their frontends"
                 );
             }
-            for (key, _) in handed_back {
+            for (key, p) in handed_back {
+                let tenant = p.enqueue.tenant;
+                self.metrics.record(|| {
+                    counter!(m::DISCARDED_REQUESTS, "tenant" => tenant, "reason" => "handed_back").increment(1)
+                });
                 self.query_error(
                     key,
                     QueryErrorKind::HandedBack,
@@ -463,9 +542,60 @@ impl Dispatcher {
             }
             self.waiting.clear();
             if let Some(d) = self.draining.take() {
+                self.closing = true;
                 let _ = d.done.send(());
             }
         }
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(10) {
+            self.export_gauges(now);
+        }
+    }
+
+    /// Sets every gauge from the queue's current figures (once a second).
+    fn export_gauges(&mut self, now: Instant) {
+        let tenants = self.queue.tenant_stats(now);
+        let counters = self.queue.counters();
+        let mut by_component: HashMap<&str, usize> = HashMap::new();
+        for r in self.running.values() {
+            *by_component
+                .entry(r.component.as_deref().unwrap_or("unknown"))
+                .or_default() += 1;
+        }
+        let current: BTreeSet<String> = tenants.iter().map(|t| t.tenant.clone()).collect();
+        let gone: Vec<String> = self.reported_tenants.difference(&current).cloned().collect();
+        self.metrics.record(|| {
+            for t in &tenants {
+                let tenant = t.tenant.clone();
+                gauge!(m::QUEUE_LENGTH, "tenant" => tenant.clone()).set(f64::from(t.queued));
+                gauge!(m::OLDEST_QUEUED_AGE, "tenant" => tenant.clone()).set(t.oldest.as_secs_f64());
+                gauge!(m::PEAK_QUEUE_LENGTH, "tenant" => tenant).set(f64::from(t.peak));
+            }
+            // Zeroed once; the recorder drops them after its idle timeout.
+            for tenant in gone {
+                gauge!(m::QUEUE_LENGTH, "tenant" => tenant.clone()).set(0.0);
+                gauge!(m::OLDEST_QUEUED_AGE, "tenant" => tenant).set(0.0);
+            }
+            gauge!(m::CONNECTED_QUERIER_WORKERS).set(self.workers.len() as f64);
+            gauge!(m::CONNECTED_QUERIERS).set(self.queue.querier_count() as f64);
+            gauge!(m::CONNECTED_FRONTENDS).set(self.frontends.len() as f64);
+            gauge!(m::INFLIGHT_REQUESTS).set(self.running.len() as f64);
+            gauge!(m::IDLE_QUERIER_WORKERS).set(self.waiting.len() as f64);
+            for (component, n) in &by_component {
+                gauge!(m::QUERIER_INFLIGHT_REQUESTS, "component" => component.to_string()).set(*n as f64);
+            }
+            for (outcome, v) in [
+                ("enqueued", counters.enqueued),
+                ("dispatched", counters.dispatched),
+                ("cancelled", counters.cancelled),
+                ("expired", counters.expired),
+                ("handed_back", counters.handed_back),
+                ("rejected", counters.rejected),
+            ] {
+                counter!(m::REQUESTS, "outcome" => outcome).absolute(v);
+            }
+        });
+        self.reported_tenants = current;
     }
 
     fn status(&self, now: Instant) -> Status {
@@ -494,6 +624,175 @@ impl Dispatcher {
             queriers: self.queue.querier_stats(now),
             workers,
             frontends,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The dispatcher without a network: commands in, channel messages out, explicit time.
+
+    use super::*;
+    use bytes::Bytes;
+
+    struct Harness {
+        d: Dispatcher,
+        now: Instant,
+        fe_rx: mpsc::UnboundedReceiver<SchedulerToFrontend>,
+        frontend: u64,
+    }
+
+    fn harness() -> Harness {
+        let now = Instant::now();
+        let metrics = Arc::new(Metrics::new(Duration::from_secs(60)));
+        let mut d = Dispatcher::new("s".into(), QueueConfig::default(), Limits::default(), metrics).unwrap();
+        let (tx, fe_rx) = mpsc::unbounded_channel();
+        let (reply, mut id) = oneshot::channel();
+        d.handle(
+            Command::FrontendOpened {
+                name: "fe".into(),
+                tx,
+                reply,
+            },
+            now,
+        );
+        let frontend = id.try_recv().unwrap();
+        let address = FrontendAddress {
+            id: "fe".into(),
+            address: "127.0.0.1:1".into(),
+            server_name: "localhost".into(),
+        };
+        d.handle(Command::ResultEndpoint { frontend, address }, now);
+        Harness {
+            d,
+            now,
+            fe_rx,
+            frontend,
+        }
+    }
+
+    impl Harness {
+        fn enqueue(&mut self, query_id: u64) {
+            let enqueue = Box::new(Enqueue {
+                query_id,
+                tenant: "t".into(),
+                actors: vec![],
+                component: None,
+                priority: None,
+                cost_hint: None,
+                timeout_ms: None,
+                metadata: vec![],
+                payload: Bytes::from_static(b"q"),
+            });
+            let (frontend, now) = (self.frontend, self.now);
+            self.d.handle(
+                Command::Enqueue {
+                    frontend,
+                    enqueue,
+                    received: now,
+                },
+                now,
+            );
+            assert!(matches!(
+                self.fe_rx.try_recv(),
+                Ok(SchedulerToFrontend::EnqueueStatus {
+                    status: EnqueueStatus::Accepted,
+                    ..
+                })
+            ));
+        }
+
+        fn worker(&mut self) -> (WorkerId, mpsc::UnboundedReceiver<SchedulerToQuerier>) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (reply, mut id) = oneshot::channel();
+            self.d.handle(
+                Command::WorkerOpened {
+                    querier: "q".into(),
+                    tx,
+                    reply,
+                },
+                self.now,
+            );
+            (id.try_recv().unwrap(), rx)
+        }
+    }
+
+    #[test]
+    fn a_worker_lost_mid_query_fails_the_query() {
+        let mut h = harness();
+        h.enqueue(1);
+        let (w, mut w_rx) = h.worker();
+        h.d.handle(
+            Command::Ready {
+                worker: w,
+                finished: None,
+            },
+            h.now,
+        );
+        assert!(matches!(w_rx.try_recv(), Ok(SchedulerToQuerier::Dispatch(_))));
+        h.d.handle(Command::WorkerClosed { worker: w }, h.now);
+        assert!(matches!(
+            h.fe_rx.try_recv(),
+            Ok(SchedulerToFrontend::QueryError {
+                query_id: 1,
+                kind: QueryErrorKind::QuerierFailed,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn worker_streams_closed_by_our_own_shutdown_do_not_fail_their_queries() {
+        let mut h = harness();
+        h.enqueue(1);
+        let (w, mut w_rx) = h.worker();
+        h.d.handle(
+            Command::Ready {
+                worker: w,
+                finished: None,
+            },
+            h.now,
+        );
+        assert!(matches!(w_rx.try_recv(), Ok(SchedulerToQuerier::Dispatch(_))));
+        let (done, mut drained) = oneshot::channel();
+        h.d.handle(
+            Command::Shutdown {
+                drain_timeout: Duration::from_millis(10),
+                done,
+            },
+            h.now,
+        );
+        assert_eq!(h.fe_rx.try_recv().ok(), Some(SchedulerToFrontend::ShuttingDown));
+        assert!(drained.try_recv().is_ok(), "nothing queued: the drain ends at once");
+        // The server now closes every connection; the querier is still running query 1
+        // and will deliver its result to the frontend directly.
+        h.d.handle(Command::WorkerClosed { worker: w }, h.now);
+        assert!(h.fe_rx.try_recv().is_err(), "no error may be reported for query 1");
+    }
+
+    #[test]
+    fn drain_hands_back_what_no_worker_took_in_time() {
+        let mut h = harness();
+        h.enqueue(1);
+        h.enqueue(2);
+        let (done, mut drained) = oneshot::channel();
+        h.d.handle(
+            Command::Shutdown {
+                drain_timeout: Duration::from_secs(5),
+                done,
+            },
+            h.now,
+        );
+        assert_eq!(h.fe_rx.try_recv().ok(), Some(SchedulerToFrontend::ShuttingDown));
+        h.d.tick(h.now + Duration::from_secs(4));
+        assert!(drained.try_recv().is_err(), "still draining");
+        h.d.tick(h.now + Duration::from_secs(5));
+        assert!(drained.try_recv().is_ok());
+        for q in [1, 2] {
+            assert!(matches!(
+                h.fe_rx.try_recv(),
+                Ok(SchedulerToFrontend::QueryError { query_id, kind: QueryErrorKind::HandedBack, .. }) if query_id == q
+            ));
         }
     }
 }

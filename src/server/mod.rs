@@ -2,13 +2,14 @@
 //! and per stream, and the [`dispatcher`] task that owns the queue. Nothing here decides
 //! who runs what; it translates frames into dispatcher commands and back.
 
+mod admin;
 mod dispatcher;
 pub mod status;
 mod streams;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use sluice_protocol::{Limits, Role, close_code};
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{ServeConfig, TlsSource};
+use crate::metrics::Metrics;
 use crate::queue::QueueConfig;
 use crate::tls::{self, CertSet, Identity, TlsError};
 
@@ -31,12 +33,8 @@ use dispatcher::{Command, Dispatcher};
 pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot listen on {addr}: {error}")]
+    Bind { addr: SocketAddr, error: std::io::Error },
     #[error("invalid queue configuration: {0}")]
     Queue(String),
     #[error("the dispatcher has stopped")]
@@ -46,6 +44,9 @@ pub enum ServerError {
 /// A running scheduler.
 pub struct Server {
     quic_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    draining: Arc<AtomicBool>,
+    admin_task: JoinHandle<()>,
     identity: Identity,
     dev_certs: Option<CertSet>,
     commands: mpsc::Sender<Command>,
@@ -92,24 +93,50 @@ impl Server {
             ))
             .keep_alive_interval(Some(config.idle_timeout / 3));
         server_config.transport_config(Arc::new(transport));
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| ServerError::Bind {
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|error| ServerError::Bind {
             addr: config.listen,
-            source,
+            error,
         })?;
-        let quic_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
+        let quic_addr = endpoint.local_addr().map_err(|error| ServerError::Bind {
             addr: config.listen,
-            source,
+            error,
         })?;
 
         let limits = Limits {
             max_frame_len: config.max_frame_len,
             ..Limits::default()
         };
-        let dispatcher =
-            Dispatcher::new(config.scheduler_id.clone(), config.queue.clone(), limits).map_err(ServerError::Queue)?;
+        let metrics = Arc::new(Metrics::new(Duration::from_secs(300)));
+        let dispatcher = Dispatcher::new(
+            config.scheduler_id.clone(),
+            config.queue.clone(),
+            limits,
+            metrics.clone(),
+        )
+        .map_err(ServerError::Queue)?;
         let (commands, rx) = mpsc::channel(4096);
         let dispatcher_task = tokio::spawn(dispatcher.run(rx));
         let stop_accepting = CancellationToken::new();
+        let admin_listener = admin::bind(config.admin_listen)
+            .await
+            .map_err(|error| ServerError::Bind {
+                addr: config.admin_listen,
+                error,
+            })?;
+        let admin_addr = admin_listener.local_addr().map_err(|error| ServerError::Bind {
+            addr: config.admin_listen,
+            error,
+        })?;
+        let draining = Arc::new(AtomicBool::new(false));
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            admin::AdminState {
+                commands: commands.clone(),
+                metrics,
+                draining: draining.clone(),
+            },
+            stop_accepting.clone(),
+        ));
         let stream_limits = StreamLimits {
             limits,
             hello_timeout: config.hello_timeout,
@@ -122,9 +149,12 @@ impl Server {
             config.max_connections,
             stop_accepting.clone(),
         ));
-        info!(%quic_addr, scheduler = %config.scheduler_id, "serving");
+        info!(%quic_addr, %admin_addr, scheduler = %config.scheduler_id, "serving");
         Ok(Server {
             quic_addr,
+            admin_addr,
+            draining,
+            admin_task,
             identity,
             dev_certs,
             commands,
@@ -139,6 +169,11 @@ impl Server {
     /// The address QUIC clients connect to.
     pub fn quic_addr(&self) -> SocketAddr {
         self.quic_addr
+    }
+
+    /// The address of the admin HTTP listener (/metrics, /ready, /status).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// The scheduler's own TLS files.
@@ -177,6 +212,7 @@ impl Server {
     /// dispatching for up to the drain timeout, whatever is still queued then is handed
     /// back to its frontend with an explicit error, and the endpoint closes.
     pub async fn shutdown(self) {
+        self.draining.store(true, Ordering::Relaxed);
         let (done, drained) = oneshot::channel();
         let drain_timeout = self.drain_timeout;
         if self
@@ -193,6 +229,7 @@ impl Server {
         self.endpoint
             .close(close_code::SHUTTING_DOWN.into(), b"scheduler shutting down");
         let _ = self.accept_task.await;
+        let _ = self.admin_task.await;
         drop(self.commands);
         self.endpoint.wait_idle().await;
         self.dispatcher_task.abort();

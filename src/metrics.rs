@@ -1,0 +1,119 @@
+//! Every metric the scheduler exports: names, help text, and the recorder they go to.
+//!
+//! Names follow Mimir's `cortex_query_scheduler_*` family under our prefix, so its
+//! dashboards port with a rename (the mapping is in docs/operations.md). Each server owns
+//! its recorder (no global one), so several servers can live in one process.
+
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_util::MetricKindMask;
+
+/// Requests queued, per tenant (gauge; `tenant`).
+pub const QUEUE_LENGTH: &str = "sluice_query_scheduler_queue_length";
+/// Age of the oldest queued request, per tenant (gauge, seconds; `tenant`).
+pub const OLDEST_QUEUED_AGE: &str = "sluice_query_scheduler_oldest_queued_age_seconds";
+/// Most requests a tenant had queued at once since it last had none (gauge; `tenant`).
+pub const PEAK_QUEUE_LENGTH: &str = "sluice_query_scheduler_peak_queue_length";
+/// Time from enqueue to dispatch (histogram, seconds; `tenant`, `component`).
+pub const QUEUE_DURATION: &str = "sluice_query_scheduler_queue_duration_seconds";
+/// Time from receiving an enqueue frame to answering it (histogram, seconds).
+pub const ENQUEUE_DURATION: &str = "sluice_query_scheduler_enqueue_duration_seconds";
+/// Requests that ended without running (counter; `tenant`, `reason`: `too_many_outstanding`,
+/// `queue_full`, `invalid`, `shutting_down`, `expired`, `handed_back`).
+pub const DISCARDED_REQUESTS: &str = "sluice_query_scheduler_discarded_requests_total";
+/// Requests cancelled by their frontend, queued or in flight (counter; `tenant`).
+pub const CANCELLED_REQUESTS: &str = "sluice_query_scheduler_cancelled_requests_total";
+/// Queries failed because their querier went away mid-query (counter).
+pub const QUERIER_FAILURES: &str = "sluice_query_scheduler_querier_failures_total";
+/// How requests left the queue (counter; `outcome`: `enqueued`, `dispatched`, `cancelled`,
+/// `expired`, `handed_back`, `rejected`).
+pub const REQUESTS: &str = "sluice_query_scheduler_requests_total";
+/// Querier worker streams connected (gauge).
+pub const CONNECTED_QUERIER_WORKERS: &str = "sluice_query_scheduler_connected_querier_workers";
+/// Queriers known: connected, or inside their forget delay (gauge).
+pub const CONNECTED_QUERIERS: &str = "sluice_query_scheduler_connected_queriers";
+/// Frontend loops connected (gauge).
+pub const CONNECTED_FRONTENDS: &str = "sluice_query_scheduler_connected_frontends";
+/// Queries dispatched and not yet finished (gauge).
+pub const INFLIGHT_REQUESTS: &str = "sluice_query_scheduler_inflight_requests";
+/// Queries running, per component (gauge; `component`, `unknown` for none).
+pub const QUERIER_INFLIGHT_REQUESTS: &str = "sluice_query_scheduler_querier_inflight_requests";
+/// Querier workers connected and waiting for work (gauge).
+pub const IDLE_QUERIER_WORKERS: &str = "sluice_query_scheduler_idle_querier_workers";
+
+/// (name, help) of every metric, for `describe_*` and the docs.
+pub const ALL: &[(&str, &str)] = &[
+    (QUEUE_LENGTH, "Requests queued, per tenant."),
+    (
+        OLDEST_QUEUED_AGE,
+        "Age in seconds of the oldest queued request, per tenant.",
+    ),
+    (
+        PEAK_QUEUE_LENGTH,
+        "Most requests queued at once since the tenant last had none.",
+    ),
+    (QUEUE_DURATION, "Seconds from enqueue to dispatch."),
+    (ENQUEUE_DURATION, "Seconds from receiving an enqueue to answering it."),
+    (DISCARDED_REQUESTS, "Requests that ended without running, by reason."),
+    (CANCELLED_REQUESTS, "Requests cancelled by their frontend."),
+    (
+        QUERIER_FAILURES,
+        "Queries failed because their querier went away mid-query.",
+    ),
+    (REQUESTS, "Requests by how they left the queue."),
+    (CONNECTED_QUERIER_WORKERS, "Querier worker streams connected."),
+    (
+        CONNECTED_QUERIERS,
+        "Queriers known (connected or inside the forget delay).",
+    ),
+    (CONNECTED_FRONTENDS, "Frontend loops connected."),
+    (INFLIGHT_REQUESTS, "Queries dispatched and not yet finished."),
+    (QUERIER_INFLIGHT_REQUESTS, "Queries running, per component."),
+    (IDLE_QUERIER_WORKERS, "Querier workers waiting for work."),
+];
+
+/// Seconds buckets for the duration histograms: 100 µs to 2 min.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0,
+];
+
+/// A server's own recorder and the handle that renders it.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl Metrics {
+    /// A recorder whose series are dropped after `idle` without an update (so per-tenant
+    /// series of tenants gone quiet disappear).
+    pub fn new(idle: Duration) -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(BUCKETS)
+            .expect("bucket list is not empty")
+            .idle_timeout(MetricKindMask::ALL, Some(idle))
+            .build_recorder();
+        let handle = recorder.handle();
+        let m = Metrics { recorder, handle };
+        m.record(|| {
+            for &(name, help) in ALL {
+                metrics::describe_counter!(name, help);
+                metrics::describe_gauge!(name, help);
+                metrics::describe_histogram!(name, help);
+            }
+        });
+        m
+    }
+
+    /// Runs `f` with this recorder as the one the `metrics` macros write to.
+    pub fn record<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&self.recorder, f)
+    }
+
+    /// The Prometheus text exposition of every live series.
+    pub fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}

@@ -1,0 +1,213 @@
+//! The admin HTTP listener: `/metrics` (Prometheus text), `/ready` (200 while serving,
+//! 503 while draining), `/status` (JSON) and `/` (the same as a page a person can read).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::dispatcher::Command;
+use super::status::Status;
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub(crate) struct AdminState {
+    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) draining: Arc<AtomicBool>,
+}
+
+/// Serves the admin endpoints on `listener` until `stop` is cancelled.
+pub(crate) async fn serve(listener: tokio::net::TcpListener, state: AdminState, stop: CancellationToken) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/ready", get(ready))
+        .route("/status", get(status_json))
+        .route("/", get(status_html))
+        .with_state(state);
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+}
+
+/// Binds the admin listener.
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn ready(State(s): State<AdminState>) -> Response {
+    if s.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+async fn snapshot(s: &AdminState) -> Option<Status> {
+    let (reply, rx) = oneshot::channel();
+    s.commands.send(Command::Status { reply }).await.ok()?;
+    rx.await.ok()
+}
+
+async fn status_json(State(s): State<AdminState>) -> Response {
+    match snapshot(&s).await {
+        Some(st) => ([(header::CONTENT_TYPE, "application/json")], to_json(&st).to_string()).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response(),
+    }
+}
+
+async fn status_html(State(s): State<AdminState>) -> Response {
+    match snapshot(&s).await {
+        Some(st) => Html(to_html(&st)).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response(),
+    }
+}
+
+/// The status as JSON; durations in seconds.
+pub(crate) fn to_json(s: &Status) -> serde_json::Value {
+    let c = s.counters;
+    json!({
+        "scheduler_id": s.scheduler_id,
+        "uptime_seconds": s.uptime.as_secs_f64(),
+        "draining": s.draining,
+        "queued": s.queued,
+        "queued_bytes": s.queued_bytes,
+        "running": s.running,
+        "requests": {
+            "enqueued": c.enqueued, "dispatched": c.dispatched, "cancelled": c.cancelled,
+            "expired": c.expired, "handed_back": c.handed_back, "rejected": c.rejected,
+        },
+        "components": s.components.iter().map(|(name, queued)| json!({
+            "component": if name.is_empty() { "unknown" } else { name.as_str() },
+            "queued": queued,
+        })).collect::<Vec<_>>(),
+        "tenants": s.tenants.iter().map(|t| json!({
+            "tenant": t.tenant,
+            "queued": t.queued,
+            "queued_bytes": t.queued_bytes,
+            "peak": t.peak,
+            "oldest_seconds": t.oldest.as_secs_f64(),
+            "shard_size": t.shard_size,
+        })).collect::<Vec<_>>(),
+        "queriers": s.queriers.iter().map(|q| json!({
+            "querier": q.querier,
+            "workers": q.workers,
+            "shutting_down": q.shutting_down,
+            "disconnected_seconds": q.disconnected_for.map(|d| d.as_secs_f64()),
+        })).collect::<Vec<_>>(),
+        "workers": s.workers.iter().map(|w| json!({
+            "querier": w.querier, "slot": w.slot, "busy": w.busy,
+        })).collect::<Vec<_>>(),
+        "frontends": s.frontends,
+    })
+}
+
+fn escape(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '&' => "&amp;".to_string(),
+            '"' => "&quot;".to_string(),
+            '\'' => "&#39;".to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+/// The status as a small page: counters, components, tenants, queriers, frontends.
+pub(crate) fn to_html(s: &Status) -> String {
+    let c = s.counters;
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>sluice {id}</title>\
+         <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:1.5em}}\
+         td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}}th{{background:#eee}}\
+         td:first-child,th:first-child{{text-align:left}}</style></head><body>\
+         <h1>sluice scheduler {id}</h1><p>{state} · up {up:.0} s · {queued} queued ({bytes} bytes) · {running} running</p>\
+         <table><tr><th>requests</th><th>enqueued</th><th>dispatched</th><th>cancelled</th><th>expired</th>\
+         <th>handed back</th><th>rejected</th></tr><tr><td></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>",
+        c.enqueued,
+        c.dispatched,
+        c.cancelled,
+        c.expired,
+        c.handed_back,
+        c.rejected,
+        id = escape(&s.scheduler_id),
+        state = if s.draining { "draining" } else { "serving" },
+        up = s.uptime.as_secs_f64(),
+        queued = s.queued,
+        bytes = s.queued_bytes,
+        running = s.running,
+    );
+    h.push_str("<h2>Components</h2><table><tr><th>component</th><th>queued</th></tr>");
+    for (name, queued) in &s.components {
+        let name = if name.is_empty() { "unknown" } else { name };
+        let _ = write!(h, "<tr><td>{}</td><td>{queued}</td></tr>", escape(name));
+    }
+    h.push_str(
+        "</table><h2>Tenants</h2><table><tr><th>tenant</th><th>queued</th><th>bytes</th><th>peak</th>\
+         <th>oldest (s)</th><th>shard</th></tr>",
+    );
+    for t in &s.tenants {
+        let shard = t.shard_size.map_or("all".to_string(), |n| n.to_string());
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{shard}</td></tr>",
+            escape(&t.tenant),
+            t.queued,
+            t.queued_bytes,
+            t.peak,
+            t.oldest.as_secs_f64()
+        );
+    }
+    h.push_str("</table><h2>Queriers</h2><table><tr><th>querier</th><th>workers</th><th>busy</th><th>state</th></tr>");
+    for q in &s.queriers {
+        let busy = s.workers.iter().filter(|w| w.querier == q.querier && w.busy).count();
+        let state = match (q.shutting_down, q.disconnected_for) {
+            (true, _) => "shutting down".to_string(),
+            (false, Some(d)) => format!("disconnected {:.0} s", d.as_secs_f64()),
+            (false, None) => "connected".to_string(),
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{busy}</td><td>{state}</td></tr>",
+            escape(&q.querier),
+            q.workers
+        );
+    }
+    h.push_str("</table><h2>Frontends</h2><table><tr><th>frontend</th></tr>");
+    for f in &s.frontends {
+        let _ = write!(h, "<tr><td>{}</td></tr>", escape(f));
+    }
+    h.push_str("</table><p><a href=\"/status\">JSON</a> · <a href=\"/metrics\">metrics</a></p></body></html>");
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_escaped_in_the_page() {
+        assert_eq!(escape("<script>&\"'"), "&lt;script&gt;&amp;&quot;&#39;");
+    }
+}

@@ -1,0 +1,114 @@
+//! The admin HTTP endpoints reflect what happened on the QUIC side.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use sluice_protocol::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// GET `path` with HTTP/1.1; returns (status code, body).
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
+}
+
+/// Polls /metrics until `needle` shows up (gauges are exported once a second).
+async fn metrics_with(addr: SocketAddr, needle: &str) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (code, body) = get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        if body.contains(needle) {
+            return body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no {needle} in:\n{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_ready_and_status_reflect_traffic() {
+    let t = start(|s| s.max_outstanding_per_tenant = Some(2)).await;
+    let admin = t.server.admin_addr();
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    // Two queued for a tenant whose name needs escaping, one refused, one dispatched.
+    for q in 0..2 {
+        fe.send(&enqueue(q, "<acme>")).await;
+        assert_eq!(status_of(&mut fe, q).await, EnqueueStatus::Accepted);
+    }
+    fe.send(&enqueue(2, "<acme>")).await;
+    assert_eq!(
+        status_of(&mut fe, 2).await,
+        EnqueueStatus::TooManyOutstanding { limit: 2 }
+    );
+    let mut w = worker(&q_conn, "querier-1").await;
+    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    dispatched(&mut w).await;
+
+    assert_eq!(get(admin, "/ready").await, (200, "ready\n".into()));
+
+    let body = metrics_with(admin, "sluice_query_scheduler_queue_length{tenant=\"<acme>\"} 1").await;
+    for needle in [
+        "sluice_query_scheduler_discarded_requests_total{tenant=\"<acme>\",reason=\"too_many_outstanding\"} 1",
+        "sluice_query_scheduler_queue_duration_seconds_bucket{tenant=\"<acme>\",component=\"unknown\"",
+        "sluice_query_scheduler_connected_querier_workers 1",
+        "sluice_query_scheduler_connected_frontends 1",
+        "sluice_query_scheduler_inflight_requests 1",
+        "sluice_query_scheduler_querier_inflight_requests{component=\"unknown\"} 1",
+        "sluice_query_scheduler_requests_total{outcome=\"dispatched\"} 1",
+        "# HELP sluice_query_scheduler_queue_length Requests queued, per tenant.",
+    ] {
+        assert!(body.contains(needle), "missing {needle} in:\n{body}");
+    }
+
+    let (code, json) = get(admin, "/status").await;
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["queued"], 1);
+    assert_eq!(v["running"], 1);
+    assert_eq!(v["requests"]["rejected"], 1);
+    assert_eq!(v["tenants"][0]["tenant"], "<acme>");
+    assert_eq!(v["queriers"][0]["querier"], "querier-1");
+    assert_eq!(v["workers"][0]["busy"], true);
+    assert_eq!(v["frontends"][0], "fe-1");
+
+    let (code, html) = get(admin, "/").await;
+    assert_eq!(code, 200);
+    assert!(html.contains("&lt;acme&gt;") && !html.contains("<acme>"), "{html}");
+    assert!(html.contains("querier-1"));
+}
+
+#[tokio::test]
+async fn ready_turns_503_while_draining() {
+    let t = start(|s| s.drain_timeout_ms = Some(60_000)).await;
+    let admin = t.server.admin_addr();
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    fe.send(&enqueue(1, "t")).await;
+    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    // With work queued and no querier, the drain lasts; /ready must say so meanwhile.
+    let shutdown = tokio::spawn(t.server.shutdown());
+    assert_eq!(
+        fe.recv::<SchedulerToFrontend>().await,
+        SchedulerToFrontend::ShuttingDown
+    );
+    assert_eq!(get(admin, "/ready").await, (503, "draining\n".into()));
+    // Cancelling the last queued query ends the drain early.
+    fe.send(&FrontendToScheduler::Cancel { query_id: 1 }).await;
+    tokio::time::timeout(WAIT, shutdown).await.unwrap().unwrap();
+}

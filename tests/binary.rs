@@ -1,0 +1,144 @@
+//! The `sluice` binary as an operator runs it: no files needed, clear errors, SIGHUP
+//! reload, SIGTERM exit. Each test starts its own process on loopback ports chosen by
+//! the OS and stops it.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use sluice::tls::CertSet;
+use sluice_protocol::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+struct Running {
+    child: Child,
+    quic: std::net::SocketAddr,
+    certs: CertSet,
+}
+
+/// Starts `sluice serve` in `dir` and reads the addresses it prints.
+async fn serve(dir: &Path, extra: &[&str]) -> Running {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .current_dir(dir)
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut quic = None;
+    while let Some(line) = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap() {
+        if let Some(addr) = line.trim().strip_prefix("QUIC address:") {
+            quic = Some(addr.trim().parse().unwrap());
+        }
+        if line.contains("stop with") {
+            break;
+        }
+    }
+    Running {
+        child,
+        quic: quic.expect("the QUIC address is printed"),
+        certs: CertSet::in_dir(&dir.join("sluice-data")),
+    }
+}
+
+async fn signal(child: &Child, name: &str) {
+    let pid = child.id().unwrap().to_string();
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn serve_needs_no_files_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = serve(dir.path(), &[]).await;
+    assert!(s.certs.is_complete(), "development certificates were written");
+    let fe_conn = connect(s.quic, &s.certs.frontend).await.unwrap();
+    let q_conn = connect(s.quic, &s.certs.querier).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe").await;
+    let mut w = worker(&q_conn, "q").await;
+    fe.send(&enqueue(1, "t")).await;
+    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    assert_eq!(dispatched(&mut w).await.query_id, 1);
+
+    signal(&s.child, "TERM").await;
+    let status = tokio::time::timeout(WAIT, s.child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "{status:?}");
+    // A restart reuses the same certificates.
+    let before = std::fs::read(&s.certs.ca_cert).unwrap();
+    let mut again = serve(dir.path(), &[]).await;
+    assert_eq!(std::fs::read(&again.certs.ca_cert).unwrap(), before);
+    signal(&again.child, "TERM").await;
+    tokio::time::timeout(WAIT, again.child.wait()).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_configuration_is_refused_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("sluice.toml"), "max_queriers_per_tenant = -1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .current_dir(dir.path())
+        .args(["serve", "--config", "sluice.toml"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sluice.toml") && err.contains("max_queriers_per_tenant"),
+        "{err}"
+    );
+    assert!(!err.contains("backtrace"), "{err}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_tenant_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, "max_outstanding_per_tenant = 1\n").unwrap();
+    let mut s = serve(dir.path(), &["--config", "sluice.toml", "--drain-timeout-ms", "100"]).await;
+    let conn = connect(s.quic, &s.certs.frontend).await.unwrap();
+    let mut fe = frontend(&conn, "fe").await;
+    fe.send(&enqueue(1, "big")).await;
+    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    fe.send(&enqueue(2, "big")).await;
+    assert_eq!(
+        status_of(&mut fe, 2).await,
+        EnqueueStatus::TooManyOutstanding { limit: 1 }
+    );
+
+    std::fs::write(
+        &config,
+        "max_outstanding_per_tenant = 1\n[tenants.big]\nmax_outstanding = 3\n",
+    )
+    .unwrap();
+    signal(&s.child, "HUP").await;
+    // The reload is asynchronous: retry (bounded) until the new limit answers.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut query = 10;
+    loop {
+        query += 1;
+        fe.send(&enqueue(query, "big")).await;
+        match status_of(&mut fe, query).await {
+            EnqueueStatus::Accepted => break,
+            EnqueueStatus::TooManyOutstanding { limit: 1 } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "reload never took effect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&s.child, "TERM").await;
+    tokio::time::timeout(WAIT, s.child.wait()).await.unwrap().unwrap();
+}
