@@ -66,7 +66,8 @@ pub struct Settings {
     /// Most simultaneous streams a peer may open on one connection.
     #[arg(long, env = "SLUICE_MAX_STREAMS_PER_CONNECTION")]
     pub max_streams_per_connection: Option<u32>,
-    /// A connection silent for this long is closed, in milliseconds.
+    /// A connection silent for this long is closed, in milliseconds. It bounds how long a
+    /// querier that died without closing (kill -9, lost host) goes unnoticed.
     #[arg(long, env = "SLUICE_IDLE_TIMEOUT_MS")]
     pub idle_timeout_ms: Option<u64>,
     /// A stream must send its hello within this many milliseconds.
@@ -256,7 +257,7 @@ impl Settings {
             max_frame_len,
             max_connections,
             max_streams_per_connection,
-            idle_timeout: positive("idle_timeout_ms", self.idle_timeout_ms, 30_000)?,
+            idle_timeout: positive("idle_timeout_ms", self.idle_timeout_ms, 5_000)?,
             hello_timeout: positive("hello_timeout_ms", self.hello_timeout_ms, 10_000)?,
             drain_timeout: positive("drain_timeout_ms", self.drain_timeout_ms, 30_000)?,
         })

@@ -91,7 +91,7 @@ impl Server {
                 quinn::IdleTimeout::try_from(config.idle_timeout)
                     .map_err(|_| ServerError::Queue("idle_timeout_ms too large".into()))?,
             ))
-            .keep_alive_interval(Some(config.idle_timeout / 3));
+            .keep_alive_interval(Some(config.idle_timeout / 5));
         server_config.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|error| ServerError::Bind {
             addr: config.listen,
