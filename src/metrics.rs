@@ -117,3 +117,38 @@ impl Metrics {
         self.handle.render()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_of_an_idle_tenant_disappear() {
+        let m = Metrics::new(Duration::from_millis(100));
+        m.record(|| {
+            metrics::gauge!(QUEUE_LENGTH, "tenant" => "busy").set(3.0);
+            metrics::gauge!(QUEUE_LENGTH, "tenant" => "quiet").set(1.0);
+        });
+        assert!(m.render().contains("tenant=\"quiet\""));
+        // Keep "busy" fresh; "quiet" is never updated again and must go.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            m.record(|| metrics::gauge!(QUEUE_LENGTH, "tenant" => "busy").set(3.0));
+            let text = m.render();
+            if !text.contains("tenant=\"quiet\"") {
+                assert!(text.contains("tenant=\"busy\""));
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "idle series kept:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn every_metric_has_the_prefix_and_help() {
+        for (name, help) in ALL {
+            assert!(name.starts_with("sluice_query_scheduler_"), "{name}");
+            assert!(!help.is_empty());
+        }
+    }
+}

@@ -1,1 +1,3 @@
-//! Sluice client library (frontend client and querier worker library): filled by a later change.
+//! Sluice client library: the frontend client and the querier worker library.
+
+pub mod tls;

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::config::{ServeConfig, TlsSource};
 use crate::metrics::Metrics;
 use crate::queue::QueueConfig;
-use crate::tls::{self, CertSet, Identity, TlsError};
+use crate::tls::{self, CertError, CertSet, Identity, TlsError};
 
 pub use status::{Status, WorkerStatus};
 
@@ -33,6 +33,8 @@ use dispatcher::{Command, Dispatcher};
 pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Certs(#[from] CertError),
     #[error("cannot listen on {addr}: {error}")]
     Bind { addr: SocketAddr, error: std::io::Error },
     #[error("invalid queue configuration: {0}")]
