@@ -1,3 +1,16 @@
 //! Sluice client library: the frontend client and the querier worker library.
+//!
+//! - [`Frontend`]: enqueue sub-queries on one or more schedulers and receive their results,
+//!   streamed, on a QUIC result endpoint of its own.
+//! - [`Querier`]: run worker loops against every scheduler, execute what they are handed
+//!   with your [`Handler`], and send results straight to the frontend that asked.
 
+mod error;
+mod frontend;
+mod querier;
 pub mod tls;
+
+pub use error::{ClientError, QueryError};
+pub use frontend::{Body, Frontend, FrontendConfig, FrontendStats, QueryHandle, QueryRequest, QueryResponse};
+pub use querier::{Handler, HandlerError, Querier, QuerierConfig, Request, Response, ResponseBody};
+pub use sluice_protocol::{FrontendAddress, Metadata, QueryId};

@@ -210,6 +210,17 @@ impl Server {
             .map_err(ServerError::Queue)
     }
 
+    /// Stops at once, as a crash would: connections are closed without a drain or a
+    /// hand-back (peers see the connection die). For tests and chaos experiments.
+    pub fn abort(self) {
+        self.stop_accepting.cancel();
+        self.endpoint
+            .close(close_code::SHUTTING_DOWN.into(), b"scheduler aborted");
+        self.accept_task.abort();
+        self.admin_task.abort();
+        self.dispatcher_task.abort();
+    }
+
     /// Graceful shutdown: new enqueues are answered `ShuttingDown`, queued work keeps
     /// dispatching for up to the drain timeout, whatever is still queued then is handed
     /// back to its frontend with an explicit error, and the endpoint closes.

@@ -17,12 +17,17 @@ pub const WAIT: Duration = Duration::from_secs(5);
 pub struct TestServer {
     pub server: Server,
     pub certs: CertSet,
-    _dir: tempfile::TempDir,
+    _dir: Arc<tempfile::TempDir>,
 }
 
-/// Starts a scheduler on 127.0.0.1 (ephemeral port) with development certificates.
+/// Starts a scheduler on 127.0.0.1 (ephemeral port) with its own development CA.
 pub async fn start(tweak: impl FnOnce(&mut Settings)) -> TestServer {
-    let dir = tempfile::tempdir().unwrap();
+    start_in(Arc::new(tempfile::tempdir().unwrap()), tweak).await
+}
+
+/// Starts a scheduler whose development certificates live in `dir`: schedulers started
+/// in the same directory share one CA, as the schedulers of one cluster do.
+pub async fn start_in(dir: Arc<tempfile::TempDir>, tweak: impl FnOnce(&mut Settings)) -> TestServer {
     let mut settings = Settings {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -38,6 +43,11 @@ pub async fn start(tweak: impl FnOnce(&mut Settings)) -> TestServer {
         certs,
         _dir: dir,
     }
+}
+
+/// A directory for the certificates of several schedulers.
+pub fn cluster_dir() -> Arc<tempfile::TempDir> {
+    Arc::new(tempfile::tempdir().unwrap())
 }
 
 impl TestServer {

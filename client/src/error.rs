@@ -1,0 +1,53 @@
+//! Errors the client crate returns: one for setting up, one per query.
+
+use thiserror::Error;
+
+use crate::tls::TlsError;
+
+/// Why a frontend client or querier could not start.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot bind {addr}: {error}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("no scheduler address given")]
+    NoSchedulers,
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// How a query ended without a result.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum QueryError {
+    /// Every scheduler tried already holds the tenant's maximum of queued queries.
+    #[error("the tenant has too many queries queued (limit {limit})")]
+    TooManyOutstanding { limit: u32 },
+    /// Every scheduler tried is full.
+    #[error("every scheduler's queue is full")]
+    QueueFull,
+    /// The request breaks a limit; retrying will not help.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// No scheduler is connected and accepting work.
+    #[error("no scheduler is available (all shutting down or unreachable)")]
+    NoScheduler,
+    /// The querier running the query went away.
+    #[error("the querier failed: {0}")]
+    QuerierFailed(String),
+    /// The deadline passed before a querier took the query.
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+    /// The querier's handler returned an error (or panicked).
+    #[error("the query failed: {0}")]
+    Failed(String),
+    /// The query was cancelled (by the scheduler, or the client is shutting down).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+    /// A peer broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}

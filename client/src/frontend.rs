@@ -1,0 +1,790 @@
+//! The frontend client: enqueue sub-queries on the schedulers, receive their results.
+//!
+//! A [`Frontend`] keeps one connection per scheduler (reconnecting with backoff) and runs
+//! a QUIC *result endpoint* that queriers send results to directly. Only querier
+//! certificates may deliver results, and only for queries this frontend has outstanding,
+//! for the same tenant.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sluice_protocol::{
+    Enqueue, EnqueueStatus, FramedRead, FramedWrite, FrontendAddress, FrontendToScheduler, Hello, HelloReply, Limits,
+    Metadata, QueryErrorKind, QueryId, RefuseReason, ResultFrame, ResultReceipt, Role, SchedulerToFrontend, StreamKind,
+    close_code,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::error::{ClientError, QueryError};
+use crate::tls::{self, Identity};
+
+/// Settings of a [`Frontend`].
+#[derive(Debug, Clone)]
+pub struct FrontendConfig {
+    /// This frontend's id, unique among frontends.
+    pub id: String,
+    /// Its certificate (role `frontend`), key, and the CA.
+    pub identity: Identity,
+    /// Scheduler QUIC addresses.
+    pub schedulers: Vec<SocketAddr>,
+    /// TLS name the schedulers' certificates are checked against.
+    pub scheduler_server_name: String,
+    /// Where the result endpoint listens.
+    pub result_listen: SocketAddr,
+    /// `host:port` queriers dial for results; defaults to the bound address.
+    pub result_advertise: Option<String>,
+    /// TLS name queriers check this frontend's certificate against.
+    pub result_server_name: String,
+    /// How long `submit` waits for a scheduler to become available.
+    pub enqueue_wait: Duration,
+    /// Largest frame sent or accepted.
+    pub max_frame_len: u32,
+}
+
+impl FrontendConfig {
+    /// Defaults for a frontend on this host: result endpoint on 127.0.0.1 (any port),
+    /// TLS names `localhost` (as in the development certificates).
+    pub fn new(id: impl Into<String>, identity: Identity, schedulers: Vec<SocketAddr>) -> Self {
+        FrontendConfig {
+            id: id.into(),
+            identity,
+            schedulers,
+            scheduler_server_name: "localhost".into(),
+            result_listen: "127.0.0.1:0".parse().expect("valid address"),
+            result_advertise: None,
+            result_server_name: "localhost".into(),
+            enqueue_wait: Duration::from_secs(5),
+            max_frame_len: Limits::default().max_frame_len,
+        }
+    }
+}
+
+/// One sub-query to run.
+#[derive(Debug, Clone, Default)]
+pub struct QueryRequest {
+    pub tenant: String,
+    /// Actor path below the tenant (user, dashboard…), outermost first.
+    pub actors: Vec<String>,
+    /// The backend the query hits, if known.
+    pub component: Option<String>,
+    pub priority: Option<u8>,
+    pub cost_hint: Option<u32>,
+    /// Time the query may take from enqueue; `None`: no deadline.
+    pub timeout: Option<Duration>,
+    pub metadata: Metadata,
+    pub payload: Bytes,
+}
+
+impl QueryRequest {
+    /// A request for `tenant` with `payload` and nothing else set.
+    pub fn new(tenant: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        QueryRequest {
+            tenant: tenant.into(),
+            payload: payload.into(),
+            ..QueryRequest::default()
+        }
+    }
+}
+
+/// A result as it starts to arrive: status and metadata now, the body as it streams.
+#[derive(Debug)]
+pub struct QueryResponse {
+    pub status: u16,
+    pub metadata: Metadata,
+    pub body: Body,
+}
+
+/// A result body, received chunk by chunk (never all held in memory by the client).
+#[derive(Debug)]
+pub struct Body {
+    rx: mpsc::Receiver<Result<Bytes, QueryError>>,
+}
+
+impl Body {
+    /// The next chunk; `None` once the body is complete.
+    pub async fn chunk(&mut self) -> Option<Result<Bytes, QueryError>> {
+        self.rx.recv().await
+    }
+
+    /// The whole body in one buffer.
+    pub async fn collect(mut self) -> Result<Vec<u8>, QueryError> {
+        let mut out = Vec::new();
+        while let Some(chunk) = self.chunk().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+}
+
+/// An accepted query. Await [`response`](Self::response); dropping the handle before the
+/// response starts cancels the query (removed if queued, stopped if running).
+#[derive(Debug)]
+pub struct QueryHandle {
+    id: QueryId,
+    shared: Arc<Shared>,
+    rx: Option<oneshot::Receiver<Result<QueryResponse, QueryError>>>,
+}
+
+impl QueryHandle {
+    /// This query's id at this frontend.
+    pub fn id(&self) -> QueryId {
+        self.id
+    }
+
+    /// Waits for the result to start (or for the query to fail).
+    pub async fn response(mut self) -> Result<QueryResponse, QueryError> {
+        let rx = self.rx.take().expect("response is called once");
+        let outcome = rx
+            .await
+            .unwrap_or_else(|_| Err(QueryError::Cancelled("the frontend client stopped".into())));
+        // Answered: nothing left to cancel.
+        self.rx = None;
+        std::mem::forget(self);
+        outcome
+    }
+}
+
+impl Drop for QueryHandle {
+    fn drop(&mut self) {
+        self.shared.cancel(self.id);
+    }
+}
+
+/// Counters of what the result endpoint refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrontendStats {
+    /// Results for a query that already had one (ignored).
+    pub duplicate_results: u64,
+    /// Results for queries this frontend does not have outstanding.
+    pub unknown_results: u64,
+    /// Queries re-enqueued on another scheduler after theirs shut down or was lost.
+    pub requeued: u64,
+}
+
+/// The frontend client. Cheap to clone; all clones share connections and queries.
+#[derive(Debug, Clone)]
+pub struct Frontend {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Being enqueued; the scheduler's answer goes to the sender.
+    Placing(Option<oneshot::Sender<EnqueueStatus>>),
+    Queued,
+    /// The result's head arrived: no more re-enqueueing or cancelling.
+    Started,
+}
+
+#[derive(Debug)]
+struct Outstanding {
+    request: QueryRequest,
+    scheduler: Option<usize>,
+    phase: Phase,
+    done: Option<oneshot::Sender<Result<QueryResponse, QueryError>>>,
+}
+
+#[derive(Debug, Default)]
+struct SchedulerSlot {
+    tx: Option<mpsc::UnboundedSender<FrontendToScheduler>>,
+    draining: bool,
+    queued: u32,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: FrontendConfig,
+    address: FrontendAddress,
+    queries: Mutex<HashMap<QueryId, Outstanding>>,
+    schedulers: Vec<Mutex<SchedulerSlot>>,
+    available: watch::Sender<usize>,
+    next_id: AtomicU64,
+    pick_seed: AtomicU64,
+    stats: Mutex<FrontendStats>,
+    stop: CancellationToken,
+    result_endpoint: quinn::Endpoint,
+}
+
+impl Frontend {
+    /// Starts the result endpoint and the scheduler connections, and waits (up to
+    /// `enqueue_wait`) until at least one scheduler is connected.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// use sluice_client::{Frontend, FrontendConfig, QueryRequest, tls::Identity};
+    ///
+    /// let identity = Identity {
+    ///     ca: "sluice-data/ca.pem".into(),
+    ///     cert: "sluice-data/frontend.pem".into(),
+    ///     key: "sluice-data/frontend-key.pem".into(),
+    /// };
+    /// let frontend = Frontend::connect(FrontendConfig::new("frontend-1", identity, vec!["127.0.0.1:9095".parse()?])).await?;
+    /// let handle = frontend.submit(QueryRequest::new("tenant-a", "sum(rate(x[5m]))")).await?;
+    /// let response = handle.response().await?;
+    /// let body = response.body.collect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(config: FrontendConfig) -> Result<Frontend, ClientError> {
+        if config.schedulers.is_empty() {
+            return Err(ClientError::NoSchedulers);
+        }
+        let mut server_config = tls::quic_server(&config.identity)?;
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_bidi_streams(4096u32.into());
+        server_config.transport_config(Arc::new(transport));
+        let mut result_endpoint =
+            quinn::Endpoint::server(server_config, config.result_listen).map_err(|error| ClientError::Bind {
+                addr: config.result_listen,
+                error,
+            })?;
+        let mut client_config = tls::quic_client(&config.identity)?;
+        client_config.transport_config(Arc::new(client_transport()));
+        result_endpoint.set_default_client_config(client_config);
+        let bound = result_endpoint.local_addr().map_err(|error| ClientError::Bind {
+            addr: config.result_listen,
+            error,
+        })?;
+        let address = FrontendAddress {
+            id: config.id.clone(),
+            address: config.result_advertise.clone().unwrap_or_else(|| bound.to_string()),
+            server_name: config.result_server_name.clone(),
+        };
+        let (available, mut ready) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            schedulers: config.schedulers.iter().map(|_| Mutex::default()).collect(),
+            config,
+            address,
+            queries: Mutex::new(HashMap::new()),
+            available,
+            next_id: AtomicU64::new(1),
+            pick_seed: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
+            stats: Mutex::default(),
+            stop: CancellationToken::new(),
+            result_endpoint: result_endpoint.clone(),
+        });
+        tokio::spawn(result_endpoint_loop(shared.clone(), result_endpoint.clone()));
+        for (i, &addr) in shared.config.schedulers.iter().enumerate() {
+            tokio::spawn(scheduler_loop(shared.clone(), i, addr, result_endpoint.clone()));
+        }
+        let wait = shared.config.enqueue_wait;
+        let _ = tokio::time::timeout(wait, ready.wait_for(|n| *n > 0)).await;
+        Ok(Frontend { shared })
+    }
+
+    /// Enqueues a query and returns once a scheduler accepted it. A scheduler that is full
+    /// for the tenant or shutting down is skipped for another; the error is returned only
+    /// when every scheduler refused.
+    pub async fn submit(&self, request: QueryRequest) -> Result<QueryHandle, QueryError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (done, rx) = oneshot::channel();
+        self.shared.queries.lock().unwrap().insert(
+            id,
+            Outstanding {
+                request,
+                scheduler: None,
+                phase: Phase::Placing(None),
+                done: Some(done),
+            },
+        );
+        let handle = QueryHandle {
+            id,
+            shared: self.shared.clone(),
+            rx: Some(rx),
+        };
+        match self.shared.place(id, &HashSet::new()).await {
+            Ok(()) => Ok(handle),
+            Err(e) => {
+                self.shared.queries.lock().unwrap().remove(&id);
+                std::mem::forget(handle);
+                Err(e)
+            }
+        }
+    }
+
+    /// The address queriers send results to.
+    pub fn result_address(&self) -> &FrontendAddress {
+        &self.shared.address
+    }
+
+    /// Queries submitted and not finished.
+    pub fn outstanding(&self) -> usize {
+        self.shared.queries.lock().unwrap().len()
+    }
+
+    /// Schedulers connected and accepting work.
+    pub fn connected_schedulers(&self) -> usize {
+        *self.shared.available.borrow()
+    }
+
+    /// Counters of refused results and re-enqueued queries.
+    pub fn stats(&self) -> FrontendStats {
+        *self.shared.stats.lock().unwrap()
+    }
+
+    /// Stops every connection and the result endpoint; outstanding queries fail as
+    /// cancelled.
+    pub fn close(&self) {
+        self.shared.stop.cancel();
+        self.shared
+            .result_endpoint
+            .close(close_code::DONE.into(), b"frontend closing");
+        let queries: Vec<_> = self.shared.queries.lock().unwrap().drain().collect();
+        for (_, mut q) in queries {
+            if let Some(done) = q.done.take() {
+                let _ = done.send(Err(QueryError::Cancelled("the frontend client closed".into())));
+            }
+        }
+    }
+}
+
+fn client_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t.max_idle_timeout(Some(
+        Duration::from_secs(5).try_into().expect("5 s is a valid idle timeout"),
+    ));
+    t
+}
+
+impl Shared {
+    /// Picks the less loaded of two schedulers (by their last load hint) among those
+    /// connected, not draining and not in `skip`.
+    fn pick(&self, skip: &HashSet<usize>) -> Option<(usize, mpsc::UnboundedSender<FrontendToScheduler>)> {
+        let candidates: Vec<(usize, u32, mpsc::UnboundedSender<FrontendToScheduler>)> = self
+            .schedulers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !skip.contains(i))
+            .filter_map(|(i, s)| {
+                let s = s.lock().unwrap();
+                match (&s.tx, s.draining) {
+                    (Some(tx), false) => Some((i, s.queued, tx.clone())),
+                    _ => None,
+                }
+            })
+            .collect();
+        let n = candidates.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        let seed = mix(self.pick_seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed));
+        let a = &candidates[(seed % n) as usize];
+        let b = &candidates[((seed >> 32) % n) as usize];
+        let best = if b.1 < a.1 { b } else { a };
+        Some((best.0, best.2.clone()))
+    }
+
+    /// Enqueues query `id` on some scheduler not in `skip`; retries the others on
+    /// refusals that another scheduler may not give.
+    async fn place(self: &Arc<Self>, id: QueryId, skip: &HashSet<usize>) -> Result<(), QueryError> {
+        let mut tried = skip.clone();
+        let mut last = QueryError::NoScheduler;
+        let deadline = tokio::time::Instant::now() + self.config.enqueue_wait;
+        loop {
+            let Some((s, tx)) = self.pick(&tried) else {
+                // Nobody to ask: wait for a (re)connection, unless everyone already refused.
+                if tried.len() > skip.len() || tokio::time::Instant::now() >= deadline {
+                    return Err(last);
+                }
+                let mut ready = self.available.subscribe();
+                let _ = tokio::time::timeout_at(deadline, ready.changed()).await;
+                continue;
+            };
+            tried.insert(s);
+            let (status_tx, status_rx) = oneshot::channel();
+            let frame = {
+                let mut queries = self.queries.lock().unwrap();
+                let Some(q) = queries.get_mut(&id) else {
+                    return Err(QueryError::Cancelled("cancelled while being enqueued".into()));
+                };
+                q.scheduler = Some(s);
+                q.phase = Phase::Placing(Some(status_tx));
+                enqueue_frame(id, &q.request)
+            };
+            if tx.send(frame).is_err() {
+                continue;
+            }
+            let status = match status_rx.await {
+                Ok(status) => status,
+                Err(_) => continue, // that scheduler's connection dropped: try another
+            };
+            match status {
+                EnqueueStatus::Accepted => {
+                    if let Some(q) = self.queries.lock().unwrap().get_mut(&id) {
+                        q.phase = Phase::Queued;
+                    }
+                    return Ok(());
+                }
+                EnqueueStatus::TooManyOutstanding { limit } => last = QueryError::TooManyOutstanding { limit },
+                EnqueueStatus::QueueFull => last = QueryError::QueueFull,
+                EnqueueStatus::ShuttingDown => last = QueryError::NoScheduler,
+                EnqueueStatus::Invalid { reason } => return Err(QueryError::Invalid(reason)),
+                EnqueueStatus::Error { message } => last = QueryError::Protocol(message),
+            }
+        }
+    }
+
+    /// Re-enqueues a query that had not started on another scheduler, in the background.
+    fn requeue(self: &Arc<Self>, id: QueryId, away_from: usize) {
+        let shared = self.clone();
+        self.stats.lock().unwrap().requeued += 1;
+        tokio::spawn(async move {
+            let skip = HashSet::from([away_from]);
+            if let Err(e) = shared.place(id, &skip).await {
+                shared.finish(id, Err(e));
+            }
+        });
+    }
+
+    /// Ends a query with `outcome` and forgets it.
+    fn finish(&self, id: QueryId, outcome: Result<QueryResponse, QueryError>) {
+        if let Some(mut q) = self.queries.lock().unwrap().remove(&id)
+            && let Some(done) = q.done.take()
+        {
+            let _ = done.send(outcome);
+        }
+    }
+
+    /// Withdraws a query whose handle was dropped.
+    fn cancel(&self, id: QueryId) {
+        let Some(q) = self.queries.lock().unwrap().remove(&id) else {
+            return;
+        };
+        if matches!(q.phase, Phase::Started) {
+            return;
+        }
+        if let Some(s) = q.scheduler
+            && let Some(tx) = &self.schedulers[s].lock().unwrap().tx
+        {
+            let _ = tx.send(FrontendToScheduler::Cancel { query_id: id });
+        }
+    }
+
+    fn set_available(&self) {
+        let n = self
+            .schedulers
+            .iter()
+            .filter(|s| {
+                let s = s.lock().unwrap();
+                s.tx.is_some() && !s.draining
+            })
+            .count();
+        self.available.send_replace(n);
+    }
+
+    /// A scheduler connection ended: queries it held that had not started go elsewhere.
+    fn scheduler_lost(self: &Arc<Self>, s: usize) {
+        {
+            let mut slot = self.schedulers[s].lock().unwrap();
+            slot.tx = None;
+        }
+        self.set_available();
+        let mut requeue = Vec::new();
+        {
+            let mut queries = self.queries.lock().unwrap();
+            for (&id, q) in queries.iter_mut() {
+                if q.scheduler != Some(s) {
+                    continue;
+                }
+                match &mut q.phase {
+                    Phase::Placing(waiter) => drop(waiter.take()), // `place` moves on
+                    Phase::Queued => requeue.push(id),
+                    Phase::Started => {}
+                }
+            }
+        }
+        for id in requeue {
+            self.requeue(id, s);
+        }
+    }
+
+    fn on_message(self: &Arc<Self>, s: usize, msg: SchedulerToFrontend) {
+        match msg {
+            SchedulerToFrontend::EnqueueStatus { query_id, status, load } => {
+                self.schedulers[s].lock().unwrap().queued = load.queued;
+                if let Some(q) = self.queries.lock().unwrap().get_mut(&query_id)
+                    && let Phase::Placing(waiter) = &mut q.phase
+                    && let Some(w) = waiter.take()
+                {
+                    let _ = w.send(status);
+                }
+            }
+            SchedulerToFrontend::QueryError {
+                query_id,
+                kind,
+                message,
+            } => {
+                let started = self
+                    .queries
+                    .lock()
+                    .unwrap()
+                    .get(&query_id)
+                    .map(|q| matches!(q.phase, Phase::Started));
+                match (started, kind) {
+                    (None, _) | (Some(true), _) => {} // finished, or the result stream decides
+                    (Some(false), QueryErrorKind::HandedBack) => self.requeue(query_id, s),
+                    (Some(false), kind) => {
+                        let e = match kind {
+                            QueryErrorKind::QuerierFailed => QueryError::QuerierFailed(message),
+                            QueryErrorKind::DeadlineExceeded => QueryError::DeadlineExceeded(message),
+                            QueryErrorKind::Cancelled | QueryErrorKind::HandedBack => QueryError::Cancelled(message),
+                            QueryErrorKind::Internal => QueryError::Protocol(message),
+                        };
+                        self.finish(query_id, Err(e));
+                    }
+                }
+            }
+            SchedulerToFrontend::ShuttingDown => {
+                self.schedulers[s].lock().unwrap().draining = true;
+                self.set_available();
+            }
+        }
+    }
+}
+
+fn enqueue_frame(id: QueryId, r: &QueryRequest) -> FrontendToScheduler {
+    FrontendToScheduler::Enqueue(Enqueue {
+        query_id: id,
+        tenant: r.tenant.clone(),
+        actors: r.actors.clone(),
+        component: r.component.clone(),
+        priority: r.priority,
+        cost_hint: r.cost_hint,
+        timeout_ms: r.timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        metadata: r.metadata.clone(),
+        payload: r.payload.clone(),
+    })
+}
+
+/// splitmix64's finaliser, for picking two schedulers at random.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Keeps one scheduler connected, reconnecting with backoff (50 ms doubling to 5 s).
+async fn scheduler_loop(shared: Arc<Shared>, s: usize, addr: SocketAddr, endpoint: quinn::Endpoint) {
+    let mut backoff = Duration::from_millis(50);
+    while !shared.stop.is_cancelled() {
+        match serve_scheduler(&shared, s, addr, &endpoint, &mut backoff).await {
+            Ok(()) => debug!(%addr, "scheduler connection closed"),
+            Err(e) => warn!(%addr, error = %e, retry_in = ?backoff, "cannot reach scheduler"),
+        }
+        shared.scheduler_lost(s);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shared.stop.cancelled() => break,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn serve_scheduler(
+    shared: &Arc<Shared>,
+    s: usize,
+    addr: SocketAddr,
+    endpoint: &quinn::Endpoint,
+    backoff: &mut Duration,
+) -> Result<(), String> {
+    let conn = endpoint
+        .connect(addr, &shared.config.scheduler_server_name)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let max = shared.config.max_frame_len;
+    let mut writer = FramedWrite::new(send, max);
+    let mut reader = FramedRead::new(recv, max);
+    writer
+        .send(&Hello::new(Role::Frontend, &shared.config.id, StreamKind::FrontendLoop))
+        .await
+        .map_err(|e| e.to_string())?;
+    match reader.next::<HelloReply>().await.map_err(|e| e.to_string())? {
+        Some(HelloReply::Welcome { .. }) => {}
+        Some(HelloReply::Rejected { code, message }) => return Err(format!("refused ({code:?}): {message}")),
+        None => return Err("closed before the hello reply".into()),
+    }
+    writer
+        .send(&FrontendToScheduler::ResultEndpoint(shared.address.clone()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<FrontendToScheduler>();
+    {
+        let mut slot = shared.schedulers[s].lock().unwrap();
+        slot.tx = Some(tx);
+        slot.draining = false;
+    }
+    shared.set_available();
+    *backoff = Duration::from_millis(50);
+    let writer_task = tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(m) = next.take().or_else(|| rx.try_recv().ok()) {
+                if writer.buffer(&m).is_err() {
+                    return;
+                }
+            }
+            if writer.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let result = loop {
+        tokio::select! {
+            msg = reader.next::<SchedulerToFrontend>() => match msg {
+                Ok(Some(m)) => shared.on_message(s, m),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e.to_string()),
+            },
+            _ = shared.stop.cancelled() => {
+                conn.close(close_code::DONE.into(), b"frontend closing");
+                break Ok(());
+            }
+        }
+    };
+    writer_task.abort();
+    result
+}
+
+async fn result_endpoint_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else { return };
+            match tls::peer_role(&conn) {
+                Ok(Role::Querier) => {}
+                other => {
+                    warn!(remote = %conn.remote_address(), ?other, "refusing a result connection from a non-querier");
+                    conn.close(
+                        close_code::ROLE_NOT_ALLOWED.into(),
+                        b"only queriers may deliver results",
+                    );
+                    return;
+                }
+            }
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                tokio::spawn(receive_result(shared.clone(), conn.clone(), send, recv));
+            }
+        });
+    }
+}
+
+/// Reads one result stream and hands it to the waiting query.
+async fn receive_result(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let max = shared.config.max_frame_len;
+    let mut reader = FramedRead::new(recv, max);
+    let mut writer = FramedWrite::new(send, max);
+    match reader.hello().await {
+        Ok(Some(h)) if h.role == Role::Querier && h.stream == StreamKind::Result => {}
+        _ => {
+            conn.close(close_code::PROTOCOL_ERROR.into(), b"expected a result hello");
+            return;
+        }
+    }
+    let welcome = HelloReply::Welcome {
+        id: shared.config.id.clone(),
+    };
+    if writer.send(&welcome).await.is_err() {
+        return;
+    }
+    let receipt = deliver(&shared, &mut reader).await;
+    if let ResultReceipt::Refused { reason } = &receipt {
+        let mut stats = shared.stats.lock().unwrap();
+        match reason {
+            RefuseReason::Duplicate => stats.duplicate_results += 1,
+            RefuseReason::UnknownQuery => stats.unknown_results += 1,
+            _ => {}
+        }
+    }
+    let _ = writer.send(&receipt).await;
+    let _ = writer.get_mut().finish();
+}
+
+async fn deliver(shared: &Arc<Shared>, reader: &mut FramedRead<quinn::RecvStream>) -> ResultReceipt {
+    let refused = |reason| ResultReceipt::Refused { reason };
+    enum First {
+        Head { status: u16, metadata: Metadata },
+        Failed(String),
+    }
+    let (query_id, tenant, first) = match reader.next::<ResultFrame>().await {
+        Ok(Some(ResultFrame::Head {
+            query_id,
+            tenant,
+            status,
+            metadata,
+        })) => (query_id, tenant, First::Head { status, metadata }),
+        Ok(Some(ResultFrame::Error {
+            query_id,
+            tenant,
+            message,
+        })) => (query_id, tenant, First::Failed(message)),
+        _ => return refused(RefuseReason::Malformed),
+    };
+    // Claim the query: it must be outstanding, for this tenant, and not started yet.
+    let done = {
+        let mut queries = shared.queries.lock().unwrap();
+        let Some(q) = queries.get_mut(&query_id) else {
+            return refused(RefuseReason::UnknownQuery);
+        };
+        if q.request.tenant != tenant {
+            return refused(RefuseReason::TenantMismatch);
+        }
+        if matches!(q.phase, Phase::Started) || q.done.is_none() {
+            return refused(RefuseReason::Duplicate);
+        }
+        q.phase = Phase::Started;
+        q.done.take().expect("checked above")
+    };
+    let (status, metadata) = match first {
+        First::Head { status, metadata } => (status, metadata),
+        First::Failed(message) => {
+            shared.queries.lock().unwrap().remove(&query_id);
+            let _ = done.send(Err(QueryError::Failed(message)));
+            return ResultReceipt::Delivered;
+        }
+    };
+    let (body_tx, rx) = mpsc::channel(16);
+    let _ = done.send(Ok(QueryResponse {
+        status,
+        metadata,
+        body: Body { rx },
+    }));
+    let mut received: u64 = 0;
+    let receipt = loop {
+        match reader.next::<ResultFrame>().await {
+            Ok(Some(ResultFrame::Chunk(bytes))) => {
+                received += bytes.len() as u64;
+                if body_tx.send(Ok(bytes)).await.is_err() {
+                    break ResultReceipt::Delivered; // the caller stopped reading
+                }
+            }
+            Ok(Some(ResultFrame::End { total_len })) if total_len == received => break ResultReceipt::Delivered,
+            Ok(Some(_)) => {
+                let _ = body_tx
+                    .send(Err(QueryError::Protocol("malformed result stream".into())))
+                    .await;
+                break refused(RefuseReason::Malformed);
+            }
+            Ok(None) | Err(_) => {
+                let _ = body_tx
+                    .send(Err(QueryError::QuerierFailed("result stream broken".into())))
+                    .await;
+                break refused(RefuseReason::Malformed);
+            }
+        }
+    };
+    shared.queries.lock().unwrap().remove(&query_id);
+    receipt
+}

@@ -1,0 +1,497 @@
+//! The querier worker library: worker loops that pull queries from every scheduler, run
+//! them through your [`Handler`], and send the results straight to the frontend that asked.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sluice_protocol::{
+    Dispatch, Finished, FramedRead, FramedWrite, FrontendAddress, Hello, HelloReply, Limits, Metadata, Notice,
+    NoticeReply, QuerierToScheduler, ResultFrame, ResultReceipt, Role, SchedulerToQuerier, StreamKind, close_code,
+};
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::error::ClientError;
+use crate::tls::{self, Identity};
+
+/// Settings of a [`Querier`].
+#[derive(Debug, Clone)]
+pub struct QuerierConfig {
+    /// This querier's id: stable across restarts, so its shuffle shards are kept.
+    pub id: String,
+    /// Its certificate (role `querier`), key, and the CA.
+    pub identity: Identity,
+    /// Scheduler QUIC addresses; the querier serves all of them.
+    pub schedulers: Vec<SocketAddr>,
+    /// TLS name the schedulers' certificates are checked against.
+    pub scheduler_server_name: String,
+    /// Worker loops per scheduler (queries run at once, per scheduler).
+    pub concurrency: usize,
+    /// Result body bytes per chunk frame.
+    pub chunk_size: usize,
+    /// Attempts to deliver a result before giving up on it.
+    pub delivery_attempts: u32,
+    /// Largest frame sent or accepted.
+    pub max_frame_len: u32,
+}
+
+impl QuerierConfig {
+    /// Defaults: 4 workers per scheduler, 256 KiB chunks, 3 delivery attempts, TLS name
+    /// `localhost` (as in the development certificates).
+    pub fn new(id: impl Into<String>, identity: Identity, schedulers: Vec<SocketAddr>) -> Self {
+        QuerierConfig {
+            id: id.into(),
+            identity,
+            schedulers,
+            scheduler_server_name: "localhost".into(),
+            concurrency: 4,
+            chunk_size: 256 * 1024,
+            delivery_attempts: 3,
+            max_frame_len: Limits::default().max_frame_len,
+        }
+    }
+}
+
+/// A query handed to the handler.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub query_id: u64,
+    pub tenant: String,
+    pub actors: Vec<String>,
+    pub component: Option<String>,
+    pub metadata: Metadata,
+    /// Time the query waited in the scheduler's queue.
+    pub queue_time: Duration,
+    /// Time left before its deadline, if it has one.
+    pub timeout: Option<Duration>,
+    pub payload: Bytes,
+    /// Fires when the frontend cancels the query: stop work and return.
+    pub cancelled: CancellationToken,
+}
+
+/// A result body: all at once, or streamed as the handler produces it.
+#[derive(Debug)]
+pub enum ResponseBody {
+    Bytes(Bytes),
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+/// What the handler returns for a query.
+#[derive(Debug)]
+pub struct Response {
+    /// HTTP-style status (200 = success).
+    pub status: u16,
+    pub metadata: Metadata,
+    pub body: ResponseBody,
+}
+
+impl Response {
+    /// A 200 response with a body held in memory.
+    pub fn ok(body: impl Into<Bytes>) -> Self {
+        Response {
+            status: 200,
+            metadata: Vec::new(),
+            body: ResponseBody::Bytes(body.into()),
+        }
+    }
+
+    /// A response whose body is sent as the handler produces it.
+    pub fn stream(status: u16, body: mpsc::Receiver<Bytes>) -> Self {
+        Response {
+            status,
+            metadata: Vec::new(),
+            body: ResponseBody::Stream(body),
+        }
+    }
+}
+
+/// A handler's failure; sent to the frontend as the query's error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError(pub String);
+
+impl<T: std::fmt::Display> From<T> for HandlerError {
+    fn from(e: T) -> Self {
+        HandlerError(e.to_string())
+    }
+}
+
+/// What a querier runs for each query. Implement it with an `async fn`.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, request: Request) -> impl Future<Output = Result<Response, HandlerError>> + Send;
+}
+
+/// A running querier.
+pub struct Querier {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    config: QuerierConfig,
+    endpoint: quinn::Endpoint,
+    schedulers: Vec<Mutex<Option<quinn::Connection>>>,
+    frontends: Mutex<HashMap<String, quinn::Connection>>,
+    /// Stop asking for work (graceful shutdown: after the current query).
+    stopping: CancellationToken,
+}
+
+impl Querier {
+    /// Starts `concurrency` worker loops against every scheduler.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// use sluice_client::{Handler, HandlerError, Querier, QuerierConfig, Request, Response, tls::Identity};
+    ///
+    /// struct Echo;
+    /// impl Handler for Echo {
+    ///     async fn handle(&self, request: Request) -> Result<Response, HandlerError> {
+    ///         Ok(Response::ok(request.payload))
+    ///     }
+    /// }
+    ///
+    /// let identity = Identity {
+    ///     ca: "sluice-data/ca.pem".into(),
+    ///     cert: "sluice-data/querier.pem".into(),
+    ///     key: "sluice-data/querier-key.pem".into(),
+    /// };
+    /// let querier = Querier::start(QuerierConfig::new("querier-1", identity, vec!["127.0.0.1:9095".parse()?]), Echo)?;
+    /// // … until it is time to stop:
+    /// querier.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn start<H: Handler>(config: QuerierConfig, handler: H) -> Result<Querier, ClientError> {
+        if config.schedulers.is_empty() {
+            return Err(ClientError::NoSchedulers);
+        }
+        if config.concurrency == 0 || config.chunk_size == 0 || config.delivery_attempts == 0 {
+            return Err(ClientError::Config(
+                "concurrency, chunk_size and delivery_attempts must be at least 1".into(),
+            ));
+        }
+        let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|error| ClientError::Bind { addr: bind, error })?;
+        let mut client = tls::quic_client(&config.identity)?;
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(1)));
+        transport.max_idle_timeout(Some(Duration::from_secs(5).try_into().expect("valid idle timeout")));
+        client.transport_config(Arc::new(transport));
+        endpoint.set_default_client_config(client);
+        let shared = Arc::new(Shared {
+            schedulers: config.schedulers.iter().map(|_| Mutex::new(None)).collect(),
+            config,
+            endpoint,
+            frontends: Mutex::new(HashMap::new()),
+            stopping: CancellationToken::new(),
+        });
+        let handler = Arc::new(handler);
+        let mut workers = Vec::new();
+        for s in 0..shared.config.schedulers.len() {
+            for _ in 0..shared.config.concurrency {
+                workers.push(tokio::spawn(worker_loop(shared.clone(), s, handler.clone())));
+            }
+        }
+        Ok(Querier { shared, workers })
+    }
+
+    /// Graceful shutdown: tells every scheduler this querier is leaving, lets running
+    /// queries finish and their results reach their frontends, then closes.
+    pub async fn shutdown(self) {
+        self.shared.stopping.cancel();
+        for s in 0..self.shared.schedulers.len() {
+            if let Err(e) = notify_shutdown(&self.shared, s).await {
+                debug!(scheduler = s, error = %e, "shutdown notice not delivered");
+            }
+        }
+        for w in self.workers {
+            let _ = w.await;
+        }
+        self.shared
+            .endpoint
+            .close(close_code::DONE.into(), b"querier shutting down");
+        self.shared.endpoint.wait_idle().await;
+    }
+
+    /// Stops at once, as a crash would (in-flight queries fail at their frontends).
+    pub fn abort(self) {
+        for w in &self.workers {
+            w.abort();
+        }
+        self.shared.endpoint.close(close_code::DONE.into(), b"querier aborted");
+    }
+}
+
+async fn scheduler_connection(shared: &Shared, s: usize) -> Result<quinn::Connection, String> {
+    let mut slot = shared.schedulers[s].lock().await;
+    if let Some(c) = slot.as_ref()
+        && c.close_reason().is_none()
+    {
+        return Ok(c.clone());
+    }
+    let addr = shared.config.schedulers[s];
+    let conn = shared
+        .endpoint
+        .connect(addr, &shared.config.scheduler_server_name)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    *slot = Some(conn.clone());
+    Ok(conn)
+}
+
+type Stream = (FramedWrite<quinn::SendStream>, FramedRead<quinn::RecvStream>);
+
+async fn open(shared: &Shared, conn: &quinn::Connection, stream: StreamKind) -> Result<Stream, String> {
+    let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let max = shared.config.max_frame_len;
+    let (mut w, mut r) = (FramedWrite::new(send, max), FramedRead::new(recv, max));
+    w.send(&Hello::new(Role::Querier, &shared.config.id, stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    match r.next::<HelloReply>().await.map_err(|e| e.to_string())? {
+        Some(HelloReply::Welcome { .. }) => Ok((w, r)),
+        Some(HelloReply::Rejected { code, message }) => Err(format!("refused ({code:?}): {message}")),
+        None => Err("closed before the hello reply".into()),
+    }
+}
+
+async fn notify_shutdown(shared: &Shared, s: usize) -> Result<(), String> {
+    let conn = shared.schedulers[s].lock().await.clone().ok_or("not connected")?;
+    let (mut w, mut r) = open(shared, &conn, StreamKind::ShutdownNotice).await?;
+    w.send(&Notice::QuerierShuttingDown).await.map_err(|e| e.to_string())?;
+    match r.next::<NoticeReply>().await.map_err(|e| e.to_string())? {
+        Some(NoticeReply::Acknowledged) => Ok(()),
+        None => Err("closed before acknowledging".into()),
+    }
+}
+
+/// One worker against one scheduler: reconnects with backoff until the querier stops.
+async fn worker_loop<H: Handler>(shared: Arc<Shared>, s: usize, handler: Arc<H>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match serve(&shared, s, &handler, &mut backoff).await {
+            Ok(()) => return, // told to stop
+            Err(e) => debug!(scheduler = %shared.config.schedulers[s], error = %e, "worker stream lost"),
+        }
+        if shared.stopping.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shared.stopping.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Runs the dequeue loop on one stream; `Ok` when the scheduler says to stop.
+async fn serve<H: Handler>(
+    shared: &Arc<Shared>,
+    s: usize,
+    handler: &Arc<H>,
+    backoff: &mut Duration,
+) -> Result<(), String> {
+    let conn = scheduler_connection(shared, s).await?;
+    let (mut w, mut r) = open(shared, &conn, StreamKind::DequeueLoop).await?;
+    *backoff = Duration::from_millis(50);
+    let mut finished = None;
+    loop {
+        w.send(&QuerierToScheduler::Ready {
+            finished: finished.take(),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let dispatch = loop {
+            match r.next::<SchedulerToQuerier>().await.map_err(|e| e.to_string())? {
+                Some(SchedulerToQuerier::Dispatch(d)) => break *d,
+                Some(SchedulerToQuerier::Cancel { .. }) => {} // for a query already done
+                Some(SchedulerToQuerier::ShuttingDown) => return Ok(()),
+                None => return Err("scheduler closed the stream".into()),
+            }
+        };
+        let (frontend_id, query_id) = (dispatch.frontend.id.clone(), dispatch.query_id);
+        let stop_after = run(shared, handler, dispatch, &mut r).await?;
+        finished = Some(Finished {
+            frontend_id,
+            query_id,
+            measured_cost: None,
+        });
+        if stop_after {
+            let _ = w
+                .send(&QuerierToScheduler::Ready {
+                    finished: finished.take(),
+                })
+                .await;
+            return Ok(());
+        }
+    }
+}
+
+/// Runs one query while watching the stream for its cancel; delivers the result.
+/// Returns whether the scheduler said to stop meanwhile.
+async fn run<H: Handler>(
+    shared: &Arc<Shared>,
+    handler: &Arc<H>,
+    d: Dispatch,
+    r: &mut FramedRead<quinn::RecvStream>,
+) -> Result<bool, String> {
+    let cancelled = CancellationToken::new();
+    let request = Request {
+        query_id: d.query_id,
+        tenant: d.tenant.clone(),
+        actors: d.actors.clone(),
+        component: d.component.clone(),
+        metadata: d.metadata.clone(),
+        queue_time: Duration::from_micros(d.queue_time_us),
+        timeout: d.timeout_ms.map(Duration::from_millis),
+        payload: d.payload.clone(),
+        cancelled: cancelled.clone(),
+    };
+    let h = handler.clone();
+    // A task of its own, so a panic becomes an error result instead of a dead worker.
+    let mut task = tokio::spawn(async move { h.handle(request).await });
+    let mut stop_after = false;
+    let outcome = loop {
+        tokio::select! {
+            joined = &mut task => break match joined {
+                Ok(outcome) => outcome,
+                Err(e) if e.is_panic() => Err(HandlerError(format!("handler panicked: {}", panic_message(e)))),
+                Err(e) => Err(HandlerError(format!("handler task failed: {e}"))),
+            },
+            msg = r.next::<SchedulerToQuerier>(), if !stop_after => match msg {
+                Ok(Some(SchedulerToQuerier::Cancel { query_id })) if query_id == d.query_id => cancelled.cancel(),
+                Ok(Some(SchedulerToQuerier::ShuttingDown)) => stop_after = true,
+                Ok(Some(_)) => {}
+                // The scheduler is gone; the result still goes to the frontend.
+                Ok(None) | Err(_) => stop_after = true,
+            },
+        }
+    };
+    if cancelled.is_cancelled() {
+        debug!(query = d.query_id, "cancelled; no result sent");
+        return Ok(stop_after);
+    }
+    if let Err(e) = deliver(shared, &d, outcome).await {
+        warn!(query = d.query_id, frontend = %d.frontend.address, error = %e, "result not delivered");
+    }
+    Ok(stop_after)
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+async fn frontend_connection(shared: &Shared, to: &FrontendAddress) -> Result<quinn::Connection, String> {
+    let mut cache = shared.frontends.lock().await;
+    if let Some(c) = cache.get(&to.address)
+        && c.close_reason().is_none()
+    {
+        return Ok(c.clone());
+    }
+    let addr = tokio::net::lookup_host(&to.address)
+        .await
+        .map_err(|e| format!("{}: {e}", to.address))?
+        .next()
+        .ok_or_else(|| format!("{}: no address", to.address))?;
+    let conn = shared
+        .endpoint
+        .connect(addr, &to.server_name)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    cache.insert(to.address.clone(), conn.clone());
+    Ok(conn)
+}
+
+/// Sends a result to its frontend, retrying transport failures while the body can be
+/// sent again (a streamed body is sent once).
+async fn deliver(shared: &Shared, d: &Dispatch, outcome: Result<Response, HandlerError>) -> Result<(), String> {
+    let (head, mut body) = match outcome {
+        Ok(resp) => (
+            ResultFrame::Head {
+                query_id: d.query_id,
+                tenant: d.tenant.clone(),
+                status: resp.status,
+                metadata: resp.metadata,
+            },
+            Some(resp.body),
+        ),
+        Err(HandlerError(message)) => (
+            ResultFrame::Error {
+                query_id: d.query_id,
+                tenant: d.tenant.clone(),
+                message,
+            },
+            None,
+        ),
+    };
+    let mut last = String::new();
+    for attempt in 1..=shared.config.delivery_attempts {
+        let conn = match frontend_connection(shared, &d.frontend).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = e;
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                continue;
+            }
+        };
+        let streamed = matches!(body, Some(ResponseBody::Stream(_)));
+        match send_result(shared, &conn, &head, &mut body).await {
+            Ok(ResultReceipt::Delivered) => return Ok(()),
+            Ok(ResultReceipt::Refused { reason }) => return Err(format!("frontend refused the result: {reason:?}")),
+            Err(e) if streamed => return Err(format!("streamed result broken: {e}")),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn send_result(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    head: &ResultFrame,
+    body: &mut Option<ResponseBody>,
+) -> Result<ResultReceipt, String> {
+    let (mut w, mut r) = open(shared, conn, StreamKind::Result).await?;
+    let io = |e: sluice_protocol::WriteError| e.to_string();
+    w.send(head).await.map_err(io)?;
+    if let Some(b) = body {
+        let chunk = shared.config.chunk_size;
+        let mut total: u64 = 0;
+        match b {
+            ResponseBody::Bytes(bytes) => {
+                let mut rest = bytes.clone();
+                while !rest.is_empty() {
+                    let piece = rest.split_to(chunk.min(rest.len()));
+                    total += piece.len() as u64;
+                    w.send(&ResultFrame::Chunk(piece)).await.map_err(io)?;
+                }
+            }
+            ResponseBody::Stream(rx) => {
+                while let Some(mut bytes) = rx.recv().await {
+                    while !bytes.is_empty() {
+                        let piece = bytes.split_to(chunk.min(bytes.len()));
+                        total += piece.len() as u64;
+                        w.send(&ResultFrame::Chunk(piece)).await.map_err(io)?;
+                    }
+                }
+            }
+        }
+        w.send(&ResultFrame::End { total_len: total }).await.map_err(io)?;
+    }
+    let _ = w.get_mut().finish();
+    r.next::<ResultReceipt>()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "frontend closed without a receipt".into())
+}

@@ -1,0 +1,462 @@
+//! The client crate against real schedulers over QUIC on loopback: a frontend and
+//! queriers as users write them.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use sluice_client::*;
+use tokio::sync::mpsc;
+
+/// Answers with the payload, after `delay`; panics on payload "panic"; waits for the
+/// cancel on payload "hang" and reports it.
+struct TestHandler {
+    delay: Duration,
+    cancelled: mpsc::UnboundedSender<u64>,
+    started: mpsc::UnboundedSender<u64>,
+}
+
+impl Handler for TestHandler {
+    async fn handle(&self, request: Request) -> Result<Response, HandlerError> {
+        let _ = self.started.send(request.query_id);
+        match &request.payload[..] {
+            b"panic" => panic!("boom"),
+            b"fail" => Err(HandlerError("no such metric".into())),
+            b"hang" => {
+                request.cancelled.cancelled().await;
+                let _ = self.cancelled.send(request.query_id);
+                Err(HandlerError("cancelled".into()))
+            }
+            b"big" => {
+                let (tx, rx) = mpsc::channel(2);
+                tokio::spawn(async move {
+                    for i in 0..64u8 {
+                        if tx.send(Bytes::from(vec![i; 1 << 20])).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                Ok(Response::stream(200, rx))
+            }
+            _ => {
+                tokio::time::sleep(self.delay).await;
+                let mut r = Response::ok(request.payload.clone());
+                r.metadata.push(("tenant".into(), request.tenant.clone()));
+                Ok(r)
+            }
+        }
+    }
+}
+
+struct Events {
+    cancelled: mpsc::UnboundedReceiver<u64>,
+    started: mpsc::UnboundedReceiver<u64>,
+}
+
+fn handler(delay: Duration) -> (TestHandler, Events) {
+    let (ctx, crx) = mpsc::unbounded_channel();
+    let (stx, srx) = mpsc::unbounded_channel();
+    (
+        TestHandler {
+            delay,
+            cancelled: ctx,
+            started: stx,
+        },
+        Events {
+            cancelled: crx,
+            started: srx,
+        },
+    )
+}
+
+async fn frontend_for(servers: &[&TestServer]) -> Frontend {
+    let config = FrontendConfig::new(
+        "frontend-1",
+        servers[0].certs.frontend.clone(),
+        servers.iter().map(|t| t.server.quic_addr()).collect(),
+    );
+    Frontend::connect(config).await.unwrap()
+}
+
+fn querier_for(id: &str, servers: &[&TestServer], concurrency: usize, h: TestHandler) -> Querier {
+    let mut config = QuerierConfig::new(
+        id,
+        servers[0].certs.querier.clone(),
+        servers.iter().map(|t| t.server.quic_addr()).collect(),
+    );
+    config.concurrency = concurrency;
+    Querier::start(config, h).unwrap()
+}
+
+/// Waits until the frontend is connected to `n` schedulers.
+async fn wait_connected(fe: &Frontend, n: usize) {
+    wait("scheduler connections", async {
+        while fe.connected_schedulers() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+async fn wait<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+async fn body_of(handle: QueryHandle) -> Result<Vec<u8>, QueryError> {
+    wait("a response", async { handle.response().await?.body.collect().await }).await
+}
+
+#[tokio::test]
+async fn request_to_result() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let (h, _events) = handler(Duration::ZERO);
+    let q = querier_for("querier-1", &[&t], 2, h);
+    let mut req = QueryRequest::new("tenant-a", "sum(rate(x[5m]))");
+    req.actors = vec!["user-1".into()];
+    let handle = fe.submit(req).await.unwrap();
+    let response = wait("response", handle.response()).await.unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.metadata, [("tenant".to_string(), "tenant-a".to_string())]);
+    assert_eq!(response.body.collect().await.unwrap(), b"sum(rate(x[5m]))");
+    assert_eq!(fe.outstanding(), 0);
+    q.shutdown().await;
+}
+
+#[tokio::test]
+async fn many_concurrent_queries_all_come_back_right() {
+    let t = start(|s| s.max_outstanding_per_tenant = Some(1000)).await;
+    let fe = frontend_for(&[&t]).await;
+    let (h, _events) = handler(Duration::from_millis(1));
+    let q = querier_for("querier-1", &[&t], 8, h);
+    let mut handles = Vec::new();
+    for i in 0..300 {
+        let req = QueryRequest::new(format!("tenant-{}", i % 7), format!("query {i}"));
+        handles.push((i, fe.submit(req).await.unwrap()));
+    }
+    let results = futures_join(handles.into_iter().map(|(i, h)| async move { (i, body_of(h).await) })).await;
+    for (i, body) in results {
+        assert_eq!(body.unwrap(), format!("query {i}").as_bytes());
+    }
+    q.shutdown().await;
+}
+
+/// Awaits every future, concurrently.
+async fn futures_join<T: Send + 'static>(
+    futs: impl Iterator<Item = impl std::future::Future<Output = T> + Send + 'static>,
+) -> Vec<T> {
+    let tasks: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(wait("a query", t).await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_64_mib_result_streams_in_chunks() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let (h, _events) = handler(Duration::ZERO);
+    let q = querier_for("querier-1", &[&t], 1, h);
+    let handle = fe.submit(QueryRequest::new("t", "big")).await.unwrap();
+    let mut response = wait("response", handle.response()).await.unwrap();
+    let (mut total, mut chunks, mut largest) = (0usize, 0usize, 0usize);
+    while let Some(chunk) = wait("a chunk", response.body.chunk()).await {
+        let chunk = chunk.unwrap();
+        assert!(chunk.iter().all(|&b| b == (total >> 20) as u8), "bytes in order");
+        total += chunk.len();
+        largest = largest.max(chunk.len());
+        chunks += 1;
+    }
+    assert_eq!(total, 64 << 20);
+    assert!(largest <= 256 * 1024, "sent in chunks, not whole");
+    assert!(chunks >= 256);
+    q.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropping_a_handle_cancels_a_queued_query() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let handle = fe.submit(QueryRequest::new("t", "q")).await.unwrap();
+    drop(handle);
+    let s = t.status_until("cancelled", |s| s.counters.cancelled == 1).await;
+    assert_eq!(s.queued, 0);
+    assert_eq!(fe.outstanding(), 0);
+}
+
+#[tokio::test]
+async fn dropping_a_handle_cancels_a_running_query() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let (h, mut events) = handler(Duration::ZERO);
+    let q = querier_for("querier-1", &[&t], 1, h);
+    let handle = fe.submit(QueryRequest::new("t", "hang")).await.unwrap();
+    let id = wait("started", events.started.recv()).await.unwrap();
+    drop(handle);
+    assert_eq!(wait("handler saw the cancel", events.cancelled.recv()).await, Some(id));
+    // The worker is free again.
+    let handle = fe.submit(QueryRequest::new("t", "after")).await.unwrap();
+    assert_eq!(body_of(handle).await.unwrap(), b"after");
+    q.shutdown().await;
+}
+
+#[tokio::test]
+async fn handler_errors_and_panics_fail_the_query_not_the_worker() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let (h, _events) = handler(Duration::ZERO);
+    let q = querier_for("querier-1", &[&t], 1, h);
+    let err = body_of(fe.submit(QueryRequest::new("t", "fail")).await.unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err, QueryError::Failed("no such metric".into()));
+    let err = body_of(fe.submit(QueryRequest::new("t", "panic")).await.unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, QueryError::Failed(m) if m.contains("panicked") && m.contains("boom")),
+        "{err:?}"
+    );
+    // Same single worker, still alive.
+    assert_eq!(
+        body_of(fe.submit(QueryRequest::new("t", "ok")).await.unwrap())
+            .await
+            .unwrap(),
+        b"ok"
+    );
+    q.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_querier_killed_mid_query_fails_the_query_promptly() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let (h, mut events) = handler(Duration::ZERO);
+    let q = querier_for("querier-1", &[&t], 1, h);
+    let handle = fe.submit(QueryRequest::new("t", "hang")).await.unwrap();
+    wait("started", events.started.recv()).await;
+    let killed = Instant::now();
+    q.abort();
+    let err = wait("the error", handle.response()).await.unwrap_err();
+    let took = killed.elapsed();
+    assert!(matches!(err, QueryError::QuerierFailed(_)), "{err:?}");
+    println!("querier aborted → frontend error: {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_deadline_passed_in_the_queue_is_an_error() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let mut req = QueryRequest::new("t", "q");
+    req.timeout = Some(Duration::from_millis(30));
+    let err = body_of(fe.submit(req).await.unwrap()).await.unwrap_err();
+    assert!(matches!(err, QueryError::DeadlineExceeded(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn too_many_outstanding_is_retried_on_another_scheduler() {
+    let dir = cluster_dir();
+    let a = start_in(dir.clone(), |s| s.max_outstanding_per_tenant = Some(1)).await;
+    let b = start_in(dir, |s| s.max_outstanding_per_tenant = Some(1)).await;
+    // One scheduler: the second query is refused.
+    let alone = frontend_for(&[&a]).await;
+    let _first = alone.submit(QueryRequest::new("t", "1")).await.unwrap();
+    let err = alone.submit(QueryRequest::new("t", "2")).await.unwrap_err();
+    assert_eq!(err, QueryError::TooManyOutstanding { limit: 1 });
+    // Two schedulers: whichever is full, the other takes it; a third finds both full.
+    let both = frontend_for(&[&b, &a]).await;
+    wait_connected(&both, 2).await;
+    let _second = both.submit(QueryRequest::new("t", "2")).await.unwrap();
+    let err = both.submit(QueryRequest::new("t", "3")).await.unwrap_err();
+    assert_eq!(err, QueryError::TooManyOutstanding { limit: 1 });
+    let (sa, sb) = (a.server.status().await.unwrap(), b.server.status().await.unwrap());
+    assert_eq!((sa.queued, sb.queued), (1, 1));
+}
+
+#[tokio::test]
+async fn queries_on_a_crashed_scheduler_complete_on_the_other() {
+    let dir = cluster_dir();
+    let a = start_in(dir.clone(), |s| s.max_outstanding_per_tenant = Some(1000)).await;
+    let b = start_in(dir, |s| s.max_outstanding_per_tenant = Some(1000)).await;
+    let fe = frontend_for(&[&a, &b]).await;
+    wait_connected(&fe, 2).await;
+    let mut handles = Vec::new();
+    for i in 0..40 {
+        handles.push((i, fe.submit(QueryRequest::new("t", format!("q{i}"))).await.unwrap()));
+    }
+    let on_a = a.server.status().await.unwrap().queued;
+    assert!(on_a > 0, "both schedulers got work");
+    a.server.abort();
+    let (h, _events) = handler(Duration::ZERO);
+    let q = querier_for("querier-1", &[&b], 4, h);
+    for (i, handle) in handles {
+        assert_eq!(body_of(handle).await.unwrap(), format!("q{i}").as_bytes(), "query {i}");
+    }
+    assert_eq!(fe.stats().requeued as usize, on_a);
+    q.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_draining_scheduler_hands_queries_back_to_be_run_elsewhere() {
+    let dir = cluster_dir();
+    let a = start_in(dir.clone(), |s| s.drain_timeout_ms = Some(50)).await;
+    let b = start_in(dir, |_| {}).await;
+    let fe = frontend_for(&[&a, &b]).await;
+    wait_connected(&fe, 2).await;
+    let mut handles = Vec::new();
+    for i in 0..20 {
+        handles.push((i, fe.submit(QueryRequest::new("t", format!("q{i}"))).await.unwrap()));
+    }
+    wait("drain", a.server.shutdown()).await;
+    let (h, _events) = handler(Duration::ZERO);
+    let q = querier_for("querier-1", &[&b], 2, h);
+    for (i, handle) in handles {
+        assert_eq!(body_of(handle).await.unwrap(), format!("q{i}").as_bytes());
+    }
+    q.shutdown().await;
+}
+
+#[tokio::test]
+async fn querier_graceful_shutdown_loses_nothing() {
+    let t = start(|s| s.max_outstanding_per_tenant = Some(1000)).await;
+    let fe = frontend_for(&[&t]).await;
+    let (h, mut events) = handler(Duration::from_millis(100));
+    let first = querier_for("querier-1", &[&t], 2, h);
+    let mut handles = Vec::new();
+    for i in 0..10 {
+        handles.push((i, fe.submit(QueryRequest::new("t", format!("q{i}"))).await.unwrap()));
+    }
+    wait("two running", async {
+        events.started.recv().await;
+        events.started.recv().await;
+    })
+    .await;
+    // Shut down while two queries run and eight wait; a second querier takes over.
+    let shutdown = tokio::spawn(first.shutdown());
+    let (h2, _events2) = handler(Duration::ZERO);
+    let second = querier_for("querier-2", &[&t], 2, h2);
+    for (i, handle) in handles {
+        assert_eq!(body_of(handle).await.unwrap(), format!("q{i}").as_bytes());
+    }
+    wait("shutdown", shutdown).await.unwrap();
+    let s = t.server.status().await.unwrap();
+    assert_eq!((s.counters.dispatched, s.queued), (10, 0));
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flooding_tenant_does_not_stop_a_quiet_one() {
+    let t = start(|s| s.max_outstanding_per_tenant = Some(1000)).await;
+    let fe = frontend_for(&[&t]).await;
+    let mut handles = Vec::new();
+    for i in 0..100 {
+        handles.push((
+            "noisy",
+            fe.submit(QueryRequest::new("noisy", format!("n{i}"))).await.unwrap(),
+        ));
+    }
+    for i in 0..10 {
+        handles.push((
+            "quiet",
+            fe.submit(QueryRequest::new("quiet", format!("q{i}"))).await.unwrap(),
+        ));
+    }
+    // One worker, so completion order is dispatch order.
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (h, _events) = handler(Duration::ZERO);
+    let q = querier_for("querier-1", &[&t], 1, h);
+    let counter = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = handles
+        .into_iter()
+        .map(|(tenant, handle)| {
+            let (order, counter) = (order.clone(), counter.clone());
+            tokio::spawn(async move {
+                body_of(handle).await.unwrap();
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                order.lock().unwrap().push((n, tenant));
+            })
+        })
+        .collect();
+    for task in tasks {
+        wait("query", task).await.unwrap();
+    }
+    let order = std::mem::take(&mut *order.lock().unwrap());
+    let mut first_twenty: HashMap<&str, usize> = HashMap::new();
+    for (n, tenant) in order {
+        if n < 20 {
+            *first_twenty.entry(tenant).or_default() += 1;
+        }
+    }
+    // Round robin: the quiet tenant's ten queries are among the first twenty served.
+    assert!(first_twenty.get("quiet").copied().unwrap_or(0) >= 9, "{first_twenty:?}");
+    q.shutdown().await;
+}
+
+#[tokio::test]
+async fn results_are_accepted_only_for_outstanding_queries_of_the_same_tenant() {
+    use sluice_protocol::*;
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let handle = fe.submit(QueryRequest::new("tenant-a", "q")).await.unwrap();
+    let addr: std::net::SocketAddr = fe.result_address().address.parse().unwrap();
+    let send = |id: sluice_client::tls::Identity, query_id: u64, tenant: &'static str| async move {
+        let conn = connect(addr, &id).await?;
+        let mut peer = open(&conn, Hello::new(Role::Querier, "q", StreamKind::Result))
+            .await
+            .map_err(|r| format!("{r:?}"))?;
+        peer.send(&ResultFrame::Head {
+            query_id,
+            tenant: tenant.into(),
+            status: 200,
+            metadata: vec![],
+        })
+        .await;
+        peer.send(&ResultFrame::Chunk(Bytes::from_static(b"x"))).await;
+        peer.send(&ResultFrame::End { total_len: 1 }).await;
+        Ok::<ResultReceipt, String>(peer.recv::<ResultReceipt>().await)
+    };
+    let querier_id = t.certs.querier.clone();
+    // Wrong tenant, unknown query: refused.
+    assert_eq!(
+        send(querier_id.clone(), handle.id(), "tenant-b").await.unwrap(),
+        ResultReceipt::Refused {
+            reason: RefuseReason::TenantMismatch
+        }
+    );
+    assert_eq!(
+        send(querier_id.clone(), 999, "tenant-a").await.unwrap(),
+        ResultReceipt::Refused {
+            reason: RefuseReason::UnknownQuery
+        }
+    );
+    // A frontend certificate may not deliver results at all: the connection is closed.
+    let conn = connect(addr, &t.certs.frontend).await.unwrap();
+    match tokio::time::timeout(WAIT, conn.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(c.error_code, close_code::ROLE_NOT_ALLOWED.into()),
+        other => panic!("{other:?}"),
+    }
+    // The right one is delivered; a second copy is refused and counted.
+    let id = handle.id();
+    assert_eq!(
+        send(querier_id.clone(), id, "tenant-a").await.unwrap(),
+        ResultReceipt::Delivered
+    );
+    assert_eq!(body_of(handle).await.unwrap(), b"x");
+    assert_eq!(
+        send(querier_id, id, "tenant-a").await.unwrap(),
+        ResultReceipt::Refused {
+            reason: RefuseReason::UnknownQuery
+        }
+    );
+    assert_eq!(fe.stats().unknown_results, 2);
+}
