@@ -43,18 +43,13 @@ impl CertSet {
     /// The paths of a set in `dir` (whether or not the files exist).
     pub fn in_dir(dir: &Path) -> Self {
         let ca = dir.join("ca.pem");
-        let id = |name: &str| Identity {
-            ca: ca.clone(),
-            cert: dir.join(format!("{name}.pem")),
-            key: dir.join(format!("{name}-key.pem")),
-        };
         CertSet {
             dir: dir.to_path_buf(),
-            ca_cert: ca.clone(),
+            ca_cert: ca,
             ca_key: dir.join("ca-key.pem"),
-            scheduler: id("scheduler"),
-            frontend: id("frontend"),
-            querier: id("querier"),
+            scheduler: Identity::in_dir(dir, Role::Scheduler),
+            frontend: Identity::in_dir(dir, Role::Frontend),
+            querier: Identity::in_dir(dir, Role::Querier),
         }
     }
 

@@ -460,3 +460,34 @@ async fn results_are_accepted_only_for_outstanding_queries_of_the_same_tenant() 
     );
     assert_eq!(fe.stats().unknown_results, 2);
 }
+
+#[tokio::test]
+async fn closing_a_frontend_tells_the_scheduler_at_once() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let _queued = fe.submit(QueryRequest::new("t", "q")).await.unwrap();
+    fe.close().await;
+    // Well inside the 5 s idle timeout: the scheduler heard the close.
+    let s = t.status_until("frontend gone", |s| s.frontends.is_empty()).await;
+    assert_eq!((s.queued, s.counters.cancelled), (0, 1));
+}
+
+#[tokio::test]
+async fn enqueues_are_spread_over_schedulers() {
+    let dir = cluster_dir();
+    let a = start_in(dir.clone(), |s| s.max_outstanding_per_tenant = Some(1000)).await;
+    let b = start_in(dir, |s| s.max_outstanding_per_tenant = Some(1000)).await;
+    let fe = frontend_for(&[&a, &b]).await;
+    wait_connected(&fe, 2).await;
+    let mut handles = Vec::new();
+    for i in 0..200 {
+        handles.push(fe.submit(QueryRequest::new("t", format!("{i}"))).await.unwrap());
+    }
+    let (qa, qb) = (
+        a.server.status().await.unwrap().queued,
+        b.server.status().await.unwrap().queued,
+    );
+    assert_eq!(qa + qb, 200);
+    // The less loaded of two random choices, by the load hints: close to even.
+    assert!(qa.abs_diff(qb) <= 20, "{qa} vs {qb}");
+}

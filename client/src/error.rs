@@ -7,15 +7,21 @@ use crate::tls::TlsError;
 /// Why a frontend client or querier could not start.
 #[derive(Debug, Error)]
 pub enum ClientError {
+    /// Certificates or keys could not be loaded, or TLS refused them.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// A local UDP socket could not be bound.
     #[error("cannot bind {addr}: {error}")]
     Bind {
+        /// The address asked for.
         addr: std::net::SocketAddr,
+        /// What the OS said.
         error: std::io::Error,
     },
+    /// The configuration lists no scheduler.
     #[error("no scheduler address given")]
     NoSchedulers,
+    /// A setting is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
 }
@@ -25,7 +31,10 @@ pub enum ClientError {
 pub enum QueryError {
     /// Every scheduler tried already holds the tenant's maximum of queued queries.
     #[error("the tenant has too many queries queued (limit {limit})")]
-    TooManyOutstanding { limit: u32 },
+    TooManyOutstanding {
+        /// The scheduler's per-tenant limit.
+        limit: u32,
+    },
     /// Every scheduler tried is full.
     #[error("every scheduler's queue is full")]
     QueueFull,

@@ -68,16 +68,21 @@ impl FrontendConfig {
 /// One sub-query to run.
 #[derive(Debug, Clone, Default)]
 pub struct QueryRequest {
+    /// The tenant the query runs for.
     pub tenant: String,
     /// Actor path below the tenant (user, dashboard…), outermost first.
     pub actors: Vec<String>,
     /// The backend the query hits, if known.
     pub component: Option<String>,
+    /// Priority class; higher is served first (`None`: the tenant's default).
     pub priority: Option<u8>,
+    /// Expected cost in arbitrary units, for cost-aware fairness.
     pub cost_hint: Option<u32>,
     /// Time the query may take from enqueue; `None`: no deadline.
     pub timeout: Option<Duration>,
+    /// Tracing headers and other key/value pairs passed to the querier.
     pub metadata: Metadata,
+    /// The opaque request the querier executes.
     pub payload: Bytes,
 }
 
@@ -95,8 +100,11 @@ impl QueryRequest {
 /// A result as it starts to arrive: status and metadata now, the body as it streams.
 #[derive(Debug)]
 pub struct QueryResponse {
+    /// The querier's status, HTTP style (200 = success).
     pub status: u16,
+    /// The querier's metadata.
     pub metadata: Metadata,
+    /// The result body, streaming in.
     pub body: Body,
 }
 
@@ -328,8 +336,9 @@ impl Frontend {
     }
 
     /// Stops every connection and the result endpoint; outstanding queries fail as
-    /// cancelled.
-    pub fn close(&self) {
+    /// cancelled (and are cancelled at their schedulers, whose connections close). Waits
+    /// up to a second for the peers to be told.
+    pub async fn close(&self) {
         self.shared.stop.cancel();
         self.shared
             .result_endpoint
@@ -340,6 +349,7 @@ impl Frontend {
                 let _ = done.send(Err(QueryError::Cancelled("the frontend client closed".into())));
             }
         }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.result_endpoint.wait_idle()).await;
     }
 }
 

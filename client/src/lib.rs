@@ -5,6 +5,8 @@
 //! - [`Querier`]: run worker loops against every scheduler, execute what they are handed
 //!   with your [`Handler`], and send results straight to the frontend that asked.
 
+#![warn(missing_docs)]
+
 mod error;
 mod frontend;
 mod querier;

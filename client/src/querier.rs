@@ -61,15 +61,21 @@ impl QuerierConfig {
 /// A query handed to the handler.
 #[derive(Debug, Clone)]
 pub struct Request {
+    /// The query's id at its frontend.
     pub query_id: u64,
+    /// The tenant it runs for.
     pub tenant: String,
+    /// Its actor path below the tenant.
     pub actors: Vec<String>,
+    /// The backend it was queued for, if any.
     pub component: Option<String>,
+    /// The frontend's metadata (tracing headers…).
     pub metadata: Metadata,
     /// Time the query waited in the scheduler's queue.
     pub queue_time: Duration,
     /// Time left before its deadline, if it has one.
     pub timeout: Option<Duration>,
+    /// The opaque request to execute.
     pub payload: Bytes,
     /// Fires when the frontend cancels the query: stop work and return.
     pub cancelled: CancellationToken,
@@ -78,7 +84,9 @@ pub struct Request {
 /// A result body: all at once, or streamed as the handler produces it.
 #[derive(Debug)]
 pub enum ResponseBody {
+    /// The whole body at once (sent in chunks of `chunk_size`).
     Bytes(Bytes),
+    /// Pieces as the handler produces them; the body ends when the sender is dropped.
     Stream(mpsc::Receiver<Bytes>),
 }
 
@@ -87,7 +95,9 @@ pub enum ResponseBody {
 pub struct Response {
     /// HTTP-style status (200 = success).
     pub status: u16,
+    /// Key/value pairs for the frontend.
     pub metadata: Metadata,
+    /// The result body.
     pub body: ResponseBody,
 }
 
@@ -123,6 +133,7 @@ impl<T: std::fmt::Display> From<T> for HandlerError {
 
 /// What a querier runs for each query. Implement it with an `async fn`.
 pub trait Handler: Send + Sync + 'static {
+    /// Runs one query. Return promptly once `request.cancelled` fires.
     fn handle(&self, request: Request) -> impl Future<Output = Result<Response, HandlerError>> + Send;
 }
 

@@ -22,20 +22,38 @@ pub const ROLE_URI_PREFIX: &str = "sluice:role:";
 /// What went wrong with certificates or TLS settings; names the file where one is involved.
 #[derive(Debug, Error)]
 pub enum TlsError {
+    /// A file could not be read.
     #[error("{path}: {error}")]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        error: std::io::Error,
+    },
+    /// A file holds no usable certificate or key.
     #[error("{path}: {problem}")]
-    BadFile { path: PathBuf, problem: String },
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// rustls refused the configuration (for example a key that does not match).
     #[error("TLS configuration rejected: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The client-certificate verifier could not be built (for example an empty CA).
     #[error("client certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// quinn refused the TLS configuration.
     #[error("QUIC refused the TLS configuration: {0}")]
     Quic(String),
+    /// The peer presented no certificate.
     #[error("peer presented no certificate")]
     NoPeerCertificate,
+    /// The peer's certificate could not be parsed.
     #[error("peer certificate is unreadable: {0}")]
     BadPeerCertificate(String),
+    /// The peer's certificate has no `sluice:role:` SAN URI.
     #[error("peer certificate names no role (expected a SAN URI {ROLE_URI_PREFIX}<frontend|querier|scheduler>)")]
     NoRole,
 }
@@ -62,9 +80,25 @@ fn role_from_name(name: &str) -> Option<Role> {
 /// every peer is verified against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
+    /// The CA certificate (PEM) every peer is verified against.
     pub ca: PathBuf,
+    /// This side's certificate chain (PEM).
     pub cert: PathBuf,
+    /// This side's private key (PEM).
     pub key: PathBuf,
+}
+
+impl Identity {
+    /// The identity of `role` in a directory written by `sluice serve` or
+    /// `sluice certs init`: `ca.pem`, `<role>.pem`, `<role>-key.pem`.
+    pub fn in_dir(dir: impl AsRef<Path>, role: Role) -> Identity {
+        let dir = dir.as_ref();
+        Identity {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{}.pem", role_name(role))),
+            key: dir.join(format!("{}-key.pem", role_name(role))),
+        }
+    }
 }
 
 fn bad(path: &Path, problem: impl std::fmt::Display) -> TlsError {
