@@ -1,5 +1,6 @@
 //! Sluice: a fair, multi-tenant query scheduler.
 
+pub mod bench;
 pub mod config;
 pub mod metrics;
 pub mod queue;

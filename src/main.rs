@@ -44,6 +44,41 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Load-test the whole system: schedulers, frontends and queriers in this process over
+    /// real QUIC on loopback, for a bounded time; prints a JSON report.
+    Bench {
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        seconds: u64,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+        schedulers: u64,
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+        frontends: u64,
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        tenants: u64,
+        /// Demand of one tenant relative to each other tenant (1: none is noisy).
+        #[arg(long, default_value_t = 1.0)]
+        noisy_factor: f64,
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        queriers: u64,
+        /// Worker loops per querier and scheduler.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+        workers: u64,
+        /// Handler time per query, in milliseconds (0: a no-op handler).
+        #[arg(long, default_value_t = 0)]
+        service_ms: u64,
+        /// Open loop at this many queries per second in total; without it, closed loop.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Closed loop: submitters per frontend.
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        concurrency: u64,
+        #[arg(long, default_value_t = 1024)]
+        payload_bytes: usize,
+        /// Also write the JSON report to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Print the protocol version and frame limits this build speaks.
     Info,
 }
@@ -163,6 +198,51 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(serve(config, *settings))?;
         }
         Command::Certs { action } => certs(action)?,
+        Command::Bench {
+            seconds,
+            schedulers,
+            frontends,
+            tenants,
+            noisy_factor,
+            queriers,
+            workers,
+            service_ms,
+            rate,
+            concurrency,
+            payload_bytes,
+            json,
+        } => {
+            if !(noisy_factor.is_finite() && noisy_factor > 0.0) {
+                anyhow::bail!("--noisy-factor must be a positive number");
+            }
+            if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+                anyhow::bail!("--rate must be a positive number");
+            }
+            let config = sluice::bench::BenchConfig {
+                schedulers: schedulers as usize,
+                frontends: frontends as usize,
+                tenants: tenants as usize,
+                noisy_factor,
+                users: 4,
+                queriers: queriers as usize,
+                workers: workers as usize,
+                service: Duration::from_millis(service_ms),
+                duration: Duration::from_secs(seconds),
+                rate,
+                concurrency: concurrency as usize,
+                payload_bytes,
+                seed: 7,
+            };
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let report = runtime
+                .block_on(sluice::bench::run(config, |line| eprintln!("{line}")))
+                .map_err(anyhow::Error::msg)?;
+            let text = serde_json::to_string_pretty(&report)?;
+            if let Some(path) = json {
+                std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+            }
+            println!("{text}");
+        }
         Command::Simulate { seconds, seed } => simulate(Duration::from_secs(seconds), seed),
         Command::Info => {
             let limits = sluice_protocol::Limits::default();

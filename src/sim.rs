@@ -99,9 +99,14 @@ impl Queued for SimRequest {
 
 /// splitmix64: a small, fast, seeded generator whose sequence never changes with a
 /// library upgrade, so simulated figures stay reproducible.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
+    /// A generator whose sequence depends only on `seed`.
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(crate::queue::mix64(seed))
+    }
+
     fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         crate::queue::mix64(self.0)
@@ -111,7 +116,7 @@ impl Rng {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
     /// Exponentially distributed with the given rate (per second), in nanoseconds.
-    fn exp_ns(&mut self, rate: f64) -> u64 {
+    pub(crate) fn exp_ns(&mut self, rate: f64) -> u64 {
         (-(1.0 - self.unit()).ln() / rate * 1e9) as u64
     }
 }

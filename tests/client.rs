@@ -491,3 +491,67 @@ async fn enqueues_are_spread_over_schedulers() {
     // The less loaded of two random choices, by the load hints: close to even.
     assert!(qa.abs_diff(qb) <= 20, "{qa} vs {qb}");
 }
+
+/// A result can overtake its own enqueue acknowledgement (they travel on different
+/// connections). A fake scheduler forces that order: the query must still succeed.
+#[tokio::test]
+async fn a_result_that_overtakes_its_enqueue_ack_is_delivered() {
+    use sluice_protocol::*;
+    let dir = tempfile::tempdir().unwrap();
+    let (certs, _) = sluice::tls::ensure_dev_set(dir.path()).unwrap();
+    let endpoint = quinn::Endpoint::server(
+        sluice::tls::quic_server(&certs.scheduler).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let scheduler_addr = endpoint.local_addr().unwrap();
+    let querier_identity = certs.querier.clone();
+    let fake = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (send, recv) = conn.accept_bi().await.unwrap();
+        let mut peer = Peer {
+            reader: FramedRead::new(recv, 1 << 20),
+            writer: FramedWrite::new(send, 1 << 20),
+        };
+        peer.reader.hello().await.unwrap().unwrap();
+        peer.send(&HelloReply::Welcome { id: "fake".into() }).await;
+        let FrontendToScheduler::ResultEndpoint(result_at) = peer.recv::<FrontendToScheduler>().await else {
+            panic!("expected the result endpoint first")
+        };
+        let FrontendToScheduler::Enqueue(e) = peer.recv::<FrontendToScheduler>().await else {
+            panic!("expected an enqueue")
+        };
+        // Deliver the result as a querier would, before acknowledging the enqueue.
+        let to_frontend = connect(result_at.address.parse().unwrap(), &querier_identity)
+            .await
+            .unwrap();
+        let mut result = open(&to_frontend, Hello::new(Role::Querier, "q", StreamKind::Result))
+            .await
+            .unwrap();
+        result
+            .send(&ResultFrame::Head {
+                query_id: e.query_id,
+                tenant: e.tenant.clone(),
+                status: 200,
+                metadata: vec![],
+            })
+            .await;
+        result.send(&ResultFrame::Chunk(Bytes::from_static(b"early"))).await;
+        result.send(&ResultFrame::End { total_len: 5 }).await;
+        assert_eq!(result.recv::<ResultReceipt>().await, ResultReceipt::Delivered);
+        peer.send(&SchedulerToFrontend::EnqueueStatus {
+            query_id: e.query_id,
+            status: EnqueueStatus::Accepted,
+            load: LoadHint::default(),
+        })
+        .await;
+        // Keep the connection until the test is done.
+        tokio::time::sleep(WAIT).await;
+    });
+    let fe = Frontend::connect(FrontendConfig::new("fe", certs.frontend.clone(), vec![scheduler_addr]))
+        .await
+        .unwrap();
+    let handle = wait("submit", fe.submit(QueryRequest::new("t", "q"))).await.unwrap();
+    assert_eq!(body_of(handle).await.unwrap(), b"early");
+    fake.abort();
+}

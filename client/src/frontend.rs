@@ -426,7 +426,9 @@ impl Shared {
             };
             match status {
                 EnqueueStatus::Accepted => {
-                    if let Some(q) = self.queries.lock().unwrap().get_mut(&id) {
+                    if let Some(q) = self.queries.lock().unwrap().get_mut(&id)
+                        && matches!(q.phase, Phase::Placing(_))
+                    {
                         q.phase = Phase::Queued;
                     }
                     return Ok(());
@@ -753,6 +755,13 @@ async fn deliver(shared: &Arc<Shared>, reader: &mut FramedRead<quinn::RecvStream
         }
         if matches!(q.phase, Phase::Started) || q.done.is_none() {
             return refused(RefuseReason::Duplicate);
+        }
+        // A result can overtake its own enqueue acknowledgement (another connection):
+        // it proves the query was accepted.
+        if let Phase::Placing(waiter) = &mut q.phase
+            && let Some(w) = waiter.take()
+        {
+            let _ = w.send(EnqueueStatus::Accepted);
         }
         q.phase = Phase::Started;
         q.done.take().expect("checked above")

@@ -1,0 +1,364 @@
+//! `sluice bench`: a load generator for the whole system. It starts schedulers in this
+//! process (development TLS in a temporary directory) and drives them with frontends and
+//! queriers built on the real client crate, over real QUIC on loopback, for a bounded time.
+//!
+//! Two modes:
+//! - closed loop (default): `concurrency` submitters per frontend, each sending its next
+//!   query when the last one returns; measures sustained throughput;
+//! - open loop (`rate`): Poisson arrivals at a fixed total rate; measures latency at that
+//!   load.
+//!
+//! Tenant demand is equal, except one optional noisy tenant with `noisy_factor` times the
+//! share of the others.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sluice_client::{
+    Frontend, FrontendConfig, Handler, HandlerError, Querier, QuerierConfig, QueryError, QueryRequest, Request,
+    Response,
+};
+
+use crate::config::Settings;
+use crate::server::Server;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub schedulers: usize,
+    pub frontends: usize,
+    pub tenants: usize,
+    /// Demand of tenant-0 relative to every other tenant (1 = no noisy tenant).
+    pub noisy_factor: f64,
+    /// Actors (users) per tenant.
+    pub users: usize,
+    pub queriers: usize,
+    pub workers: usize,
+    /// Time the querier handler spends per query.
+    pub service: Duration,
+    pub duration: Duration,
+    /// Open loop: total arrivals per second. `None`: closed loop.
+    pub rate: Option<f64>,
+    /// Closed loop: submitters per frontend.
+    pub concurrency: usize,
+    pub payload_bytes: usize,
+    pub seed: u64,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            schedulers: 1,
+            frontends: 2,
+            tenants: 100,
+            noisy_factor: 1.0,
+            users: 4,
+            queriers: 16,
+            workers: 4,
+            service: Duration::ZERO,
+            duration: Duration::from_secs(10),
+            rate: None,
+            concurrency: 128,
+            payload_bytes: 1024,
+            seed: 7,
+        }
+    }
+}
+
+/// Queue time per tenant, as the queriers saw it.
+type QueueTimes = Arc<Mutex<BTreeMap<String, Vec<u64>>>>;
+
+struct BenchHandler {
+    service: Duration,
+    queue_times: QueueTimes,
+}
+
+impl Handler for BenchHandler {
+    async fn handle(&self, request: Request) -> Result<Response, HandlerError> {
+        let micros = u64::try_from(request.queue_time.as_micros()).unwrap_or(u64::MAX);
+        self.queue_times
+            .lock()
+            .unwrap()
+            .entry(request.tenant.clone())
+            .or_default()
+            .push(micros);
+        if !self.service.is_zero() {
+            tokio::time::sleep(self.service).await;
+        }
+        Ok(Response::ok(&b"ok"[..]))
+    }
+}
+
+#[derive(Default)]
+struct Outcomes {
+    submitted: AtomicU64,
+    results: AtomicU64,
+    rejected: AtomicU64,
+    errors: AtomicU64,
+    error_kinds: Mutex<BTreeMap<String, u64>>,
+    latencies: Mutex<Vec<u64>>,
+}
+
+impl Outcomes {
+    fn record(&self, outcome: Result<Duration, QueryError>) {
+        match outcome {
+            Ok(latency) => {
+                self.results.fetch_add(1, Ordering::Relaxed);
+                let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+                self.latencies.lock().unwrap().push(us);
+            }
+            Err(QueryError::TooManyOutstanding { .. } | QueryError::QueueFull) => {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                *self.error_kinds.lock().unwrap().entry(e.to_string()).or_default() += 1;
+            }
+        }
+    }
+}
+
+/// Tenant `i`'s share of demand.
+fn weight(c: &BenchConfig, i: usize) -> f64 {
+    if i == 0 { c.noisy_factor } else { 1.0 }
+}
+
+/// One query from submit to the last byte of its result.
+async fn one_query(frontend: &Frontend, request: QueryRequest) -> Result<Duration, QueryError> {
+    let started = Instant::now();
+    let handle = frontend.submit(request).await?;
+    let response = handle.response().await?;
+    response.body.collect().await?;
+    Ok(started.elapsed())
+}
+
+fn request(c: &BenchConfig, tenant: usize, n: u64, payload: &bytes::Bytes) -> QueryRequest {
+    let mut r = QueryRequest::new(format!("tenant-{tenant}"), payload.clone());
+    r.actors = vec![format!("user-{}", n % c.users.max(1) as u64)];
+    r
+}
+
+/// Runs the benchmark and returns its report as JSON.
+pub async fn run(c: BenchConfig, progress: impl Fn(&str)) -> Result<Value, String> {
+    let dir = std::env::temp_dir().join(format!("sluice-bench-{}-{}", std::process::id(), c.seed));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut servers = Vec::new();
+    for i in 0..c.schedulers {
+        let settings = Settings {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            admin_listen: Some("127.0.0.1:0".parse().unwrap()),
+            data_dir: Some(dir.clone()),
+            scheduler_id: Some(format!("bench-scheduler-{i}")),
+            max_outstanding_per_tenant: Some(1_000_000),
+            ..Settings::default()
+        };
+        let config = settings.resolve().map_err(|e| e.to_string())?;
+        servers.push(Server::start(config).await.map_err(|e| e.to_string())?);
+    }
+    let certs = servers[0].dev_certs().cloned().ok_or("no development certificates")?;
+    let addrs: Vec<SocketAddr> = servers.iter().map(Server::quic_addr).collect();
+
+    let queue_times: QueueTimes = Arc::default();
+    let mut queriers = Vec::new();
+    for q in 0..c.queriers {
+        let mut config = QuerierConfig::new(format!("bench-querier-{q}"), certs.querier.clone(), addrs.clone());
+        config.concurrency = c.workers;
+        let handler = BenchHandler {
+            service: c.service,
+            queue_times: queue_times.clone(),
+        };
+        queriers.push(Querier::start(config, handler).map_err(|e| e.to_string())?);
+    }
+    let mut frontends = Vec::new();
+    for f in 0..c.frontends {
+        let config = FrontendConfig::new(format!("bench-frontend-{f}"), certs.frontend.clone(), addrs.clone());
+        frontends.push(Frontend::connect(config).await.map_err(|e| e.to_string())?);
+    }
+    // Let every querier worker connect before the clock starts.
+    let want = c.queriers * c.workers * c.schedulers;
+    let ready_by = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut connected = 0;
+        for s in &servers {
+            connected += s.status().await.map_err(|e| e.to_string())?.workers.len();
+        }
+        if connected >= want || Instant::now() > ready_by {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let outcomes = Arc::new(Outcomes::default());
+    let payload = bytes::Bytes::from(vec![b'q'; c.payload_bytes]);
+    let started = Instant::now();
+    let until = started + c.duration;
+    let total_weight: f64 = (0..c.tenants).map(|i| weight(&c, i)).sum();
+    let mut tasks = Vec::new();
+    match c.rate {
+        None => {
+            // Submitters per frontend, spread over tenants by weight (at least one each).
+            for fe in &frontends {
+                let mut tenant_of = Vec::new();
+                for t in 0..c.tenants {
+                    let n = ((c.concurrency as f64 * weight(&c, t) / total_weight).round() as usize).max(1);
+                    tenant_of.extend(std::iter::repeat_n(t, n));
+                }
+                for (k, t) in tenant_of.into_iter().enumerate() {
+                    let (fe, outcomes, payload, c) = (fe.clone(), outcomes.clone(), payload.clone(), c.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut n = k as u64;
+                        while Instant::now() < until {
+                            outcomes.submitted.fetch_add(1, Ordering::Relaxed);
+                            outcomes.record(one_query(&fe, request(&c, t, n, &payload)).await);
+                            n += 1;
+                        }
+                    }));
+                }
+            }
+        }
+        Some(rate) => {
+            for t in 0..c.tenants {
+                let tenant_rate = rate * weight(&c, t) / total_weight;
+                let fe = frontends[t % frontends.len()].clone();
+                let (outcomes, payload, c) = (outcomes.clone(), payload.clone(), c.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut rng = crate::sim::Rng::new(c.seed ^ (t as u64 + 1));
+                    let mut next = Instant::now();
+                    let mut inflight = Vec::new();
+                    let mut n = 0u64;
+                    loop {
+                        next += Duration::from_nanos(rng.exp_ns(tenant_rate));
+                        if next >= until {
+                            break;
+                        }
+                        tokio::time::sleep_until(next.into()).await;
+                        outcomes.submitted.fetch_add(1, Ordering::Relaxed);
+                        let (fe, outcomes, req) = (fe.clone(), outcomes.clone(), request(&c, t, n, &payload));
+                        inflight.push(tokio::spawn(async move { outcomes.record(one_query(&fe, req).await) }));
+                        n += 1;
+                    }
+                    for task in inflight {
+                        let _ = task.await;
+                    }
+                }));
+            }
+        }
+    }
+    let mut last_report = Instant::now();
+    for task in tasks {
+        // Every task ends within the duration plus the time its last queries take.
+        while !task.is_finished() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                last_report = Instant::now();
+                let secs = started.elapsed().as_secs_f64();
+                let done = outcomes.results.load(Ordering::Relaxed);
+                progress(&format!(
+                    "{secs:5.1} s  {done} results  {:.0}/s",
+                    done as f64 / secs.max(1e-9)
+                ));
+            }
+        }
+        let _ = task.await;
+    }
+    let elapsed = started.elapsed();
+
+    for q in queriers {
+        q.shutdown().await;
+    }
+    for fe in &frontends {
+        fe.close().await;
+    }
+    let mut counters = Vec::new();
+    for s in servers {
+        counters.push(s.status().await.map_err(|e| e.to_string())?.counters);
+        s.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report(&c, elapsed, &outcomes, &queue_times, &counters))
+}
+
+fn percentile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+fn report(
+    c: &BenchConfig,
+    elapsed: Duration,
+    o: &Outcomes,
+    queue_times: &QueueTimes,
+    counters: &[crate::queue::Counters],
+) -> Value {
+    let (submitted, results, rejected, errors) = (
+        o.submitted.load(Ordering::Relaxed),
+        o.results.load(Ordering::Relaxed),
+        o.rejected.load(Ordering::Relaxed),
+        o.errors.load(Ordering::Relaxed),
+    );
+    let mut latencies = o.latencies.lock().unwrap().clone();
+    latencies.sort_unstable();
+    let queue_times = queue_times.lock().unwrap();
+    let mut all_waits: Vec<u64> = queue_times.values().flatten().copied().collect();
+    all_waits.sort_unstable();
+    let mut tenants = Vec::new();
+    let mut quiet_served = Vec::new();
+    for (tenant, waits) in queue_times.iter() {
+        let mut w = waits.clone();
+        w.sort_unstable();
+        if tenant != "tenant-0" || c.noisy_factor == 1.0 {
+            quiet_served.push(w.len() as f64);
+        }
+        tenants.push(json!({
+            "tenant": tenant,
+            "served": w.len(),
+            "queue_wait_ms": { "p50": percentile(&w, 0.5), "p99": percentile(&w, 0.99) },
+        }));
+    }
+    let served_total: u64 = queue_times.values().map(|v| v.len() as u64).sum();
+    let noisy_share = queue_times
+        .get("tenant-0")
+        .map_or(0.0, |v| v.len() as f64 / served_total.max(1) as f64);
+    let sum: f64 = quiet_served.iter().sum();
+    let sq: f64 = quiet_served.iter().map(|x| x * x).sum();
+    let jain = if sq > 0.0 {
+        sum * sum / (quiet_served.len() as f64 * sq)
+    } else {
+        1.0
+    };
+    let dispatched: u64 = counters.iter().map(|k| k.dispatched).sum();
+    json!({
+        "config": {
+            "schedulers": c.schedulers, "frontends": c.frontends, "tenants": c.tenants,
+            "noisy_factor": c.noisy_factor, "users_per_tenant": c.users, "queriers": c.queriers,
+            "workers_per_querier": c.workers, "service_ms": c.service.as_secs_f64() * 1e3,
+            "seconds": c.duration.as_secs_f64(), "rate": c.rate,
+            "concurrency_per_frontend": c.concurrency, "payload_bytes": c.payload_bytes,
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        },
+        "elapsed_seconds": elapsed.as_secs_f64(),
+        "throughput_per_second": results as f64 / elapsed.as_secs_f64(),
+        "latency_ms": {
+            "p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99),
+            "p999": percentile(&latencies, 0.999),
+        },
+        "queue_wait_ms": {
+            "p50": percentile(&all_waits, 0.5), "p99": percentile(&all_waits, 0.99),
+            "p999": percentile(&all_waits, 0.999),
+        },
+        "outcomes": {
+            "submitted": submitted, "results": results, "rejected": rejected, "errors": errors,
+            "lost": submitted.saturating_sub(results + rejected + errors),
+            "dispatched_by_schedulers": dispatched,
+            "error_kinds": *o.error_kinds.lock().unwrap(),
+        },
+        "fairness": { "jain_index_equal_tenants": jain, "noisy_tenant_share": noisy_share },
+        "tenants": tenants,
+    })
+}
