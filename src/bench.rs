@@ -282,11 +282,16 @@ pub async fn run(c: BenchConfig, progress: impl Fn(&str)) -> Result<Value, Strin
     Ok(report(&c, elapsed, &outcomes, &queue_times, &counters))
 }
 
-fn percentile(sorted: &[u64], q: f64) -> f64 {
+/// The `q` quantile of sorted microsecond values, in microseconds.
+fn percentile(sorted: &[u64], q: f64) -> u64 {
     if sorted.is_empty() {
-        return 0.0;
+        return 0;
     }
-    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)] as f64 / 1000.0
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
 }
 
 fn report(
@@ -318,7 +323,7 @@ fn report(
         tenants.push(json!({
             "tenant": tenant,
             "served": w.len(),
-            "queue_wait_ms": { "p50": percentile(&w, 0.5), "p99": percentile(&w, 0.99) },
+            "queue_wait_us": { "p50": percentile(&w, 0.5), "p99": percentile(&w, 0.99) },
         }));
     }
     let served_total: u64 = queue_times.values().map(|v| v.len() as u64).sum();
@@ -345,10 +350,10 @@ fn report(
         "elapsed_seconds": elapsed.as_secs_f64(),
         "throughput_per_second": results as f64 / elapsed.as_secs_f64(),
         "latency_ms": {
-            "p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99),
-            "p999": percentile(&latencies, 0.999),
+            "p50": ms(percentile(&latencies, 0.5)), "p99": ms(percentile(&latencies, 0.99)),
+            "p999": ms(percentile(&latencies, 0.999)),
         },
-        "queue_wait_ms": {
+        "queue_wait_us": {
             "p50": percentile(&all_waits, 0.5), "p99": percentile(&all_waits, 0.99),
             "p999": percentile(&all_waits, 0.999),
         },
