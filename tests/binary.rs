@@ -4,65 +4,16 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use sluice::tls::CertSet;
 use sluice_protocol::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-struct Running {
-    child: Child,
-    quic: std::net::SocketAddr,
-    certs: CertSet,
-}
-
-/// Starts `sluice serve` in `dir` and reads the addresses it prints.
-async fn serve(dir: &Path, extra: &[&str]) -> Running {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .current_dir(dir)
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut quic = None;
-    while let Some(line) = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap() {
-        if let Some(addr) = line.trim().strip_prefix("QUIC address:") {
-            quic = Some(addr.trim().parse().unwrap());
-        }
-        if line.contains("stop with") {
-            break;
-        }
-    }
-    Running {
-        child,
-        quic: quic.expect("the QUIC address is printed"),
-        certs: CertSet::in_dir(&dir.join("sluice-data")),
-    }
-}
-
-async fn signal(child: &Child, name: &str) {
-    let pid = child.id().unwrap().to_string();
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
-}
+use tokio::process::Command;
 
 #[tokio::test]
 async fn serve_needs_no_files_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = serve(dir.path(), &[]).await;
+    let mut s = spawn_scheduler(dir.path(), &[]).await;
     assert!(s.certs.is_complete(), "development certificates were written");
     let fe_conn = connect(s.quic, &s.certs.frontend).await.unwrap();
     let q_conn = connect(s.quic, &s.certs.querier).await.unwrap();
@@ -78,7 +29,7 @@ async fn serve_needs_no_files_and_stops_cleanly_on_sigterm() {
     assert!(status.success(), "{status:?}");
     // A restart reuses the same certificates.
     let before = std::fs::read(&s.certs.ca_cert).unwrap();
-    let mut again = serve(dir.path(), &[]).await;
+    let mut again = spawn_scheduler(dir.path(), &[]).await;
     assert_eq!(std::fs::read(&again.certs.ca_cert).unwrap(), before);
     signal(&again.child, "TERM").await;
     tokio::time::timeout(WAIT, again.child.wait()).await.unwrap().unwrap();
@@ -108,7 +59,7 @@ async fn sighup_reloads_tenant_limits() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("sluice.toml");
     std::fs::write(&config, "max_outstanding_per_tenant = 1\n").unwrap();
-    let mut s = serve(dir.path(), &["--config", "sluice.toml", "--drain-timeout-ms", "100"]).await;
+    let mut s = spawn_scheduler(dir.path(), &["--config", "sluice.toml", "--drain-timeout-ms", "100"]).await;
     let conn = connect(s.quic, &s.certs.frontend).await.unwrap();
     let mut fe = frontend(&conn, "fe").await;
     fe.send(&enqueue(1, "big")).await;

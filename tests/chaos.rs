@@ -77,3 +77,131 @@ async fn a_querier_killed_mid_query_is_reported_within_the_idle_timeout() {
     println!("querier SIGKILL → frontend error: {took:?} (idle timeout {idle:?})");
     assert!(took <= idle + Duration::from_secs(1), "took {took:?}");
 }
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use sluice_client::{
+    Frontend, FrontendConfig, Handler, HandlerError, Querier, QuerierConfig, QueryRequest, Request, Response,
+};
+
+struct Echo;
+
+impl Handler for Echo {
+    async fn handle(&self, request: Request) -> Result<Response, HandlerError> {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        Ok(Response::ok(request.payload))
+    }
+}
+
+const SUBMITTERS: usize = 20;
+const PER_SUBMITTER: usize = 30;
+
+/// Two scheduler processes sharing a CA, a frontend and a querier on both, and
+/// `SUBMITTERS` tasks sending `PER_SUBMITTER` queries each. Once `disrupt_after` results
+/// are in, `disrupt` is sent to the first scheduler. Returns (results, errors, results
+/// after the disruption); panics if any query is still unanswered after the bound.
+async fn load_through_a_disruption(disrupt: &str, extra: &[&str]) -> (usize, usize, usize, Running) {
+    let dir = tempfile::tempdir().unwrap();
+    let a = spawn_scheduler(dir.path(), extra).await;
+    let b = spawn_scheduler(dir.path(), &[]).await;
+    let idle = Duration::from_millis(800);
+    let mut fc = FrontendConfig::new("fe", a.certs.frontend.clone(), vec![a.quic, b.quic]);
+    fc.idle_timeout = idle;
+    let fe = Frontend::connect(fc).await.unwrap();
+    let connected_by = Instant::now() + WAIT;
+    while fe.connected_schedulers() < 2 {
+        assert!(Instant::now() < connected_by, "frontend never reached both schedulers");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut qc = QuerierConfig::new("querier-1", a.certs.querier.clone(), vec![a.quic, b.quic]);
+    qc.idle_timeout = idle;
+    qc.concurrency = 4;
+    let querier = Querier::start(qc, Echo).unwrap();
+
+    let (results, errors, after) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let disrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for s in 0..SUBMITTERS {
+        let (fe, results, errors, after, disrupted) = (
+            fe.clone(),
+            results.clone(),
+            errors.clone(),
+            after.clone(),
+            disrupted.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PER_SUBMITTER {
+                let payload = format!("{s}-{i}");
+                let outcome = async {
+                    let handle = fe
+                        .submit(QueryRequest::new(format!("tenant-{}", s % 4), payload.clone()))
+                        .await?;
+                    handle.response().await?.body.collect().await
+                }
+                .await;
+                match outcome {
+                    Ok(body) => {
+                        assert_eq!(body, payload.as_bytes());
+                        results.fetch_add(1, Ordering::SeqCst);
+                        if disrupted.load(Ordering::SeqCst) {
+                            after.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("query {payload}: {e}");
+                        errors.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    let third = SUBMITTERS * PER_SUBMITTER / 3;
+    let disrupt_by = Instant::now() + WAIT;
+    while results.load(Ordering::SeqCst) < third {
+        assert!(Instant::now() < disrupt_by, "load never got going");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    signal(&a.child, disrupt).await;
+    disrupted.store(true, Ordering::SeqCst);
+    for t in tasks {
+        // Bounded: detection takes the idle timeout, the rest is ordinary work.
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("a query was never answered")
+            .unwrap();
+    }
+    querier.shutdown().await;
+    fe.close().await;
+    let mut b = b;
+    signal(&b.child, "TERM").await;
+    tokio::time::timeout(WAIT, b.child.wait()).await.unwrap().unwrap();
+    (
+        results.load(Ordering::SeqCst),
+        errors.load(Ordering::SeqCst),
+        after.load(Ordering::SeqCst),
+        a,
+    )
+}
+
+#[tokio::test]
+async fn a_scheduler_killed_under_load_loses_no_query() {
+    let (results, errors, after, mut a) = load_through_a_disruption("KILL", &[]).await;
+    assert_eq!((results, errors), (SUBMITTERS * PER_SUBMITTER, 0));
+    assert!(after > 0, "the survivor took the load");
+    let status = a.child.wait().await.unwrap();
+    assert!(!status.success(), "the first scheduler was killed");
+}
+
+#[tokio::test]
+async fn a_scheduler_stopped_under_load_drains_hands_back_and_exits_cleanly() {
+    let (results, errors, after, mut a) = load_through_a_disruption("TERM", &["--drain-timeout-ms", "200"]).await;
+    assert_eq!((results, errors), (SUBMITTERS * PER_SUBMITTER, 0));
+    assert!(after > 0, "the survivor took the load");
+    let status = tokio::time::timeout(WAIT, a.child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "SIGTERM ends in exit 0: {status:?}");
+}

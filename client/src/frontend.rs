@@ -43,6 +43,9 @@ pub struct FrontendConfig {
     pub result_server_name: String,
     /// How long `submit` waits for a scheduler to become available.
     pub enqueue_wait: Duration,
+    /// A scheduler silent for this long is taken as gone (its queued queries go
+    /// elsewhere). Pings go out every fifth of it.
+    pub idle_timeout: Duration,
     /// Largest frame sent or accepted.
     pub max_frame_len: u32,
 }
@@ -60,6 +63,7 @@ impl FrontendConfig {
             result_advertise: None,
             result_server_name: "localhost".into(),
             enqueue_wait: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
             max_frame_len: Limits::default().max_frame_len,
         }
     }
@@ -252,7 +256,7 @@ impl Frontend {
                 error,
             })?;
         let mut client_config = tls::quic_client(&config.identity)?;
-        client_config.transport_config(Arc::new(client_transport()));
+        client_config.transport_config(Arc::new(transport_with_idle(config.idle_timeout)?));
         result_endpoint.set_default_client_config(client_config);
         let bound = result_endpoint.local_addr().map_err(|error| ClientError::Bind {
             addr: config.result_listen,
@@ -353,13 +357,17 @@ impl Frontend {
     }
 }
 
-fn client_transport() -> quinn::TransportConfig {
+/// Transport settings with `idle` as the idle timeout and pings every fifth of it.
+pub(crate) fn transport_with_idle(idle: Duration) -> Result<quinn::TransportConfig, ClientError> {
+    if idle.is_zero() {
+        return Err(ClientError::Config("idle timeout must be above zero".into()));
+    }
+    let timeout = quinn::IdleTimeout::try_from(idle)
+        .map_err(|_| ClientError::Config(format!("idle timeout {idle:?} is too large")))?;
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(1)));
-    t.max_idle_timeout(Some(
-        Duration::from_secs(5).try_into().expect("5 s is a valid idle timeout"),
-    ));
-    t
+    t.keep_alive_interval(Some(idle / 5));
+    t.max_idle_timeout(Some(timeout));
+    Ok(t)
 }
 
 impl Shared {

@@ -37,6 +37,9 @@ pub struct QuerierConfig {
     pub chunk_size: usize,
     /// Attempts to deliver a result before giving up on it.
     pub delivery_attempts: u32,
+    /// A scheduler or frontend silent for this long is taken as gone. Pings go out every
+    /// fifth of it.
+    pub idle_timeout: Duration,
     /// Largest frame sent or accepted.
     pub max_frame_len: u32,
 }
@@ -53,6 +56,7 @@ impl QuerierConfig {
             concurrency: 4,
             chunk_size: 256 * 1024,
             delivery_attempts: 3,
+            idle_timeout: Duration::from_secs(5),
             max_frame_len: Limits::default().max_frame_len,
         }
     }
@@ -188,10 +192,7 @@ impl Querier {
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|error| ClientError::Bind { addr: bind, error })?;
         let mut client = tls::quic_client(&config.identity)?;
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(1)));
-        transport.max_idle_timeout(Some(Duration::from_secs(5).try_into().expect("valid idle timeout")));
-        client.transport_config(Arc::new(transport));
+        client.transport_config(Arc::new(crate::frontend::transport_with_idle(config.idle_timeout)?));
         endpoint.set_default_client_config(client);
         let shared = Arc::new(Shared {
             schedulers: config.schedulers.iter().map(|_| Mutex::new(None)).collect(),
@@ -214,9 +215,14 @@ impl Querier {
     /// queries finish and their results reach their frontends, then closes.
     pub async fn shutdown(self) {
         self.shared.stopping.cancel();
+        let bound = self.shared.config.idle_timeout;
         for s in 0..self.shared.schedulers.len() {
-            if let Err(e) = notify_shutdown(&self.shared, s).await {
-                debug!(scheduler = s, error = %e, "shutdown notice not delivered");
+            // A scheduler that is gone cannot be told; wait no longer than it takes to
+            // notice that.
+            match tokio::time::timeout(bound, notify_shutdown(&self.shared, s)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(scheduler = s, error = %e, "shutdown notice not delivered"),
+                Err(_) => debug!(scheduler = s, "shutdown notice timed out"),
             }
         }
         for w in self.workers {
@@ -225,7 +231,7 @@ impl Querier {
         self.shared
             .endpoint
             .close(close_code::DONE.into(), b"querier shutting down");
-        self.shared.endpoint.wait_idle().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
     }
 
     /// Stops at once, as a crash would (in-flight queries fail at their frontends).
@@ -307,8 +313,15 @@ async fn serve<H: Handler>(
     handler: &Arc<H>,
     backoff: &mut Duration,
 ) -> Result<(), String> {
-    let conn = scheduler_connection(shared, s).await?;
-    let (mut w, mut r) = open(shared, &conn, StreamKind::DequeueLoop).await?;
+    // Nothing runs yet: a shutdown need not wait for a (re)connection to finish.
+    let setup = async {
+        let conn = scheduler_connection(shared, s).await?;
+        open(shared, &conn, StreamKind::DequeueLoop).await
+    };
+    let (mut w, mut r) = tokio::select! {
+        stream = setup => stream?,
+        _ = shared.stopping.cancelled() => return Ok(()),
+    };
     *backoff = Duration::from_millis(50);
     let mut finished = None;
     loop {

@@ -5,11 +5,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::path::Path;
+use std::process::Stdio;
+
 use serde::{Serialize, de::DeserializeOwned};
 use sluice::config::Settings;
 use sluice::server::{Server, Status};
 use sluice::tls::{self, CertSet, Identity};
 use sluice_protocol::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
 
 /// How long any single expected event may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -179,4 +184,52 @@ pub async fn dispatched(worker: &mut Peer) -> Dispatch {
         SchedulerToQuerier::Dispatch(d) => *d,
         other => panic!("expected a dispatch, got {other:?}"),
     }
+}
+
+/// A `sluice serve` process.
+pub struct Running {
+    pub child: Child,
+    pub quic: std::net::SocketAddr,
+    pub certs: CertSet,
+}
+
+/// Starts `sluice serve` in `dir` (loopback, OS-chosen ports) and reads the address it
+/// prints. Processes started in one directory share its development CA.
+pub async fn spawn_scheduler(dir: &Path, extra: &[&str]) -> Running {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .current_dir(dir)
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut quic = None;
+    while let Some(line) = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap() {
+        if let Some(addr) = line.trim().strip_prefix("QUIC address:") {
+            quic = Some(addr.trim().parse().unwrap());
+        }
+        if line.contains("stop with") {
+            break;
+        }
+    }
+    Running {
+        child,
+        quic: quic.expect("the QUIC address is printed"),
+        certs: CertSet::in_dir(&dir.join("sluice-data")),
+    }
+}
+
+/// Sends signal `name` (TERM, KILL, HUP…) to a child process.
+pub async fn signal(child: &Child, name: &str) {
+    let pid = child.id().unwrap().to_string();
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
 }
