@@ -70,11 +70,13 @@ impl Default for BenchConfig {
 }
 
 /// Queue time per tenant, as the queriers saw it.
-type QueueTimes = Arc<Mutex<BTreeMap<String, Vec<u64>>>>;
+pub(crate) type QueueTimes = Arc<Mutex<BTreeMap<String, Vec<u64>>>>;
 
-struct BenchHandler {
-    service: Duration,
-    queue_times: QueueTimes,
+/// A querier handler that records each query's queue time per tenant, then waits
+/// `service` and answers "ok".
+pub(crate) struct BenchHandler {
+    pub(crate) service: Duration,
+    pub(crate) queue_times: QueueTimes,
 }
 
 impl Handler for BenchHandler {
@@ -128,7 +130,7 @@ fn weight(c: &BenchConfig, i: usize) -> f64 {
 }
 
 /// One query from submit to the last byte of its result.
-async fn one_query(frontend: &Frontend, request: QueryRequest) -> Result<Duration, QueryError> {
+pub(crate) async fn one_query(frontend: &Frontend, request: QueryRequest) -> Result<Duration, QueryError> {
     let started = Instant::now();
     let handle = frontend.submit(request).await?;
     let response = handle.response().await?;

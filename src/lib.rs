@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod demo;
 pub mod metrics;
 pub mod queue;
 pub mod server;

@@ -79,6 +79,13 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Watch fairness happen: a scheduler, queriers and a frontend with one noisy tenant,
+    /// in this process, with a live table. No files needed; Ctrl-C stops it.
+    Demo {
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        seconds: Option<u64>,
+    },
     /// Print the protocol version and frame limits this build speaks.
     Info,
 }
@@ -198,6 +205,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(serve(config, *settings))?;
         }
         Command::Certs { action } => certs(action)?,
+        Command::Demo { seconds } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let ctrl_c = stop.clone();
+            let interactive = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            let table = runtime.block_on(async move {
+                tokio::spawn(async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        ctrl_c.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+                sluice::demo::run(seconds.map(Duration::from_secs), stop, |table| {
+                    if interactive {
+                        print!("\x1b[2J\x1b[H{table}"); // clear the screen, then the table
+                    } else {
+                        println!("{table}");
+                    }
+                })
+                .await
+            });
+            let table = table.map_err(anyhow::Error::msg)?;
+            if interactive {
+                println!("\nstopped; last table above.");
+            } else {
+                let _ = table;
+            }
+        }
         Command::Bench {
             seconds,
             schedulers,

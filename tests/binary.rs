@@ -93,3 +93,40 @@ async fn sighup_reloads_tenant_limits() {
     signal(&s.child, "TERM").await;
     tokio::time::timeout(WAIT, s.child.wait()).await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn demo_runs_with_no_files_and_shows_fairness() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .current_dir(dir.path())
+            .args(["demo", "--seconds", "3"])
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.rsplit("sluice demo").next().unwrap();
+    // Quiet tenants: nothing refused, nothing failed. The noisy one: refused at its limit.
+    for line in last.lines().filter(|l| l.starts_with("quiet-")) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!((cols[3], cols[5]), ("0", "0"), "{line}");
+    }
+    let noisy: Vec<&str> = last
+        .lines()
+        .find(|l| l.starts_with("noisy"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert!(
+        noisy[3].parse::<u64>().unwrap() > 0,
+        "the noisy tenant is refused beyond its limit"
+    );
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "no files left behind"
+    );
+}
