@@ -425,3 +425,27 @@ async fn too_many_connections_are_refused() {
     let second = t.connect(&t.certs.frontend).await;
     assert!(second.is_err(), "a second connection was accepted");
 }
+
+#[tokio::test]
+async fn a_lifeline_with_an_unknown_token_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = start(|_| {}).await;
+    let mut socket = tokio::net::TcpStream::connect(t.server.quic_addr()).await.unwrap();
+    let mut preamble = LIFELINE_MAGIC.to_vec();
+    preamble.extend_from_slice(&42u128.to_be_bytes());
+    socket.write_all(&preamble).await.unwrap();
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(WAIT, socket.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a word");
+    // Garbage is closed too.
+    let mut socket = tokio::net::TcpStream::connect(t.server.quic_addr()).await.unwrap();
+    socket.write_all(&[0xff; 20]).await.unwrap();
+    let n = tokio::time::timeout(WAIT, socket.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+}

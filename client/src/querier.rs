@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sluice_protocol::{
-    Dispatch, Finished, FramedRead, FramedWrite, FrontendAddress, Hello, HelloReply, Limits, Metadata, Notice,
-    NoticeReply, QuerierToScheduler, ResultFrame, ResultReceipt, Role, SchedulerToQuerier, StreamKind, close_code,
+    Dispatch, Finished, FramedRead, FramedWrite, FrontendAddress, Hello, HelloReply, LIFELINE_MAGIC, Limits, Metadata,
+    Notice, NoticeReply, QuerierToScheduler, ResultFrame, ResultReceipt, Role, SchedulerToQuerier, StreamKind,
+    close_code,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -152,6 +154,8 @@ struct Shared {
     endpoint: quinn::Endpoint,
     schedulers: Vec<Mutex<Option<quinn::Connection>>>,
     frontends: Mutex<HashMap<String, quinn::Connection>>,
+    /// TCP lifelines to schedulers, by token; held until the querier stops.
+    lifelines: Mutex<HashMap<u128, JoinHandle<()>>>,
     /// Stop asking for work (graceful shutdown: after the current query).
     stopping: CancellationToken,
 }
@@ -199,6 +203,7 @@ impl Querier {
             config,
             endpoint,
             frontends: Mutex::new(HashMap::new()),
+            lifelines: Mutex::new(HashMap::new()),
             stopping: CancellationToken::new(),
         });
         let handler = Arc::new(handler);
@@ -232,12 +237,20 @@ impl Querier {
             .endpoint
             .close(close_code::DONE.into(), b"querier shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+        for (_, lifeline) in self.shared.lifelines.lock().await.drain() {
+            lifeline.abort();
+        }
     }
 
     /// Stops at once, as a crash would (in-flight queries fail at their frontends).
     pub fn abort(self) {
         for w in &self.workers {
             w.abort();
+        }
+        if let Ok(mut lifelines) = self.shared.lifelines.try_lock() {
+            for (_, lifeline) in lifelines.drain() {
+                lifeline.abort();
+            }
         }
         self.shared.endpoint.close(close_code::DONE.into(), b"querier aborted");
     }
@@ -334,6 +347,7 @@ async fn serve<H: Handler>(
             match r.next::<SchedulerToQuerier>().await.map_err(|e| e.to_string())? {
                 Some(SchedulerToQuerier::Dispatch(d)) => break *d,
                 Some(SchedulerToQuerier::Cancel { .. }) => {} // for a query already done
+                Some(SchedulerToQuerier::Lifeline { port, token }) => hold_lifeline(shared, s, port, token).await,
                 Some(SchedulerToQuerier::ShuttingDown) => return Ok(()),
                 None => return Err("scheduler closed the stream".into()),
             }
@@ -413,6 +427,38 @@ fn panic_message(e: tokio::task::JoinError) -> String {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Opens (once per token) the TCP lifeline the scheduler asked for and holds it, so that
+/// if this process dies the kernel's closing of the socket tells the scheduler at once.
+async fn hold_lifeline(shared: &Shared, s: usize, port: u16, token: u128) {
+    let mut lifelines = shared.lifelines.lock().await;
+    lifelines.retain(|_, task| !task.is_finished());
+    if lifelines.contains_key(&token) {
+        return;
+    }
+    let addr = SocketAddr::new(shared.config.schedulers[s].ip(), port);
+    let timeout = shared.config.idle_timeout;
+    let task = tokio::spawn(async move {
+        let mut socket = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(socket)) => socket,
+            Ok(Err(e)) => return warn!(%addr, error = %e, "no lifeline to the scheduler"),
+            Err(_) => return warn!(%addr, "no lifeline to the scheduler: connect timed out"),
+        };
+        let mut preamble = LIFELINE_MAGIC.to_vec();
+        preamble.extend_from_slice(&token.to_be_bytes());
+        if socket.write_all(&preamble).await.is_err() {
+            return;
+        }
+        // Nothing comes back; the scheduler closes it when the QUIC connection ends.
+        let mut scratch = [0u8; 64];
+        while let Ok(n) = socket.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    lifelines.insert(token, task);
 }
 
 async fn frontend_connection(shared: &Shared, to: &FrontendAddress) -> Result<quinn::Connection, String> {

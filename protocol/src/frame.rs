@@ -18,6 +18,7 @@
 //! querier worker ──(bi stream, one per worker)── scheduler               StreamKind::DequeueLoop
 //!   Hello                      ─►
 //!                              ◄─ HelloReply::Welcome
+//!                              ◄─ SchedulerToQuerier::Lifeline         (once: how to tie this process to the scheduler)
 //!   QuerierToScheduler::Ready    ─►                                     ("give me work"; also "previous one done")
 //!                              ◄─ SchedulerToQuerier::Dispatch
 //!                              ◄─ SchedulerToQuerier::Cancel           (stop the in-flight query; stream stays)
@@ -265,7 +266,16 @@ pub enum SchedulerToQuerier {
     /// The worker's querier (or the scheduler) is shutting down: no more work on this
     /// stream; the worker should close it.
     ShuttingDown,
+    /// Sent right after the hello reply: the querier should open a TCP connection to `port`
+    /// on the scheduler's host and send [`LIFELINE_MAGIC`] followed by `token` (16 bytes,
+    /// big-endian), then keep it open. When that socket closes, as the kernel closes it
+    /// when the querier process dies (even by SIGKILL, which QUIC over UDP cannot see), the
+    /// scheduler fails the querier's running queries at once. One token per connection.
+    Lifeline { port: u16, token: u128 },
 }
+
+/// First bytes a querier sends on its TCP lifeline, before the 16-byte token.
+pub const LIFELINE_MAGIC: [u8; 4] = *b"SLL1";
 
 /// A query handed to a querier worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,4 +396,6 @@ pub mod close_code {
     pub const TOO_MANY_CONNECTIONS: u32 = 4;
     /// The stream did not say hello in time.
     pub const HELLO_TIMEOUT: u32 = 5;
+    /// The querier's TCP lifeline closed: the querier process is gone.
+    pub const LIFELINE_LOST: u32 = 6;
 }

@@ -187,6 +187,7 @@ fn scheduler_to_querier() -> impl Strategy<Value = SchedulerToQuerier> {
         dispatch().prop_map(|d| SchedulerToQuerier::Dispatch(Box::new(d))),
         any::<u64>().prop_map(|query_id| SchedulerToQuerier::Cancel { query_id }),
         Just(SchedulerToQuerier::ShuttingDown),
+        (any::<u16>(), any::<u128>()).prop_map(|(port, token)| SchedulerToQuerier::Lifeline { port, token }),
     ]
 }
 

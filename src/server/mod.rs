@@ -4,6 +4,7 @@
 
 mod admin;
 mod dispatcher;
+mod lifeline;
 pub mod status;
 mod streams;
 
@@ -49,6 +50,7 @@ pub struct Server {
     admin_addr: SocketAddr,
     draining: Arc<AtomicBool>,
     admin_task: JoinHandle<()>,
+    lifeline_task: Option<JoinHandle<()>>,
     identity: Identity,
     dev_certs: Option<CertSet>,
     commands: mpsc::Sender<Command>,
@@ -129,6 +131,25 @@ impl Server {
             addr: config.admin_listen,
             error,
         })?;
+        // The lifeline listener takes the QUIC port number over TCP.
+        let lifeline_addr = SocketAddr::new(config.listen.ip(), quic_addr.port());
+        let (lifelines, lifeline_task) = match tokio::net::TcpListener::bind(lifeline_addr).await {
+            Ok(listener) => {
+                let lifelines = Arc::new(lifeline::Lifelines::new(Some(quic_addr.port())));
+                let task = tokio::spawn(lifeline::serve(
+                    listener,
+                    lifelines.clone(),
+                    config.hello_timeout,
+                    config.max_connections,
+                    stop_accepting.clone(),
+                ));
+                (lifelines, Some(task))
+            }
+            Err(e) => {
+                warn!(addr = %lifeline_addr, error = %e, "no querier lifelines: a killed querier is noticed at the idle timeout");
+                (Arc::new(lifeline::Lifelines::new(None)), None)
+            }
+        };
         let draining = Arc::new(AtomicBool::new(false));
         let admin_task = tokio::spawn(admin::serve(
             admin_listener,
@@ -149,6 +170,7 @@ impl Server {
             commands.clone(),
             stream_limits,
             config.max_connections,
+            lifelines,
             stop_accepting.clone(),
         ));
         info!(%quic_addr, %admin_addr, scheduler = %config.scheduler_id, "serving");
@@ -157,6 +179,7 @@ impl Server {
             admin_addr,
             draining,
             admin_task,
+            lifeline_task,
             identity,
             dev_certs,
             commands,
@@ -218,6 +241,9 @@ impl Server {
             .close(close_code::SHUTTING_DOWN.into(), b"scheduler aborted");
         self.accept_task.abort();
         self.admin_task.abort();
+        if let Some(t) = &self.lifeline_task {
+            t.abort();
+        }
         self.dispatcher_task.abort();
     }
 
@@ -243,6 +269,9 @@ impl Server {
             .close(close_code::SHUTTING_DOWN.into(), b"scheduler shutting down");
         let _ = self.accept_task.await;
         let _ = self.admin_task.await;
+        if let Some(t) = self.lifeline_task {
+            let _ = t.await;
+        }
         drop(self.commands);
         self.endpoint.wait_idle().await;
         self.dispatcher_task.abort();
@@ -255,6 +284,7 @@ async fn accept_loop(
     commands: mpsc::Sender<Command>,
     limits: StreamLimits,
     max_connections: u32,
+    lifelines: Arc<lifeline::Lifelines>,
     stop: CancellationToken,
 ) {
     let open = Arc::new(AtomicU32::new(0));
@@ -272,9 +302,15 @@ async fn accept_loop(
             continue;
         }
         open.fetch_add(1, Ordering::Relaxed);
-        let (commands, limits, open, stop) = (commands.clone(), limits.clone(), open.clone(), stop.clone());
+        let (commands, limits, open, stop, lifelines) = (
+            commands.clone(),
+            limits.clone(),
+            open.clone(),
+            stop.clone(),
+            lifelines.clone(),
+        );
         tokio::spawn(async move {
-            handle_connection(incoming, commands, limits, stop).await;
+            handle_connection(incoming, commands, limits, lifelines, stop).await;
             open.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -284,6 +320,7 @@ async fn handle_connection(
     incoming: quinn::Incoming,
     commands: mpsc::Sender<Command>,
     limits: StreamLimits,
+    lifelines: Arc<lifeline::Lifelines>,
     stop: CancellationToken,
 ) {
     let remote = incoming.remote_address();
@@ -304,6 +341,11 @@ async fn handle_connection(
         }
     };
     debug!(%remote, ?role, "connected");
+    let lifeline = if role == Role::Querier {
+        lifelines.register(&conn)
+    } else {
+        None
+    };
     loop {
         let stream = tokio::select! {
             s = conn.accept_bi() => s,
@@ -312,13 +354,18 @@ async fn handle_connection(
         match stream {
             Ok((send, recv)) => {
                 let (conn, commands, limits) = (conn.clone(), commands.clone(), limits.clone());
-                tokio::spawn(streams::serve_stream(conn, role, send, recv, commands, limits));
+                tokio::spawn(streams::serve_stream(
+                    conn, role, send, recv, commands, limits, lifeline,
+                ));
             }
             Err(e) => {
                 debug!(%remote, error = %e, "connection ended");
                 break;
             }
         }
+    }
+    if let Some((_, token)) = lifeline {
+        lifelines.unregister(token);
     }
 }
 

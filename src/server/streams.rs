@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 use sluice_protocol::{
     FramedRead, FramedWrite, FrontendToScheduler, Hello, HelloReply, Notice, NoticeReply, QuerierToScheduler,
-    ReadError, RejectCode, Role, StreamKind, close_code,
+    ReadError, RejectCode, Role, SchedulerToQuerier, StreamKind, close_code,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -25,6 +25,7 @@ pub(crate) async fn serve_stream(
     recv: quinn::RecvStream,
     commands: mpsc::Sender<Command>,
     limits: StreamLimits,
+    lifeline: Option<(u16, u128)>,
 ) {
     let mut reader = FramedRead::new(recv, limits.limits.max_frame_len);
     let mut writer = FramedWrite::new(send, limits.limits.max_frame_len);
@@ -67,7 +68,18 @@ pub(crate) async fn serve_stream(
     }
     match hello.stream {
         StreamKind::FrontendLoop => frontend_loop(conn, hello, reader, writer, commands).await,
-        StreamKind::DequeueLoop => worker_loop(conn, hello, reader, writer, commands).await,
+        StreamKind::DequeueLoop => {
+            let mut writer = writer;
+            if let Some((port, token)) = lifeline
+                && writer
+                    .send(&SchedulerToQuerier::Lifeline { port, token })
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            worker_loop(conn, hello, reader, writer, commands).await
+        }
         StreamKind::ShutdownNotice => notice(conn, hello, reader, writer, commands).await,
         StreamKind::Result => {} // refused by may_open
     }

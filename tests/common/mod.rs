@@ -147,11 +147,16 @@ pub async fn frontend(conn: &quinn::Connection, id: &str) -> Peer {
     peer
 }
 
-/// A querier worker's dequeue loop.
+/// A querier worker's dequeue loop, past its hello and lifeline offer (this raw peer
+/// does not open the lifeline).
 pub async fn worker(conn: &quinn::Connection, querier: &str) -> Peer {
-    open(conn, Hello::new(Role::Querier, querier, StreamKind::DequeueLoop))
+    let mut peer = open(conn, Hello::new(Role::Querier, querier, StreamKind::DequeueLoop))
         .await
-        .expect("welcome")
+        .expect("welcome");
+    match peer.recv::<SchedulerToQuerier>().await {
+        SchedulerToQuerier::Lifeline { .. } => peer,
+        other => panic!("expected the lifeline offer first, got {other:?}"),
+    }
 }
 
 pub fn enqueue(query_id: u64, tenant: &str) -> FrontendToScheduler {
