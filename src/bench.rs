@@ -69,25 +69,28 @@ impl Default for BenchConfig {
     }
 }
 
-/// Queue time per tenant, as the queriers saw it.
-pub(crate) type QueueTimes = Arc<Mutex<BTreeMap<String, Vec<u64>>>>;
+/// Per tenant, `(milliseconds since the start, queue wait in microseconds)` of every query,
+/// as the queriers saw it.
+pub(crate) type QueueTimes = Arc<Mutex<BTreeMap<String, Vec<(u64, u64)>>>>;
 
 /// A querier handler that records each query's queue time per tenant, then waits
 /// `service` and answers "ok".
 pub(crate) struct BenchHandler {
     pub(crate) service: Duration,
     pub(crate) queue_times: QueueTimes,
+    pub(crate) started: Instant,
 }
 
 impl Handler for BenchHandler {
     async fn handle(&self, request: Request) -> Result<Response, HandlerError> {
         let micros = u64::try_from(request.queue_time.as_micros()).unwrap_or(u64::MAX);
+        let at = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.queue_times
             .lock()
             .unwrap()
             .entry(request.tenant.clone())
             .or_default()
-            .push(micros);
+            .push((at, micros));
         if !self.service.is_zero() {
             tokio::time::sleep(self.service).await;
         }
@@ -144,8 +147,10 @@ fn request(c: &BenchConfig, tenant: usize, n: u64, payload: &bytes::Bytes) -> Qu
     r
 }
 
-/// Runs the benchmark and returns its report as JSON.
-pub async fn run(c: BenchConfig, progress: impl Fn(&str)) -> Result<Value, String> {
+/// Runs the benchmark and returns its report as JSON; `progress` is told the seconds
+/// elapsed and the results so far, about once a second. With `plot`, also writes an SVG of
+/// queue wait over time.
+pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl Fn(f64, u64)) -> Result<Value, String> {
     let dir = std::env::temp_dir().join(format!("sluice-bench-{}-{}", std::process::id(), c.seed));
     let _ = std::fs::remove_dir_all(&dir);
     let mut servers = Vec::new();
@@ -165,6 +170,7 @@ pub async fn run(c: BenchConfig, progress: impl Fn(&str)) -> Result<Value, Strin
     let addrs: Vec<SocketAddr> = servers.iter().map(Server::quic_addr).collect();
 
     let queue_times: QueueTimes = Arc::default();
+    let clock = Instant::now();
     let mut queriers = Vec::new();
     for q in 0..c.queriers {
         let mut config = QuerierConfig::new(format!("bench-querier-{q}"), certs.querier.clone(), addrs.clone());
@@ -172,6 +178,7 @@ pub async fn run(c: BenchConfig, progress: impl Fn(&str)) -> Result<Value, Strin
         let handler = BenchHandler {
             service: c.service,
             queue_times: queue_times.clone(),
+            started: clock,
         };
         queriers.push(Querier::start(config, handler).map_err(|e| e.to_string())?);
     }
@@ -196,7 +203,9 @@ pub async fn run(c: BenchConfig, progress: impl Fn(&str)) -> Result<Value, Strin
 
     let outcomes = Arc::new(Outcomes::default());
     let payload = bytes::Bytes::from(vec![b'q'; c.payload_bytes]);
+    queue_times.lock().unwrap().clear(); // warm-up queries, if any
     let started = Instant::now();
+    let offset_ms = u64::try_from(started.duration_since(clock).as_millis()).unwrap_or(0);
     let until = started + c.duration;
     let total_weight: f64 = (0..c.tenants).map(|i| weight(&c, i)).sum();
     let mut tasks = Vec::new();
@@ -255,14 +264,12 @@ pub async fn run(c: BenchConfig, progress: impl Fn(&str)) -> Result<Value, Strin
         // Every task ends within the duration plus the time its last queries take.
         while !task.is_finished() {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            if last_report.elapsed() >= Duration::from_secs(1) {
+            if last_report.elapsed() >= Duration::from_millis(500) {
                 last_report = Instant::now();
-                let secs = started.elapsed().as_secs_f64();
-                let done = outcomes.results.load(Ordering::Relaxed);
-                progress(&format!(
-                    "{secs:5.1} s  {done} results  {:.0}/s",
-                    done as f64 / secs.max(1e-9)
-                ));
+                progress(
+                    started.elapsed().as_secs_f64(),
+                    outcomes.results.load(Ordering::Relaxed),
+                );
             }
         }
         let _ = task.await;
@@ -281,7 +288,110 @@ pub async fn run(c: BenchConfig, progress: impl Fn(&str)) -> Result<Value, Strin
         s.shutdown().await;
     }
     let _ = std::fs::remove_dir_all(&dir);
+    if let Some(path) = plot {
+        plot_waits(path, &c, &queue_times.lock().unwrap(), offset_ms)?;
+    }
     Ok(report(&c, elapsed, &outcomes, &queue_times, &counters))
+}
+
+/// p99 of the waits (µs) in each one-second bucket, in milliseconds.
+fn p99_per_second<'a>(points: impl Iterator<Item = &'a (u64, u64)>, offset_ms: u64) -> Vec<(f64, f64)> {
+    let mut buckets: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for &(at, wait) in points {
+        buckets
+            .entry(at.saturating_sub(offset_ms) / 1000)
+            .or_default()
+            .push(wait);
+    }
+    buckets
+        .into_iter()
+        .map(|(second, mut waits)| {
+            waits.sort_unstable();
+            (second as f64 + 0.5, ms(percentile(&waits, 0.99)))
+        })
+        .collect()
+}
+
+/// Draws queue wait p99 per second: the noisy tenant (if any) against all the others.
+fn plot_waits(
+    path: &std::path::Path,
+    c: &BenchConfig,
+    waits: &BTreeMap<String, Vec<(u64, u64)>>,
+    offset_ms: u64,
+) -> Result<(), String> {
+    use plotters::prelude::*;
+    let noisy = c.noisy_factor != 1.0;
+    let others = p99_per_second(
+        waits
+            .iter()
+            .filter(|(t, _)| !noisy || t.as_str() != "tenant-0")
+            .flat_map(|(_, v)| v.iter()),
+        offset_ms,
+    );
+    let noisy_series = if noisy {
+        p99_per_second(waits.get("tenant-0").into_iter().flatten(), offset_ms)
+    } else {
+        Vec::new()
+    };
+    let x_max = c.duration.as_secs_f64().max(1.0);
+    // Log scale, floored at 10 µs so that idle seconds (0 wait) still show.
+    const FLOOR: f64 = 0.01;
+    let clip = |series: Vec<(f64, f64)>| -> Vec<(f64, f64)> {
+        series
+            .into_iter()
+            .filter(|p| p.0 <= x_max)
+            .map(|(x, y)| (x, y.max(FLOOR)))
+            .collect()
+    };
+    let (others, noisy_series) = (clip(others), clip(noisy_series));
+    let y_max = others.iter().chain(&noisy_series).map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let root = SVGBackend::new(path, (900, 450)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let title = format!(
+        "queue wait p99 per second — {} tenants{}, {} workers",
+        c.tenants,
+        if noisy {
+            format!(", tenant-0 at {}×", c.noisy_factor)
+        } else {
+            String::new()
+        },
+        c.queriers * c.workers
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..x_max, (FLOOR..y_max).log_scale())
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("queue wait p99 (ms, log scale)")
+        .draw()
+        .map_err(|e| err(&e))?;
+    let label = if noisy { "other tenants" } else { "all tenants" };
+    chart
+        .draw_series(LineSeries::new(others, &BLUE))
+        .map_err(|e| err(&e))?
+        .label(label)
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    if noisy {
+        chart
+            .draw_series(LineSeries::new(noisy_series, &RED))
+            .map_err(|e| err(&e))?
+            .label("tenant-0 (noisy)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
 }
 
 /// The `q` quantile of sorted microsecond values, in microseconds.
@@ -312,12 +422,12 @@ fn report(
     let mut latencies = o.latencies.lock().unwrap().clone();
     latencies.sort_unstable();
     let queue_times = queue_times.lock().unwrap();
-    let mut all_waits: Vec<u64> = queue_times.values().flatten().copied().collect();
+    let mut all_waits: Vec<u64> = queue_times.values().flatten().map(|p| p.1).collect();
     all_waits.sort_unstable();
     let mut tenants = Vec::new();
     let mut quiet_served = Vec::new();
     for (tenant, waits) in queue_times.iter() {
-        let mut w = waits.clone();
+        let mut w: Vec<u64> = waits.iter().map(|p| p.1).collect();
         w.sort_unstable();
         if tenant != "tenant-0" || c.noisy_factor == 1.0 {
             quiet_served.push(w.len() as f64);

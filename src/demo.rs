@@ -55,6 +55,7 @@ pub async fn run(limit: Option<Duration>, stop: Arc<AtomicBool>, show: impl Fn(&
         let handler = BenchHandler {
             service: SERVICE,
             queue_times: queue_times.clone(),
+            started: Instant::now(),
         };
         queriers.push(Querier::start(config, handler).map_err(|e| e.to_string())?);
     }
@@ -103,7 +104,10 @@ pub async fn run(limit: Option<Duration>, stop: Arc<AtomicBool>, show: impl Fn(&
     while !stop.load(Ordering::Relaxed) && limit.is_none_or(|l| started.elapsed() < l) {
         tick.tick().await;
         let now: BTreeMap<String, Tally> = tallies.lock().unwrap().clone();
-        let waits: BTreeMap<String, Vec<u64>> = std::mem::take(&mut *queue_times.lock().unwrap());
+        let waits: BTreeMap<String, Vec<u64>> = std::mem::take(&mut *queue_times.lock().unwrap())
+            .into_iter()
+            .map(|(tenant, points)| (tenant, points.into_iter().map(|p| p.1).collect()))
+            .collect();
         let status = server.status().await.map_err(|e| e.to_string())?;
         table = render(started.elapsed(), &tenants, &now, &previous, &waits, &status);
         show(&table);

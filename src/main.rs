@@ -78,6 +78,9 @@ enum Command {
         /// Also write the JSON report to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Draw queue wait p99 per second (noisy tenant against the others) as SVG here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Watch fairness happen: a scheduler, queriers and a frontend with one noisy tenant,
     /// in this process, with a live table. No files needed; Ctrl-C stops it.
@@ -245,6 +248,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             concurrency,
             payload_bytes,
             json,
+            plot,
         } => {
             if !(noisy_factor.is_finite() && noisy_factor > 0.0) {
                 anyhow::bail!("--noisy-factor must be a positive number");
@@ -268,9 +272,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 seed: 7,
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            // Drawn on stderr, and only on a terminal (indicatif hides it otherwise).
+            let bar = indicatif::ProgressBar::new(seconds * 10);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}")
+                    .expect("valid progress template"),
+            );
             let report = runtime
-                .block_on(sluice::bench::run(config, |line| eprintln!("{line}")))
+                .block_on(sluice::bench::run(config, plot.as_deref(), |secs, results| {
+                    bar.set_position((secs * 10.0) as u64);
+                    bar.set_message(format!("{results} results, {:.0}/s", results as f64 / secs.max(1e-9)));
+                }))
                 .map_err(anyhow::Error::msg)?;
+            bar.finish_and_clear();
             let text = serde_json::to_string_pretty(&report)?;
             if let Some(path) = json {
                 std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;

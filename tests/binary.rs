@@ -130,3 +130,48 @@ async fn demo_runs_with_no_files_and_shows_fairness() {
         "no files left behind"
     );
 }
+
+#[tokio::test]
+async fn bench_reports_every_outcome_and_draws_the_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .current_dir(dir.path())
+            .args([
+                "bench",
+                "--seconds",
+                "2",
+                "--tenants",
+                "5",
+                "--queriers",
+                "2",
+                "--workers",
+                "2",
+            ])
+            .args([
+                "--rate",
+                "300",
+                "--noisy-factor",
+                "10",
+                "--json",
+                "report.json",
+                "--plot",
+                "wait.svg",
+            ])
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap()).unwrap();
+    let o = &report["outcomes"];
+    assert_eq!((o["lost"].as_u64(), o["errors"].as_u64()), (Some(0), Some(0)), "{o}");
+    assert!(o["results"].as_u64().unwrap() > 100, "{o}");
+    assert_eq!(o["results"], o["dispatched_by_schedulers"]);
+    assert_eq!(report["tenants"].as_array().unwrap().len(), 5);
+    let svg = std::fs::read_to_string(dir.path().join("wait.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("tenant-0 (noisy)"));
+}
