@@ -40,6 +40,11 @@ pub struct BenchConfig {
     pub workers: usize,
     /// Time the querier handler spends per query.
     pub service: Duration,
+    /// Share of queries (0–1) for the slow component (`store-gateway`); the rest go to
+    /// `ingester`. 0: no components.
+    pub slow_share: f64,
+    /// Time the handler spends on a slow-component query.
+    pub slow_service: Duration,
     pub duration: Duration,
     /// Open loop: total arrivals per second. `None`: closed loop.
     pub rate: Option<f64>,
@@ -60,6 +65,8 @@ impl Default for BenchConfig {
             queriers: 16,
             workers: 4,
             service: Duration::ZERO,
+            slow_share: 0.0,
+            slow_service: Duration::ZERO,
             duration: Duration::from_secs(10),
             rate: None,
             concurrency: 128,
@@ -77,7 +84,11 @@ pub(crate) type QueueTimes = Arc<Mutex<BTreeMap<String, Vec<(u64, u64)>>>>;
 /// `service` and answers "ok".
 pub(crate) struct BenchHandler {
     pub(crate) service: Duration,
+    /// Service time of `store-gateway` queries.
+    pub(crate) slow_service: Duration,
     pub(crate) queue_times: QueueTimes,
+    /// The same, per component (`unknown` for none).
+    pub(crate) component_times: QueueTimes,
     pub(crate) started: Instant,
 }
 
@@ -91,8 +102,18 @@ impl Handler for BenchHandler {
             .entry(request.tenant.clone())
             .or_default()
             .push((at, micros));
-        if !self.service.is_zero() {
-            tokio::time::sleep(self.service).await;
+        self.component_times
+            .lock()
+            .unwrap()
+            .entry(request.component.clone().unwrap_or_else(|| "unknown".into()))
+            .or_default()
+            .push((at, micros));
+        let service = match request.component.as_deref() {
+            Some("store-gateway") => self.slow_service,
+            _ => self.service,
+        };
+        if !service.is_zero() {
+            tokio::time::sleep(service).await;
         }
         Ok(Response::ok(&b"ok"[..]))
     }
@@ -144,6 +165,13 @@ pub(crate) async fn one_query(frontend: &Frontend, request: QueryRequest) -> Res
 fn request(c: &BenchConfig, tenant: usize, n: u64, payload: &bytes::Bytes) -> QueryRequest {
     let mut r = QueryRequest::new(format!("tenant-{tenant}"), payload.clone());
     r.actors = vec![format!("user-{}", n % c.users.max(1) as u64)];
+    if c.slow_share > 0.0 {
+        // Spread deterministically: query n of a tenant is slow when its fractional
+        // position falls under the share.
+        let slow =
+            (crate::queue::mix64(n ^ ((tenant as u64) << 40)) >> 11) as f64 / (1u64 << 53) as f64 <= c.slow_share;
+        r.component = Some(if slow { "store-gateway" } else { "ingester" }.into());
+    }
     r
 }
 
@@ -170,6 +198,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     let addrs: Vec<SocketAddr> = servers.iter().map(Server::quic_addr).collect();
 
     let queue_times: QueueTimes = Arc::default();
+    let component_times: QueueTimes = Arc::default();
     let clock = Instant::now();
     let mut queriers = Vec::new();
     for q in 0..c.queriers {
@@ -177,7 +206,9 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         config.concurrency = c.workers;
         let handler = BenchHandler {
             service: c.service,
+            slow_service: c.slow_service,
             queue_times: queue_times.clone(),
+            component_times: component_times.clone(),
             started: clock,
         };
         queriers.push(Querier::start(config, handler).map_err(|e| e.to_string())?);
@@ -204,6 +235,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     let outcomes = Arc::new(Outcomes::default());
     let payload = bytes::Bytes::from(vec![b'q'; c.payload_bytes]);
     queue_times.lock().unwrap().clear(); // warm-up queries, if any
+    component_times.lock().unwrap().clear();
     let started = Instant::now();
     let offset_ms = u64::try_from(started.duration_since(clock).as_millis()).unwrap_or(0);
     let until = started + c.duration;
@@ -291,7 +323,14 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     if let Some(path) = plot {
         plot_waits(path, &c, &queue_times.lock().unwrap(), offset_ms)?;
     }
-    Ok(report(&c, elapsed, &outcomes, &queue_times, &counters))
+    Ok(report(
+        &c,
+        elapsed,
+        &outcomes,
+        &queue_times,
+        &component_times,
+        &counters,
+    ))
 }
 
 /// p99 of the waits (µs) in each one-second bucket, in milliseconds.
@@ -411,6 +450,7 @@ fn report(
     elapsed: Duration,
     o: &Outcomes,
     queue_times: &QueueTimes,
+    component_times: &QueueTimes,
     counters: &[crate::queue::Counters],
 ) -> Value {
     let (submitted, results, rejected, errors) = (
@@ -450,11 +490,26 @@ fn report(
         1.0
     };
     let dispatched: u64 = counters.iter().map(|k| k.dispatched).sum();
+    let components: Vec<Value> = component_times
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(component, points)| {
+            let mut w: Vec<u64> = points.iter().map(|p| p.1).collect();
+            w.sort_unstable();
+            json!({
+                "component": component,
+                "served": w.len(),
+                "queue_wait_us": { "p50": percentile(&w, 0.5), "p99": percentile(&w, 0.99) },
+            })
+        })
+        .collect();
     json!({
         "config": {
             "schedulers": c.schedulers, "frontends": c.frontends, "tenants": c.tenants,
             "noisy_factor": c.noisy_factor, "users_per_tenant": c.users, "queriers": c.queriers,
             "workers_per_querier": c.workers, "service_ms": c.service.as_secs_f64() * 1e3,
+            "slow_share": c.slow_share, "slow_service_ms": c.slow_service.as_secs_f64() * 1e3,
             "seconds": c.duration.as_secs_f64(), "rate": c.rate,
             "concurrency_per_frontend": c.concurrency, "payload_bytes": c.payload_bytes,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -476,6 +531,7 @@ fn report(
             "error_kinds": *o.error_kinds.lock().unwrap(),
         },
         "fairness": { "jain_index_equal_tenants": jain, "noisy_tenant_share": noisy_share },
+        "components": components,
         "tenants": tenants,
     })
 }

@@ -54,7 +54,9 @@ pub async fn run(limit: Option<Duration>, stop: Arc<AtomicBool>, show: impl Fn(&
         config.concurrency = WORKERS;
         let handler = BenchHandler {
             service: SERVICE,
+            slow_service: SERVICE,
             queue_times: queue_times.clone(),
+            component_times: Arc::default(),
             started: Instant::now(),
         };
         queriers.push(Querier::start(config, handler).map_err(|e| e.to_string())?);

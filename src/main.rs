@@ -67,6 +67,15 @@ enum Command {
         /// Handler time per query, in milliseconds (0: a no-op handler).
         #[arg(long, default_value_t = 0)]
         service_ms: u64,
+        /// Actors (users) per tenant.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        users: u64,
+        /// Share of queries (0–1) for a slow component, `store-gateway`; the rest are `ingester`.
+        #[arg(long, default_value_t = 0.0)]
+        slow_share: f64,
+        /// Handler time of a slow-component query, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        slow_service_ms: u64,
         /// Open loop at this many queries per second in total; without it, closed loop.
         #[arg(long)]
         rate: Option<f64>,
@@ -244,6 +253,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             queriers,
             workers,
             service_ms,
+            users,
+            slow_share,
+            slow_service_ms,
             rate,
             concurrency,
             payload_bytes,
@@ -253,6 +265,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !(noisy_factor.is_finite() && noisy_factor > 0.0) {
                 anyhow::bail!("--noisy-factor must be a positive number");
             }
+            if !(0.0..=1.0).contains(&slow_share) {
+                anyhow::bail!("--slow-share must be between 0 and 1");
+            }
             if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
                 anyhow::bail!("--rate must be a positive number");
             }
@@ -261,10 +276,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 frontends: frontends as usize,
                 tenants: tenants as usize,
                 noisy_factor,
-                users: 4,
+                users: users as usize,
                 queriers: queriers as usize,
                 workers: workers as usize,
                 service: Duration::from_millis(service_ms),
+                slow_share,
+                slow_service: Duration::from_millis(slow_service_ms),
                 duration: Duration::from_secs(seconds),
                 rate,
                 concurrency: concurrency as usize,
