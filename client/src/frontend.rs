@@ -141,6 +141,8 @@ pub struct QueryHandle {
     id: QueryId,
     shared: Arc<Shared>,
     rx: Option<oneshot::Receiver<Result<QueryResponse, QueryError>>>,
+    /// Whether dropping the handle cancels the query (until it is answered).
+    armed: bool,
 }
 
 impl QueryHandle {
@@ -156,15 +158,16 @@ impl QueryHandle {
             .await
             .unwrap_or_else(|_| Err(QueryError::Cancelled("the frontend client stopped".into())));
         // Answered: nothing left to cancel.
-        self.rx = None;
-        std::mem::forget(self);
+        self.armed = false;
         outcome
     }
 }
 
 impl Drop for QueryHandle {
     fn drop(&mut self) {
-        self.shared.cancel(self.id);
+        if self.armed {
+            self.shared.cancel(self.id);
+        }
     }
 }
 
@@ -304,16 +307,17 @@ impl Frontend {
                 done: Some(done),
             },
         );
-        let handle = QueryHandle {
+        let mut handle = QueryHandle {
             id,
             shared: self.shared.clone(),
             rx: Some(rx),
+            armed: true,
         };
         match self.shared.place(id, &HashSet::new()).await {
             Ok(()) => Ok(handle),
             Err(e) => {
                 self.shared.queries.lock().unwrap().remove(&id);
-                std::mem::forget(handle);
+                handle.armed = false;
                 Err(e)
             }
         }
@@ -814,4 +818,52 @@ async fn deliver(shared: &Arc<Shared>, reader: &mut FramedRead<quinn::RecvStream
     };
     shared.queries.lock().unwrap().remove(&query_id);
     receipt
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_answered_handle_lets_go_of_the_client() {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let identity = Identity {
+            ca: "unused".into(),
+            cert: "unused".into(),
+            key: "unused".into(),
+        };
+        let config = FrontendConfig::new("fe", identity, vec!["127.0.0.1:1".parse().unwrap()]);
+        let shared = Arc::new(Shared {
+            schedulers: vec![Mutex::default()],
+            address: FrontendAddress {
+                id: "fe".into(),
+                address: "127.0.0.1:2".into(),
+                server_name: "localhost".into(),
+            },
+            config,
+            queries: Mutex::new(HashMap::new()),
+            available: watch::channel(0).0,
+            next_id: AtomicU64::new(1),
+            pick_seed: AtomicU64::new(1),
+            stats: Mutex::default(),
+            stop: CancellationToken::new(),
+            result_endpoint: endpoint,
+        });
+        for answered in [true, false] {
+            let (tx, rx) = oneshot::channel();
+            let handle = QueryHandle {
+                id: 1,
+                shared: shared.clone(),
+                rx: Some(rx),
+                armed: true,
+            };
+            if answered {
+                tx.send(Err(QueryError::Failed("x".into()))).unwrap();
+                assert!(handle.response().await.is_err());
+            } else {
+                drop(handle); // cancels: nothing outstanding, nothing to send
+            }
+            assert_eq!(Arc::strong_count(&shared), 1, "answered: {answered}");
+        }
+    }
 }

@@ -14,6 +14,10 @@ use crate::{DecodeError, EncodeError, HARD_MAX_FRAME_LEN, Hello, PROTOCOL_VERSIO
 /// Bytes in the length prefix.
 pub const LENGTH_PREFIX_LEN: usize = 4;
 
+/// Most room reserved ahead for a frame still arriving: the buffer grows with the bytes
+/// that actually come, so a peer cannot make us reserve megabytes with a 4-byte prefix.
+const RESERVE_AHEAD: usize = 64 * 1024;
+
 /// Appends one frame holding `msg` to `dst`. On error `dst` is left as it was.
 pub fn encode<T: Serialize>(msg: &T, dst: &mut BytesMut, max_frame_len: u32) -> Result<(), EncodeError> {
     let start = dst.len();
@@ -87,7 +91,7 @@ impl FrameDecoder {
 
     /// Takes the next whole frame's body out of `src`: `Ok(None)` if `src` holds only part
     /// of one (read more, then call again). Reserves room in `src` for the rest of a
-    /// partly received frame, never more than the maximum.
+    /// partly received frame, at most 64 KiB ahead of what arrived.
     pub fn next_body(&self, src: &mut BytesMut) -> Result<Option<BytesMut>, DecodeError> {
         if src.len() < LENGTH_PREFIX_LEN {
             return Ok(None);
@@ -104,7 +108,7 @@ impl FrameDecoder {
         }
         let total = LENGTH_PREFIX_LEN + len as usize;
         if src.len() < total {
-            src.reserve(total - src.len());
+            src.reserve((total - src.len()).min(RESERVE_AHEAD));
             return Ok(None);
         }
         src.advance(LENGTH_PREFIX_LEN);

@@ -398,4 +398,6 @@ pub mod close_code {
     pub const HELLO_TIMEOUT: u32 = 5;
     /// The querier's TCP lifeline closed: the querier process is gone.
     pub const LIFELINE_LOST: u32 = 6;
+    /// The peer stopped reading: its unread replies reached the scheduler's bound.
+    pub const NOT_READING: u32 = 7;
 }

@@ -73,6 +73,15 @@ fn oversized_length_is_refused_before_allocation() {
 }
 
 #[test]
+fn a_bare_length_prefix_does_not_reserve_the_whole_frame() {
+    let d = FrameDecoder::new(HARD_MAX_FRAME_LEN);
+    let mut buf = BytesMut::new();
+    buf.put_u32(HARD_MAX_FRAME_LEN); // 64 MiB announced, 4 bytes sent
+    assert_eq!(d.decode::<Notice>(&mut buf), Ok(None));
+    assert!(buf.capacity() <= 128 * 1024, "reserved {} bytes", buf.capacity());
+}
+
+#[test]
 fn configured_maximum_is_clamped_to_the_hard_limit() {
     assert_eq!(FrameDecoder::new(u32::MAX).max_frame_len(), HARD_MAX_FRAME_LEN);
 }

@@ -17,6 +17,7 @@ use sluice_protocol::{
     SchedulerToFrontend, SchedulerToQuerier,
 };
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::queue::{
@@ -26,10 +27,50 @@ use crate::queue::{
 use super::status::{Status, WorkerStatus};
 use crate::metrics::{self as m, Metrics};
 
+/// Messages waiting for one connection's writer: bounded, so that a peer that stops
+/// reading is cut off (its connection closed) instead of growing the scheduler's memory.
+#[derive(Debug)]
+pub(crate) struct Outbox<T> {
+    tx: mpsc::Sender<T>,
+    overflow: CancellationToken,
+}
+
+/// Messages an outbox holds before its peer counts as not reading.
+pub(crate) const OUTBOX_CAPACITY: usize = 16 * 1024;
+
+impl<T> Outbox<T> {
+    /// An outbox, the receiver its writer drains, and the token cancelled on overflow.
+    pub(crate) fn new(capacity: usize) -> (Self, mpsc::Receiver<T>, CancellationToken) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let overflow = CancellationToken::new();
+        (
+            Outbox {
+                tx,
+                overflow: overflow.clone(),
+            },
+            rx,
+            overflow,
+        )
+    }
+
+    /// Queues `msg`; false if the connection is gone or has stopped reading (it is then
+    /// cut off).
+    pub(crate) fn send(&self, msg: T) -> bool {
+        match self.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overflow.cancel();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
 /// Outbound messages to one frontend connection.
-pub(crate) type FrontendTx = mpsc::UnboundedSender<SchedulerToFrontend>;
+pub(crate) type FrontendTx = Outbox<SchedulerToFrontend>;
 /// Outbound messages to one querier worker stream.
-pub(crate) type WorkerTx = mpsc::UnboundedSender<SchedulerToQuerier>;
+pub(crate) type WorkerTx = Outbox<SchedulerToQuerier>;
 
 /// What connection tasks ask of the dispatcher.
 #[derive(Debug)]
@@ -424,7 +465,7 @@ impl Dispatcher {
                     timeout_ms,
                     payload: e.payload,
                 };
-                if w.tx.send(SchedulerToQuerier::Dispatch(Box::new(dispatch))).is_ok() {
+                if w.tx.send(SchedulerToQuerier::Dispatch(Box::new(dispatch))) {
                     w.running = Some(d.key);
                     self.running.insert(
                         d.key,
@@ -638,7 +679,7 @@ mod tests {
     struct Harness {
         d: Dispatcher,
         now: Instant,
-        fe_rx: mpsc::UnboundedReceiver<SchedulerToFrontend>,
+        fe_rx: mpsc::Receiver<SchedulerToFrontend>,
         frontend: u64,
     }
 
@@ -646,7 +687,7 @@ mod tests {
         let now = Instant::now();
         let metrics = Arc::new(Metrics::new(Duration::from_secs(60)));
         let mut d = Dispatcher::new("s".into(), QueueConfig::default(), Limits::default(), metrics).unwrap();
-        let (tx, fe_rx) = mpsc::unbounded_channel();
+        let (tx, fe_rx, _) = Outbox::new(64);
         let (reply, mut id) = oneshot::channel();
         d.handle(
             Command::FrontendOpened {
@@ -702,8 +743,8 @@ mod tests {
             ));
         }
 
-        fn worker(&mut self) -> (WorkerId, mpsc::UnboundedReceiver<SchedulerToQuerier>) {
-            let (tx, rx) = mpsc::unbounded_channel();
+        fn worker(&mut self) -> (WorkerId, mpsc::Receiver<SchedulerToQuerier>) {
+            let (tx, rx, _) = Outbox::new(64);
             let (reply, mut id) = oneshot::channel();
             self.d.handle(
                 Command::WorkerOpened {
@@ -715,6 +756,15 @@ mod tests {
             );
             (id.try_recv().unwrap(), rx)
         }
+    }
+
+    #[test]
+    fn a_peer_that_stops_reading_is_cut_off() {
+        let (outbox, _rx, overflow) = Outbox::new(2);
+        assert!(outbox.send(1) && outbox.send(2));
+        assert!(!overflow.is_cancelled());
+        assert!(!outbox.send(3), "full");
+        assert!(overflow.is_cancelled(), "the connection is to be closed");
     }
 
     #[test]

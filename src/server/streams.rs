@@ -12,7 +12,7 @@ use sluice_protocol::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use super::dispatcher::Command;
+use super::dispatcher::{Command, OUTBOX_CAPACITY, Outbox};
 use super::{StreamLimits, may_open};
 
 type Reader = FramedRead<quinn::RecvStream>;
@@ -98,10 +98,16 @@ fn protocol_error(conn: &quinn::Connection, reason: &str) {
     conn.close(close_code::PROTOCOL_ERROR.into(), reason.as_bytes());
 }
 
+/// Closes the connection of a peer whose replies piled up unread.
+fn not_reading(conn: &quinn::Connection) {
+    warn!(remote = %conn.remote_address(), "peer stopped reading its replies; closing the connection");
+    conn.close(close_code::NOT_READING.into(), b"replies not read");
+}
+
 /// Forwards messages from the dispatcher to the stream until either side ends.
 fn spawn_writer<T: Serialize + Send + 'static>(
     mut writer: Writer,
-    mut rx: mpsc::UnboundedReceiver<T>,
+    mut rx: mpsc::Receiver<T>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
@@ -126,7 +132,7 @@ async fn frontend_loop(
     writer: Writer,
     commands: mpsc::Sender<Command>,
 ) {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx, overflow) = Outbox::new(OUTBOX_CAPACITY);
     let (reply, id) = oneshot::channel();
     let opened = Command::FrontendOpened {
         name: hello.id.clone(),
@@ -139,7 +145,14 @@ async fn frontend_loop(
     let Ok(frontend) = id.await else { return };
     let writer_task = spawn_writer(writer, rx);
     loop {
-        let cmd = match reader.next::<FrontendToScheduler>().await {
+        let next = tokio::select! {
+            next = reader.next::<FrontendToScheduler>() => next,
+            _ = overflow.cancelled() => {
+                not_reading(&conn);
+                break;
+            }
+        };
+        let cmd = match next {
             Ok(Some(FrontendToScheduler::Enqueue(enqueue))) => Command::Enqueue {
                 frontend,
                 enqueue: Box::new(enqueue),
@@ -175,7 +188,7 @@ async fn worker_loop(
     writer: Writer,
     commands: mpsc::Sender<Command>,
 ) {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx, overflow) = Outbox::new(OUTBOX_CAPACITY);
     let (reply, id) = oneshot::channel();
     let opened = Command::WorkerOpened {
         querier: hello.id.clone(),
@@ -188,7 +201,14 @@ async fn worker_loop(
     let Ok(worker) = id.await else { return };
     let writer_task = spawn_writer(writer, rx);
     loop {
-        let cmd = match reader.next::<QuerierToScheduler>().await {
+        let next = tokio::select! {
+            next = reader.next::<QuerierToScheduler>() => next,
+            _ = overflow.cancelled() => {
+                not_reading(&conn);
+                break;
+            }
+        };
+        let cmd = match next {
             Ok(Some(QuerierToScheduler::Ready { finished })) => Command::Ready { worker, finished },
             Ok(None) => break,
             Err(ReadError::Decode(e)) => {
