@@ -492,19 +492,20 @@ impl Dispatcher {
         }
     }
 
-    /// Hands queued work to waiting workers, longest waiting first.
+    /// Hands queued work to waiting workers, longest waiting first, stopping as soon as
+    /// the queue is empty (so an enqueue costs one dispatch, not a walk of every waiting
+    /// worker). Workers that could take nothing (shuffle sharding) keep their place.
     fn serve_waiting(&mut self, now: Instant) {
-        let mut still = VecDeque::new();
-        while let Some(w) = self.waiting.pop_front() {
-            if self.queue.is_empty() {
-                still.push_back(w);
-                continue;
-            }
+        let mut skipped = Vec::new();
+        while !self.queue.is_empty() {
+            let Some(w) = self.waiting.pop_front() else { break };
             if !self.try_dispatch(now, w) {
-                still.push_back(w);
+                skipped.push(w);
             }
         }
-        self.waiting = still;
+        for w in skipped.into_iter().rev() {
+            self.waiting.push_front(w);
+        }
         self.send_expired();
     }
 
@@ -755,6 +756,32 @@ mod tests {
                 self.now,
             );
             (id.try_recv().unwrap(), rx)
+        }
+    }
+
+    #[test]
+    fn waiting_workers_are_served_longest_waiting_first() {
+        let mut h = harness();
+        let workers: Vec<_> = (0..3).map(|_| h.worker()).collect();
+        for (w, _) in &workers {
+            h.d.handle(
+                Command::Ready {
+                    worker: *w,
+                    finished: None,
+                },
+                h.now,
+            );
+        }
+        let mut rxs: Vec<_> = workers.into_iter().map(|(_, rx)| rx).collect();
+        for (i, query) in [(0usize, 1u64), (1, 2), (2, 3)] {
+            h.enqueue(query);
+            match rxs[i].try_recv() {
+                Ok(SchedulerToQuerier::Dispatch(d)) => assert_eq!(d.query_id, query),
+                other => panic!("worker {i} expected query {query}, got {other:?}"),
+            }
+            for (j, rx) in rxs.iter_mut().enumerate() {
+                assert!(j == i || rx.try_recv().is_err(), "worker {j} got a second dispatch");
+            }
         }
     }
 
