@@ -15,6 +15,28 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 const ROLE_VAR: &str = "SLUICE_CHAOS_QUERIER";
 
+/// Runs this test binary again as the querier process named by `test` (an ignored test)
+/// against `t`, and returns once it holds query 1.
+async fn querier_child(t: &TestServer, test: &str) -> tokio::process::Child {
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(ROLE_VAR, t.server.quic_addr().to_string())
+        .env("SLUICE_CHAOS_CA", &t.certs.querier.ca)
+        .env("SLUICE_CHAOS_CERT", &t.certs.querier.cert)
+        .env("SLUICE_CHAOS_KEY", &t.certs.querier.key)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap();
+        if line.is_some_and(|l| l.contains("DISPATCHED 1")) {
+            return child;
+        }
+    }
+}
+
 /// Holds every query it is given until killed, saying which one it holds.
 struct Hang;
 
@@ -55,29 +77,7 @@ async fn a_querier_killed_mid_query_is_reported_at_once() {
     fe.send(&enqueue(1, "t")).await;
     assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
 
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "querier_process",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(ROLE_VAR, t.server.quic_addr().to_string())
-        .env("SLUICE_CHAOS_CA", &t.certs.querier.ca)
-        .env("SLUICE_CHAOS_CERT", &t.certs.querier.cert)
-        .env("SLUICE_CHAOS_KEY", &t.certs.querier.key)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap();
-        if line.is_some_and(|l| l.contains("DISPATCHED 1")) {
-            break;
-        }
-    }
+    let mut child = querier_child(&t, "querier_process").await;
     let killed = Instant::now();
     child.start_kill().unwrap();
     child.wait().await.unwrap();
@@ -100,29 +100,7 @@ async fn without_a_lifeline_a_killed_querier_is_noticed_at_the_idle_timeout() {
     let mut fe = frontend(&fe_conn, "fe-1").await;
     fe.send(&enqueue(1, "t")).await;
     assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "raw_querier_process",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(ROLE_VAR, t.server.quic_addr().to_string())
-        .env("SLUICE_CHAOS_CA", &t.certs.querier.ca)
-        .env("SLUICE_CHAOS_CERT", &t.certs.querier.cert)
-        .env("SLUICE_CHAOS_KEY", &t.certs.querier.key)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap();
-        if line.is_some_and(|l| l.contains("DISPATCHED 1")) {
-            break;
-        }
-    }
+    let mut child = querier_child(&t, "raw_querier_process").await;
     let killed = Instant::now();
     child.start_kill().unwrap();
     child.wait().await.unwrap();

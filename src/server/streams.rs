@@ -66,21 +66,28 @@ pub(crate) async fn serve_stream(
     if writer.send(&welcome).await.is_err() {
         return;
     }
-    match hello.stream {
-        StreamKind::FrontendLoop => frontend_loop(conn, hello, reader, writer, commands).await,
+    let kind = hello.stream;
+    let mut s = Opened {
+        conn,
+        hello,
+        reader,
+        writer,
+        commands,
+    };
+    match kind {
+        StreamKind::FrontendLoop => frontend_loop(s).await,
         StreamKind::DequeueLoop => {
-            let mut writer = writer;
             if let Some((port, token)) = lifeline
-                && writer
+                && s.writer
                     .send(&SchedulerToQuerier::Lifeline { port, token })
                     .await
                     .is_err()
             {
                 return;
             }
-            worker_loop(conn, hello, reader, writer, commands).await
+            worker_loop(s).await
         }
-        StreamKind::ShutdownNotice => notice(conn, hello, reader, writer, commands).await,
+        StreamKind::ShutdownNotice => notice(s).await,
         StreamKind::Result => {} // refused by may_open
     }
 }
@@ -125,116 +132,115 @@ fn spawn_writer<T: Serialize + Send + 'static>(
     })
 }
 
-async fn frontend_loop(
+/// A stream past its hello, with everything its loop needs.
+struct Opened {
     conn: quinn::Connection,
     hello: Hello,
-    mut reader: Reader,
+    reader: Reader,
     writer: Writer,
     commands: mpsc::Sender<Command>,
-) {
+}
+
+/// What the frontend and dequeue loops share: register with the dispatcher (which hands
+/// back an id) and give it the connection's outbox, run the writer, turn each frame into a
+/// command until the stream ends, the peer breaks the protocol or stops reading its
+/// replies, then tell the dispatcher the peer is gone.
+async fn conversation<In, Out, Id>(
+    s: Opened,
+    what: &str,
+    open: impl FnOnce(Outbox<Out>, oneshot::Sender<Id>) -> Command,
+    to_command: impl Fn(Id, In) -> Command,
+    closed: impl FnOnce(Id) -> Command,
+) where
+    In: serde::de::DeserializeOwned,
+    Out: Serialize + Send + 'static,
+    Id: Copy,
+{
+    let Opened {
+        conn,
+        hello,
+        mut reader,
+        writer,
+        commands,
+    } = s;
     let (tx, rx, overflow) = Outbox::new(OUTBOX_CAPACITY);
     let (reply, id) = oneshot::channel();
-    let opened = Command::FrontendOpened {
-        name: hello.id.clone(),
-        tx,
-        reply,
-    };
-    if commands.send(opened).await.is_err() {
+    if commands.send(open(tx, reply)).await.is_err() {
         return;
     }
-    let Ok(frontend) = id.await else { return };
+    let Ok(id) = id.await else { return };
     let writer_task = spawn_writer(writer, rx);
     loop {
         let next = tokio::select! {
-            next = reader.next::<FrontendToScheduler>() => next,
+            next = reader.next::<In>() => next,
             _ = overflow.cancelled() => {
                 not_reading(&conn);
                 break;
             }
         };
-        let cmd = match next {
-            Ok(Some(FrontendToScheduler::Enqueue(enqueue))) => Command::Enqueue {
+        let msg = match next {
+            Ok(Some(msg)) => msg,
+            Ok(None) => break,
+            Err(ReadError::Decode(e)) => {
+                protocol_error(&conn, &format!("{what}: {e}"));
+                break;
+            }
+            Err(e) => {
+                debug!(peer = %hello.id, error = %e, "{what} ended");
+                break;
+            }
+        };
+        if commands.send(to_command(id, msg)).await.is_err() {
+            break;
+        }
+    }
+    let _ = commands.send(closed(id)).await;
+    writer_task.abort();
+}
+
+async fn frontend_loop(s: Opened) {
+    let name = s.hello.id.clone();
+    conversation(
+        s,
+        "frontend loop",
+        |tx, reply| Command::FrontendOpened { name, tx, reply },
+        |frontend, msg| match msg {
+            FrontendToScheduler::Enqueue(enqueue) => Command::Enqueue {
                 frontend,
                 enqueue: Box::new(enqueue),
                 received: Instant::now(),
             },
-            Ok(Some(FrontendToScheduler::Cancel { query_id })) => Command::Cancel {
+            FrontendToScheduler::Cancel { query_id } => Command::Cancel {
                 frontend,
                 query: query_id,
             },
-            Ok(Some(FrontendToScheduler::ResultEndpoint(address))) => Command::ResultEndpoint { frontend, address },
-            Ok(None) => break,
-            Err(ReadError::Decode(e)) => {
-                protocol_error(&conn, &format!("frontend loop: {e}"));
-                break;
-            }
-            Err(e) => {
-                debug!(frontend = %hello.id, error = %e, "frontend stream ended");
-                break;
-            }
-        };
-        if commands.send(cmd).await.is_err() {
-            break;
-        }
-    }
-    let _ = commands.send(Command::FrontendClosed { frontend }).await;
-    writer_task.abort();
+            FrontendToScheduler::ResultEndpoint(address) => Command::ResultEndpoint { frontend, address },
+        },
+        |frontend| Command::FrontendClosed { frontend },
+    )
+    .await
 }
 
-async fn worker_loop(
-    conn: quinn::Connection,
-    hello: Hello,
-    mut reader: Reader,
-    writer: Writer,
-    commands: mpsc::Sender<Command>,
-) {
-    let (tx, rx, overflow) = Outbox::new(OUTBOX_CAPACITY);
-    let (reply, id) = oneshot::channel();
-    let opened = Command::WorkerOpened {
-        querier: hello.id.clone(),
-        tx,
-        reply,
-    };
-    if commands.send(opened).await.is_err() {
-        return;
-    }
-    let Ok(worker) = id.await else { return };
-    let writer_task = spawn_writer(writer, rx);
-    loop {
-        let next = tokio::select! {
-            next = reader.next::<QuerierToScheduler>() => next,
-            _ = overflow.cancelled() => {
-                not_reading(&conn);
-                break;
-            }
-        };
-        let cmd = match next {
-            Ok(Some(QuerierToScheduler::Ready { finished })) => Command::Ready { worker, finished },
-            Ok(None) => break,
-            Err(ReadError::Decode(e)) => {
-                protocol_error(&conn, &format!("dequeue loop: {e}"));
-                break;
-            }
-            Err(e) => {
-                debug!(querier = %hello.id, error = %e, "worker stream ended");
-                break;
-            }
-        };
-        if commands.send(cmd).await.is_err() {
-            break;
-        }
-    }
-    let _ = commands.send(Command::WorkerClosed { worker }).await;
-    writer_task.abort();
+async fn worker_loop(s: Opened) {
+    let querier = s.hello.id.clone();
+    conversation(
+        s,
+        "dequeue loop",
+        |tx, reply| Command::WorkerOpened { querier, tx, reply },
+        |worker, QuerierToScheduler::Ready { finished }| Command::Ready { worker, finished },
+        |worker| Command::WorkerClosed { worker },
+    )
+    .await
 }
 
-async fn notice(
-    conn: quinn::Connection,
-    hello: Hello,
-    mut reader: Reader,
-    mut writer: Writer,
-    commands: mpsc::Sender<Command>,
-) {
+async fn notice(s: Opened) {
+    let Opened {
+        conn,
+        hello,
+        mut reader,
+        mut writer,
+        commands,
+    } = s;
     match reader.next::<Notice>().await {
         Ok(Some(Notice::QuerierShuttingDown)) => {
             let (reply, done) = oneshot::channel();
