@@ -88,6 +88,8 @@ pub struct Settings {
 pub struct TenantSettings {
     pub max_outstanding: Option<u32>,
     pub max_queriers: Option<u32>,
+    /// Share of service relative to other tenants when all are backlogged (default 1).
+    pub weight: Option<u32>,
 }
 
 /// A configuration that cannot be used; says which key (or file) and why.
@@ -219,6 +221,7 @@ impl Settings {
                         TenantOverrides {
                             max_outstanding: t.max_outstanding,
                             max_queriers: t.max_queriers,
+                            weight: t.weight,
                         },
                     )
                 })
@@ -345,6 +348,7 @@ mod tests {
             TenantSettings {
                 max_outstanding: Some(0),
                 max_queriers: None,
+                weight: None,
             },
         );
         check(

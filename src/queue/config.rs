@@ -30,6 +30,9 @@ pub struct TenantOverrides {
     pub max_outstanding: Option<u32>,
     /// Replaces [`QueueConfig::max_queriers_per_tenant`].
     pub max_queriers: Option<u32>,
+    /// Share of service relative to other tenants when all are backlogged (default 1): a
+    /// querier takes up to this many requests in a row from the tenant per visit.
+    pub weight: Option<u32>,
 }
 
 impl Default for QueueConfig {
@@ -73,6 +76,9 @@ impl QueueConfig {
             if o.max_outstanding == Some(0) {
                 return Err(err(&format!("tenants.{tenant}.max_outstanding"), "must be at least 1"));
             }
+            if o.weight.is_some_and(|w| !(1..=1000).contains(&w)) {
+                return Err(err(&format!("tenants.{tenant}.weight"), "must be between 1 and 1000"));
+            }
         }
         Ok(())
     }
@@ -83,6 +89,11 @@ impl QueueConfig {
             .get(tenant)
             .and_then(|o| o.max_outstanding)
             .unwrap_or(self.max_outstanding_per_tenant)
+    }
+
+    /// The weight of `tenant` (1 unless overridden).
+    pub fn weight(&self, tenant: &str) -> u32 {
+        self.tenants.get(tenant).and_then(|o| o.weight).unwrap_or(1)
     }
 
     /// The shuffle-shard size for `tenant` (0: every querier).

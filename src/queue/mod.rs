@@ -154,6 +154,8 @@ pub struct TenantStats {
     pub oldest: Duration,
     /// Queriers in its shard; `None`: every querier.
     pub shard_size: Option<usize>,
+    /// Requests in a row it gets per visit of a querier.
+    pub weight: u32,
 }
 
 /// What the status page shows per querier.
@@ -190,6 +192,8 @@ struct Tenant {
     peak: u32,
     max_outstanding: u32,
     max_queriers: u32,
+    /// Requests in a row a querier takes from it per visit (1: plain round robin).
+    weight: u32,
     /// Querier indexes allowed to serve it; `None`: all.
     shard: Option<Vec<u32>>,
     /// Its root node in each component where it has work: (component, root).
@@ -203,15 +207,25 @@ struct Component {
     unsharded: BTreeSet<u32>,
     /// Tenant slots with work here, per querier index in their shard.
     by_querier: Vec<BTreeSet<u32>>,
-    /// Each querier's position in the tenant rotation (the slot it served last).
-    cursors: Vec<Option<u32>>,
+    /// Each querier's position in the tenant rotation: the tenant it is visiting (served
+    /// last) and how many requests in a row it has taken from it.
+    cursors: Vec<Option<Visit>>,
+}
+
+/// A querier's current visit to a tenant: a tenant of weight `w` gets up to `w` requests in
+/// a row before the querier moves on, so backlogged tenants are served in the ratio of
+/// their weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Visit {
+    tenant: u32,
+    served: u32,
 }
 
 impl Component {
     /// The first tenant slot after the querier's position (wrapping) that it may serve.
     fn next_tenant(&self, querier: u32) -> Option<u32> {
         let q = querier as usize;
-        let cursor = self.cursors.get(q).copied().flatten();
+        let cursor = self.cursors.get(q).copied().flatten().map(|v| v.tenant);
         let sharded = self.by_querier.get(q);
         let after = |set: &BTreeSet<u32>| match cursor {
             Some(c) => set.range((Bound::Excluded(c), Bound::Unbounded)).next().copied(),
@@ -220,6 +234,12 @@ impl Component {
         let first = |set: &BTreeSet<u32>| set.first().copied();
         min_some(after(&self.unsharded), sharded.and_then(after))
             .or_else(|| min_some(first(&self.unsharded), sharded.and_then(first)))
+    }
+
+    /// Whether the querier may be served tenant `t` here (it has work and the querier is
+    /// in its shard).
+    fn eligible(&self, querier: u32, t: u32) -> bool {
+        self.unsharded.contains(&t) || self.by_querier.get(querier as usize).is_some_and(|s| s.contains(&t))
     }
 }
 
@@ -333,6 +353,7 @@ impl<R: Queued> TreeQueue<R> {
         for tenant in self.tenants.iter_mut().flatten() {
             tenant.max_outstanding = config.max_outstanding(&tenant.name);
             tenant.max_queriers = config.max_queriers(&tenant.name);
+            tenant.weight = config.weight(&tenant.name);
         }
         self.config = config;
         self.reshard();
@@ -429,6 +450,7 @@ impl<R: Queued> TreeQueue<R> {
             peak: 0,
             max_outstanding: self.config.max_outstanding(name),
             max_queriers,
+            weight: self.config.weight(name),
             shard: shard::select(hash, max_queriers, &self.shard_candidates),
             roots: Vec::new(),
         };
@@ -533,8 +555,8 @@ impl<R: Queued> TreeQueue<R> {
     }
 
     /// Picks the (component, tenant) a worker of querier index `q` with slot `slot` is
-    /// served from next.
-    fn select(&self, q: u32, slot: u32) -> Option<(u32, u32)> {
+    /// served from next, and whether that continues the querier's visit to the tenant.
+    fn select(&self, q: u32, slot: u32) -> Option<(u32, u32, bool)> {
         let n = self.component_order.len();
         if n == 0 {
             return None;
@@ -543,7 +565,16 @@ impl<R: Queued> TreeQueue<R> {
         (0..n).find_map(|i| {
             let c = self.component_order[(start + i) % n];
             let comp = self.components[c as usize].as_ref().expect("ordered component is live");
-            comp.next_tenant(q).map(|t| (c, t))
+            let visit = comp.cursors.get(q as usize).copied().flatten();
+            if let Some(v) = visit
+                && comp.eligible(q, v.tenant)
+                && self.tenants[v.tenant as usize]
+                    .as_ref()
+                    .is_some_and(|t| v.served < t.weight)
+            {
+                return Some((c, v.tenant, true));
+            }
+            comp.next_tenant(q).map(|t| (c, t, false))
         })
     }
 
@@ -562,7 +593,7 @@ impl<R: Queued> TreeQueue<R> {
         let qi = worker.querier.idx;
         let now_ns = self.nanos(now);
         loop {
-            let Some((c, t)) = self.select(qi, worker.slot) else {
+            let Some((c, t, continued)) = self.select(qi, worker.slot) else {
                 return Dequeue::Empty;
             };
             let comp = self.components[c as usize]
@@ -571,7 +602,11 @@ impl<R: Queued> TreeQueue<R> {
             if comp.cursors.len() <= qi as usize {
                 comp.cursors.resize(qi as usize + 1, None);
             }
-            comp.cursors[qi as usize] = Some(t);
+            let served = match comp.cursors[qi as usize] {
+                Some(v) if continued => v.served + 1,
+                _ => 1,
+            };
+            comp.cursors[qi as usize] = Some(Visit { tenant: t, served });
             let tenant = self.tenants[t as usize].as_ref().expect("selected tenant is live");
             let root = tenant
                 .roots
@@ -814,6 +849,7 @@ impl<R: Queued> TreeQueue<R> {
                     peak: tenant.peak,
                     oldest: Duration::from_nanos(now_ns.saturating_sub(oldest)),
                     shard_size: tenant.shard.as_ref().map(Vec::len),
+                    weight: tenant.weight,
                 })
             })
             .collect();

@@ -105,6 +105,7 @@ pub(crate) fn to_json(s: &Status) -> serde_json::Value {
             "peak": t.peak,
             "oldest_seconds": t.oldest.as_secs_f64(),
             "shard_size": t.shard_size,
+            "weight": t.weight,
         })).collect::<Vec<_>>(),
         "queriers": s.queriers.iter().map(|q| json!({
             "querier": q.querier,

@@ -131,6 +131,7 @@ fn per_tenant_override_and_reload() {
         TenantOverrides {
             max_outstanding: Some(2),
             max_queriers: None,
+            weight: None,
         },
     );
     let mut f = Fixture::new(config.clone());
@@ -572,4 +573,63 @@ fn invalid_config_names_the_key() {
     .err()
     .unwrap();
     assert_eq!(err.to_string(), "max_outstanding_per_tenant: must be at least 1");
+}
+
+fn weighted(weights: &[(&str, u32)]) -> QueueConfig {
+    let mut config = QueueConfig {
+        max_outstanding_per_tenant: 100_000,
+        ..no_forget()
+    };
+    for (tenant, w) in weights {
+        config.tenants.insert(
+            tenant.to_string(),
+            TenantOverrides {
+                weight: Some(*w),
+                ..TenantOverrides::default()
+            },
+        );
+    }
+    config
+}
+
+#[test]
+fn a_heavier_tenant_gets_that_many_turns_in_a_row() {
+    let mut f = Fixture::new(weighted(&[("heavy", 3)]));
+    let w = f.worker("q");
+    for i in 0..9 {
+        f.push(req("heavy", &[], &format!("h{i}")));
+        f.push(req("light", &[], &format!("l{i}")));
+    }
+    let order: Vec<_> = (0..8).map(|_| f.next_tenant(w).unwrap()).collect();
+    assert_eq!(
+        order,
+        ["heavy", "heavy", "heavy", "light", "heavy", "heavy", "heavy", "light"]
+    );
+    f.assert_ok();
+}
+
+#[test]
+fn a_weight_reload_applies_to_the_next_visit() {
+    let mut f = Fixture::new(weighted(&[]));
+    let w = f.worker("q");
+    for i in 0..6 {
+        f.push(req("a", &[], &format!("a{i}")));
+        f.push(req("b", &[], &format!("b{i}")));
+    }
+    assert_eq!(f.next_tenant(w).as_deref(), Some("a"));
+    f.q.set_config(weighted(&[("b", 2)])).unwrap();
+    let order: Vec<_> = (0..5).map(|_| f.next_tenant(w).unwrap()).collect();
+    assert_eq!(order, ["b", "b", "a", "b", "b"]);
+    assert_eq!(
+        f.q.tenant_stats(f.now).iter().find(|t| t.tenant == "b").unwrap().weight,
+        2
+    );
+}
+
+#[test]
+fn weights_must_be_sane() {
+    let err = TreeQueue::<Req>::new(weighted(&[("t", 0)]), std::time::Instant::now())
+        .err()
+        .unwrap();
+    assert_eq!(err.to_string(), "tenants.t.weight: must be between 1 and 1000");
 }

@@ -281,6 +281,41 @@ proptest! {
     }
 }
 
+proptest! {
+    /// Backlogged tenants are served in the ratio of their weights, within 5%, with one
+    /// querier or several interleaving.
+    #[test]
+    fn weights_are_respected_within_five_percent(
+        weights in prop::collection::vec(1u32..=4, 2..6),
+        queriers in 1usize..4,
+        order in prop::collection::vec(any::<u8>(), 64),
+    ) {
+        let mut config = QueueConfig { max_outstanding_per_tenant: 100_000, ..no_forget() };
+        for (t, &w) in weights.iter().enumerate() {
+            config.tenants.insert(format!("t{t}"), TenantOverrides { weight: Some(w), ..TenantOverrides::default() });
+        }
+        let mut f = Fixture::new(config);
+        let workers: Vec<WorkerId> = (0..queriers).map(|q| f.worker(&format!("q{q}"))).collect();
+        let total: u32 = weights.iter().sum();
+        let rounds = 60;
+        for _ in 0..(total * rounds * 2) {
+            for t in 0..weights.len() {
+                f.push(req(&format!("t{t}"), &[], ""));
+            }
+        }
+        let mut served: HashMap<String, f64> = HashMap::new();
+        for i in 0..(total * rounds) as usize {
+            let w = workers[order[i % order.len()] as usize % workers.len()];
+            *served.entry(f.next_tenant(w).expect("backlogged")).or_default() += 1.0;
+        }
+        for (t, &w) in weights.iter().enumerate() {
+            let got = served.get(&format!("t{t}")).copied().unwrap_or(0.0) / f64::from(total * rounds);
+            let want = f64::from(w) / f64::from(total);
+            prop_assert!((got - want).abs() <= 0.05 * want, "t{t} weight {w}: share {got:.4}, want {want:.4}");
+        }
+    }
+}
+
 #[test]
 fn distinct_queriers_see_distinct_tenant_sets_under_sharding() {
     // A sanity check that sharded rotation sets are per querier: with k = 1 each tenant
