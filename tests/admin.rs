@@ -48,8 +48,7 @@ async fn metrics_ready_and_status_reflect_traffic() {
     let mut fe = frontend(&fe_conn, "fe-1").await;
     // Two queued for a tenant whose name needs escaping, one refused, one dispatched.
     for q in 0..2 {
-        fe.send(&enqueue(q, "<acme>")).await;
-        assert_eq!(status_of(&mut fe, q).await, EnqueueStatus::Accepted);
+        accepted(&mut fe, q, "<acme>").await;
     }
     fe.send(&enqueue(2, "<acme>")).await;
     assert_eq!(
@@ -99,8 +98,7 @@ async fn ready_turns_503_while_draining() {
     let admin = t.server.admin_addr();
     let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe-1").await;
-    fe.send(&enqueue(1, "t")).await;
-    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 1, "t").await;
     // With work queued and no querier, the drain lasts; /ready must say so meanwhile.
     let shutdown = tokio::spawn(t.server.shutdown());
     assert_eq!(

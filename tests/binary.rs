@@ -19,8 +19,7 @@ async fn serve_needs_no_files_and_stops_cleanly_on_sigterm() {
     let q_conn = connect(s.quic, &s.certs.querier).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe").await;
     let mut w = worker(&q_conn, "q").await;
-    fe.send(&enqueue(1, "t")).await;
-    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 1, "t").await;
     w.send(&QuerierToScheduler::Ready { finished: None }).await;
     assert_eq!(dispatched(&mut w).await.query_id, 1);
 
@@ -62,8 +61,7 @@ async fn sighup_reloads_tenant_limits() {
     let mut s = spawn_scheduler(dir.path(), &["--config", "sluice.toml", "--drain-timeout-ms", "100"]).await;
     let conn = connect(s.quic, &s.certs.frontend).await.unwrap();
     let mut fe = frontend(&conn, "fe").await;
-    fe.send(&enqueue(1, "big")).await;
-    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 1, "big").await;
     fe.send(&enqueue(2, "big")).await;
     assert_eq!(
         status_of(&mut fe, 2).await,

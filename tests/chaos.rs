@@ -15,6 +15,19 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 const ROLE_VAR: &str = "SLUICE_CHAOS_QUERIER";
 
+/// SIGKILLs the querier child holding query 1 and returns how long until its frontend is
+/// told `QuerierFailed` for it.
+async fn kill_and_await_querier_failed(mut child: tokio::process::Child, fe: &mut Peer) -> Duration {
+    let killed = Instant::now();
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    match fe.recv::<SchedulerToFrontend>().await {
+        SchedulerToFrontend::QueryError { query_id: 1, kind, .. } => assert_eq!(kind, QueryErrorKind::QuerierFailed),
+        other => panic!("expected querier-failed, got {other:?}"),
+    }
+    killed.elapsed()
+}
+
 /// Runs this test binary again as the querier process named by `test` (an ignored test)
 /// against `t`, and returns once it holds query 1.
 async fn querier_child(t: &TestServer, test: &str) -> tokio::process::Child {
@@ -74,18 +87,10 @@ async fn a_querier_killed_mid_query_is_reported_at_once() {
     let t = start(|_| {}).await;
     let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe-1").await;
-    fe.send(&enqueue(1, "t")).await;
-    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 1, "t").await;
 
-    let mut child = querier_child(&t, "querier_process").await;
-    let killed = Instant::now();
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
-    match fe.recv::<SchedulerToFrontend>().await {
-        SchedulerToFrontend::QueryError { query_id: 1, kind, .. } => assert_eq!(kind, QueryErrorKind::QuerierFailed),
-        other => panic!("expected querier-failed, got {other:?}"),
-    }
-    let took = killed.elapsed();
+    let child = querier_child(&t, "querier_process").await;
+    let took = kill_and_await_querier_failed(child, &mut fe).await;
     println!("querier SIGKILL → frontend error: {took:?}");
     assert!(took < Duration::from_secs(1), "took {took:?}; the idle timeout is 5 s");
 }
@@ -98,17 +103,9 @@ async fn without_a_lifeline_a_killed_querier_is_noticed_at_the_idle_timeout() {
     let t = start(|s| s.idle_timeout_ms = Some(idle.as_millis() as u64)).await;
     let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe-1").await;
-    fe.send(&enqueue(1, "t")).await;
-    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
-    let mut child = querier_child(&t, "raw_querier_process").await;
-    let killed = Instant::now();
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
-    match fe.recv::<SchedulerToFrontend>().await {
-        SchedulerToFrontend::QueryError { query_id: 1, kind, .. } => assert_eq!(kind, QueryErrorKind::QuerierFailed),
-        other => panic!("expected querier-failed, got {other:?}"),
-    }
-    let took = killed.elapsed();
+    accepted(&mut fe, 1, "t").await;
+    let child = querier_child(&t, "raw_querier_process").await;
+    let took = kill_and_await_querier_failed(child, &mut fe).await;
     println!("querier without lifeline SIGKILL → frontend error: {took:?} (idle timeout {idle:?})");
     assert!(
         took >= idle / 2 && took <= idle + Duration::from_secs(1),

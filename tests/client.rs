@@ -4,8 +4,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -371,31 +369,17 @@ async fn a_flooding_tenant_does_not_stop_a_quiet_one() {
             fe.submit(QueryRequest::new("quiet", format!("q{i}"))).await.unwrap(),
         ));
     }
-    // One worker, so completion order is dispatch order.
-    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (h, _events) = handler(Duration::ZERO);
+    // The order the single worker is handed queries is the scheduler's dispatch order.
+    let tenant_of: HashMap<u64, &str> = handles.iter().map(|(tenant, h)| (h.id(), *tenant)).collect();
+    let (h, mut events) = handler(Duration::ZERO);
     let q = querier_for("querier-1", &[&t], 1, h);
-    let counter = Arc::new(AtomicUsize::new(0));
-    let tasks: Vec<_> = handles
-        .into_iter()
-        .map(|(tenant, handle)| {
-            let (order, counter) = (order.clone(), counter.clone());
-            tokio::spawn(async move {
-                body_of(handle).await.unwrap();
-                let n = counter.fetch_add(1, Ordering::SeqCst);
-                order.lock().unwrap().push((n, tenant));
-            })
-        })
-        .collect();
-    for task in tasks {
-        wait("query", task).await.unwrap();
-    }
-    let order = std::mem::take(&mut *order.lock().unwrap());
     let mut first_twenty: HashMap<&str, usize> = HashMap::new();
-    for (n, tenant) in order {
-        if n < 20 {
-            *first_twenty.entry(tenant).or_default() += 1;
-        }
+    for _ in 0..20 {
+        let id = wait("a dispatch", events.started.recv()).await.unwrap();
+        *first_twenty.entry(tenant_of[&id]).or_default() += 1;
+    }
+    for (_, handle) in handles {
+        body_of(handle).await.unwrap();
     }
     // Round robin: the quiet tenant's ten queries are among the first twenty served.
     assert!(first_twenty.get("quiet").copied().unwrap_or(0) >= 9, "{first_twenty:?}");

@@ -15,8 +15,7 @@ async fn enqueue_dispatch_ready_cycle() {
     let mut fe = frontend(&fe_conn, "fe-1").await;
     let mut w = worker(&q_conn, "querier-1").await;
 
-    fe.send(&enqueue(1, "tenant-a")).await;
-    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 1, "tenant-a").await;
     w.send(&QuerierToScheduler::Ready { finished: None }).await;
     let d = dispatched(&mut w).await;
     assert_eq!((d.query_id, d.tenant.as_str()), (1, "tenant-a"));
@@ -35,8 +34,7 @@ async fn enqueue_dispatch_ready_cycle() {
         }),
     })
     .await;
-    fe.send(&enqueue(2, "tenant-b")).await;
-    assert_eq!(status_of(&mut fe, 2).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 2, "tenant-b").await;
     assert_eq!(dispatched(&mut w).await.query_id, 2);
 
     let s = t.status_until("two dispatched", |s| s.counters.dispatched == 2).await;
@@ -51,11 +49,9 @@ async fn tenants_take_turns_across_the_network() {
     let mut fe = frontend(&fe_conn, "fe-1").await;
     // A flood from one tenant, then one query from another.
     for q in 0..5 {
-        fe.send(&enqueue(q, "noisy")).await;
-        assert_eq!(status_of(&mut fe, q).await, EnqueueStatus::Accepted);
+        accepted(&mut fe, q, "noisy").await;
     }
-    fe.send(&enqueue(100, "quiet")).await;
-    assert_eq!(status_of(&mut fe, 100).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 100, "quiet").await;
     let mut w = worker(&q_conn, "querier-1").await;
     let mut order = Vec::new();
     for _ in 0..3 {
@@ -71,13 +67,11 @@ async fn cancel_removes_a_queued_query() {
     let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
     let q_conn = t.connect(&t.certs.querier).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe-1").await;
-    fe.send(&enqueue(1, "t")).await;
-    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 1, "t").await;
     fe.send(&FrontendToScheduler::Cancel { query_id: 1 }).await;
     t.status_until("the cancel", |s| s.counters.cancelled == 1 && s.queued == 0)
         .await;
-    fe.send(&enqueue(2, "t")).await;
-    assert_eq!(status_of(&mut fe, 2).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 2, "t").await;
     let mut w = worker(&q_conn, "q").await;
     w.send(&QuerierToScheduler::Ready { finished: None }).await;
     assert_eq!(dispatched(&mut w).await.query_id, 2, "the cancelled query is never run");
@@ -90,8 +84,7 @@ async fn cancel_in_flight_tells_the_querier_and_keeps_its_stream() {
     let q_conn = t.connect(&t.certs.querier).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe-1").await;
     let mut w = worker(&q_conn, "q").await;
-    fe.send(&enqueue(1, "t")).await;
-    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 1, "t").await;
     w.send(&QuerierToScheduler::Ready { finished: None }).await;
     assert_eq!(dispatched(&mut w).await.query_id, 1);
     fe.send(&FrontendToScheduler::Cancel { query_id: 1 }).await;
@@ -101,8 +94,7 @@ async fn cancel_in_flight_tells_the_querier_and_keeps_its_stream() {
     );
     // Same stream, next query.
     w.send(&QuerierToScheduler::Ready { finished: None }).await;
-    fe.send(&enqueue(2, "t")).await;
-    assert_eq!(status_of(&mut fe, 2).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 2, "t").await;
     assert_eq!(dispatched(&mut w).await.query_id, 2);
 }
 
@@ -113,8 +105,7 @@ async fn a_querier_that_resets_its_stream_mid_query_fails_the_query_at_once() {
     let q_conn = t.connect(&t.certs.querier).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe-1").await;
     let mut w = worker(&q_conn, "querier-9").await;
-    fe.send(&enqueue(1, "t")).await;
-    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 1, "t").await;
     w.send(&QuerierToScheduler::Ready { finished: None }).await;
     assert_eq!(dispatched(&mut w).await.query_id, 1);
 
@@ -143,8 +134,7 @@ async fn a_querier_connection_closing_mid_query_fails_the_query() {
     let q_conn = t.connect(&t.certs.querier).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe-1").await;
     let mut w = worker(&q_conn, "q").await;
-    fe.send(&enqueue(1, "t")).await;
-    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 1, "t").await;
     w.send(&QuerierToScheduler::Ready { finished: None }).await;
     dispatched(&mut w).await;
     q_conn.close(0u32.into(), b"bye");
@@ -188,16 +178,14 @@ async fn per_tenant_limit_answers_too_many_outstanding() {
     let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe-1").await;
     for q in 0..2 {
-        fe.send(&enqueue(q, "t")).await;
-        assert_eq!(status_of(&mut fe, q).await, EnqueueStatus::Accepted);
+        accepted(&mut fe, q, "t").await;
     }
     fe.send(&enqueue(2, "t")).await;
     assert_eq!(
         status_of(&mut fe, 2).await,
         EnqueueStatus::TooManyOutstanding { limit: 2 }
     );
-    fe.send(&enqueue(3, "other")).await;
-    assert_eq!(status_of(&mut fe, 3).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 3, "other").await;
 }
 
 #[tokio::test]
@@ -221,8 +209,7 @@ async fn invalid_enqueues_are_answered_not_dropped() {
     fe.send(&FrontendToScheduler::Enqueue(e)).await;
     assert!(matches!(status_of(&mut fe, 2).await, EnqueueStatus::Invalid { reason } if reason.contains("actor path")));
     // A duplicate id.
-    fe.send(&enqueue(3, "t")).await;
-    assert_eq!(status_of(&mut fe, 3).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 3, "t").await;
     fe.send(&enqueue(3, "t")).await;
     assert!(
         matches!(status_of(&mut fe, 3).await, EnqueueStatus::Invalid { reason } if reason.contains("already queued"))
@@ -235,8 +222,7 @@ async fn a_closed_frontend_loses_its_queued_queries() {
     let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe-1").await;
     for q in 0..3 {
-        fe.send(&enqueue(q, "t")).await;
-        assert_eq!(status_of(&mut fe, q).await, EnqueueStatus::Accepted);
+        accepted(&mut fe, q, "t").await;
     }
     fe_conn.close(0u32.into(), b"gone");
     let s = t.status_until("queue emptied", |s| s.queued == 0).await;
@@ -251,8 +237,7 @@ async fn shutdown_drains_then_hands_back_what_is_left() {
     let q_conn = t.connect(&t.certs.querier).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe-1").await;
     for q in 0..3 {
-        fe.send(&enqueue(q, "t")).await;
-        assert_eq!(status_of(&mut fe, q).await, EnqueueStatus::Accepted);
+        accepted(&mut fe, q, "t").await;
     }
     let mut w = worker(&q_conn, "q").await;
     let shutdown = tokio::spawn(t.server.shutdown());
@@ -328,8 +313,7 @@ async fn roles_come_from_certificates() {
     ));
     // The connection itself stays usable for what the role may do.
     let mut fe = frontend(&fe_conn, "fe").await;
-    fe.send(&enqueue(1, "t")).await;
-    assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
+    accepted(&mut fe, 1, "t").await;
 }
 
 #[tokio::test]
@@ -379,8 +363,7 @@ async fn a_malformed_frame_closes_only_that_connection() {
         }
         other => panic!("expected an application close, got {other:?}"),
     }
-    good.send(&enqueue(1, "t")).await;
-    assert_eq!(status_of(&mut good, 1).await, EnqueueStatus::Accepted);
+    accepted(&mut good, 1, "t").await;
 }
 
 #[tokio::test]

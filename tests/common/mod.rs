@@ -183,6 +183,12 @@ pub async fn status_of(frontend: &mut Peer, query_id: u64) -> EnqueueStatus {
     }
 }
 
+/// Enqueues `query_id` for `tenant` and expects it accepted.
+pub async fn accepted(frontend: &mut Peer, query_id: u64, tenant: &str) {
+    frontend.send(&enqueue(query_id, tenant)).await;
+    assert_eq!(status_of(frontend, query_id).await, EnqueueStatus::Accepted);
+}
+
 /// Expects a dispatch on a worker stream.
 pub async fn dispatched(worker: &mut Peer) -> Dispatch {
     match worker.recv::<SchedulerToQuerier>().await {
