@@ -331,56 +331,74 @@ impl Dispatcher {
             return; // its connection already closed
         };
         let query_id = enqueue.query_id;
-        let tenant = enqueue.tenant.clone();
-        let status = if self.draining.is_some() {
-            EnqueueStatus::ShuttingDown
-        } else if f.address.is_none() {
-            EnqueueStatus::Invalid {
-                reason: "the result endpoint must be announced before the first enqueue".into(),
-            }
-        } else if let Err(e) = enqueue.validate(&self.limits) {
-            EnqueueStatus::Invalid { reason: e.to_string() }
-        } else {
-            let options = EnqueueOptions {
-                deadline: enqueue.timeout_ms.map(|ms| received + Duration::from_millis(ms)),
-            };
-            let key = QueryKey {
-                frontend,
-                query: query_id,
-            };
-            match self.queue.enqueue(now, key, Pending { enqueue }, options) {
-                Ok(()) => EnqueueStatus::Accepted,
-                Err(rejected) => match rejected.reason {
-                    RejectReason::TooManyOutstanding { limit } => EnqueueStatus::TooManyOutstanding { limit },
-                    RejectReason::QueueFull { .. } | RejectReason::QueueBytesFull { .. } => EnqueueStatus::QueueFull,
-                    RejectReason::Duplicate => EnqueueStatus::Invalid {
-                        reason: format!("query {query_id} is already queued"),
-                    },
-                },
-            }
-        };
-        let accepted = status == EnqueueStatus::Accepted;
-        let refused = match &status {
-            EnqueueStatus::Accepted => None,
-            EnqueueStatus::TooManyOutstanding { .. } => Some("too_many_outstanding"),
-            EnqueueStatus::QueueFull => Some("queue_full"),
-            EnqueueStatus::ShuttingDown => Some("shutting_down"),
-            EnqueueStatus::Invalid { .. } | EnqueueStatus::Error { .. } => Some("invalid"),
+        let has_address = f.address.is_some();
+        let outcome = self.admit(now, frontend, enqueue, received, has_address);
+        let status = match &outcome {
+            Ok(()) => EnqueueStatus::Accepted,
+            Err((status, _)) => status.clone(),
         };
         self.metrics.record(|| {
             histogram!(m::ENQUEUE_DURATION).record(now.saturating_duration_since(received).as_secs_f64());
-            if let Some(reason) = refused {
+            if let Err((status, tenant)) = outcome {
+                let reason = match status {
+                    EnqueueStatus::TooManyOutstanding { .. } => "too_many_outstanding",
+                    EnqueueStatus::QueueFull => "queue_full",
+                    EnqueueStatus::ShuttingDown => "shutting_down",
+                    _ => "invalid",
+                };
                 counter!(m::DISCARDED_REQUESTS, "tenant" => tenant, "reason" => reason).increment(1);
             }
         });
-        let _ = f.tx.send(SchedulerToFrontend::EnqueueStatus {
-            query_id,
-            status,
-            load: self.load(),
-        });
+        let accepted = status == EnqueueStatus::Accepted;
+        if let Some(f) = self.frontends.get(&frontend) {
+            let _ = f.tx.send(SchedulerToFrontend::EnqueueStatus {
+                query_id,
+                status,
+                load: self.load(),
+            });
+        }
         if accepted {
             self.serve_waiting(now);
         }
+    }
+
+    /// Queues an enqueue, or says why not together with its tenant (moved out of the
+    /// refused request, so an accepted enqueue costs no copy of it).
+    fn admit(
+        &mut self,
+        now: Instant,
+        frontend: u64,
+        enqueue: Box<Enqueue>,
+        received: Instant,
+        has_address: bool,
+    ) -> Result<(), (EnqueueStatus, String)> {
+        if self.draining.is_some() {
+            return Err((EnqueueStatus::ShuttingDown, enqueue.tenant));
+        }
+        if !has_address {
+            let reason = "the result endpoint must be announced before the first enqueue".into();
+            return Err((EnqueueStatus::Invalid { reason }, enqueue.tenant));
+        }
+        if let Err(e) = enqueue.validate(&self.limits) {
+            return Err((EnqueueStatus::Invalid { reason: e.to_string() }, enqueue.tenant));
+        }
+        let options = EnqueueOptions {
+            deadline: enqueue.timeout_ms.map(|ms| received + Duration::from_millis(ms)),
+        };
+        let query = enqueue.query_id;
+        let key = QueryKey { frontend, query };
+        self.queue
+            .enqueue(now, key, Pending { enqueue }, options)
+            .map_err(|rejected| {
+                let status = match rejected.reason {
+                    RejectReason::TooManyOutstanding { limit } => EnqueueStatus::TooManyOutstanding { limit },
+                    RejectReason::QueueFull { .. } | RejectReason::QueueBytesFull { .. } => EnqueueStatus::QueueFull,
+                    RejectReason::Duplicate => EnqueueStatus::Invalid {
+                        reason: format!("query {query} is already queued"),
+                    },
+                };
+                (status, rejected.request.enqueue.tenant)
+            })
     }
 
     fn cancel(&mut self, key: QueryKey) {
@@ -744,6 +762,20 @@ mod tests {
             ));
         }
 
+        /// A worker that asked for work and was handed the queued query.
+        fn busy_worker(&mut self) -> (WorkerId, mpsc::Receiver<SchedulerToQuerier>) {
+            let (w, mut rx) = self.worker();
+            self.d.handle(
+                Command::Ready {
+                    worker: w,
+                    finished: None,
+                },
+                self.now,
+            );
+            assert!(matches!(rx.try_recv(), Ok(SchedulerToQuerier::Dispatch(_))));
+            (w, rx)
+        }
+
         fn worker(&mut self) -> (WorkerId, mpsc::Receiver<SchedulerToQuerier>) {
             let (tx, rx, _) = Outbox::new(64);
             let (reply, mut id) = oneshot::channel();
@@ -798,15 +830,7 @@ mod tests {
     fn a_worker_lost_mid_query_fails_the_query() {
         let mut h = harness();
         h.enqueue(1);
-        let (w, mut w_rx) = h.worker();
-        h.d.handle(
-            Command::Ready {
-                worker: w,
-                finished: None,
-            },
-            h.now,
-        );
-        assert!(matches!(w_rx.try_recv(), Ok(SchedulerToQuerier::Dispatch(_))));
+        let (w, _w_rx) = h.busy_worker();
         h.d.handle(Command::WorkerClosed { worker: w }, h.now);
         assert!(matches!(
             h.fe_rx.try_recv(),
@@ -822,15 +846,7 @@ mod tests {
     fn worker_streams_closed_by_our_own_shutdown_do_not_fail_their_queries() {
         let mut h = harness();
         h.enqueue(1);
-        let (w, mut w_rx) = h.worker();
-        h.d.handle(
-            Command::Ready {
-                worker: w,
-                finished: None,
-            },
-            h.now,
-        );
-        assert!(matches!(w_rx.try_recv(), Ok(SchedulerToQuerier::Dispatch(_))));
+        let (w, _w_rx) = h.busy_worker();
         let (done, mut drained) = oneshot::channel();
         h.d.handle(
             Command::Shutdown {
