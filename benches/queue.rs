@@ -3,6 +3,8 @@
 //! Run: `cargo bench --bench queue` (add `-- --quick` for a fast pass). Each iteration
 //! dequeues one request for the next worker and enqueues it again, so the queue keeps
 //! its size and the harness allocates nothing; what is measured is the queue alone.
+//! `policies=on` rows add every policy beyond round robin: costs 1–100 per request, three
+//! priority classes, a quarter of the workers reserved, weights 1–4 (see docs/queue.md).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -72,14 +74,41 @@ struct Setup {
     now: Instant,
 }
 
-fn setup(tenants: usize, depth: usize, sharded: bool) -> Setup {
+/// The enqueue options of request `key`: none, or with policies a cost of 1–100 and one
+/// of three priority classes.
+fn options(policies: bool, key: u64) -> EnqueueOptions {
+    if !policies {
+        return EnqueueOptions::default();
+    }
+    let mix = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+    EnqueueOptions {
+        deadline: None,
+        priority: Some((mix % 3) as u8),
+        cost: 1 + (mix % 100) as u32,
+    }
+}
+
+fn setup(tenants: usize, depth: usize, sharded: bool, policies: bool) -> Setup {
     let now = Instant::now();
-    let config = QueueConfig {
+    let mut config = QueueConfig {
         max_outstanding_per_tenant: 1_000,
         max_queriers_per_tenant: if sharded { 5 } else { 0 },
         max_queued_requests: 10_000_000,
         ..QueueConfig::default()
     };
+    if policies {
+        config.reserved_workers_percent = 25;
+        for t in (0..tenants).step_by(2) {
+            let weight = Some(1 + (t % 4) as u32);
+            config.tenants.insert(
+                format!("tenant-{t}"),
+                sluice::queue::TenantOverrides {
+                    weight,
+                    ..Default::default()
+                },
+            );
+        }
+    }
     let mut queue = TreeQueue::new(config, now).unwrap();
     // 100 queriers × 4 workers, so sharding has something to choose from.
     let mut workers = Vec::new();
@@ -98,7 +127,7 @@ fn setup(tenants: usize, depth: usize, sharded: bool) -> Setup {
             frontend: 0,
             query: next_key,
         };
-        queue.enqueue(now, key, r, EnqueueOptions::default()).ok().unwrap();
+        queue.enqueue(now, key, r, options(policies, next_key)).ok().unwrap();
     }
     Setup {
         queue,
@@ -113,14 +142,16 @@ fn enqueue_dequeue(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.warm_up_time(Duration::from_millis(500));
     g.measurement_time(Duration::from_secs(2));
-    for &sharded in &[false, true] {
+    let variants = [(false, false), (true, false), (false, true), (true, true)];
+    for (sharded, policies) in variants {
         for &depth in &[0usize, 2] {
             for &tenants in &[1usize, 10, 1_000, 100_000] {
                 let id = format!(
-                    "tenants={tenants}/depth={depth}/shard={}",
-                    if sharded { "5of100" } else { "off" }
+                    "tenants={tenants}/depth={depth}/shard={}/policies={}",
+                    if sharded { "5of100" } else { "off" },
+                    if policies { "on" } else { "off" }
                 );
-                let mut s = setup(tenants, depth, sharded);
+                let mut s = setup(tenants, depth, sharded, policies);
                 let mut w = 0usize;
                 g.bench_function(BenchmarkId::from_parameter(id), |b| {
                     b.iter(|| {
@@ -138,7 +169,7 @@ fn enqueue_dequeue(c: &mut Criterion) {
                             query: s.next_key,
                         };
                         s.queue
-                            .enqueue(s.now, key, d.request, EnqueueOptions::default())
+                            .enqueue(s.now, key, d.request, options(policies, s.next_key))
                             .ok()
                             .unwrap();
                         black_box(&s.queue);

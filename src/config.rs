@@ -73,6 +73,18 @@ pub struct Settings {
     /// A stream must send its hello within this many milliseconds.
     #[arg(long, env = "SLUICE_HELLO_TIMEOUT_MS")]
     pub hello_timeout_ms: Option<u64>,
+    /// Credit per tenant visit in cost units (deficit round robin on cost hints).
+    #[arg(long, env = "SLUICE_COST_QUANTUM")]
+    pub cost_quantum: Option<u32>,
+    /// Percentage of each querier's workers reserved for high-priority requests (0-99).
+    #[arg(long, env = "SLUICE_RESERVED_WORKERS_PERCENT")]
+    pub reserved_workers_percent: Option<u8>,
+    /// The lowest priority that reserved workers serve.
+    #[arg(long, env = "SLUICE_RESERVED_MIN_PRIORITY")]
+    pub reserved_min_priority: Option<u8>,
+    /// A priority class with work is passed over at most this many times in a row.
+    #[arg(long, env = "SLUICE_MAX_PRIORITY_SKIPS")]
+    pub max_priority_skips: Option<u32>,
     /// On SIGTERM, how long queued work keeps dispatching before the rest is handed back.
     #[arg(long, env = "SLUICE_DRAIN_TIMEOUT_MS")]
     pub drain_timeout_ms: Option<u64>,
@@ -82,15 +94,8 @@ pub struct Settings {
     pub tenants: BTreeMap<String, TenantSettings>,
 }
 
-/// A `[tenants.<name>]` table.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TenantSettings {
-    pub max_outstanding: Option<u32>,
-    pub max_queriers: Option<u32>,
-    /// Share of service relative to other tenants when all are backlogged (default 1).
-    pub weight: Option<u32>,
-}
+/// A `[tenants.<name>]` table: the queue's per-tenant overrides, as written in the file.
+pub type TenantSettings = TenantOverrides;
 
 /// A configuration that cannot be used; says which key (or file) and why.
 #[derive(Debug, Error)]
@@ -175,6 +180,10 @@ impl Settings {
             max_queued_requests,
             max_queued_bytes,
             querier_forget_delay_ms,
+            cost_quantum,
+            reserved_workers_percent,
+            reserved_min_priority,
+            max_priority_skips,
             max_frame_len,
             max_connections,
             max_streams_per_connection,
@@ -212,20 +221,13 @@ impl Settings {
             querier_forget_delay: self
                 .querier_forget_delay_ms
                 .map_or(defaults.querier_forget_delay, Duration::from_millis),
-            tenants: self
-                .tenants
-                .into_iter()
-                .map(|(name, t)| {
-                    (
-                        name,
-                        TenantOverrides {
-                            max_outstanding: t.max_outstanding,
-                            max_queriers: t.max_queriers,
-                            weight: t.weight,
-                        },
-                    )
-                })
-                .collect::<HashMap<_, _>>(),
+            cost_quantum: self.cost_quantum.unwrap_or(defaults.cost_quantum),
+            reserved_workers_percent: self
+                .reserved_workers_percent
+                .unwrap_or(defaults.reserved_workers_percent),
+            reserved_min_priority: self.reserved_min_priority.unwrap_or(defaults.reserved_min_priority),
+            max_priority_skips: self.max_priority_skips.unwrap_or(defaults.max_priority_skips),
+            tenants: self.tenants.into_iter().collect::<HashMap<_, _>>(),
         };
         queue.validate().map_err(|e| invalid(&e.key, e.problem))?;
         let max_frame_len = self.max_frame_len.unwrap_or(8 * 1024 * 1024);
@@ -347,8 +349,7 @@ mod tests {
             "t".to_string(),
             TenantSettings {
                 max_outstanding: Some(0),
-                max_queriers: None,
-                weight: None,
+                ..TenantSettings::default()
             },
         );
         check(

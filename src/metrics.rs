@@ -39,6 +39,13 @@ pub const CONNECTED_FRONTENDS: &str = "sluice_query_scheduler_connected_frontend
 pub const INFLIGHT_REQUESTS: &str = "sluice_query_scheduler_inflight_requests";
 /// Queries running, per component (gauge; `component`, `unknown` for none).
 pub const QUERIER_INFLIGHT_REQUESTS: &str = "sluice_query_scheduler_querier_inflight_requests";
+/// Cost of the queries that finished, per tenant: the querier's measured cost when it
+/// reports one, the enqueue's cost hint otherwise (counter; `tenant`).
+pub const SERVED_COST: &str = "sluice_query_scheduler_served_cost_total";
+/// Deficit-round-robin balance of each queued tenant, in cost units (gauge; `tenant`).
+pub const TENANT_BALANCE: &str = "sluice_query_scheduler_tenant_balance";
+/// Requests queued per priority class (gauge; `priority`).
+pub const CLASS_QUEUE_LENGTH: &str = "sluice_query_scheduler_priority_queue_length";
 /// Querier workers connected and waiting for work (gauge).
 pub const IDLE_QUERIER_WORKERS: &str = "sluice_query_scheduler_idle_querier_workers";
 
@@ -62,6 +69,15 @@ pub const ALL: &[(&str, &str)] = &[
         "Queries failed because their querier went away mid-query.",
     ),
     (REQUESTS, "Requests by how they left the queue."),
+    (
+        SERVED_COST,
+        "Cost of finished queries per tenant (measured, else the hint).",
+    ),
+    (
+        TENANT_BALANCE,
+        "Deficit round robin balance of each queued tenant, in cost units.",
+    ),
+    (CLASS_QUEUE_LENGTH, "Requests queued per priority class."),
     (CONNECTED_QUERIER_WORKERS, "Querier worker streams connected."),
     (
         CONNECTED_QUERIERS,

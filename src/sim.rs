@@ -21,6 +21,8 @@ pub struct TenantLoad {
     pub actors: u32,
     /// `(component, share of this tenant's requests)`; shares are normalised.
     pub mix: Vec<(String, f64)>,
+    /// Priority class of its requests.
+    pub priority: u8,
 }
 
 /// A whole simulated run.
@@ -38,6 +40,11 @@ pub struct Scenario {
     /// Tag requests with their component (`true`) or queue them all in one component.
     pub component_aware: bool,
     pub max_queriers_per_tenant: u32,
+    /// Give each request its service time in milliseconds as its cost hint (cost-aware
+    /// deficit round robin); otherwise every request costs 1 (round robin by count).
+    pub cost_aware: bool,
+    /// Share of each querier's workers reserved for priority 1 and above.
+    pub reserved_workers_percent: u8,
     pub seed: u64,
 }
 
@@ -107,7 +114,7 @@ impl Rng {
         Rng(crate::queue::mix64(seed))
     }
 
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         crate::queue::mix64(self.0)
     }
@@ -137,7 +144,9 @@ pub fn run(s: &Scenario) -> SimReport {
         max_queued_bytes: u64::MAX,
         max_queriers_per_tenant: s.max_queriers_per_tenant,
         querier_forget_delay: Duration::ZERO,
-        tenants: Default::default(),
+        reserved_workers_percent: s.reserved_workers_percent,
+        reserved_min_priority: 1,
+        ..QueueConfig::default()
     };
     let mut queue: TreeQueue<SimRequest> = TreeQueue::new(config, t0).expect("valid simulation config");
     let mut workers: Vec<WorkerId> = Vec::new();
@@ -217,7 +226,16 @@ pub fn run(s: &Scenario) -> SimReport {
                     frontend: 0,
                     query: next_key,
                 };
-                if queue.enqueue(now, key, r, EnqueueOptions::default()).is_err() {
+                let options = EnqueueOptions {
+                    deadline: None,
+                    priority: Some(load.priority),
+                    cost: if s.cost_aware {
+                        u32::try_from(service(&r.kind) / 1_000_000).unwrap_or(u32::MAX)
+                    } else {
+                        1
+                    },
+                };
+                if queue.enqueue(now, key, r, options).is_err() {
                     rejected += 1;
                 }
                 let next = now_ns + rng.exp_ns(load.rate);
@@ -328,11 +346,14 @@ pub fn slow_component(
                     ("ingester".into(), 1.0 - slow_share),
                     ("store-gateway".into(), slow_share),
                 ],
+                priority: 0,
             })
             .collect(),
         duration,
         component_aware,
         max_queriers_per_tenant: 3,
+        cost_aware: false,
+        reserved_workers_percent: 0,
         seed,
     }
 }
@@ -351,6 +372,7 @@ pub fn noisy_neighbour(noisy: bool, factor: f64, quiet_utilisation: f64, seed: u
             rate: quiet_rate,
             actors: 2,
             mix: vec![("query".into(), 1.0)],
+            priority: 0,
         })
         .collect();
     if noisy {
@@ -359,6 +381,7 @@ pub fn noisy_neighbour(noisy: bool, factor: f64, quiet_utilisation: f64, seed: u
             rate: quiet_rate * factor,
             actors: 2,
             mix: vec![("query".into(), 1.0)],
+            priority: 0,
         });
     }
     Scenario {
@@ -378,6 +401,52 @@ pub fn noisy_neighbour(noisy: bool, factor: f64, quiet_utilisation: f64, seed: u
         duration: Duration::from_secs(60),
         component_aware: true,
         max_queriers_per_tenant: 0,
+        cost_aware: false,
+        reserved_workers_percent: 0,
+        seed,
+    }
+}
+
+/// How the long-and-short scenario is scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LongShortPolicy {
+    /// Round robin by request count (every cost 1).
+    RoundRobin,
+    /// Deficit round robin on cost hints (the service time in ms).
+    CostAware,
+    /// Cost-aware, and the short tenant at priority 1 with one worker in four reserved
+    /// for priority 1.
+    CostAwareReserved,
+}
+
+/// Two tenants on 2 queriers × 4 workers: `long` sends 60 s queries at 0.2/s (more than
+/// the 8 workers can serve, so it stays backlogged) and `short` sends 10 ms queries at
+/// 10/s, for 10 minutes of arrivals.
+pub fn long_and_short(policy: LongShortPolicy, seed: u64) -> Scenario {
+    let tenant = |name: &str, rate: f64, priority: u8| TenantLoad {
+        name: name.into(),
+        rate,
+        actors: 0,
+        mix: vec![(name.into(), 1.0)],
+        priority,
+    };
+    let reserved = policy == LongShortPolicy::CostAwareReserved;
+    Scenario {
+        label: format!("long and short, {policy:?}"),
+        queriers: 2,
+        workers_per_querier: 4,
+        service: vec![
+            ("long".into(), Duration::from_secs(60)),
+            ("short".into(), Duration::from_millis(10)),
+        ],
+        default_service: Duration::from_millis(10),
+        tenants: vec![tenant("long", 0.2, 0), tenant("short", 10.0, u8::from(reserved))],
+        duration: Duration::from_secs(600),
+        // One component, so that only the tenant level decides.
+        component_aware: false,
+        max_queriers_per_tenant: 0,
+        cost_aware: policy != LongShortPolicy::RoundRobin,
+        reserved_workers_percent: if reserved { 25 } else { 0 },
         seed,
     }
 }

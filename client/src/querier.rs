@@ -105,6 +105,10 @@ pub struct Response {
     pub metadata: Metadata,
     /// The result body.
     pub body: ResponseBody,
+    /// What the query really cost, in the units of the frontend's cost hints (for
+    /// example milliseconds of CPU); reported to the scheduler, which corrects the
+    /// tenant's fair-share account. `None`: the hint stands.
+    pub measured_cost: Option<u32>,
 }
 
 impl Response {
@@ -114,6 +118,7 @@ impl Response {
             status: 200,
             metadata: Vec::new(),
             body: ResponseBody::Bytes(body.into()),
+            measured_cost: None,
         }
     }
 
@@ -123,7 +128,14 @@ impl Response {
             status,
             metadata: Vec::new(),
             body: ResponseBody::Stream(body),
+            measured_cost: None,
         }
+    }
+
+    /// This response, reporting the query's measured cost.
+    pub fn with_cost(mut self, cost: u32) -> Self {
+        self.measured_cost = Some(cost);
+        self
     }
 }
 
@@ -353,11 +365,11 @@ async fn serve<H: Handler>(
             }
         };
         let (frontend_id, query_id) = (dispatch.frontend.id.clone(), dispatch.query_id);
-        let stop_after = run(shared, handler, dispatch, &mut r).await?;
+        let (stop_after, measured_cost) = run(shared, handler, dispatch, &mut r).await?;
         finished = Some(Finished {
             frontend_id,
             query_id,
-            measured_cost: None,
+            measured_cost,
         });
         if stop_after {
             let _ = w
@@ -377,7 +389,7 @@ async fn run<H: Handler>(
     handler: &Arc<H>,
     d: Dispatch,
     r: &mut FramedRead<quinn::RecvStream>,
-) -> Result<bool, String> {
+) -> Result<(bool, Option<u32>), String> {
     let cancelled = CancellationToken::new();
     let request = Request {
         query_id: d.query_id,
@@ -412,12 +424,13 @@ async fn run<H: Handler>(
     };
     if cancelled.is_cancelled() {
         debug!(query = d.query_id, "cancelled; no result sent");
-        return Ok(stop_after);
+        return Ok((stop_after, None));
     }
+    let measured_cost = outcome.as_ref().ok().and_then(|r| r.measured_cost);
     if let Err(e) = deliver(shared, &d, outcome).await {
         warn!(query = d.query_id, frontend = %d.frontend.address, error = %e, "result not delivered");
     }
-    Ok(stop_after)
+    Ok((stop_after, measured_cost))
 }
 
 fn panic_message(e: tokio::task::JoinError) -> String {

@@ -19,20 +19,36 @@ pub struct QueueConfig {
     /// How long a querier whose last worker disconnected keeps its place in the tenants'
     /// shards, so that a quick reconnect changes nothing. Ignored after a shutdown notice.
     pub querier_forget_delay: Duration,
+    /// Least credit a tenant of weight 1 gets per visit, in cost units (at least 1); the
+    /// queue raises it to the largest cost it has seen. With costs all 1 and a quantum of
+    /// 1, a visit is `weight` requests: weighted round robin.
+    pub cost_quantum: u32,
+    /// Share of each querier's connected workers (rounded down, so never all of them)
+    /// that only take requests of priority `reserved_min_priority` or higher; 0–99.
+    pub reserved_workers_percent: u8,
+    /// The lowest priority reserved workers serve.
+    pub reserved_min_priority: u8,
+    /// Starvation guard: a priority class with work is passed over by at most this many
+    /// dispatches of unreserved workers in a row (plus one per other starving class)
+    /// before a worker that may serve it takes from it. At least 1.
+    pub max_priority_skips: u32,
     /// Per-tenant overrides, by tenant name.
     pub tenants: HashMap<String, TenantOverrides>,
 }
 
-/// Settings one tenant has instead of the defaults.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Settings one tenant has instead of the defaults (a `[tenants.<name>]` table).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TenantOverrides {
     /// Replaces [`QueueConfig::max_outstanding_per_tenant`].
     pub max_outstanding: Option<u32>,
     /// Replaces [`QueueConfig::max_queriers_per_tenant`].
     pub max_queriers: Option<u32>,
     /// Share of service relative to other tenants when all are backlogged (default 1): a
-    /// querier takes up to this many requests in a row from the tenant per visit.
+    /// visit credits the tenant `weight × cost_quantum` cost units.
     pub weight: Option<u32>,
+    /// Priority class of the tenant's requests that name none (default 0).
+    pub priority: Option<u8>,
 }
 
 impl Default for QueueConfig {
@@ -43,6 +59,10 @@ impl Default for QueueConfig {
             max_queued_requests: 1_000_000,
             max_queued_bytes: 1 << 30,
             querier_forget_delay: Duration::from_secs(30),
+            cost_quantum: 1,
+            reserved_workers_percent: 0,
+            reserved_min_priority: 1,
+            max_priority_skips: 10,
             tenants: HashMap::new(),
         }
     }
@@ -72,6 +92,15 @@ impl QueueConfig {
         if self.max_queued_bytes == 0 {
             return Err(err("max_queued_bytes", "must be at least 1"));
         }
+        if self.cost_quantum == 0 {
+            return Err(err("cost_quantum", "must be at least 1"));
+        }
+        if self.reserved_workers_percent > 99 {
+            return Err(err("reserved_workers_percent", "must be between 0 and 99"));
+        }
+        if self.max_priority_skips == 0 {
+            return Err(err("max_priority_skips", "must be at least 1"));
+        }
         for (tenant, o) in &self.tenants {
             if o.max_outstanding == Some(0) {
                 return Err(err(&format!("tenants.{tenant}.max_outstanding"), "must be at least 1"));
@@ -94,6 +123,11 @@ impl QueueConfig {
     /// The weight of `tenant` (1 unless overridden).
     pub fn weight(&self, tenant: &str) -> u32 {
         self.tenants.get(tenant).and_then(|o| o.weight).unwrap_or(1)
+    }
+
+    /// The priority class of `tenant`'s requests that name none (0 unless overridden).
+    pub fn priority(&self, tenant: &str) -> u8 {
+        self.tenants.get(tenant).and_then(|o| o.priority).unwrap_or(0)
     }
 
     /// The shuffle-shard size for `tenant` (0: every querier).

@@ -80,54 +80,90 @@ pub(super) fn check<R: Queued>(q: &TreeQueue<R>) -> Result<(), String> {
     );
 
     // Components and the tenant rotation sets.
-    let mut order_names = Vec::new();
-    for &c in &q.component_order {
-        let comp = q.components[c as usize].as_ref().ok_or("ordered component freed")?;
-        order_names.push(comp.name.clone());
-        ensure!(
-            per_component.get(&c) == Some(&comp.queued),
-            "component {} count",
-            comp.name
-        );
-        let mut sharded_members: BTreeSet<(usize, u32)> = BTreeSet::new();
-        for (qi, set) in comp.by_querier.iter().enumerate() {
-            sharded_members.extend(set.iter().map(|&t| (qi, t)));
-        }
-        let mut expected_sharded = BTreeSet::new();
-        let mut expected_unsharded = BTreeSet::new();
-        let mut live_sum = 0;
-        let roots = q.tenants.iter().enumerate().filter_map(|(t, slot)| {
-            let tenant = slot.as_ref()?;
-            let &(_, root) = tenant.roots.iter().find(|(x, _)| *x == c)?;
-            Some((t as u32, tenant, root))
-        });
-        for (t, tenant, root) in roots {
-            match &tenant.shard {
-                None => {
-                    expected_unsharded.insert(t);
-                }
-                Some(qs) => expected_sharded.extend(qs.iter().map(|&qi| (qi as usize, t))),
-            }
-            live_sum += check_subtree(q, root)?;
-        }
-        ensure!(live_sum == comp.queued, "component {} node counts", comp.name);
-        ensure!(
-            expected_unsharded == comp.unsharded,
-            "component {} unsharded set",
-            comp.name
-        );
-        ensure!(
-            expected_sharded == sharded_members,
-            "component {} sharded sets",
-            comp.name
-        );
+    for pair in q.classes.windows(2) {
+        ensure!(pair[0].priority > pair[1].priority, "classes out of order");
     }
-    let mut sorted = order_names.clone();
-    sorted.sort();
-    ensure!(sorted == order_names, "component order");
+    for class in &q.classes {
+        ensure!(
+            !class.by_name.is_empty(),
+            "class {} kept without components",
+            class.priority
+        );
+        for (name, &c) in &class.by_name {
+            let comp = q.components[c as usize].as_ref().ok_or("named component freed")?;
+            ensure!(*comp.name == **name, "component {name} name index");
+            let parked = comp.queued == 0;
+            ensure!(
+                parked != class.order.contains(&c),
+                "component {name} parked yet ordered, or the reverse"
+            );
+            if parked {
+                ensure!(
+                    comp.unsharded.is_empty() && comp.by_querier.iter().all(BTreeSet::is_empty),
+                    "parked component {name} has tenants"
+                );
+            }
+        }
+        let mut order_names = Vec::new();
+        for &c in &class.order {
+            let comp = q.components[c as usize].as_ref().ok_or("ordered component freed")?;
+            ensure!(
+                comp.priority == class.priority,
+                "component {} in the wrong class",
+                comp.name
+            );
+            ensure!(
+                class.by_name.get(&comp.name) == Some(&c),
+                "component {} name index",
+                comp.name
+            );
+            order_names.push(comp.name.clone());
+            ensure!(
+                per_component.get(&c) == Some(&comp.queued),
+                "component {} count",
+                comp.name
+            );
+            let mut sharded_members: BTreeSet<(usize, u32)> = BTreeSet::new();
+            for (qi, set) in comp.by_querier.iter().enumerate() {
+                sharded_members.extend(set.iter().map(|&t| (qi, t)));
+            }
+            let mut expected_sharded = BTreeSet::new();
+            let mut expected_unsharded = BTreeSet::new();
+            let mut live_sum = 0;
+            let roots = q.tenants.iter().enumerate().filter_map(|(t, slot)| {
+                let tenant = slot.as_ref()?;
+                let &(_, root) = tenant.roots.iter().find(|(x, _)| *x == c)?;
+                Some((t as u32, tenant, root))
+            });
+            for (t, tenant, root) in roots {
+                match &tenant.shard {
+                    None => {
+                        expected_unsharded.insert(t);
+                    }
+                    Some(qs) => expected_sharded.extend(qs.iter().map(|&qi| (qi as usize, t))),
+                }
+                live_sum += check_subtree(q, root)?;
+            }
+            ensure!(live_sum == comp.queued, "component {} node counts", comp.name);
+            ensure!(
+                expected_unsharded == comp.unsharded,
+                "component {} unsharded set",
+                comp.name
+            );
+            ensure!(
+                expected_sharded == sharded_members,
+                "component {} sharded sets",
+                comp.name
+            );
+        }
+        let mut sorted = order_names.clone();
+        sorted.sort();
+        ensure!(sorted == order_names, "component order");
+    }
+    let named: usize = q.classes.iter().map(|k| k.by_name.len()).sum();
     ensure!(
-        q.components.iter().flatten().count() == q.component_order.len(),
-        "component outside the order"
+        q.components.iter().flatten().count() == named,
+        "component outside its class"
     );
     Ok(())
 }

@@ -8,6 +8,12 @@
 //!
 //! A request is queued under the path `component / tenant / actor_1 / … / actor_n`:
 //!
+//! - **priority class** (a small integer; higher first): a worker takes from the highest
+//!   class it can serve, except that a class passed over
+//!   [`max_priority_skips`](QueueConfig::max_priority_skips) times in a row gets the next
+//!   dispatch it can take, and workers reserved for high priorities
+//!   ([`reserved_workers_percent`](QueueConfig::reserved_workers_percent)) never take from
+//!   lower classes.
 //! - **component** (the backend the request will hit; one unnamed component for requests
 //!   that name none): a worker starts at component `slot mod n` of the components that
 //!   have work, in name order, and moves on to the next when that one has nothing for it,
@@ -15,7 +21,13 @@
 //! - **tenant**: tenants hold slots in one global rotation (a removed tenant's slot is
 //!   reused by the next new one); each querier keeps its own position per component and
 //!   takes the next tenant after it that has work *and* has that querier in its shuffle
-//!   shard. Finding that tenant costs O(log tenants), whatever the sharding.
+//!   shard. Finding that tenant costs O(log tenants), whatever the sharding. Tenants are
+//!   served by deficit round robin in cost units: each visit credits the tenant
+//!   `weight × quantum`, each dispatch debits the request's cost, and the visit lasts
+//!   while the balance is positive (see [`TreeQueue::charge`] for measured costs). The
+//!   quantum is the largest cost enqueued so far (at least
+//!   [`cost_quantum`](QueueConfig::cost_quantum)), so a visit always serves at least one
+//!   request unless measured costs put the tenant in debt, and a dequeue costs O(1) visits.
 //! - **actors**, any depth: round robin among the children and the node's own FIFO at
 //!   every level, so one user, dashboard or query cannot crowd out its siblings.
 //!
@@ -76,6 +88,11 @@ pub trait Queued {
 pub struct EnqueueOptions {
     /// Past this instant the request is never dispatched: it comes out as [`Expired`].
     pub deadline: Option<Instant>,
+    /// Priority class; `None`: the tenant's configured priority.
+    pub priority: Option<u8>,
+    /// Expected cost in the operator's units, debited from the tenant's balance at
+    /// dispatch; 0 counts as 1.
+    pub cost: u32,
 }
 
 /// Why an enqueue was refused. Nothing was queued.
@@ -154,8 +171,13 @@ pub struct TenantStats {
     pub oldest: Duration,
     /// Queriers in its shard; `None`: every querier.
     pub shard_size: Option<usize>,
-    /// Requests in a row it gets per visit of a querier.
+    /// Share of service relative to other tenants when all are backlogged.
     pub weight: u32,
+    /// Priority class of its requests that name none.
+    pub priority: u8,
+    /// Its deficit-round-robin balance in cost units: positive, credit left in the
+    /// current visit; negative, cost served beyond its share, repaid over later visits.
+    pub balance: i64,
 }
 
 /// What the status page shows per querier.
@@ -182,6 +204,8 @@ struct Entry<R> {
     /// Nanoseconds since the epoch; 0: no deadline.
     deadline: u64,
     bytes: u64,
+    /// Cost debited from the tenant at dispatch (at least 1).
+    cost: u32,
 }
 
 struct Tenant {
@@ -192,40 +216,59 @@ struct Tenant {
     peak: u32,
     max_outstanding: u32,
     max_queriers: u32,
-    /// Requests in a row a querier takes from it per visit (1: plain round robin).
+    /// Credit per visit, in multiples of the cost quantum.
     weight: u32,
+    /// Class of its requests that name none.
+    priority: u8,
+    /// Deficit-round-robin balance in cost units (see [`TenantStats::balance`]).
+    balance: i64,
     /// Querier indexes allowed to serve it; `None`: all.
     shard: Option<Vec<u32>>,
     /// Its root node in each component where it has work: (component, root).
     roots: Vec<(u32, Handle)>,
 }
 
+impl Tenant {
+    /// Its credit per visit: `weight × quantum` (at most 1000 × u32::MAX, so it fits).
+    fn quantum(&self, quantum: u32) -> u64 {
+        u64::from(self.weight) * u64::from(quantum)
+    }
+}
+
 struct Component {
     name: Box<str>,
+    /// The priority class it belongs to: the same backend in two classes is two components.
+    priority: u8,
     queued: u32,
     /// Tenant slots with work here that every querier may serve.
     unsharded: BTreeSet<u32>,
     /// Tenant slots with work here, per querier index in their shard.
     by_querier: Vec<BTreeSet<u32>>,
     /// Each querier's position in the tenant rotation: the tenant it is visiting (served
-    /// last) and how many requests in a row it has taken from it.
-    cursors: Vec<Option<Visit>>,
+    /// last). The visit goes on while that tenant's balance is positive.
+    cursors: Vec<Option<u32>>,
 }
 
-/// A querier's current visit to a tenant: a tenant of weight `w` gets up to `w` requests in
-/// a row before the querier moves on, so backlogged tenants are served in the ratio of
-/// their weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Visit {
-    tenant: u32,
-    served: u32,
+/// One priority class with work: its components, and how long it has been passed over.
+struct Class {
+    priority: u8,
+    /// Its components with work, in name order: the order workers are spread over.
+    order: Vec<u32>,
+    by_name: FastMap<Box<str>, u32>,
+    /// Dispatches by unreserved workers that went to a higher class since this class was
+    /// last served.
+    passed: u32,
 }
+
+/// Tenants a worker may skip (for want of balance) in one dequeue before the rounds are
+/// fast-forwarded; bounds the work of a dequeue when many tenants are in debt.
+const MAX_SKIPS: usize = 32;
 
 impl Component {
     /// The first tenant slot after the querier's position (wrapping) that it may serve.
     fn next_tenant(&self, querier: u32) -> Option<u32> {
         let q = querier as usize;
-        let cursor = self.cursors.get(q).copied().flatten().map(|v| v.tenant);
+        let cursor = self.cursors.get(q).copied().flatten();
         let sharded = self.by_querier.get(q);
         let after = |set: &BTreeSet<u32>| match cursor {
             Some(c) => set.range((Bound::Excluded(c), Bound::Unbounded)).next().copied(),
@@ -294,9 +337,8 @@ pub struct TreeQueue<R> {
     tenant_by_name: FastMap<Box<str>, u32>,
     free_tenant_slots: BTreeSet<u32>,
     components: Vec<Option<Component>>,
-    component_by_name: FastMap<Box<str>, u32>,
-    /// Components with work, in name order: the order workers are spread over.
-    component_order: Vec<u32>,
+    /// Classes with work, highest priority first.
+    classes: Vec<Class>,
     queriers: Queriers,
     /// `(index, hash)` of the queriers shards are cut from; refreshed on membership change.
     shard_candidates: Vec<(u32, u64)>,
@@ -304,6 +346,8 @@ pub struct TreeQueue<R> {
     deadlines: BTreeMap<u64, Vec<Handle>>,
     expired: VecDeque<Expired<R>>,
     queued_bytes: u64,
+    /// Largest cost enqueued so far: the quantum never falls below it.
+    max_cost: u32,
     counters: Counters,
 }
 
@@ -321,13 +365,13 @@ impl<R: Queued> TreeQueue<R> {
             tenant_by_name: FastMap::default(),
             free_tenant_slots: BTreeSet::new(),
             components: Vec::new(),
-            component_by_name: FastMap::default(),
-            component_order: Vec::new(),
+            classes: Vec::new(),
             queriers: Queriers::default(),
             shard_candidates: Vec::new(),
             deadlines: BTreeMap::new(),
             expired: VecDeque::new(),
             queued_bytes: 0,
+            max_cost: 1,
             counters: Counters::default(),
         })
     }
@@ -354,6 +398,7 @@ impl<R: Queued> TreeQueue<R> {
             tenant.max_outstanding = config.max_outstanding(&tenant.name);
             tenant.max_queriers = config.max_queriers(&tenant.name);
             tenant.weight = config.weight(&tenant.name);
+            tenant.priority = config.priority(&tenant.name);
         }
         self.config = config;
         self.reshard();
@@ -376,7 +421,10 @@ impl<R: Queued> TreeQueue<R> {
         let bytes = request.size_bytes();
         let path = request.path();
         let t = self.tenant_slot(path.tenant);
-        let c = self.component_slot(path.component.unwrap_or(""));
+        let priority = options
+            .priority
+            .unwrap_or_else(|| self.tenants[t as usize].as_ref().expect("tenant slot is live").priority);
+        let c = self.component_slot(priority, path.component.unwrap_or(""));
         let root = self.tenant_root(c, t);
         let leaf = tree::attach_path(&mut self.nodes, root, path.actors);
 
@@ -391,7 +439,9 @@ impl<R: Queued> TreeQueue<R> {
             enqueued_at,
             deadline,
             bytes,
+            cost: options.cost.max(1),
         });
+        self.max_cost = self.max_cost.max(options.cost);
         tree::push_request(&mut self.nodes, leaf, h);
         self.by_key.insert(key, h);
         if deadline != 0 {
@@ -451,6 +501,8 @@ impl<R: Queued> TreeQueue<R> {
             max_outstanding: self.config.max_outstanding(name),
             max_queriers,
             weight: self.config.weight(name),
+            priority: self.config.priority(name),
+            balance: 0,
             shard: shard::select(hash, max_queriers, &self.shard_candidates),
             roots: Vec::new(),
         };
@@ -468,30 +520,62 @@ impl<R: Queued> TreeQueue<R> {
         t
     }
 
-    fn component_slot(&mut self, name: &str) -> u32 {
-        if let Some(&c) = self.component_by_name.get(name) {
-            return c;
-        }
-        let comp = Component {
-            name: name.into(),
-            queued: 0,
-            unsharded: BTreeSet::new(),
-            by_querier: Vec::new(),
-            cursors: Vec::new(),
-        };
-        let c = match self.components.iter().position(Option::is_none) {
-            Some(i) => {
-                self.components[i] = Some(comp);
-                i as u32
+    /// The component `name` of class `priority`, creating both if needed, and in its
+    /// class's rotation (a parked one is put back).
+    fn component_slot(&mut self, priority: u8, name: &str) -> u32 {
+        let k = match self.classes.iter().position(|k| k.priority <= priority) {
+            Some(k) if self.classes[k].priority == priority => k,
+            at => {
+                let k = at.unwrap_or(self.classes.len());
+                self.classes.insert(
+                    k,
+                    Class {
+                        priority,
+                        order: Vec::new(),
+                        by_name: FastMap::default(),
+                        passed: 0,
+                    },
+                );
+                k
             }
+        };
+        let c = match self.classes[k].by_name.get(name) {
+            Some(&c)
+                if self.components[c as usize]
+                    .as_ref()
+                    .expect("named component is live")
+                    .queued
+                    > 0 =>
+            {
+                return c;
+            }
+            Some(&c) => c, // parked
             None => {
-                self.components.push(Some(comp));
-                (self.components.len() - 1) as u32
+                let comp = Component {
+                    name: name.into(),
+                    priority,
+                    queued: 0,
+                    unsharded: BTreeSet::new(),
+                    by_querier: Vec::new(),
+                    cursors: Vec::new(),
+                };
+                let c = match self.components.iter().position(Option::is_none) {
+                    Some(i) => {
+                        self.components[i] = Some(comp);
+                        i as u32
+                    }
+                    None => {
+                        self.components.push(Some(comp));
+                        (self.components.len() - 1) as u32
+                    }
+                };
+                self.classes[k].by_name.insert(name.into(), c);
+                c
             }
         };
-        self.component_by_name.insert(name.into(), c);
         let components = &self.components;
-        let at = self.component_order.partition_point(|&o| {
+        let class = &mut self.classes[k];
+        let at = class.order.partition_point(|&o| {
             components[o as usize]
                 .as_ref()
                 .expect("ordered component is live")
@@ -499,8 +583,25 @@ impl<R: Queued> TreeQueue<R> {
                 .as_ref()
                 < name
         });
-        self.component_order.insert(at, c);
+        class.order.insert(at, c);
         c
+    }
+
+    /// Frees the components that emptied (parked, so that a component that empties and
+    /// refills request by request costs no allocation) and the classes left with none.
+    fn sweep_parked(&mut self) {
+        for slot in &mut self.components {
+            if slot.as_ref().is_some_and(|comp| comp.queued == 0) {
+                let comp = slot.take().expect("checked above");
+                let class = self
+                    .classes
+                    .iter_mut()
+                    .find(|k| k.priority == comp.priority)
+                    .expect("component's class is live");
+                class.by_name.remove(&comp.name);
+            }
+        }
+        self.classes.retain(|k| !k.by_name.is_empty());
     }
 
     /// The tenant's root node in component `c`, creating it and entering the tenant into
@@ -542,9 +643,17 @@ impl<R: Queued> TreeQueue<R> {
             deactivate(comp, t, &tenant.shard);
         }
         if comp.queued == 0 {
-            let comp = self.components[c as usize].take().expect("component is live");
-            self.component_by_name.remove(&comp.name);
-            self.component_order.retain(|&x| x != c);
+            // Parked: out of the rotation, freed by the next sweep unless it refills.
+            let priority = comp.priority;
+            let class = self
+                .classes
+                .iter_mut()
+                .find(|k| k.priority == priority)
+                .expect("component's class is live");
+            class.order.retain(|&x| x != c);
+            if class.order.is_empty() {
+                class.passed = 0;
+            }
         }
         if tenant.queued == 0 {
             let tenant = self.tenants[t as usize].take().expect("tenant slot is live");
@@ -555,27 +664,60 @@ impl<R: Queued> TreeQueue<R> {
     }
 
     /// Picks the (component, tenant) a worker of querier index `q` with slot `slot` is
-    /// served from next, and whether that continues the querier's visit to the tenant.
-    fn select(&self, q: u32, slot: u32) -> Option<(u32, u32, bool)> {
-        let n = self.component_order.len();
+    /// served from next within class `k`, and whether that continues the querier's visit
+    /// to the tenant.
+    fn select_in(&self, k: usize, q: u32, slot: u32) -> Option<(u32, u32, bool)> {
+        let order = &self.classes[k].order;
+        let n = order.len();
         if n == 0 {
             return None;
         }
         let start = slot as usize % n;
         (0..n).find_map(|i| {
-            let c = self.component_order[(start + i) % n];
+            let c = order[(start + i) % n];
             let comp = self.components[c as usize].as_ref().expect("ordered component is live");
-            let visit = comp.cursors.get(q as usize).copied().flatten();
-            if let Some(v) = visit
-                && comp.eligible(q, v.tenant)
-                && self.tenants[v.tenant as usize]
-                    .as_ref()
-                    .is_some_and(|t| v.served < t.weight)
+            if let Some(t) = comp.cursors.get(q as usize).copied().flatten()
+                && comp.eligible(q, t)
+                && self.tenants[t as usize].as_ref().is_some_and(|t| t.balance > 0)
             {
-                return Some((c, v.tenant, true));
+                return Some((c, t, true));
             }
             comp.next_tenant(q).map(|t| (c, t, false))
         })
+    }
+
+    /// Picks the class a worker is served from: the highest it may serve that has work
+    /// for it, unless a lower one it may serve has been passed over too often (the lowest
+    /// index, i.e. highest priority, of those wins). Returns the class index and the pick
+    /// in it.
+    fn select(&self, q: u32, slot: u32, reserved: bool) -> Option<(usize, (u32, u32, bool))> {
+        let floor = if reserved { self.config.reserved_min_priority } else { 0 };
+        let allowed = self.classes.iter().take_while(|k| k.priority >= floor).count();
+        let (first, pick) = (0..allowed).find_map(|k| self.select_in(k, q, slot).map(|p| (k, p)))?;
+        if !reserved {
+            let limit = self.config.max_priority_skips;
+            for k in first + 1..allowed {
+                if self.classes[k].passed >= limit
+                    && let Some(p) = self.select_in(k, q, slot)
+                {
+                    return Some((k, p));
+                }
+            }
+        }
+        Some((first, pick))
+    }
+
+    /// Whether `worker` is one of its querier's workers reserved for high priorities: the
+    /// lowest-numbered `reserved_workers_percent` of its connected workers, rounded down.
+    fn is_reserved(&self, worker: WorkerId) -> bool {
+        let pct = u32::from(self.config.reserved_workers_percent);
+        if pct == 0 {
+            return false;
+        }
+        let q = &self.queriers.slab[worker.querier];
+        let reserved = q.connected * pct / 100;
+        let rank = q.workers[..worker.slot as usize].iter().filter(|&&used| used).count() as u32;
+        rank < reserved
     }
 
     /// Hands `worker` its next request: fairly chosen, within its querier's shards, never
@@ -591,22 +733,30 @@ impl<R: Queued> TreeQueue<R> {
             return Dequeue::ShuttingDown;
         }
         let qi = worker.querier.idx;
+        let reserved = self.is_reserved(worker);
         let now_ns = self.nanos(now);
+        let mut skipped: Vec<(u32, u32)> = Vec::new();
         loop {
-            let Some((c, t, continued)) = self.select(qi, worker.slot) else {
+            let Some((k, (c, t, continued))) = self.select(qi, worker.slot, reserved) else {
                 return Dequeue::Empty;
             };
-            let comp = self.components[c as usize]
-                .as_mut()
-                .expect("selected component is live");
-            if comp.cursors.len() <= qi as usize {
-                comp.cursors.resize(qi as usize + 1, None);
-            }
-            let served = match comp.cursors[qi as usize] {
-                Some(v) if continued => v.served + 1,
-                _ => 1,
+            let (c, t) = if continued {
+                (c, t)
+            } else if skipped.contains(&(c, t)) || skipped.len() >= MAX_SKIPS {
+                self.fast_forward(&skipped)
+            } else {
+                let quantum = self.quantum();
+                let tenant = self.tenants[t as usize].as_mut().expect("selected tenant is live");
+                tenant.balance = tenant.balance.saturating_add(tenant.quantum(quantum) as i64);
+                if tenant.balance <= 0 {
+                    skipped.push((c, t));
+                    self.set_cursor(c, qi, t);
+                    continue;
+                }
+                (c, t)
             };
-            comp.cursors[qi as usize] = Some(Visit { tenant: t, served });
+            self.set_cursor(c, qi, t);
+            let priority = self.classes[k].priority;
             let tenant = self.tenants[t as usize].as_ref().expect("selected tenant is live");
             let root = tenant
                 .roots
@@ -625,8 +775,13 @@ impl<R: Queued> TreeQueue<R> {
                     request: e.request,
                     queue_time,
                 });
+                skipped.clear(); // the skipped tenants may have changed; start afresh
                 continue;
             }
+            if let Some(tenant) = self.tenants[t as usize].as_mut() {
+                tenant.balance = tenant.balance.saturating_sub(i64::from(e.cost));
+            }
+            self.note_served(priority, reserved);
             self.counters.dispatched += 1;
             return Dequeue::Dispatch(Dispatched {
                 key: e.key,
@@ -637,9 +792,80 @@ impl<R: Queued> TreeQueue<R> {
         }
     }
 
+    /// A weight-1 tenant's credit per visit, in cost units.
+    fn quantum(&self) -> u32 {
+        self.config.cost_quantum.max(self.max_cost)
+    }
+
+    fn set_cursor(&mut self, c: u32, q: u32, t: u32) {
+        let comp = self.components[c as usize]
+            .as_mut()
+            .expect("selected component is live");
+        if comp.cursors.len() <= q as usize {
+            comp.cursors.resize(q as usize + 1, None);
+        }
+        comp.cursors[q as usize] = Some(t);
+    }
+
+    /// Every tenant a worker skipped is in debt: plays the rounds of visits, in the order
+    /// they were skipped, until one is back in credit, crediting each tenant its quantum
+    /// per visit as deficit round robin would; returns that one. The tenants after it in
+    /// the order have had one visit fewer when it comes round.
+    fn fast_forward(&mut self, skipped: &[(u32, u32)]) -> (u32, u32) {
+        let quantum = self.quantum();
+        let needs: Vec<u64> = skipped
+            .iter()
+            .map(|&(_, t)| {
+                let tenant = self.tenants[t as usize].as_ref().expect("skipped tenant is live");
+                // A skipped tenant's balance is at most 0, so the debt is at least 1.
+                let debt = 1u64.saturating_add(tenant.balance.unsigned_abs());
+                debt.div_ceil(tenant.quantum(quantum))
+            })
+            .collect();
+        let rounds = *needs.iter().min().expect("a fast-forward follows a skip");
+        let winner = needs.iter().position(|&n| n == rounds).expect("the minimum is there");
+        for (i, &(_, t)) in skipped.iter().enumerate() {
+            let visits = if i <= winner { rounds } else { rounds - 1 };
+            let tenant = self.tenants[t as usize].as_mut().expect("skipped tenant is live");
+            let credit = visits.saturating_mul(tenant.quantum(quantum));
+            tenant.balance = tenant.balance.saturating_add(i64::try_from(credit).unwrap_or(i64::MAX));
+        }
+        skipped[winner]
+    }
+
+    /// Bookkeeping of the starvation guard after a dispatch from class `priority` (which
+    /// may have emptied and gone since).
+    fn note_served(&mut self, priority: u8, reserved: bool) {
+        for class in &mut self.classes {
+            if class.priority == priority {
+                class.passed = 0;
+            } else if class.priority < priority && !reserved && !class.order.is_empty() {
+                class.passed = class.passed.saturating_add(1);
+            }
+        }
+    }
+
+    /// Corrects a tenant's balance once a query's real cost is known: `delta` is the
+    /// measured cost minus the cost debited at dispatch. A positive delta is repaid over
+    /// the tenant's next visits; a refund never lifts the balance above one visit's
+    /// credit. Returns false if the tenant has nothing queued (its balance, like deficit
+    /// round robin's, started afresh when it emptied).
+    pub fn charge(&mut self, tenant: &str, delta: i64) -> bool {
+        let Some(&t) = self.tenant_by_name.get(tenant) else {
+            return false;
+        };
+        let quantum = self.quantum();
+        let tenant = self.tenants[t as usize].as_mut().expect("tenant slot is live");
+        let cap = tenant.quantum(quantum) as i64;
+        tenant.balance = tenant.balance.saturating_sub(delta).min(cap.max(tenant.balance));
+        true
+    }
+
     /// Moves every queued request whose deadline is at or before `now` to the expired
-    /// outbox; returns how many. Call it periodically (every 100 ms is plenty).
+    /// outbox; returns how many. Call it periodically (every 100 ms is plenty): it also
+    /// frees the components that emptied since the last call.
     pub fn expire(&mut self, now: Instant) -> usize {
+        self.sweep_parked();
         let now_ns = self.nanos(now);
         let last_bucket = now_ns / DEADLINE_BUCKET_NS;
         let mut not_yet = Vec::new();
@@ -710,8 +936,7 @@ impl<R: Queued> TreeQueue<R> {
         self.tenant_by_name.clear();
         self.free_tenant_slots.clear();
         self.components.clear();
-        self.component_by_name.clear();
-        self.component_order.clear();
+        self.classes.clear();
         self.deadlines.clear();
         self.queued_bytes = 0;
         entries.into_iter().map(|e| (e.key, e.request)).collect()
@@ -850,6 +1075,8 @@ impl<R: Queued> TreeQueue<R> {
                     oldest: Duration::from_nanos(now_ns.saturating_sub(oldest)),
                     shard_size: tenant.shard.as_ref().map(Vec::len),
                     weight: tenant.weight,
+                    priority: tenant.priority,
+                    balance: tenant.balance,
                 })
             })
             .collect();
@@ -877,13 +1104,30 @@ impl<R: Queued> TreeQueue<R> {
         out
     }
 
-    /// Requests queued per component, in the order workers are spread over them; the
+    /// Requests queued per component (summed over priority classes), by name; the
     /// unnamed component is `""`.
     pub fn component_lengths(&self) -> Vec<(String, u32)> {
-        self.component_order
+        let mut by_name: BTreeMap<&str, u32> = BTreeMap::new();
+        for comp in self.components.iter().flatten().filter(|comp| comp.queued > 0) {
+            *by_name.entry(&comp.name).or_default() += comp.queued;
+        }
+        by_name.into_iter().map(|(name, n)| (name.to_string(), n)).collect()
+    }
+
+    /// Requests queued per priority class, highest first.
+    pub fn class_lengths(&self) -> Vec<(u8, u32)> {
+        self.classes
             .iter()
-            .filter_map(|&c| self.components[c as usize].as_ref())
-            .map(|comp| (comp.name.to_string(), comp.queued))
+            .filter(|k| !k.order.is_empty())
+            .map(|k| {
+                let n = k
+                    .order
+                    .iter()
+                    .filter_map(|&c| self.components[c as usize].as_ref())
+                    .map(|comp| comp.queued)
+                    .sum();
+                (k.priority, n)
+            })
             .collect()
     }
 

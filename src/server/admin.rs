@@ -98,6 +98,10 @@ pub(crate) fn to_json(s: &Status) -> serde_json::Value {
             "component": if name.is_empty() { "unknown" } else { name.as_str() },
             "queued": queued,
         })).collect::<Vec<_>>(),
+        "priority_classes": s.classes.iter().map(|(priority, queued)| json!({
+            "priority": priority,
+            "queued": queued,
+        })).collect::<Vec<_>>(),
         "tenants": s.tenants.iter().map(|t| json!({
             "tenant": t.tenant,
             "queued": t.queued,
@@ -106,6 +110,8 @@ pub(crate) fn to_json(s: &Status) -> serde_json::Value {
             "oldest_seconds": t.oldest.as_secs_f64(),
             "shard_size": t.shard_size,
             "weight": t.weight,
+            "priority": t.priority,
+            "balance": t.balance,
         })).collect::<Vec<_>>(),
         "queriers": s.queriers.iter().map(|q| json!({
             "querier": q.querier,
@@ -164,20 +170,28 @@ pub(crate) fn to_html(s: &Status) -> String {
         let name = if name.is_empty() { "unknown" } else { name };
         let _ = write!(h, "<tr><td>{}</td><td>{queued}</td></tr>", escape(name));
     }
+    h.push_str("</table><h2>Priority classes</h2><table><tr><th>priority</th><th>queued</th></tr>");
+    for (priority, queued) in &s.classes {
+        let _ = write!(h, "<tr><td>{priority}</td><td>{queued}</td></tr>");
+    }
     h.push_str(
         "</table><h2>Tenants</h2><table><tr><th>tenant</th><th>queued</th><th>bytes</th><th>peak</th>\
-         <th>oldest (s)</th><th>shard</th></tr>",
+         <th>oldest (s)</th><th>shard</th><th>weight</th><th>priority</th><th>balance</th></tr>",
     );
     for t in &s.tenants {
         let shard = t.shard_size.map_or("all".to_string(), |n| n.to_string());
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{shard}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{shard}</td><td>{}</td>\
+             <td>{}</td><td>{}</td></tr>",
             escape(&t.tenant),
             t.queued,
             t.queued_bytes,
             t.peak,
-            t.oldest.as_secs_f64()
+            t.oldest.as_secs_f64(),
+            t.weight,
+            t.priority,
+            t.balance
         );
     }
     h.push_str("</table><h2>Queriers</h2><table><tr><th>querier</th><th>workers</th><th>busy</th><th>state</th></tr>");

@@ -165,6 +165,8 @@ struct Running {
     worker: WorkerId,
     tenant: String,
     component: Option<String>,
+    /// The cost debited from the tenant at dispatch (the hint, default 1).
+    cost: u32,
 }
 
 struct Draining {
@@ -191,6 +193,8 @@ pub(crate) struct Dispatcher {
     metrics: Arc<Metrics>,
     /// Tenants with per-tenant gauges set, so that they are zeroed once when they empty.
     reported_tenants: BTreeSet<String>,
+    /// Priority classes with a gauge set, likewise.
+    reported_classes: BTreeSet<u8>,
     ticks: u64,
 }
 
@@ -219,6 +223,7 @@ impl Dispatcher {
             started: now,
             metrics,
             reported_tenants: BTreeSet::new(),
+            reported_classes: BTreeSet::new(),
             ticks: 0,
         })
     }
@@ -384,6 +389,8 @@ impl Dispatcher {
         }
         let options = EnqueueOptions {
             deadline: enqueue.timeout_ms.map(|ms| received + Duration::from_millis(ms)),
+            priority: enqueue.priority,
+            cost: enqueue.cost_hint.unwrap_or(1),
         };
         let query = enqueue.query_id;
         let key = QueryKey { frontend, query };
@@ -439,12 +446,20 @@ impl Dispatcher {
         }
     }
 
-    fn ready(&mut self, now: Instant, worker: WorkerId, _finished: Option<Finished>) {
+    fn ready(&mut self, now: Instant, worker: WorkerId, finished: Option<Finished>) {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
-        if let Some(key) = w.running.take() {
-            self.running.remove(&key);
+        if let Some(key) = w.running.take()
+            && let Some(r) = self.running.remove(&key)
+        {
+            let measured = finished
+                .filter(|f| f.query_id == key.query)
+                .and_then(|f| f.measured_cost);
+            if let Some(measured) = measured {
+                self.queue.charge(&r.tenant, i64::from(measured) - i64::from(r.cost));
+            }
+            self.count_served_cost(r.tenant, measured.unwrap_or(r.cost));
         }
         if !self.try_dispatch(now, worker) {
             self.waiting.push_back(worker);
@@ -464,6 +479,7 @@ impl Dispatcher {
                 };
                 let e = *d.request.enqueue;
                 let (tenant, component) = (e.tenant.clone(), e.component.clone());
+                let cost = e.cost_hint.unwrap_or(1).max(1);
                 self.metrics.record(|| {
                     let c = component.clone().unwrap_or_else(|| "unknown".into());
                     histogram!(m::QUEUE_DURATION, "tenant" => tenant.clone(), "component" => c)
@@ -491,6 +507,7 @@ impl Dispatcher {
                             worker,
                             tenant,
                             component,
+                            cost,
                         },
                     );
                 } else {
@@ -533,7 +550,9 @@ impl Dispatcher {
         };
         self.waiting.retain(|x| *x != worker);
         if let Some(key) = w.running {
-            self.running.remove(&key);
+            if let Some(r) = self.running.remove(&key) {
+                self.count_served_cost(r.tenant, r.cost);
+            }
             if self.closing {
                 debug!(querier = %w.querier, query = key.query, "worker stream closed at shutdown while running");
                 self.queue.unregister_worker(now, worker);
@@ -548,6 +567,11 @@ impl Dispatcher {
             );
         }
         self.queue.unregister_worker(now, worker);
+    }
+
+    fn count_served_cost(&self, tenant: String, cost: u32) {
+        self.metrics
+            .record(|| counter!(m::SERVED_COST, "tenant" => tenant).increment(u64::from(cost)));
     }
 
     fn query_error(&self, key: QueryKey, kind: QueryErrorKind, message: String) {
@@ -629,12 +653,21 @@ impl Dispatcher {
                 let tenant = t.tenant.clone();
                 gauge!(m::QUEUE_LENGTH, "tenant" => tenant.clone()).set(f64::from(t.queued));
                 gauge!(m::OLDEST_QUEUED_AGE, "tenant" => tenant.clone()).set(t.oldest.as_secs_f64());
-                gauge!(m::PEAK_QUEUE_LENGTH, "tenant" => tenant).set(f64::from(t.peak));
+                gauge!(m::PEAK_QUEUE_LENGTH, "tenant" => tenant.clone()).set(f64::from(t.peak));
+                gauge!(m::TENANT_BALANCE, "tenant" => tenant).set(t.balance as f64);
             }
             // Zeroed once; the recorder drops them after its idle timeout.
             for tenant in gone {
                 gauge!(m::QUEUE_LENGTH, "tenant" => tenant.clone()).set(0.0);
-                gauge!(m::OLDEST_QUEUED_AGE, "tenant" => tenant).set(0.0);
+                gauge!(m::OLDEST_QUEUED_AGE, "tenant" => tenant.clone()).set(0.0);
+                gauge!(m::TENANT_BALANCE, "tenant" => tenant).set(0.0);
+            }
+            let classes = self.queue.class_lengths();
+            for priority in self.reported_classes.difference(&classes.iter().map(|c| c.0).collect()) {
+                gauge!(m::CLASS_QUEUE_LENGTH, "priority" => priority.to_string()).set(0.0);
+            }
+            for (priority, n) in &classes {
+                gauge!(m::CLASS_QUEUE_LENGTH, "priority" => priority.to_string()).set(f64::from(*n));
             }
             gauge!(m::CONNECTED_QUERIER_WORKERS).set(self.workers.len() as f64);
             gauge!(m::CONNECTED_QUERIERS).set(self.queue.querier_count() as f64);
@@ -656,6 +689,7 @@ impl Dispatcher {
             }
         });
         self.reported_tenants = current;
+        self.reported_classes = self.queue.class_lengths().into_iter().map(|c| c.0).collect();
     }
 
     fn status(&self, now: Instant) -> Status {
@@ -681,6 +715,7 @@ impl Dispatcher {
             counters: self.queue.counters(),
             tenants: self.queue.tenant_stats(now),
             components: self.queue.component_lengths(),
+            classes: self.queue.class_lengths(),
             queriers: self.queue.querier_stats(now),
             workers,
             frontends,
@@ -733,9 +768,13 @@ mod tests {
 
     impl Harness {
         fn enqueue(&mut self, query_id: u64) {
+            self.enqueue_for("t", query_id);
+        }
+
+        fn enqueue_for(&mut self, tenant: &str, query_id: u64) {
             let enqueue = Box::new(Enqueue {
                 query_id,
-                tenant: "t".into(),
+                tenant: tenant.into(),
                 actors: vec![],
                 component: None,
                 priority: None,
@@ -789,6 +828,51 @@ mod tests {
             );
             (id.try_recv().unwrap(), rx)
         }
+    }
+
+    /// The next query `w` is handed after saying Ready with `finished`.
+    fn next_after(
+        h: &mut Harness,
+        w: WorkerId,
+        rx: &mut mpsc::Receiver<SchedulerToQuerier>,
+        finished: Option<Finished>,
+    ) -> u64 {
+        h.d.handle(Command::Ready { worker: w, finished }, h.now);
+        match rx.try_recv() {
+            Ok(SchedulerToQuerier::Dispatch(d)) => d.query_id,
+            other => panic!("expected a dispatch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_measured_cost_corrects_the_tenants_account() {
+        let mut h = harness();
+        h.enqueue_for("a", 1);
+        let (w, mut rx) = h.busy_worker();
+        h.enqueue_for("a", 2);
+        for q in 3..=6 {
+            h.enqueue_for("b", q);
+        }
+        // Query 1 was hinted at 1 and really cost 5: a owes 4 visits, so b's queries go
+        // first (plain round robin would alternate: 3, 2, 4).
+        let finished = Finished {
+            frontend_id: "fe".into(),
+            query_id: 1,
+            measured_cost: Some(5),
+        };
+        let order: Vec<u64> = std::iter::once(next_after(&mut h, w, &mut rx, Some(finished)))
+            .chain((0..2).map(|_| next_after(&mut h, w, &mut rx, None)))
+            .collect();
+        assert_eq!(order, [3, 4, 5]);
+        let metrics = h.d.metrics.render();
+        assert!(
+            metrics.contains(&format!("{}{{tenant=\"a\"}} 5", m::SERVED_COST)),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(&format!("{}{{tenant=\"b\"}} 2", m::SERVED_COST)),
+            "{metrics}"
+        );
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct Status {
     pub counters: Counters,
     pub tenants: Vec<TenantStats>,
     pub components: Vec<(String, u32)>,
+    /// Requests queued per priority class, highest first.
+    pub classes: Vec<(u8, u32)>,
     pub queriers: Vec<QuerierStats>,
     pub workers: Vec<WorkerStatus>,
     pub frontends: Vec<String>,

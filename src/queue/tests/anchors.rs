@@ -130,8 +130,7 @@ fn per_tenant_override_and_reload() {
         "big".into(),
         TenantOverrides {
             max_outstanding: Some(2),
-            max_queriers: None,
-            weight: None,
+            ..TenantOverrides::default()
         },
     );
     let mut f = Fixture::new(config.clone());

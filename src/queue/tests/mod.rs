@@ -1,6 +1,7 @@
 //! Tests of the queue core, all driven by a fake clock (`t0 + offsets`).
 
 mod anchors;
+mod policies;
 mod props;
 
 use std::time::{Duration, Instant};
@@ -15,6 +16,10 @@ pub(super) struct Req {
     pub component: Option<String>,
     pub bytes: u64,
     pub label: String,
+    /// Passed as the enqueue's cost (0: the default, 1).
+    pub cost: u32,
+    /// Passed as the enqueue's priority.
+    pub priority: Option<u8>,
 }
 
 impl Queued for Req {
@@ -37,6 +42,8 @@ pub(super) fn req(tenant: &str, actors: &[&str], label: &str) -> Req {
         component: None,
         bytes: 10,
         label: label.into(),
+        cost: 0,
+        priority: None,
     }
 }
 
@@ -76,29 +83,22 @@ impl Fixture {
         }
     }
 
-    /// Enqueues and returns the key; panics if refused.
+    /// Enqueues (with the request's cost and priority) and returns the key; panics if
+    /// refused.
     pub fn push(&mut self, r: Req) -> QueryKey {
-        let key = self.key();
-        let now = self.now;
-        self.q
-            .enqueue(now, key, r, EnqueueOptions::default())
-            .expect("accepted");
-        key
+        self.push_until(r, None)
     }
 
     pub fn push_with_deadline(&mut self, r: Req, after: Duration) -> QueryKey {
+        let deadline = self.now + after;
+        self.push_until(r, Some(deadline))
+    }
+
+    fn push_until(&mut self, r: Req, deadline: Option<Instant>) -> QueryKey {
         let key = self.key();
-        let (now, deadline) = (self.now, self.now + after);
-        self.q
-            .enqueue(
-                now,
-                key,
-                r,
-                EnqueueOptions {
-                    deadline: Some(deadline),
-                },
-            )
-            .expect("accepted");
+        let options = options_of(&r, deadline);
+        let now = self.now;
+        self.q.enqueue(now, key, r, options).expect("accepted");
         key
     }
 
@@ -131,6 +131,31 @@ impl Fixture {
         if let Err(e) = self.q.check_invariants() {
             panic!("invariant broken: {e}");
         }
+    }
+}
+
+/// The enqueue options a test request carries.
+pub(super) fn options_of(r: &Req, deadline: Option<Instant>) -> EnqueueOptions {
+    EnqueueOptions {
+        deadline,
+        priority: r.priority,
+        cost: r.cost,
+    }
+}
+
+/// A request of tenant `tenant` with the given cost.
+pub(super) fn costing(tenant: &str, cost: u32) -> Req {
+    Req {
+        cost,
+        ..req(tenant, &[], "")
+    }
+}
+
+/// A request of tenant `tenant` at priority `priority`, labelled with it.
+pub(super) fn at_priority(tenant: &str, priority: u8) -> Req {
+    Req {
+        priority: Some(priority),
+        ..req(tenant, &[], &priority.to_string())
     }
 }
 

@@ -14,6 +14,12 @@ enum Op {
         actors: Vec<u8>,
         component: Option<u8>,
         deadline_ms: Option<u16>,
+        priority: Option<u8>,
+        cost: u32,
+    },
+    Charge {
+        tenant: u8,
+        delta: i32,
     },
     Dequeue {
         worker: u8,
@@ -39,13 +45,22 @@ enum Op {
     Reconfigure {
         limit: u32,
         shard: u32,
+        reserved: u8,
+        skips: u32,
+        quantum: u32,
     },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        8 => (0u8..6, prop::collection::vec(0u8..3, 0..3), prop::option::of(0u8..3), prop::option::of(1u16..500))
-            .prop_map(|(tenant, actors, component, deadline_ms)| Op::Enqueue { tenant, actors, component, deadline_ms }),
+        8 => (
+            (0u8..6, prop::collection::vec(0u8..3, 0..3), prop::option::of(0u8..3), prop::option::of(1u16..500)),
+            (prop::option::of(0u8..3), 0u32..100),
+        )
+            .prop_map(|((tenant, actors, component, deadline_ms), (priority, cost))| Op::Enqueue {
+                tenant, actors, component, deadline_ms, priority, cost,
+            }),
+        1 => (0u8..6, -500i32..500).prop_map(|(tenant, delta)| Op::Charge { tenant, delta }),
         6 => (0u8..16).prop_map(|worker| Op::Dequeue { worker }),
         2 => any::<u16>().prop_map(|pick| Op::Cancel { pick }),
         1 => Just(Op::CancelFrontend),
@@ -55,7 +70,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(|pick| Op::RemoveWorker { pick }),
         1 => (0u8..5).prop_map(|querier| Op::Shutdown { querier }),
         1 => Just(Op::Forget),
-        1 => (1u32..8, 0u32..4).prop_map(|(limit, shard)| Op::Reconfigure { limit, shard }),
+        1 => (1u32..8, 0u32..4, 0u8..100, 1u32..4, 1u32..20)
+            .prop_map(|(limit, shard, reserved, skips, quantum)| Op::Reconfigure { limit, shard, reserved, skips, quantum }),
     ]
 }
 
@@ -93,14 +109,15 @@ proptest! {
         let mut frontend = 1;
         for op in ops {
             match op {
-                Op::Enqueue { tenant, actors, component, deadline_ms } => {
-                    let mut r = req(&format!("t{tenant}"), &[], "");
+                Op::Enqueue { tenant, actors, component, deadline_ms, priority, cost } => {
+                    let mut r = Req { priority, cost, ..req(&format!("t{tenant}"), &[], "") };
                     r.actors = actors.iter().map(|a| format!("a{a}")).collect();
                     r.component = component.map(|c| format!("c{c}"));
                     frontend = 1 + (tenant as u64 % 2);
                     let key = QueryKey { frontend, query: f.q.counters().enqueued + f.q.counters().rejected + 1 };
                     let deadline = deadline_ms.map(|ms| f.now + Duration::from_millis(ms.into()));
-                    if f.q.enqueue(f.now, key, r, EnqueueOptions { deadline }).is_ok() {
+                    let options = options_of(&r, deadline);
+                    if f.q.enqueue(f.now, key, r, options).is_ok() {
                         queued.push(key);
                         if let Some(d) = deadline { deadlines.insert(key, d); }
                     }
@@ -129,6 +146,9 @@ proptest! {
                 Op::CancelFrontend => {
                     for (k, _) in f.q.cancel_frontend(frontend) { end(&mut ends, k, End::Cancelled)?; }
                 }
+                Op::Charge { tenant, delta } => {
+                    f.q.charge(&format!("t{tenant}"), delta.into());
+                }
                 Op::Advance { ms } => f.advance(Duration::from_millis(ms.into())),
                 Op::Expire => { f.q.expire(f.now); }
                 Op::AddWorker { querier } => {
@@ -142,10 +162,13 @@ proptest! {
                 }
                 Op::Shutdown { querier } => { f.q.notify_querier_shutdown(f.now, &format!("q{querier}")); }
                 Op::Forget => { f.q.forget_disconnected_queriers(f.now); }
-                Op::Reconfigure { limit, shard } => {
+                Op::Reconfigure { limit, shard, reserved, skips, quantum } => {
                     let mut c = f.q.config().clone();
                     c.max_outstanding_per_tenant = limit;
                     c.max_queriers_per_tenant = shard;
+                    c.reserved_workers_percent = reserved;
+                    c.max_priority_skips = skips;
+                    c.cost_quantum = quantum;
                     f.q.set_config(c).unwrap();
                 }
             }
@@ -334,4 +357,121 @@ fn distinct_queriers_see_distinct_tenant_sets_under_sharding() {
     assert!(from_a.is_disjoint(&from_b));
     assert_eq!(from_a.len() + from_b.len(), 20);
     assert!(!from_a.is_empty() && !from_b.is_empty());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// With equal weights and mixed costs (each tenant its own range, a few tenants with
+    /// costs 50× others'), backlogged tenants get the same served cost within 5%.
+    #[test]
+    fn equal_weights_get_equal_served_cost_within_five_percent(
+        ranges in prop::collection::vec((1u32..=50, 0u32..=10), 2..5),
+        quantum in 1u32..=20,
+        queriers in 1usize..3,
+        seed in any::<u64>(),
+    ) {
+        let mut f = Fixture::new(QueueConfig { max_outstanding_per_tenant: u32::MAX, cost_quantum: quantum, ..no_forget() });
+        let workers: Vec<WorkerId> = (0..queriers).map(|q| f.worker(&format!("q{q}"))).collect();
+        let n = ranges.len() as u64;
+        // Enough for each tenant to stay backlogged until the others have been served
+        // 400 of the largest cost each.
+        let target = 400 * 60 * n;
+        let mut rng = crate::sim::Rng::new(seed);
+        for (t, &(lo, spread)) in ranges.iter().enumerate() {
+            let mut queued = 0u64;
+            while queued < target {
+                let cost = lo + (rng.next_u64() % u64::from(spread + 1)) as u32;
+                f.push(costing(&format!("t{t}"), cost));
+                queued += u64::from(cost);
+            }
+        }
+        let mut served: HashMap<String, u64> = HashMap::new();
+        let mut total = 0u64;
+        let mut i = 0usize;
+        while total < target {
+            let r = f.take(workers[i % workers.len()]).expect("backlogged");
+            *served.entry(r.tenant).or_default() += u64::from(r.cost);
+            total += u64::from(r.cost);
+            i += 1;
+        }
+        let fair = total as f64 / n as f64;
+        for (t, range) in ranges.iter().enumerate() {
+            let got = served.get(&format!("t{t}")).copied().unwrap_or(0) as f64;
+            prop_assert!((got - fair).abs() <= 0.05 * fair, "t{t} {range:?}: served {got}, fair {fair:.0}");
+        }
+        f.assert_ok();
+    }
+
+    /// Whatever arrives and in whatever order workers ask, the lower classes never hold
+    /// the reserved share of a querier's workers.
+    #[test]
+    fn reserved_workers_are_never_all_taken_by_lower_classes(
+        workers in 2u32..9,
+        percent in 1u8..100,
+        ops in prop::collection::vec((0u8..4, 0u8..3, 0u32..16), 1..300),
+    ) {
+        let mut f = Fixture::new(QueueConfig {
+            reserved_workers_percent: percent,
+            reserved_min_priority: 2,
+            max_outstanding_per_tenant: 1000,
+            ..no_forget()
+        });
+        let ws: Vec<WorkerId> = (0..workers).map(|_| f.worker("q")).collect();
+        let reserved = workers * u32::from(percent) / 100;
+        // What each worker is running: the priority of its request, if any.
+        let mut running: Vec<Option<u8>> = vec![None; workers as usize];
+        for (kind, priority, pick) in ops {
+            let i = (pick % workers) as usize;
+            match kind {
+                0 => { f.push(at_priority("t", priority)); }
+                1 | 2 => if running[i].is_none() {
+                    running[i] = f.take(ws[i]).map(|r| r.priority.expect("set"));
+                }
+                _ => running[i] = None, // finished
+            }
+            let low = running.iter().filter(|p| p.is_some_and(|p| p < 2)).count() as u32;
+            prop_assert!(low <= workers - reserved, "{low} low-priority runs with {reserved} of {workers} reserved");
+        }
+        // And an idle reserved worker takes high-priority work at once.
+        if let Some(i) = (0..reserved as usize).find(|&i| running[i].is_none()) {
+            f.push(at_priority("urgent", 2));
+            prop_assert!(f.take(ws[i]).is_some());
+        }
+        f.assert_ok();
+    }
+
+    /// Under strict priority every backlogged class is still served: between two of its
+    /// dispatches, at most `max_priority_skips + classes - 1` go to other classes.
+    #[test]
+    fn no_class_waits_beyond_the_starvation_bound(
+        classes in 2u8..5,
+        skips in 1u32..8,
+        queriers in 1usize..3,
+        order in prop::collection::vec(any::<u8>(), 64),
+    ) {
+        let mut f = Fixture::new(QueueConfig { max_priority_skips: skips, max_outstanding_per_tenant: u32::MAX, ..no_forget() });
+        let workers: Vec<WorkerId> = (0..queriers).map(|q| f.worker(&format!("q{q}"))).collect();
+        for p in 0..classes {
+            for _ in 0..2000 {
+                f.push(at_priority(&format!("t{p}"), p));
+            }
+        }
+        let bound = skips + u32::from(classes) - 1;
+        let mut since: Vec<u32> = vec![0; classes as usize];
+        let mut served: Vec<u32> = vec![0; classes as usize];
+        for i in 0..1500 {
+            let w = workers[order[i % order.len()] as usize % workers.len()];
+            let p = f.take(w).expect("backlogged").priority.expect("set");
+            served[p as usize] += 1;
+            for (c, n) in since.iter_mut().enumerate() {
+                *n = if c == p as usize { 0 } else { *n + 1 };
+                prop_assert!(*n <= bound, "class {c} passed over {n} times (bound {bound})");
+            }
+        }
+        // Otherwise priority holds: the top class is served at least as often as any other.
+        let top = served[classes as usize - 1];
+        prop_assert!(served.iter().all(|&n| n <= top), "served per class {served:?}");
+        f.assert_ok();
+    }
 }

@@ -1,0 +1,230 @@
+//! Deterministic anchors of the policies beyond plain round robin: cost-aware deficit
+//! round robin, measured-cost corrections, priority classes, the starvation guard and
+//! reserved workers.
+
+use super::*;
+
+fn config() -> QueueConfig {
+    QueueConfig {
+        max_outstanding_per_tenant: 100_000,
+        ..no_forget()
+    }
+}
+
+/// The tenants of the next `n` dispatches to `w`.
+fn tenants(f: &mut Fixture, w: WorkerId, n: usize) -> Vec<String> {
+    (0..n).map(|_| f.next_tenant(w).expect("work queued")).collect()
+}
+
+#[test]
+fn tenants_are_served_in_cost_not_in_requests() {
+    let mut f = Fixture::new(config());
+    let w = f.worker("q");
+    for _ in 0..30 {
+        f.push(costing("heavy", 10));
+        f.push(costing("light", 1));
+    }
+    // The quantum follows the largest cost (10): a visit to heavy serves one request, a
+    // visit to light ten.
+    let order = tenants(&mut f, w, 23);
+    let heavy: Vec<usize> = order
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| *t == "heavy")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        heavy,
+        [0, 11, 22],
+        "ten light requests between two heavy ones: {order:?}"
+    );
+    f.assert_ok();
+}
+
+#[test]
+fn with_unit_costs_deficit_round_robin_is_plain_round_robin() {
+    let mut f = Fixture::new(config());
+    let w = f.worker("q");
+    for _ in 0..3 {
+        for t in ["a", "b", "c"] {
+            f.push(req(t, &[], ""));
+        }
+    }
+    assert_eq!(tenants(&mut f, w, 9), ["a", "b", "c", "a", "b", "c", "a", "b", "c"]);
+}
+
+#[test]
+fn debts_from_measured_costs_are_fast_forwarded_in_one_dequeue() {
+    let mut f = Fixture::new(config());
+    let w = f.worker("q");
+    for _ in 0..10 {
+        f.push(req("a", &[], ""));
+        f.push(req("b", &[], ""));
+    }
+    assert_eq!(tenants(&mut f, w, 2), ["a", "b"]);
+    // Both ran far longer than hinted: a owes 3 visits, b 5.
+    f.q.charge("a", 3);
+    f.q.charge("b", 5);
+    // a is back in credit two visits before b: it is served three times first.
+    assert_eq!(tenants(&mut f, w, 5), ["a", "a", "a", "b", "a"]);
+    f.assert_ok();
+}
+
+#[test]
+fn a_larger_quantum_serves_cheap_requests_in_runs() {
+    let mut f = Fixture::new(QueueConfig {
+        cost_quantum: 4,
+        ..config()
+    });
+    let w = f.worker("q");
+    for _ in 0..8 {
+        f.push(costing("a", 1));
+        f.push(costing("b", 2));
+    }
+    assert_eq!(tenants(&mut f, w, 6), ["a", "a", "a", "a", "b", "b"]);
+}
+
+#[test]
+fn a_measured_cost_above_the_hint_is_repaid_over_later_visits() {
+    let mut f = Fixture::new(config());
+    let w = f.worker("q");
+    for _ in 0..20 {
+        f.push(req("a", &[], ""));
+        f.push(req("b", &[], ""));
+    }
+    assert_eq!(tenants(&mut f, w, 2), ["a", "b"]);
+    // a's last query really cost 6, not 1: it owes 5 more, so b is served five times
+    // before a comes back.
+    assert!(f.q.charge("a", 5));
+    assert_eq!(f.q.tenant_stats(f.now)[0].balance, -5);
+    assert_eq!(tenants(&mut f, w, 7), ["b", "b", "b", "b", "b", "a", "b"]);
+    assert!(!f.q.charge("nobody", 5), "a tenant with nothing queued has no account");
+    f.assert_ok();
+}
+
+#[test]
+fn a_refund_never_lifts_a_balance_above_one_visit() {
+    let mut f = Fixture::new(config());
+    f.push(req("a", &[], ""));
+    f.q.charge("a", -1000);
+    assert_eq!(f.q.tenant_stats(f.now)[0].balance, 1);
+}
+
+#[test]
+fn higher_priorities_are_served_first() {
+    let mut f = Fixture::new(config());
+    let w = f.worker("q");
+    f.push(at_priority("t", 0));
+    f.push(at_priority("t", 5));
+    f.push(at_priority("u", 2));
+    let labels: Vec<String> = (0..3).map(|_| f.next(w).unwrap()).collect();
+    assert_eq!(labels, ["5", "2", "0"]);
+    assert_eq!(f.q.class_lengths(), []);
+    f.assert_ok();
+}
+
+#[test]
+fn a_tenant_priority_applies_to_requests_that_name_none() {
+    let mut c = config();
+    c.tenants.insert(
+        "vip".into(),
+        TenantOverrides {
+            priority: Some(3),
+            ..TenantOverrides::default()
+        },
+    );
+    let mut f = Fixture::new(c);
+    let w = f.worker("q");
+    f.push(req("plain", &[], "plain"));
+    f.push(req("vip", &[], "vip"));
+    f.push(at_priority("vip", 0)); // a request's own priority wins
+    assert_eq!(f.q.class_lengths(), [(3, 1), (0, 2)]);
+    assert_eq!(f.next(w).as_deref(), Some("vip"));
+    assert_eq!(
+        f.q.tenant_stats(f.now)
+            .iter()
+            .find(|t| t.tenant == "vip")
+            .unwrap()
+            .priority,
+        3
+    );
+}
+
+#[test]
+fn a_lower_class_is_passed_over_at_most_the_skip_limit() {
+    let mut f = Fixture::new(QueueConfig {
+        max_priority_skips: 3,
+        ..config()
+    });
+    let w = f.worker("q");
+    for _ in 0..10 {
+        f.push(at_priority("a", 1));
+        f.push(at_priority("b", 0));
+    }
+    let labels: Vec<String> = (0..8).map(|_| f.next(w).unwrap()).collect();
+    assert_eq!(labels, ["1", "1", "1", "0", "1", "1", "1", "0"]);
+}
+
+#[test]
+fn reserved_workers_take_only_high_priorities() {
+    let mut f = Fixture::new(QueueConfig {
+        reserved_workers_percent: 50,
+        reserved_min_priority: 2,
+        ..config()
+    });
+    let ws: Vec<WorkerId> = (0..4).map(|_| f.worker("q")).collect();
+    for _ in 0..10 {
+        f.push(at_priority("bulk", 0));
+    }
+    // Slots 0 and 1 are the reserved half: they leave the bulk work alone.
+    assert_eq!(f.next(ws[0]), None);
+    assert_eq!(f.next(ws[1]), None);
+    assert_eq!(f.next(ws[2]).as_deref(), Some("0"));
+    f.push(at_priority("alerts", 2));
+    f.push(at_priority("alerts", 1));
+    assert_eq!(f.next(ws[0]).as_deref(), Some("2"));
+    assert_eq!(f.next(ws[1]), None, "priority 1 is below the reserved floor");
+    assert_eq!(f.next(ws[3]).as_deref(), Some("1"));
+    f.assert_ok();
+}
+
+#[test]
+fn a_querier_with_one_worker_has_none_reserved() {
+    let mut f = Fixture::new(QueueConfig {
+        reserved_workers_percent: 99,
+        ..config()
+    });
+    let w = f.worker("q");
+    f.push(at_priority("bulk", 0));
+    assert_eq!(f.next(w).as_deref(), Some("0"));
+}
+
+#[test]
+fn policy_settings_must_be_sane() {
+    for (config, message) in [
+        (
+            QueueConfig {
+                cost_quantum: 0,
+                ..config()
+            },
+            "cost_quantum: must be at least 1",
+        ),
+        (
+            QueueConfig {
+                reserved_workers_percent: 100,
+                ..config()
+            },
+            "reserved_workers_percent: must be between 0 and 99",
+        ),
+        (
+            QueueConfig {
+                max_priority_skips: 0,
+                ..config()
+            },
+            "max_priority_skips: must be at least 1",
+        ),
+    ] {
+        let err = TreeQueue::<Req>::new(config, std::time::Instant::now()).err().unwrap();
+        assert_eq!(err.to_string(), message);
+    }
+}
