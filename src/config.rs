@@ -16,6 +16,7 @@ use thiserror::Error;
 
 use crate::queue::{QueueConfig, TenantOverrides};
 use crate::tls::Identity;
+use sluice_client::gossip::{GossipConfig, GossipKey};
 
 /// Settings as given by flags, environment or file; anything unset takes its default.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -27,6 +28,30 @@ pub struct Settings {
     /// HTTP address of /metrics, /ready and /status.
     #[arg(long, env = "SLUICE_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// The QUIC address clients are told to connect to (gossip); default: `listen`.
+    #[arg(long, env = "SLUICE_ADVERTISE")]
+    pub advertise: Option<SocketAddr>,
+    /// UDP address for SWIM gossip with the other schedulers and clients; unset: no gossip.
+    #[arg(long, env = "SLUICE_GOSSIP_LISTEN")]
+    pub gossip_listen: Option<SocketAddr>,
+    /// The gossip address others reach this scheduler at; default: `gossip_listen`.
+    #[arg(long, env = "SLUICE_GOSSIP_ADVERTISE")]
+    pub gossip_advertise: Option<SocketAddr>,
+    /// Gossip addresses of members to join through (comma-separated).
+    #[arg(long, env = "SLUICE_GOSSIP_SEEDS", value_delimiter = ',')]
+    pub gossip_seeds: Option<Vec<SocketAddr>>,
+    /// The cluster's shared gossip key (at least 16 bytes); or `gossip_key_file`.
+    #[arg(long, env = "SLUICE_GOSSIP_KEY", hide_env_values = true)]
+    pub gossip_key: Option<String>,
+    /// A file holding the gossip key (surrounding whitespace ignored).
+    #[arg(long, env = "SLUICE_GOSSIP_KEY_FILE")]
+    pub gossip_key_file: Option<PathBuf>,
+    /// How often a random gossip member is probed, in milliseconds.
+    #[arg(long, env = "SLUICE_GOSSIP_PROBE_PERIOD_MS")]
+    pub gossip_probe_period_ms: Option<u64>,
+    /// How long a suspected member has to answer before it is declared down, in ms.
+    #[arg(long, env = "SLUICE_GOSSIP_SUSPECT_MS")]
+    pub gossip_suspect_ms: Option<u64>,
     /// This scheduler's id, as reported to peers.
     #[arg(long, env = "SLUICE_SCHEDULER_ID")]
     pub scheduler_id: Option<String>,
@@ -138,6 +163,10 @@ pub struct ServeConfig {
     pub idle_timeout: Duration,
     pub hello_timeout: Duration,
     pub drain_timeout: Duration,
+    /// The QUIC address clients are told (a port of 0 means the bound port).
+    pub advertise: SocketAddr,
+    /// Gossip membership; `None`: this scheduler does not gossip.
+    pub gossip: Option<GossipConfig>,
 }
 
 /// Reads a TOML settings file.
@@ -170,6 +199,14 @@ impl Settings {
             file,
             listen,
             admin_listen,
+            advertise,
+            gossip_listen,
+            gossip_advertise,
+            gossip_seeds,
+            gossip_key,
+            gossip_key_file,
+            gossip_probe_period_ms,
+            gossip_suspect_ms,
             scheduler_id,
             data_dir,
             tls_ca,
@@ -201,6 +238,8 @@ impl Settings {
         if listen == admin_listen && listen.port() != 0 {
             return Err(invalid("admin_listen", "must differ from listen"));
         }
+        let advertise = self.advertise.unwrap_or(listen);
+        let gossip = self.gossip_settings(advertise)?;
         let tls = match (self.tls_ca, self.tls_cert, self.tls_key) {
             (None, None, None) => TlsSource::Development(self.data_dir.unwrap_or_else(|| PathBuf::from("sluice-data"))),
             (Some(ca), Some(cert), Some(key)) => TlsSource::Files(Identity { ca, cert, key }),
@@ -265,7 +304,64 @@ impl Settings {
             idle_timeout: positive("idle_timeout_ms", self.idle_timeout_ms, 5_000)?,
             hello_timeout: positive("hello_timeout_ms", self.hello_timeout_ms, 10_000)?,
             drain_timeout: positive("drain_timeout_ms", self.drain_timeout_ms, 30_000)?,
+            advertise,
+            gossip,
         })
+    }
+
+    /// The gossip configuration, if `gossip_listen` is set; every gossip key without it
+    /// is an error, as is a missing or short key.
+    fn gossip_settings(&self, advertise: SocketAddr) -> Result<Option<GossipConfig>, ConfigError> {
+        let Some(bind) = self.gossip_listen else {
+            let stray = [
+                ("gossip_seeds", self.gossip_seeds.is_some()),
+                ("gossip_key", self.gossip_key.is_some()),
+                ("gossip_key_file", self.gossip_key_file.is_some()),
+                ("gossip_advertise", self.gossip_advertise.is_some()),
+            ];
+            if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+                return Err(invalid(key, "has no effect without gossip_listen"));
+            }
+            return Ok(None);
+        };
+        let key = match (&self.gossip_key, &self.gossip_key_file) {
+            (Some(k), None) => k.clone().into_bytes(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| invalid("gossip_key_file", format!("{}: {e}", path.display())))?
+                .trim()
+                .as_bytes()
+                .to_vec(),
+            (Some(_), Some(_)) => return Err(invalid("gossip_key", "give gossip_key or gossip_key_file, not both")),
+            (None, None) => {
+                return Err(invalid(
+                    "gossip_key",
+                    "required with gossip_listen (every gossip packet is authenticated with it)",
+                ));
+            }
+        };
+        let key = GossipKey::new(key).map_err(|_| invalid("gossip_key", "must be at least 16 bytes"))?;
+        if advertise.ip().is_unspecified() {
+            return Err(invalid(
+                "advertise",
+                format!("listen is {advertise}: give the address clients should connect to"),
+            ));
+        }
+        let mut config = GossipConfig::new(bind, self.gossip_seeds.clone().unwrap_or_default(), key);
+        config.advertise = self.gossip_advertise;
+        if let Some(ms) = self.gossip_probe_period_ms {
+            config.probe_period = Duration::from_millis(ms);
+            config.probe_rtt = config.probe_rtt.min(config.probe_period * 2 / 5);
+        }
+        if let Some(ms) = self.gossip_suspect_ms {
+            config.suspect_to_down = Duration::from_millis(ms);
+        }
+        if config.probe_rtt.is_zero() || config.suspect_to_down.is_zero() {
+            return Err(invalid(
+                "gossip_probe_period_ms",
+                "gossip_probe_period_ms must be at least 3 and gossip_suspect_ms at least 1",
+            ));
+        }
+        Ok(Some(config))
     }
 }
 

@@ -336,6 +336,9 @@ async fn serve(config_path: Option<PathBuf>, settings: Settings) -> anyhow::Resu
     let server = Server::start(config).await?;
     println!("sluice scheduler listening");
     println!("  QUIC address:     {}", server.quic_addr());
+    if let Some(gossip) = server.gossip_addr() {
+        println!("  gossip address:   {gossip} (UDP)");
+    }
     println!(
         "  admin HTTP:       http://{}/  (/metrics, /ready, /status)",
         server.admin_addr()

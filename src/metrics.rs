@@ -46,6 +46,10 @@ pub const SERVED_COST: &str = "sluice_query_scheduler_served_cost_total";
 pub const TENANT_BALANCE: &str = "sluice_query_scheduler_tenant_balance";
 /// Requests queued per priority class (gauge; `priority`).
 pub const CLASS_QUEUE_LENGTH: &str = "sluice_query_scheduler_priority_queue_length";
+/// Live gossip members this scheduler knows, itself excluded (gauge; `role`, `state`).
+pub const GOSSIP_MEMBERS: &str = "sluice_query_scheduler_gossip_members";
+/// Gossip packets (counter; `outcome`: `received`, `rejected` for a bad tag, `sent`).
+pub const GOSSIP_PACKETS: &str = "sluice_query_scheduler_gossip_packets_total";
 /// Querier workers connected and waiting for work (gauge).
 pub const IDLE_QUERIER_WORKERS: &str = "sluice_query_scheduler_idle_querier_workers";
 
@@ -78,6 +82,8 @@ pub const ALL: &[(&str, &str)] = &[
         "Deficit round robin balance of each queued tenant, in cost units.",
     ),
     (CLASS_QUEUE_LENGTH, "Requests queued per priority class."),
+    (GOSSIP_MEMBERS, "Live gossip members known, by role and state."),
+    (GOSSIP_PACKETS, "Gossip packets received, rejected (bad tag) and sent."),
     (CONNECTED_QUERIER_WORKERS, "Querier worker streams connected."),
     (
         CONNECTED_QUERIERS,

@@ -7,23 +7,6 @@ use std::time::Duration;
 
 use common::*;
 use sluice_protocol::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// GET `path` with HTTP/1.1; returns (status code, body).
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (code, body.to_string())
-}
 
 /// Polls /metrics until `needle` shows up (gauges are exported once a second).
 async fn metrics_with(addr: SocketAddr, needle: &str) -> String {

@@ -6,9 +6,14 @@
 //! cargo run -p sluice-client --example frontend
 //! cargo run -p sluice-client --example frontend -- 127.0.0.1:9095 sluice-data
 //! ```
+//!
+//! Against a gossiping cluster (see the README), set `SLUICE_GOSSIP_SEEDS` and
+//! `SLUICE_GOSSIP_KEY` (and optionally `SLUICE_MAX_USED_INSTANCES`): the frontend then uses
+//! the live schedulers and ignores the address argument.
 
 use std::time::{Duration, Instant};
 
+use sluice_client::gossip::GossipConfig;
 use sluice_client::tls::Identity;
 use sluice_client::{Frontend, FrontendConfig, QueryRequest};
 use sluice_protocol::Role;
@@ -19,8 +24,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let scheduler = args.next().unwrap_or_else(|| "127.0.0.1:9095".into()).parse()?;
     let certs = args.next().unwrap_or_else(|| "sluice-data".into());
 
-    let config = FrontendConfig::new("frontend-1", Identity::in_dir(&certs, Role::Frontend), vec![scheduler]);
+    let mut config = FrontendConfig::new("frontend-1", Identity::in_dir(&certs, Role::Frontend), vec![scheduler]);
+    if let Some(gossip) = GossipConfig::from_env()? {
+        config.schedulers.clear();
+        config.gossip = Some(gossip);
+        if let Ok(n) = std::env::var("SLUICE_MAX_USED_INSTANCES") {
+            config.max_used_instances = n.parse()?;
+        }
+    }
     let frontend = Frontend::connect(config).await?;
+    println!(
+        "using {} scheduler(s): {:?}",
+        frontend.connected_schedulers(),
+        frontend.scheduler_addresses()
+    );
 
     let mut handles = Vec::new();
     for i in 0..6 {

@@ -7,9 +7,14 @@
 //! cargo run -p sluice-client --example querier            # Ctrl-C shuts it down gracefully
 //! cargo run -p sluice-client --example querier -- 127.0.0.1:9095 sluice-data querier-2
 //! ```
+//!
+//! Against a gossiping cluster (see the README), set `SLUICE_GOSSIP_SEEDS` and
+//! `SLUICE_GOSSIP_KEY`: the querier then serves every live scheduler and ignores the
+//! address argument.
 
 use std::time::Duration;
 
+use sluice_client::gossip::GossipConfig;
 use sluice_client::tls::Identity;
 use sluice_client::{Handler, HandlerError, Querier, QuerierConfig, Request, Response};
 use sluice_protocol::Role;
@@ -39,9 +44,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let certs = args.next().unwrap_or_else(|| "sluice-data".into());
     let id = args.next().unwrap_or_else(|| "querier-1".into());
 
-    let config = QuerierConfig::new(id, Identity::in_dir(&certs, Role::Querier), vec![scheduler]);
+    let mut config = QuerierConfig::new(id, Identity::in_dir(&certs, Role::Querier), vec![scheduler]);
+    if let Some(gossip) = GossipConfig::from_env()? {
+        println!("querier following the gossip through {:?}", gossip.seeds);
+        config.schedulers.clear();
+        config.gossip = Some(gossip);
+    } else {
+        println!("querier running against {scheduler}");
+    }
     let querier = Querier::start(config, Upper)?;
-    println!("querier running against {scheduler}; Ctrl-C to stop");
+    println!("Ctrl-C to stop");
     tokio::signal::ctrl_c().await?;
     println!("shutting down: finishing running queries");
     querier.shutdown().await;

@@ -1,14 +1,16 @@
 //! The frontend client: enqueue sub-queries on the schedulers, receive their results.
 //!
-//! A [`Frontend`] keeps one connection per scheduler (reconnecting with backoff) and runs
+//! A [`Frontend`] keeps one connection per scheduler in use (reconnecting with backoff; the
+//! set is static or follows the gossip, see [`FrontendConfig::gossip`]) and runs
 //! a QUIC *result endpoint* that queriers send results to directly. Only querier
 //! certificates may deliver results, and only for queries this frontend has outstanding,
 //! for the same tenant.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,7 +23,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::discovery::{Discovery, Target};
 use crate::error::{ClientError, QueryError};
+use crate::gossip::{GossipConfig, MemberRole};
 use crate::tls::{self, Identity};
 
 /// Settings of a [`Frontend`].
@@ -31,8 +35,15 @@ pub struct FrontendConfig {
     pub id: String,
     /// Its certificate (role `frontend`), key, and the CA.
     pub identity: Identity,
-    /// Scheduler QUIC addresses.
+    /// Scheduler QUIC addresses (a static list; leave it empty when `gossip` is set).
     pub schedulers: Vec<SocketAddr>,
+    /// Learn the live schedulers by joining their gossip (as a `frontend` member) instead
+    /// of a static list: schedulers that die or leave stop being used, new or restarted
+    /// ones are used as they appear.
+    pub gossip: Option<GossipConfig>,
+    /// Use only the first N active schedulers, in a stable order (by scheduler id), as
+    /// Mimir's `max_used_instances`; 0: all. Applies to gossip discovery.
+    pub max_used_instances: usize,
     /// TLS name the schedulers' certificates are checked against.
     pub scheduler_server_name: String,
     /// Where the result endpoint listens.
@@ -58,6 +69,8 @@ impl FrontendConfig {
             id: id.into(),
             identity,
             schedulers,
+            gossip: None,
+            max_used_instances: 0,
             scheduler_server_name: "localhost".into(),
             result_listen: "127.0.0.1:0".parse().expect("valid address"),
             result_advertise: None,
@@ -186,6 +199,25 @@ pub struct FrontendStats {
 #[derive(Debug, Clone)]
 pub struct Frontend {
     shared: Arc<Shared>,
+    background: Arc<Background>,
+}
+
+/// Discovery and the task that follows it; stopped when the last clone goes.
+struct Background {
+    discovery: Discovery,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Background {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Background")
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
 }
 
 #[derive(Debug)]
@@ -212,12 +244,47 @@ struct SchedulerSlot {
     queued: u32,
 }
 
+/// One scheduler this frontend connects to. Links are only ever appended, so a link's
+/// index names it for as long as the frontend lives; a link that is no longer wanted is
+/// stopped, and a scheduler that comes back gets a new one.
+#[derive(Debug)]
+struct Link {
+    addr: SocketAddr,
+    slot: Mutex<SchedulerSlot>,
+    /// Send new work here (among the schedulers in use).
+    in_use: AtomicBool,
+    stop: CancellationToken,
+}
+
+impl Link {
+    fn new(addr: SocketAddr, in_use: bool) -> Link {
+        Link {
+            addr,
+            slot: Mutex::default(),
+            in_use: AtomicBool::new(in_use),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// Connected, in use and not draining: may be sent new work.
+    fn accepting(&self) -> Option<(u32, mpsc::UnboundedSender<FrontendToScheduler>)> {
+        if !self.in_use.load(Ordering::Relaxed) || self.stop.is_cancelled() {
+            return None;
+        }
+        let s = self.slot.lock().unwrap();
+        match (&s.tx, s.draining) {
+            (Some(tx), false) => Some((s.queued, tx.clone())),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
     config: FrontendConfig,
     address: FrontendAddress,
     queries: Mutex<HashMap<QueryId, Outstanding>>,
-    schedulers: Vec<Mutex<SchedulerSlot>>,
+    schedulers: RwLock<Vec<Arc<Link>>>,
     available: watch::Sender<usize>,
     next_id: AtomicU64,
     pick_seed: AtomicU64,
@@ -246,9 +313,13 @@ impl Frontend {
     /// # Ok(()) }
     /// ```
     pub async fn connect(config: FrontendConfig) -> Result<Frontend, ClientError> {
-        if config.schedulers.is_empty() {
-            return Err(ClientError::NoSchedulers);
-        }
+        let discovery = Discovery::start(
+            &config.id,
+            MemberRole::Frontend,
+            &config.schedulers,
+            config.gossip.as_ref(),
+            config.max_used_instances,
+        )?;
         let mut server_config = tls::quic_server(&config.identity)?;
         let mut transport = quinn::TransportConfig::default();
         transport.max_concurrent_bidi_streams(4096u32.into());
@@ -272,7 +343,7 @@ impl Frontend {
         };
         let (available, mut ready) = watch::channel(0);
         let shared = Arc::new(Shared {
-            schedulers: config.schedulers.iter().map(|_| Mutex::default()).collect(),
+            schedulers: RwLock::new(Vec::new()),
             config,
             address,
             queries: Mutex::new(HashMap::new()),
@@ -284,12 +355,16 @@ impl Frontend {
             result_endpoint: result_endpoint.clone(),
         });
         tokio::spawn(result_endpoint_loop(shared.clone(), result_endpoint.clone()));
-        for (i, &addr) in shared.config.schedulers.iter().enumerate() {
-            tokio::spawn(scheduler_loop(shared.clone(), i, addr, result_endpoint.clone()));
-        }
+        let follower = {
+            let shared = shared.clone();
+            discovery.follow(shared.stop.clone(), move |targets| shared.reconcile(targets))
+        };
         let wait = shared.config.enqueue_wait;
         let _ = tokio::time::timeout(wait, ready.wait_for(|n| *n > 0)).await;
-        Ok(Frontend { shared })
+        Ok(Frontend {
+            shared,
+            background: Arc::new(Background { discovery, follower }),
+        })
     }
 
     /// Enqueues a query and returns once a scheduler accepted it. A scheduler that is full
@@ -338,6 +413,24 @@ impl Frontend {
         *self.shared.available.borrow()
     }
 
+    /// The QUIC addresses of the schedulers connected and accepting work, sorted.
+    pub fn scheduler_addresses(&self) -> Vec<SocketAddr> {
+        let mut addrs: Vec<SocketAddr> = self
+            .shared
+            .links()
+            .iter()
+            .filter(|l| l.accepting().is_some())
+            .map(|l| l.addr)
+            .collect();
+        addrs.sort();
+        addrs
+    }
+
+    /// A receiver that sees the number of schedulers accepting work change.
+    pub fn watch_schedulers(&self) -> watch::Receiver<usize> {
+        self.shared.available.subscribe()
+    }
+
     /// Counters of refused results and re-enqueued queries.
     pub fn stats(&self) -> FrontendStats {
         *self.shared.stats.lock().unwrap()
@@ -348,6 +441,8 @@ impl Frontend {
     /// up to a second for the peers to be told.
     pub async fn close(&self) {
         self.shared.stop.cancel();
+        self.background.follower.abort();
+        self.background.discovery.leave().await;
         self.shared
             .result_endpoint
             .close(close_code::DONE.into(), b"frontend closing");
@@ -379,17 +474,11 @@ impl Shared {
     /// connected, not draining and not in `skip`.
     fn pick(&self, skip: &HashSet<usize>) -> Option<(usize, mpsc::UnboundedSender<FrontendToScheduler>)> {
         let candidates: Vec<(usize, u32, mpsc::UnboundedSender<FrontendToScheduler>)> = self
-            .schedulers
+            .links()
             .iter()
             .enumerate()
             .filter(|(i, _)| !skip.contains(i))
-            .filter_map(|(i, s)| {
-                let s = s.lock().unwrap();
-                match (&s.tx, s.draining) {
-                    (Some(tx), false) => Some((i, s.queued, tx.clone())),
-                    _ => None,
-                }
-            })
+            .filter_map(|(i, link)| link.accepting().map(|(queued, tx)| (i, queued, tx)))
             .collect();
         let n = candidates.len() as u64;
         if n == 0 {
@@ -484,30 +573,60 @@ impl Shared {
             return;
         }
         if let Some(s) = q.scheduler
-            && let Some(tx) = &self.schedulers[s].lock().unwrap().tx
+            && let Some(tx) = &self.link(s).slot.lock().unwrap().tx
         {
             let _ = tx.send(FrontendToScheduler::Cancel { query_id: id });
         }
     }
 
     fn set_available(&self) {
-        let n = self
-            .schedulers
-            .iter()
-            .filter(|s| {
-                let s = s.lock().unwrap();
-                s.tx.is_some() && !s.draining
-            })
-            .count();
-        self.available.send_replace(n);
+        let n = self.links().iter().filter(|l| l.accepting().is_some()).count();
+        self.available.send_if_modified(|current| {
+            let changed = *current != n;
+            *current = n;
+            changed
+        });
+    }
+
+    /// A snapshot of every link (stopped ones included: indexes stay stable).
+    fn links(&self) -> Vec<Arc<Link>> {
+        self.schedulers.read().unwrap().clone()
+    }
+
+    fn link(&self, s: usize) -> Arc<Link> {
+        self.schedulers.read().unwrap()[s].clone()
+    }
+
+    /// Connects to the schedulers discovery wants (those in use, and leaving ones whose
+    /// queued work may still run) and stops the links to the others; their queries that
+    /// had not started are re-enqueued elsewhere.
+    fn reconcile(self: &Arc<Self>, targets: &[Target]) {
+        let wanted = |t: &&Target| t.in_use || t.leaving;
+        let mut links = self.schedulers.write().unwrap();
+        for link in links.iter().filter(|l| !l.stop.is_cancelled()) {
+            match targets.iter().filter(wanted).find(|t| t.addr == link.addr) {
+                Some(t) => link.in_use.store(t.in_use, Ordering::Relaxed),
+                None => {
+                    debug!(addr = %link.addr, "scheduler no longer in use");
+                    link.stop.cancel();
+                }
+            }
+        }
+        for t in targets.iter().filter(wanted) {
+            if !links.iter().any(|l| l.addr == t.addr && !l.stop.is_cancelled()) {
+                let link = Arc::new(Link::new(t.addr, t.in_use));
+                links.push(link.clone());
+                let s = links.len() - 1;
+                tokio::spawn(scheduler_loop(self.clone(), s, link, self.result_endpoint.clone()));
+            }
+        }
+        drop(links);
+        self.set_available();
     }
 
     /// A scheduler connection ended: queries it held that had not started go elsewhere.
     fn scheduler_lost(self: &Arc<Self>, s: usize) {
-        {
-            let mut slot = self.schedulers[s].lock().unwrap();
-            slot.tx = None;
-        }
+        self.link(s).slot.lock().unwrap().tx = None;
         self.set_available();
         let mut requeue = Vec::new();
         {
@@ -531,7 +650,7 @@ impl Shared {
     fn on_message(self: &Arc<Self>, s: usize, msg: SchedulerToFrontend) {
         match msg {
             SchedulerToFrontend::EnqueueStatus { query_id, status, load } => {
-                self.schedulers[s].lock().unwrap().queued = load.queued;
+                self.link(s).slot.lock().unwrap().queued = load.queued;
                 if let Some(q) = self.queries.lock().unwrap().get_mut(&query_id)
                     && let Phase::Placing(waiter) = &mut q.phase
                     && let Some(w) = waiter.take()
@@ -565,7 +684,7 @@ impl Shared {
                 }
             }
             SchedulerToFrontend::ShuttingDown => {
-                self.schedulers[s].lock().unwrap().draining = true;
+                self.link(s).slot.lock().unwrap().draining = true;
                 self.set_available();
             }
         }
@@ -593,11 +712,13 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Keeps one scheduler connected, reconnecting with backoff (50 ms doubling to 5 s).
-async fn scheduler_loop(shared: Arc<Shared>, s: usize, addr: SocketAddr, endpoint: quinn::Endpoint) {
+/// Keeps one scheduler connected, reconnecting with backoff (50 ms doubling to 5 s),
+/// until the frontend closes or the link is no longer wanted.
+async fn scheduler_loop(shared: Arc<Shared>, s: usize, link: Arc<Link>, endpoint: quinn::Endpoint) {
     let mut backoff = Duration::from_millis(50);
-    while !shared.stop.is_cancelled() {
-        match serve_scheduler(&shared, s, addr, &endpoint, &mut backoff).await {
+    let addr = link.addr;
+    while !shared.stop.is_cancelled() && !link.stop.is_cancelled() {
+        match serve_scheduler(&shared, s, &link, &endpoint, &mut backoff).await {
             Ok(()) => debug!(%addr, "scheduler connection closed"),
             Err(e) => warn!(%addr, error = %e, retry_in = ?backoff, "cannot reach scheduler"),
         }
@@ -605,6 +726,7 @@ async fn scheduler_loop(shared: Arc<Shared>, s: usize, addr: SocketAddr, endpoin
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shared.stop.cancelled() => break,
+            _ = link.stop.cancelled() => break,
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
@@ -613,15 +735,17 @@ async fn scheduler_loop(shared: Arc<Shared>, s: usize, addr: SocketAddr, endpoin
 async fn serve_scheduler(
     shared: &Arc<Shared>,
     s: usize,
-    addr: SocketAddr,
+    link: &Link,
     endpoint: &quinn::Endpoint,
     backoff: &mut Duration,
 ) -> Result<(), String> {
-    let conn = endpoint
-        .connect(addr, &shared.config.scheduler_server_name)
-        .map_err(|e| e.to_string())?
-        .await
+    let connecting = endpoint
+        .connect(link.addr, &shared.config.scheduler_server_name)
         .map_err(|e| e.to_string())?;
+    let conn = tokio::select! {
+        conn = connecting => conn.map_err(|e| e.to_string())?,
+        _ = link.stop.cancelled() => return Ok(()),
+    };
     let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let max = shared.config.max_frame_len;
     let mut writer = FramedWrite::new(send, max);
@@ -641,7 +765,7 @@ async fn serve_scheduler(
         .map_err(|e| e.to_string())?;
     let (tx, mut rx) = mpsc::unbounded_channel::<FrontendToScheduler>();
     {
-        let mut slot = shared.schedulers[s].lock().unwrap();
+        let mut slot = link.slot.lock().unwrap();
         slot.tx = Some(tx);
         slot.draining = false;
     }
@@ -669,6 +793,10 @@ async fn serve_scheduler(
             },
             _ = shared.stop.cancelled() => {
                 conn.close(close_code::DONE.into(), b"frontend closing");
+                break Ok(());
+            }
+            _ = link.stop.cancelled() => {
+                conn.close(close_code::DONE.into(), b"scheduler no longer in use");
                 break Ok(());
             }
         }
@@ -834,7 +962,7 @@ mod tests {
         };
         let config = FrontendConfig::new("fe", identity, vec!["127.0.0.1:1".parse().unwrap()]);
         let shared = Arc::new(Shared {
-            schedulers: vec![Mutex::default()],
+            schedulers: RwLock::new(vec![Arc::new(Link::new("127.0.0.1:1".parse().unwrap(), true))]),
             address: FrontendAddress {
                 id: "fe".into(),
                 address: "127.0.0.1:2".into(),

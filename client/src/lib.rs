@@ -4,11 +4,15 @@
 //!   streamed, on a QUIC result endpoint of its own.
 //! - [`Querier`]: run worker loops against every scheduler, execute what they are handed
 //!   with your [`Handler`], and send results straight to the frontend that asked.
+//! - [`gossip`]: SWIM membership of schedulers; either client can follow the live schedulers
+//!   through it (`gossip` in its config) instead of a static list.
 
 #![warn(missing_docs)]
 
+mod discovery;
 mod error;
 mod frontend;
+pub mod gossip;
 mod querier;
 pub mod tls;
 

@@ -1,10 +1,19 @@
 //! The querier worker library: worker loops that pull queries from every scheduler, run
 //! them through your [`Handler`], and send the results straight to the frontend that asked.
+//!
+//! The schedulers are a static list or the live members of the gossip
+//! ([`QuerierConfig::gossip`]). A querier serves every scheduler it knows of: the ones in
+//! use with `concurrency` workers, the others with one, so that nothing queued on a
+//! scheduler outside the frontends' `max_used_instances` is stranded. A scheduler that
+//! comes into use gets its full count at once; one that drops out of use keeps the
+//! workers it has (stopping a worker that waits for work could lose a query dispatched to
+//! it at that moment) until it leaves or dies.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,7 +28,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::discovery::{Discovery, Target};
 use crate::error::ClientError;
+use crate::gossip::{GossipConfig, MemberRole};
 use crate::tls::{self, Identity};
 
 /// Settings of a [`Querier`].
@@ -29,8 +40,14 @@ pub struct QuerierConfig {
     pub id: String,
     /// Its certificate (role `querier`), key, and the CA.
     pub identity: Identity,
-    /// Scheduler QUIC addresses; the querier serves all of them.
+    /// Scheduler QUIC addresses; the querier serves all of them (a static list; leave it
+    /// empty when `gossip` is set).
     pub schedulers: Vec<SocketAddr>,
+    /// Learn the live schedulers by joining their gossip (as a `querier` member) instead
+    /// of a static list.
+    pub gossip: Option<GossipConfig>,
+    /// The frontends' `max_used_instances` (0: all): schedulers beyond it get one worker.
+    pub max_used_instances: usize,
     /// TLS name the schedulers' certificates are checked against.
     pub scheduler_server_name: String,
     /// Worker loops per scheduler (queries run at once, per scheduler).
@@ -54,6 +71,8 @@ impl QuerierConfig {
             id: id.into(),
             identity,
             schedulers,
+            gossip: None,
+            max_used_instances: 0,
             scheduler_server_name: "localhost".into(),
             concurrency: 4,
             chunk_size: 256 * 1024,
@@ -158,13 +177,27 @@ pub trait Handler: Send + Sync + 'static {
 /// A running querier.
 pub struct Querier {
     shared: Arc<Shared>,
-    workers: Vec<JoinHandle<()>>,
+    discovery: Discovery,
+    /// Follows discovery's changes of the scheduler set.
+    follower: JoinHandle<()>,
+}
+
+/// One scheduler this querier serves. Links are only appended; one no longer wanted (its
+/// scheduler left or died) is stopped, and a scheduler that comes back gets a new one.
+struct Link {
+    addr: SocketAddr,
+    conn: Mutex<Option<quinn::Connection>>,
+    /// Worker loops started against it.
+    workers: AtomicUsize,
+    stop: CancellationToken,
 }
 
 struct Shared {
     config: QuerierConfig,
     endpoint: quinn::Endpoint,
-    schedulers: Vec<Mutex<Option<quinn::Connection>>>,
+    links: std::sync::Mutex<Vec<Arc<Link>>>,
+    /// Every worker loop started, for the shutdown to wait on.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     frontends: Mutex<HashMap<String, quinn::Connection>>,
     /// TCP lifelines to schedulers, by token; held until the querier stops.
     lifelines: Mutex<HashMap<u128, JoinHandle<()>>>,
@@ -197,9 +230,6 @@ impl Querier {
     /// # Ok(()) }
     /// ```
     pub fn start<H: Handler>(config: QuerierConfig, handler: H) -> Result<Querier, ClientError> {
-        if config.schedulers.is_empty() {
-            return Err(ClientError::NoSchedulers);
-        }
         if config.concurrency == 0 || config.chunk_size == 0 || config.delivery_attempts == 0 {
             return Err(ClientError::Config(
                 "concurrency, chunk_size and delivery_attempts must be at least 1".into(),
@@ -210,41 +240,69 @@ impl Querier {
         let mut client = tls::quic_client(&config.identity)?;
         client.transport_config(Arc::new(crate::frontend::transport_with_idle(config.idle_timeout)?));
         endpoint.set_default_client_config(client);
+        let discovery = Discovery::start(
+            &config.id,
+            MemberRole::Querier,
+            &config.schedulers,
+            config.gossip.as_ref(),
+            config.max_used_instances,
+        )?;
         let shared = Arc::new(Shared {
-            schedulers: config.schedulers.iter().map(|_| Mutex::new(None)).collect(),
             config,
             endpoint,
+            links: std::sync::Mutex::new(Vec::new()),
+            tasks: std::sync::Mutex::new(Vec::new()),
             frontends: Mutex::new(HashMap::new()),
             lifelines: Mutex::new(HashMap::new()),
             stopping: CancellationToken::new(),
         });
         let handler = Arc::new(handler);
-        let mut workers = Vec::new();
-        for s in 0..shared.config.schedulers.len() {
-            for _ in 0..shared.config.concurrency {
-                workers.push(tokio::spawn(worker_loop(shared.clone(), s, handler.clone())));
-            }
-        }
-        Ok(Querier { shared, workers })
+        let follower = {
+            let shared = shared.clone();
+            discovery.follow(shared.stopping.clone(), move |targets| {
+                shared.reconcile(targets, &handler)
+            })
+        };
+        Ok(Querier {
+            shared,
+            discovery,
+            follower,
+        })
+    }
+
+    /// The QUIC addresses of the schedulers served and how many workers each has, sorted.
+    pub fn schedulers(&self) -> Vec<(SocketAddr, usize)> {
+        let mut out: Vec<(SocketAddr, usize)> = self
+            .shared
+            .live_links()
+            .iter()
+            .map(|l| (l.addr, l.workers.load(Ordering::Relaxed)))
+            .collect();
+        out.sort();
+        out
     }
 
     /// Graceful shutdown: tells every scheduler this querier is leaving, lets running
     /// queries finish and their results reach their frontends, then closes.
     pub async fn shutdown(self) {
         self.shared.stopping.cancel();
+        self.follower.abort();
         let bound = self.shared.config.idle_timeout;
-        for s in 0..self.shared.schedulers.len() {
+        for link in self.shared.live_links() {
             // A scheduler that is gone cannot be told; wait no longer than it takes to
             // notice that.
-            match tokio::time::timeout(bound, notify_shutdown(&self.shared, s)).await {
+            let addr = link.addr;
+            match tokio::time::timeout(bound, notify_shutdown(&self.shared, &link)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!(scheduler = s, error = %e, "shutdown notice not delivered"),
-                Err(_) => debug!(scheduler = s, "shutdown notice timed out"),
+                Ok(Err(e)) => debug!(scheduler = %addr, error = %e, "shutdown notice not delivered"),
+                Err(_) => debug!(scheduler = %addr, "shutdown notice timed out"),
             }
         }
-        for w in self.workers {
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.shared.tasks.lock().unwrap());
+        for w in tasks {
             let _ = w.await;
         }
+        self.discovery.leave().await;
         self.shared
             .endpoint
             .close(close_code::DONE.into(), b"querier shutting down");
@@ -256,7 +314,8 @@ impl Querier {
 
     /// Stops at once, as a crash would (in-flight queries fail at their frontends).
     pub fn abort(self) {
-        for w in &self.workers {
+        self.follower.abort();
+        for w in self.shared.tasks.lock().unwrap().iter() {
             w.abort();
         }
         if let Ok(mut lifelines) = self.shared.lifelines.try_lock() {
@@ -268,14 +327,63 @@ impl Querier {
     }
 }
 
-async fn scheduler_connection(shared: &Shared, s: usize) -> Result<quinn::Connection, String> {
-    let mut slot = shared.schedulers[s].lock().await;
+impl Shared {
+    fn live_links(&self) -> Vec<Arc<Link>> {
+        let links = self.links.lock().unwrap();
+        links.iter().filter(|l| !l.stop.is_cancelled()).cloned().collect()
+    }
+
+    /// Serves the schedulers discovery reports: starts workers up to the wanted count
+    /// (`concurrency` for schedulers in use or leaving, one for the others), and stops the
+    /// links to schedulers no longer reported.
+    fn reconcile<H: Handler>(self: &Arc<Self>, targets: &[Target], handler: &Arc<H>) {
+        if self.stopping.is_cancelled() {
+            return;
+        }
+        let mut links = self.links.lock().unwrap();
+        for link in links.iter().filter(|l| !l.stop.is_cancelled()) {
+            if !targets.iter().any(|t| t.addr == link.addr) {
+                debug!(scheduler = %link.addr, "scheduler gone; its workers stop");
+                link.stop.cancel();
+            }
+        }
+        let mut tasks = self.tasks.lock().unwrap();
+        tasks.retain(|t| !t.is_finished());
+        for t in targets {
+            let link = match links.iter().find(|l| l.addr == t.addr && !l.stop.is_cancelled()) {
+                Some(link) => link.clone(),
+                None => {
+                    let link = Arc::new(Link {
+                        addr: t.addr,
+                        conn: Mutex::new(None),
+                        workers: AtomicUsize::new(0),
+                        stop: CancellationToken::new(),
+                    });
+                    links.push(link.clone());
+                    link
+                }
+            };
+            let wanted = if t.in_use || t.leaving {
+                self.config.concurrency
+            } else {
+                1
+            };
+            while link.workers.load(Ordering::Relaxed) < wanted {
+                link.workers.fetch_add(1, Ordering::Relaxed);
+                tasks.push(tokio::spawn(worker_loop(self.clone(), link.clone(), handler.clone())));
+            }
+        }
+    }
+}
+
+async fn scheduler_connection(shared: &Shared, link: &Link) -> Result<quinn::Connection, String> {
+    let mut slot = link.conn.lock().await;
     if let Some(c) = slot.as_ref()
         && c.close_reason().is_none()
     {
         return Ok(c.clone());
     }
-    let addr = shared.config.schedulers[s];
+    let addr = link.addr;
     let conn = shared
         .endpoint
         .connect(addr, &shared.config.scheduler_server_name)
@@ -302,8 +410,8 @@ async fn open(shared: &Shared, conn: &quinn::Connection, stream: StreamKind) -> 
     }
 }
 
-async fn notify_shutdown(shared: &Shared, s: usize) -> Result<(), String> {
-    let conn = shared.schedulers[s].lock().await.clone().ok_or("not connected")?;
+async fn notify_shutdown(shared: &Shared, link: &Link) -> Result<(), String> {
+    let conn = link.conn.lock().await.clone().ok_or("not connected")?;
     let (mut w, mut r) = open(shared, &conn, StreamKind::ShutdownNotice).await?;
     w.send(&Notice::QuerierShuttingDown).await.map_err(|e| e.to_string())?;
     match r.next::<NoticeReply>().await.map_err(|e| e.to_string())? {
@@ -313,39 +421,42 @@ async fn notify_shutdown(shared: &Shared, s: usize) -> Result<(), String> {
 }
 
 /// One worker against one scheduler: reconnects with backoff until the querier stops.
-async fn worker_loop<H: Handler>(shared: Arc<Shared>, s: usize, handler: Arc<H>) {
+async fn worker_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, handler: Arc<H>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match serve(&shared, s, &handler, &mut backoff).await {
+        match serve(&shared, &link, &handler, &mut backoff).await {
             Ok(()) => return, // told to stop
-            Err(e) => debug!(scheduler = %shared.config.schedulers[s], error = %e, "worker stream lost"),
+            Err(e) => debug!(scheduler = %link.addr, error = %e, "worker stream lost"),
         }
-        if shared.stopping.is_cancelled() {
+        if shared.stopping.is_cancelled() || link.stop.is_cancelled() {
             return;
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shared.stopping.cancelled() => return,
+            _ = link.stop.cancelled() => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
-/// Runs the dequeue loop on one stream; `Ok` when the scheduler says to stop.
+/// Runs the dequeue loop on one stream; `Ok` when the scheduler says to stop or is no
+/// longer served.
 async fn serve<H: Handler>(
     shared: &Arc<Shared>,
-    s: usize,
+    link: &Link,
     handler: &Arc<H>,
     backoff: &mut Duration,
 ) -> Result<(), String> {
     // Nothing runs yet: a shutdown need not wait for a (re)connection to finish.
     let setup = async {
-        let conn = scheduler_connection(shared, s).await?;
+        let conn = scheduler_connection(shared, link).await?;
         open(shared, &conn, StreamKind::DequeueLoop).await
     };
     let (mut w, mut r) = tokio::select! {
         stream = setup => stream?,
         _ = shared.stopping.cancelled() => return Ok(()),
+        _ = link.stop.cancelled() => return Ok(()),
     };
     *backoff = Duration::from_millis(50);
     let mut finished = None;
@@ -356,10 +467,16 @@ async fn serve<H: Handler>(
         .await
         .map_err(|e| e.to_string())?;
         let dispatch = loop {
-            match r.next::<SchedulerToQuerier>().await.map_err(|e| e.to_string())? {
+            // The link stops only when its scheduler left or died: nothing can be
+            // dispatched to this stream any more.
+            let next = tokio::select! {
+                next = r.next::<SchedulerToQuerier>() => next.map_err(|e| e.to_string())?,
+                _ = link.stop.cancelled() => return Ok(()),
+            };
+            match next {
                 Some(SchedulerToQuerier::Dispatch(d)) => break *d,
                 Some(SchedulerToQuerier::Cancel { .. }) => {} // for a query already done
-                Some(SchedulerToQuerier::Lifeline { port, token }) => hold_lifeline(shared, s, port, token).await,
+                Some(SchedulerToQuerier::Lifeline { port, token }) => hold_lifeline(shared, link, port, token).await,
                 Some(SchedulerToQuerier::ShuttingDown) => return Ok(()),
                 None => return Err("scheduler closed the stream".into()),
             }
@@ -444,13 +561,13 @@ fn panic_message(e: tokio::task::JoinError) -> String {
 
 /// Opens (once per token) the TCP lifeline the scheduler asked for and holds it, so that
 /// if this process dies the kernel's closing of the socket tells the scheduler at once.
-async fn hold_lifeline(shared: &Shared, s: usize, port: u16, token: u128) {
+async fn hold_lifeline(shared: &Shared, link: &Link, port: u16, token: u128) {
     let mut lifelines = shared.lifelines.lock().await;
     lifelines.retain(|_, task| !task.is_finished());
     if lifelines.contains_key(&token) {
         return;
     }
-    let addr = SocketAddr::new(shared.config.schedulers[s].ip(), port);
+    let addr = SocketAddr::new(link.addr.ip(), port);
     let timeout = shared.config.idle_timeout;
     let task = tokio::spawn(async move {
         let mut socket = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {

@@ -15,15 +15,19 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use metrics::{counter, gauge};
+use sluice_client::gossip::{MemberRole, MemberState};
+
 use super::dispatcher::Command;
-use super::status::Status;
-use crate::metrics::Metrics;
+use super::status::{GossipView, Status};
+use crate::metrics::{self as m, Metrics};
 
 #[derive(Clone)]
 pub(crate) struct AdminState {
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) draining: Arc<AtomicBool>,
+    pub(crate) gossip: Option<GossipView>,
 }
 
 /// Serves the admin endpoints on `listener` until `stop` is cancelled.
@@ -45,6 +49,20 @@ pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpLis
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
+    if let Some(view) = &s.gossip {
+        let g = view.snapshot();
+        s.metrics.record(|| {
+            for role in [MemberRole::Scheduler, MemberRole::Frontend, MemberRole::Querier] {
+                for state in [MemberState::Joining, MemberState::Active, MemberState::Leaving] {
+                    let n = g.members.iter().filter(|m| m.role == role && m.state == state).count();
+                    gauge!(m::GOSSIP_MEMBERS, "role" => role.to_string(), "state" => state.to_string()).set(n as f64);
+                }
+            }
+            for (outcome, v) in [("received", g.received), ("rejected", g.rejected), ("sent", g.sent)] {
+                counter!(m::GOSSIP_PACKETS, "outcome" => outcome).absolute(v);
+            }
+        });
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         s.metrics.render(),
@@ -63,7 +81,9 @@ async fn ready(State(s): State<AdminState>) -> Response {
 async fn snapshot(s: &AdminState) -> Option<Status> {
     let (reply, rx) = oneshot::channel();
     s.commands.send(Command::Status { reply }).await.ok()?;
-    rx.await.ok()
+    let mut status = rx.await.ok()?;
+    status.gossip = s.gossip.as_ref().map(GossipView::snapshot);
+    Some(status)
 }
 
 async fn status_json(State(s): State<AdminState>) -> Response {
@@ -123,6 +143,17 @@ pub(crate) fn to_json(s: &Status) -> serde_json::Value {
             "querier": w.querier, "slot": w.slot, "busy": w.busy,
         })).collect::<Vec<_>>(),
         "frontends": s.frontends,
+        "gossip": s.gossip.as_ref().map(|g| json!({
+            "address": g.address.to_string(),
+            "packets": {"received": g.received, "rejected": g.rejected, "sent": g.sent},
+            "members": g.members.iter().map(|m| json!({
+                "id": m.id,
+                "role": m.role.to_string(),
+                "state": m.state.to_string(),
+                "gossip": m.gossip.to_string(),
+                "service": m.service.map(|a| a.to_string()),
+            })).collect::<Vec<_>>(),
+        })),
     })
 }
 
@@ -208,6 +239,29 @@ pub(crate) fn to_html(s: &Status) -> String {
             escape(&q.querier),
             q.workers
         );
+    }
+    if let Some(g) = &s.gossip {
+        let _ = write!(
+            h,
+            "</table><h2>Gossip</h2><p>{} · packets received {}, rejected (bad tag) {}, sent {}</p>\
+             <table><tr><th>member</th><th>role</th><th>state</th><th>gossip</th><th>service</th></tr>",
+            escape(&g.address.to_string()),
+            g.received,
+            g.rejected,
+            g.sent
+        );
+        for m in &g.members {
+            let service = m.service.map_or("-".to_string(), |a| a.to_string());
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&m.id),
+                m.role,
+                m.state,
+                m.gossip,
+                escape(&service)
+            );
+        }
     }
     h.push_str("</table><h2>Frontends</h2><table><tr><th>frontend</th></tr>");
     for f in &s.frontends {

@@ -719,6 +719,7 @@ impl Dispatcher {
             queriers: self.queue.querier_stats(now),
             workers,
             frontends,
+            gossip: None,
         }
     }
 }

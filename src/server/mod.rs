@@ -24,8 +24,10 @@ use crate::config::{ServeConfig, TlsSource};
 use crate::metrics::Metrics;
 use crate::queue::QueueConfig;
 use crate::tls::{self, CertError, CertSet, Identity, TlsError};
+use sluice_client::gossip::{Gossip, MemberRole, MemberState};
 
-pub use status::{Status, WorkerStatus};
+use status::GossipView;
+pub use status::{GossipStatus, Status, WorkerStatus};
 
 use dispatcher::{Command, Dispatcher};
 
@@ -38,6 +40,8 @@ pub enum ServerError {
     Certs(#[from] CertError),
     #[error("cannot listen on {addr}: {error}")]
     Bind { addr: SocketAddr, error: std::io::Error },
+    #[error("gossip: {0}")]
+    Gossip(String),
     #[error("invalid queue configuration: {0}")]
     Queue(String),
     #[error("the dispatcher has stopped")]
@@ -59,6 +63,8 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     accept_task: JoinHandle<()>,
     dispatcher_task: JoinHandle<()>,
+    gossip: Option<Gossip>,
+    gossip_view: Option<GossipView>,
 }
 
 /// Runtime limits the connection tasks need.
@@ -150,6 +156,32 @@ impl Server {
                 (Arc::new(lifeline::Lifelines::new(None)), None)
             }
         };
+        // Join the gossip as `joining`; `active` once the endpoint accepts.
+        let advertised = SocketAddr::new(
+            config.advertise.ip(),
+            match config.advertise.port() {
+                0 => quic_addr.port(),
+                p => p,
+            },
+        );
+        let gossip = match &config.gossip {
+            Some(g) => Some(
+                Gossip::start(
+                    config.scheduler_id.clone(),
+                    MemberRole::Scheduler,
+                    Some(advertised),
+                    MemberState::Joining,
+                    g.clone(),
+                )
+                .map_err(|e| ServerError::Gossip(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let gossip_view = gossip.as_ref().map(|g| GossipView {
+            address: g.local_addr(),
+            members: g.members(),
+            stats: g.stats(),
+        });
         let draining = Arc::new(AtomicBool::new(false));
         let admin_task = tokio::spawn(admin::serve(
             admin_listener,
@@ -157,6 +189,7 @@ impl Server {
                 commands: commands.clone(),
                 metrics,
                 draining: draining.clone(),
+                gossip: gossip_view.clone(),
             },
             stop_accepting.clone(),
         ));
@@ -173,6 +206,9 @@ impl Server {
             lifelines,
             stop_accepting.clone(),
         ));
+        if let Some(g) = &gossip {
+            g.set_state(MemberState::Active).await;
+        }
         info!(%quic_addr, %admin_addr, scheduler = %config.scheduler_id, "serving");
         Ok(Server {
             quic_addr,
@@ -188,7 +224,14 @@ impl Server {
             endpoint,
             accept_task,
             dispatcher_task,
+            gossip,
+            gossip_view,
         })
+    }
+
+    /// The gossip (UDP) address, when this scheduler gossips.
+    pub fn gossip_addr(&self) -> Option<SocketAddr> {
+        self.gossip_view.as_ref().map(|g| g.address)
     }
 
     /// The address QUIC clients connect to.
@@ -218,7 +261,9 @@ impl Server {
             .send(Command::Status { reply })
             .await
             .map_err(|_| ServerError::DispatcherGone)?;
-        rx.await.map_err(|_| ServerError::DispatcherGone)
+        let mut status = rx.await.map_err(|_| ServerError::DispatcherGone)?;
+        status.gossip = self.gossip_view.as_ref().map(GossipView::snapshot);
+        Ok(status)
     }
 
     /// Replaces limits and per-tenant overrides without a restart.
@@ -236,6 +281,9 @@ impl Server {
     /// Stops at once, as a crash would: connections are closed without a drain or a
     /// hand-back (peers see the connection die). For tests and chaos experiments.
     pub fn abort(self) {
+        if let Some(g) = &self.gossip {
+            g.abort();
+        }
         self.stop_accepting.cancel();
         self.endpoint
             .close(close_code::SHUTTING_DOWN.into(), b"scheduler aborted");
@@ -247,10 +295,15 @@ impl Server {
         self.dispatcher_task.abort();
     }
 
-    /// Graceful shutdown: new enqueues are answered `ShuttingDown`, queued work keeps
+    /// Graceful shutdown: the gossip is told this scheduler is leaving (clients stop
+    /// sending it work), new enqueues are answered `ShuttingDown`, queued work keeps
     /// dispatching for up to the drain timeout, whatever is still queued then is handed
-    /// back to its frontend with an explicit error, and the endpoint closes.
+    /// back to its frontend with an explicit error, the scheduler leaves the gossip, and
+    /// the endpoint closes.
     pub async fn shutdown(self) {
+        if let Some(g) = &self.gossip {
+            g.set_state(MemberState::Leaving).await;
+        }
         self.draining.store(true, Ordering::Relaxed);
         let (done, drained) = oneshot::channel();
         let drain_timeout = self.drain_timeout;
@@ -261,6 +314,9 @@ impl Server {
             .is_ok()
         {
             let _ = drained.await;
+        }
+        if let Some(g) = &self.gossip {
+            g.leave().await;
         }
         self.stop_accepting.cancel();
         // Let the hand-back and shutting-down frames reach their peers before closing.

@@ -1,6 +1,11 @@
 //! What the status page and `/status` show: a snapshot taken by the dispatcher.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use sluice_client::gossip::{GossipStats, Member};
+use tokio::sync::watch;
 
 use crate::queue::{Counters, QuerierStats, TenantStats};
 
@@ -22,6 +27,42 @@ pub struct Status {
     pub queriers: Vec<QuerierStats>,
     pub workers: Vec<WorkerStatus>,
     pub frontends: Vec<String>,
+    /// Gossip membership, when this scheduler gossips.
+    pub gossip: Option<GossipStatus>,
+}
+
+/// This scheduler's view of the gossip.
+#[derive(Debug, Clone)]
+pub struct GossipStatus {
+    /// Its own gossip (UDP) address.
+    pub address: SocketAddr,
+    /// The other live members (schedulers, frontends, queriers) and their states.
+    pub members: Vec<Member>,
+    /// Packets received with a valid tag.
+    pub received: u64,
+    /// Packets dropped for a bad tag (a wrong key, or not ours).
+    pub rejected: u64,
+    pub sent: u64,
+}
+
+/// What the admin listener and the status call need to describe the gossip.
+#[derive(Debug, Clone)]
+pub(crate) struct GossipView {
+    pub(crate) address: SocketAddr,
+    pub(crate) members: watch::Receiver<Vec<Member>>,
+    pub(crate) stats: Arc<GossipStats>,
+}
+
+impl GossipView {
+    pub(crate) fn snapshot(&self) -> GossipStatus {
+        GossipStatus {
+            address: self.address,
+            members: self.members.borrow().clone(),
+            received: self.stats.received(),
+            rejected: self.stats.rejected(),
+            sent: self.stats.sent(),
+        }
+    }
 }
 
 /// One connected querier worker.

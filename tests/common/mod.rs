@@ -13,7 +13,7 @@ use sluice::config::Settings;
 use sluice::server::{Server, Status};
 use sluice::tls::{self, CertSet, Identity};
 use sluice_protocol::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// How long any single expected event may take before the test fails.
@@ -201,15 +201,24 @@ pub async fn dispatched(worker: &mut Peer) -> Dispatch {
 pub struct Running {
     pub child: Child,
     pub quic: std::net::SocketAddr,
+    /// Its gossip address, when it gossips.
+    pub gossip: Option<std::net::SocketAddr>,
     pub certs: CertSet,
 }
 
-/// Starts `sluice serve` in `dir` (loopback, OS-chosen ports) and reads the address it
-/// prints. Processes started in one directory share its development CA.
+/// Starts `sluice serve` in `dir` (loopback, OS-chosen ports unless `extra` gives
+/// `--listen`) and reads the addresses it prints. Processes started in one directory share
+/// its development CA.
 pub async fn spawn_scheduler(dir: &Path, extra: &[&str]) -> Running {
+    let listen: &[&str] = if extra.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .current_dir(dir)
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["serve", "--admin-listen", "127.0.0.1:0"])
+        .args(listen)
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -218,10 +227,13 @@ pub async fn spawn_scheduler(dir: &Path, extra: &[&str]) -> Running {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut quic = None;
+    let (mut quic, mut gossip) = (None, None);
     while let Some(line) = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap() {
         if let Some(addr) = line.trim().strip_prefix("QUIC address:") {
             quic = Some(addr.trim().parse().unwrap());
+        }
+        if let Some(addr) = line.trim().strip_prefix("gossip address:") {
+            gossip = addr.split_whitespace().next().map(|a| a.parse().unwrap());
         }
         if line.contains("stop with") {
             break;
@@ -230,6 +242,7 @@ pub async fn spawn_scheduler(dir: &Path, extra: &[&str]) -> Running {
     Running {
         child,
         quic: quic.expect("the QUIC address is printed"),
+        gossip,
         certs: CertSet::in_dir(&dir.join("sluice-data")),
     }
 }
@@ -243,4 +256,20 @@ pub async fn signal(child: &Child, name: &str) {
         .await
         .unwrap();
     assert!(status.success());
+}
+
+/// GET `path` with HTTP/1.1; returns (status code, body).
+pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
 }

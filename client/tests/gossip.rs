@@ -1,0 +1,84 @@
+//! Gossip membership on loopback: joining, failure detection, leaving, and the key.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use sluice_client::gossip::{Gossip, GossipConfig, GossipKey, Member, MemberRole, MemberState};
+use tokio::sync::watch;
+
+fn key(k: &str) -> GossipKey {
+    GossipKey::new(k.as_bytes().to_vec()).unwrap()
+}
+
+async fn member(id: &str, seeds: Vec<SocketAddr>, k: &str) -> Gossip {
+    let config = GossipConfig::new("127.0.0.1:0".parse().unwrap(), seeds, key(k));
+    let service = Some("127.0.0.1:9".parse().unwrap());
+    Gossip::start(id, MemberRole::Scheduler, service, MemberState::Active, config).unwrap()
+}
+
+/// Waits (bounded) until the member list satisfies `f`; returns how long it took.
+async fn until(rx: &mut watch::Receiver<Vec<Member>>, within: Duration, f: impl Fn(&[Member]) -> bool) -> Duration {
+    let start = Instant::now();
+    let matched = tokio::time::timeout(within, rx.wait_for(|m| f(m))).await.is_ok();
+    assert!(matched, "membership never matched; last {:?}", *rx.borrow());
+    start.elapsed()
+}
+
+fn ids(m: &[Member]) -> Vec<&str> {
+    m.iter().map(|m| m.id.as_str()).collect()
+}
+
+#[tokio::test]
+async fn members_find_each_other_detect_a_crash_and_see_a_leave() {
+    let a = member("a", vec![], "a shared secret key").await;
+    let seed = a.local_addr();
+    let b = member("b", vec![seed], "a shared secret key").await;
+    let c = member("c", vec![seed], "a shared secret key").await;
+    let mut on_a = a.members();
+    let mut on_c = c.members();
+    until(&mut on_a, Duration::from_secs(10), |m| ids(m) == ["b", "c"]).await;
+    until(&mut on_c, Duration::from_secs(10), |m| ids(m) == ["a", "b"]).await;
+
+    // A state change reaches the others.
+    b.set_state(MemberState::Leaving).await;
+    until(&mut on_a, Duration::from_secs(10), |m| {
+        m.iter().any(|m| m.id == "b" && m.state == MemberState::Leaving)
+    })
+    .await;
+
+    // A crash is detected by probing.
+    c.abort();
+    let took = until(&mut on_a, Duration::from_secs(10), |m| ids(m) == ["b"]).await;
+    eprintln!("crashed member dropped after {took:?}");
+
+    // A clean leave is known at once.
+    b.leave().await;
+    let took = until(&mut on_a, Duration::from_secs(10), |m| m.is_empty()).await;
+    assert!(took < Duration::from_secs(1), "a leave took {took:?}");
+}
+
+#[tokio::test]
+async fn a_member_with_the_wrong_key_is_never_admitted() {
+    let a = member("a", vec![], "the right key, 16+").await;
+    let b = member("b", vec![a.local_addr()], "the right key, 16+").await;
+    let intruder = member("x", vec![a.local_addr(), b.local_addr()], "a wrong key, 16 b+").await;
+    let mut on_a = a.members();
+    until(&mut on_a, Duration::from_secs(10), |m| ids(m) == ["b"]).await;
+    // The intruder's announces arrive (every second while it is alone) and are dropped.
+    let start = Instant::now();
+    while a.stats().rejected() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no packet from the intruder arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ids(&a.members().borrow()), ["b"]);
+    assert_eq!(ids(&b.members().borrow()), ["a"]);
+    assert!(intruder.members().borrow().is_empty());
+}
+
+#[test]
+fn short_keys_are_refused() {
+    assert!(GossipKey::new(b"short".to_vec()).is_err());
+}
