@@ -236,7 +236,10 @@ async fn a_scheduler_with_the_wrong_key_is_never_admitted() {
     assert_eq!(active_schedulers(&peer.server.status().await.unwrap()), ["good"]);
     assert!(bad.server.status().await.unwrap().gossip.unwrap().members.is_empty());
     let (_, status) = get(good.server.admin_addr(), "/status").await;
-    assert!(status.contains("\"id\":\"peer\"") && !status.contains("\"id\":\"bad\""), "{status}");
+    assert!(
+        status.contains("\"id\":\"peer\"") && !status.contains("\"id\":\"bad\""),
+        "{status}"
+    );
     let (_, page) = get(good.server.admin_addr(), "/").await;
     assert!(page.contains("<h2>Gossip</h2>") && page.contains("peer"), "{page}");
     let (_, metrics) = get(good.server.admin_addr(), "/metrics").await;
