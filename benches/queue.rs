@@ -4,7 +4,8 @@
 //! dequeues one request for the next worker and enqueues it again, so the queue keeps
 //! its size and the harness allocates nothing; what is measured is the queue alone.
 //! `policies=on` rows add every policy beyond round robin: costs 1–100 per request, three
-//! priority classes, a quarter of the workers reserved, weights 1–4 (see docs/queue.md).
+//! priority classes, a quarter of the workers reserved, weights 1–4 (see docs/queue.md);
+//! `policies=one-class` rows the same with every request in one priority class.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -74,21 +75,40 @@ struct Setup {
     now: Instant,
 }
 
-/// The enqueue options of request `key`: none, or with policies a cost of 1–100 and one
-/// of three priority classes.
-fn options(policies: bool, key: u64) -> EnqueueOptions {
-    if !policies {
-        return EnqueueOptions::default();
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Policies {
+    Off,
+    On,
+    OneClass,
+}
+
+impl Policies {
+    fn label(self) -> &'static str {
+        match self {
+            Policies::Off => "off",
+            Policies::On => "on",
+            Policies::OneClass => "one-class",
+        }
     }
+}
+
+/// The enqueue options of request `key`: none, or with policies a cost of 1–100 and one
+/// of three priority classes (or always class 1).
+fn options(policies: Policies, key: u64) -> EnqueueOptions {
     let mix = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+    let priority = match policies {
+        Policies::Off => return EnqueueOptions::default(),
+        Policies::On => (mix % 3) as u8,
+        Policies::OneClass => 1,
+    };
     EnqueueOptions {
         deadline: None,
-        priority: Some((mix % 3) as u8),
+        priority: Some(priority),
         cost: 1 + (mix % 100) as u32,
     }
 }
 
-fn setup(tenants: usize, depth: usize, sharded: bool, policies: bool) -> Setup {
+fn setup(tenants: usize, depth: usize, sharded: bool, policies: Policies) -> Setup {
     let now = Instant::now();
     let mut config = QueueConfig {
         max_outstanding_per_tenant: 1_000,
@@ -96,7 +116,7 @@ fn setup(tenants: usize, depth: usize, sharded: bool, policies: bool) -> Setup {
         max_queued_requests: 10_000_000,
         ..QueueConfig::default()
     };
-    if policies {
+    if policies != Policies::Off {
         config.reserved_workers_percent = 25;
         for t in (0..tenants).step_by(2) {
             let weight = Some(1 + (t % 4) as u32);
@@ -142,14 +162,16 @@ fn enqueue_dequeue(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.warm_up_time(Duration::from_millis(500));
     g.measurement_time(Duration::from_secs(2));
-    let variants = [(false, false), (true, false), (false, true), (true, true)];
-    for (sharded, policies) in variants {
+    for (sharded, policies) in [false, true]
+        .into_iter()
+        .flat_map(|sharded| [Policies::Off, Policies::On, Policies::OneClass].map(|p| (sharded, p)))
+    {
         for &depth in &[0usize, 2] {
             for &tenants in &[1usize, 10, 1_000, 100_000] {
                 let id = format!(
                     "tenants={tenants}/depth={depth}/shard={}/policies={}",
                     if sharded { "5of100" } else { "off" },
-                    if policies { "on" } else { "off" }
+                    policies.label()
                 );
                 let mut s = setup(tenants, depth, sharded, policies);
                 let mut w = 0usize;
