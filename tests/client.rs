@@ -41,6 +41,10 @@ impl Handler for TestHandler {
                 });
                 Ok(Response::stream(200, rx))
             }
+            p if p.starts_with(b"cost:") => {
+                let cost = std::str::from_utf8(&p[5..]).unwrap().parse().unwrap();
+                Ok(Response::ok(request.payload.clone()).with_cost(cost))
+            }
             _ => {
                 tokio::time::sleep(self.delay).await;
                 let mut r = Response::ok(request.payload.clone());
@@ -109,6 +113,30 @@ async fn wait<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
 
 async fn body_of(handle: QueryHandle) -> Result<Vec<u8>, QueryError> {
     wait("a response", async { handle.response().await?.body.collect().await }).await
+}
+
+#[tokio::test]
+async fn a_measured_cost_reaches_the_schedulers_account() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let (h, _events) = handler(Duration::ZERO);
+    let q = querier_for("querier-1", &[&t], 1, h);
+    let mut req = QueryRequest::new("tenant-c", "cost:9");
+    req.cost_hint = Some(2);
+    assert_eq!(body_of(fe.submit(req).await.unwrap()).await.unwrap(), b"cost:9");
+    // The querier reports the cost with its next Ready; the scheduler counts it (not the hint).
+    let needle = "sluice_query_scheduler_served_cost_total{tenant=\"tenant-c\"} 9";
+    wait("the measured cost in the metrics", async {
+        loop {
+            let (_, metrics) = get(t.server.admin_addr(), "/metrics").await;
+            if metrics.contains(needle) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    q.shutdown().await;
 }
 
 #[tokio::test]
