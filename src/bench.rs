@@ -1,6 +1,8 @@
 //! `sluice bench`: a load generator for the whole system. It starts schedulers in this
-//! process (development TLS in a temporary directory) and drives them with frontends and
-//! queriers built on the real client crate, over real QUIC on loopback, for a bounded time.
+//! process (development TLS in a temporary directory), or targets schedulers already
+//! running (a static list or their gossip, with certificates from a directory), and drives
+//! them with frontends and queriers built on the real client crate, over real QUIC, for a
+//! bounded time.
 //!
 //! Two modes:
 //! - closed loop (default): `concurrency` submitters per frontend, each sending its next
@@ -17,7 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::tls::CertSet;
 use serde_json::{Value, json};
+use sluice_client::gossip::GossipConfig;
 use sluice_client::{
     Frontend, FrontendConfig, Handler, HandlerError, Querier, QuerierConfig, QueryError, QueryRequest, Request,
     Response,
@@ -26,10 +30,25 @@ use sluice_client::{
 use crate::config::Settings;
 use crate::server::Server;
 
+/// Schedulers that are already running, to drive instead of starting our own.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Their QUIC addresses, or empty with `gossip`.
+    pub schedulers: Vec<SocketAddr>,
+    /// Follow their gossip instead of a static list.
+    pub gossip: Option<GossipConfig>,
+    /// Directory with the CA and the frontend and querier certificates (as `sluice certs
+    /// init` or a development `sluice serve` writes them).
+    pub certs: std::path::PathBuf,
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
+    /// Schedulers to start in this process (ignored with `target`).
     pub schedulers: usize,
+    /// Drive these running schedulers instead.
+    pub target: Option<Target>,
     pub frontends: usize,
     pub tenants: usize,
     /// Demand of tenant-0 relative to every other tenant (1 = no noisy tenant).
@@ -58,6 +77,7 @@ impl Default for BenchConfig {
     fn default() -> Self {
         BenchConfig {
             schedulers: 1,
+            target: None,
             frontends: 2,
             tenants: 100,
             noisy_factor: 1.0,
@@ -182,7 +202,8 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     let dir = std::env::temp_dir().join(format!("sluice-bench-{}-{}", std::process::id(), c.seed));
     let _ = std::fs::remove_dir_all(&dir);
     let mut servers = Vec::new();
-    for i in 0..c.schedulers {
+    let own = if c.target.is_some() { 0 } else { c.schedulers };
+    for i in 0..own {
         let settings = Settings {
             listen: Some("127.0.0.1:0".parse().unwrap()),
             admin_listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -194,8 +215,14 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         let config = settings.resolve().map_err(|e| e.to_string())?;
         servers.push(Server::start(config).await.map_err(|e| e.to_string())?);
     }
-    let certs = servers[0].dev_certs().cloned().ok_or("no development certificates")?;
-    let addrs: Vec<SocketAddr> = servers.iter().map(Server::quic_addr).collect();
+    let (certs, addrs, gossip) = match &c.target {
+        None => (
+            servers[0].dev_certs().cloned().ok_or("no development certificates")?,
+            servers.iter().map(Server::quic_addr).collect::<Vec<SocketAddr>>(),
+            None,
+        ),
+        Some(t) => (CertSet::in_dir(&t.certs), t.schedulers.clone(), t.gossip.clone()),
+    };
 
     let queue_times: QueueTimes = Arc::default();
     let component_times: QueueTimes = Arc::default();
@@ -204,6 +231,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     for q in 0..c.queriers {
         let mut config = QuerierConfig::new(format!("bench-querier-{q}"), certs.querier.clone(), addrs.clone());
         config.concurrency = c.workers;
+        config.gossip = gossip.clone();
         let handler = BenchHandler {
             service: c.service,
             slow_service: c.slow_service,
@@ -215,8 +243,17 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     }
     let mut frontends = Vec::new();
     for f in 0..c.frontends {
-        let config = FrontendConfig::new(format!("bench-frontend-{f}"), certs.frontend.clone(), addrs.clone());
+        let mut config = FrontendConfig::new(format!("bench-frontend-{f}"), certs.frontend.clone(), addrs.clone());
+        config.gossip = gossip.clone();
         frontends.push(Frontend::connect(config).await.map_err(|e| e.to_string())?);
+    }
+    if c.target.is_some() {
+        // Running schedulers: one query through each frontend shows that the path works.
+        for fe in &frontends {
+            one_query(fe, QueryRequest::new("bench-warm-up", "warm-up"))
+                .await
+                .map_err(|e| format!("warm-up query failed: {e}"))?;
+        }
     }
     // Let every querier worker connect before the clock starts.
     let want = c.queriers * c.workers * c.schedulers;
@@ -315,6 +352,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         fe.close().await;
     }
     let mut counters = Vec::new();
+    let own = !servers.is_empty();
     for s in servers {
         counters.push(s.status().await.map_err(|e| e.to_string())?.counters);
         s.shutdown().await;
@@ -329,7 +367,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         &outcomes,
         &queue_times,
         &component_times,
-        &counters,
+        own.then_some(&counters[..]),
     ))
 }
 
@@ -451,7 +489,8 @@ fn report(
     o: &Outcomes,
     queue_times: &QueueTimes,
     component_times: &QueueTimes,
-    counters: &[crate::queue::Counters],
+    // The schedulers' own counters, when they run in this process.
+    counters: Option<&[crate::queue::Counters]>,
 ) -> Value {
     let (submitted, results, rejected, errors) = (
         o.submitted.load(Ordering::Relaxed),
@@ -489,7 +528,7 @@ fn report(
     } else {
         1.0
     };
-    let dispatched: u64 = counters.iter().map(|k| k.dispatched).sum();
+    let dispatched: Option<u64> = counters.map(|cs| cs.iter().map(|k| k.dispatched).sum());
     let components: Vec<Value> = component_times
         .lock()
         .unwrap()
@@ -506,7 +545,12 @@ fn report(
         .collect();
     json!({
         "config": {
-            "schedulers": c.schedulers, "frontends": c.frontends, "tenants": c.tenants,
+            "schedulers": match &c.target {
+                None => json!(c.schedulers),
+                Some(t) if t.gossip.is_some() => json!("gossip"),
+                Some(t) => json!(t.schedulers.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
+            },
+            "frontends": c.frontends, "tenants": c.tenants,
             "noisy_factor": c.noisy_factor, "users_per_tenant": c.users, "queriers": c.queriers,
             "workers_per_querier": c.workers, "service_ms": c.service.as_secs_f64() * 1e3,
             "slow_share": c.slow_share, "slow_service_ms": c.slow_service.as_secs_f64() * 1e3,

@@ -90,6 +90,18 @@ enum Command {
         /// Draw queue wait p99 per second (noisy tenant against the others) as SVG here.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Drive schedulers already running at these QUIC addresses (comma-separated)
+        /// instead of starting our own.
+        #[arg(long, value_delimiter = ',', conflicts_with = "gossip_seeds")]
+        connect: Vec<std::net::SocketAddr>,
+        /// Drive the schedulers of a running gossip cluster, joined through these seeds
+        /// (the key from SLUICE_GOSSIP_KEY).
+        #[arg(long, value_delimiter = ',')]
+        gossip_seeds: Vec<std::net::SocketAddr>,
+        /// With --connect or --gossip-seeds: the directory holding ca.pem and the frontend
+        /// and querier certificates and keys.
+        #[arg(long, default_value = "sluice-data")]
+        certs: PathBuf,
     },
     /// Watch fairness happen: a scheduler, queriers and a frontend with one noisy tenant,
     /// in this process, with a live table. No files needed; Ctrl-C stops it.
@@ -261,6 +273,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             payload_bytes,
             json,
             plot,
+            connect,
+            gossip_seeds,
+            certs,
         } => {
             if !(noisy_factor.is_finite() && noisy_factor > 0.0) {
                 anyhow::bail!("--noisy-factor must be a positive number");
@@ -271,8 +286,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
                 anyhow::bail!("--rate must be a positive number");
             }
+            let target = if !gossip_seeds.is_empty() {
+                let key = std::env::var("SLUICE_GOSSIP_KEY")
+                    .map_err(|_| anyhow::anyhow!("--gossip-seeds needs the key in SLUICE_GOSSIP_KEY"))?;
+                let key = sluice_client::gossip::GossipKey::new(key.into_bytes())?;
+                let gossip =
+                    sluice_client::gossip::GossipConfig::new("127.0.0.1:0".parse().expect("valid"), gossip_seeds, key);
+                Some(sluice::bench::Target {
+                    schedulers: Vec::new(),
+                    gossip: Some(gossip),
+                    certs,
+                })
+            } else if !connect.is_empty() {
+                Some(sluice::bench::Target {
+                    schedulers: connect,
+                    gossip: None,
+                    certs,
+                })
+            } else {
+                None
+            };
             let config = sluice::bench::BenchConfig {
                 schedulers: schedulers as usize,
+                target,
                 frontends: frontends as usize,
                 tenants: tenants as usize,
                 noisy_factor,
