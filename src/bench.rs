@@ -255,8 +255,8 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
                 .map_err(|e| format!("warm-up query failed: {e}"))?;
         }
     }
-    // Let every querier worker connect before the clock starts.
-    let want = c.queriers * c.workers * c.schedulers;
+    // Let every querier worker of our own schedulers connect before the clock starts.
+    let want = c.queriers * c.workers * servers.len();
     let ready_by = Instant::now() + Duration::from_secs(10);
     loop {
         let mut connected = 0;

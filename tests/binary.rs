@@ -173,3 +173,38 @@ async fn bench_reports_every_outcome_and_draws_the_plot() {
     let svg = std::fs::read_to_string(dir.path().join("wait.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("tenant-0 (noisy)"));
 }
+
+#[tokio::test]
+async fn bench_drives_a_running_scheduler() {
+    let t = start(|_| {}).await;
+    let addr = t.server.quic_addr().to_string();
+    let certs = t.certs.dir.to_str().unwrap().to_string();
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([
+                "bench",
+                "--seconds",
+                "1",
+                "--tenants",
+                "3",
+                "--queriers",
+                "2",
+                "--workers",
+                "2",
+            ])
+            .args(["--rate", "200", "--connect", &addr, "--certs", &certs])
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let o = &report["outcomes"];
+    assert_eq!((o["lost"].as_u64(), o["errors"].as_u64()), (Some(0), Some(0)), "{o}");
+    assert!(o["dispatched_by_schedulers"].is_null(), "{o}");
+    // The queries went through our scheduler: its own count has them (and the warm-up).
+    let dispatched = t.server.status().await.unwrap().counters.dispatched;
+    assert_eq!(dispatched, o["results"].as_u64().unwrap() + 2, "{o}");
+}
