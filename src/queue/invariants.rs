@@ -133,7 +133,8 @@ pub(super) fn check<R: Queued>(q: &TreeQueue<R>) -> Result<(), String> {
             let roots = q.tenants.iter().enumerate().filter_map(|(t, slot)| {
                 let tenant = slot.as_ref()?;
                 let &(_, root) = tenant.roots.iter().find(|(x, _)| *x == c)?;
-                Some((t as u32, tenant, root))
+                // A parked root is in no rotation set.
+                (q.nodes.get(root)?.live > 0).then_some((t as u32, tenant, root))
             });
             for (t, tenant, root) in roots {
                 match &tenant.shard {
@@ -159,6 +160,29 @@ pub(super) fn check<R: Queued>(q: &TreeQueue<R>) -> Result<(), String> {
         let mut sorted = order_names.clone();
         sorted.sort();
         ensure!(sorted == order_names, "component order");
+    }
+    // Parked roots: empty, and counted by their component.
+    let mut parked: HashMap<u32, u32> = HashMap::new();
+    for tenant in q.tenants.iter().flatten() {
+        for &(c, root) in &tenant.roots {
+            let node = q.nodes.get(root).ok_or("tenant root freed")?;
+            if node.live == 0 {
+                ensure!(node.live_local == 0, "parked root {} not empty", tenant.name);
+                check_subtree(q, root)?;
+                *parked.entry(c).or_default() += 1;
+            }
+        }
+    }
+    for (c, comp) in q.components.iter().enumerate() {
+        if let Some(comp) = comp {
+            let want = parked.get(&(c as u32)).copied().unwrap_or(0);
+            ensure!(
+                comp.parked_roots == want,
+                "component {} parked roots {} vs {want}",
+                comp.name,
+                comp.parked_roots
+            );
+        }
     }
     let named: usize = q.classes.iter().map(|k| k.by_name.len()).sum();
     ensure!(
@@ -190,9 +214,13 @@ fn check_subtree<R: Queued>(q: &TreeQueue<R>, root: super::Handle) -> Result<u32
     for (name, &child) in &node.children {
         let c = q.nodes.get(child).ok_or("freed child in children map")?;
         ensure!(*c.name == **name && c.parent == Some(root), "child {name} links");
-        ensure!(c.live > 0, "empty child {name} kept");
         let turns = node.rotation.iter().filter(|m| **m == Member::Child(child)).count();
-        ensure!(turns == 1, "child {name} has {turns} turns");
+        ensure!(
+            turns == usize::from(c.has_turn),
+            "child {name} has {turns} turns (has_turn {})",
+            c.has_turn
+        );
+        ensure!(c.live == 0 || c.has_turn, "live child {name} without a turn");
         live += check_subtree(q, child)?;
     }
     ensure!(live == node.live, "node {} live {} vs {}", node.name, node.live, live);

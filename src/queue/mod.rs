@@ -224,7 +224,9 @@ struct Tenant {
     balance: i64,
     /// Querier indexes allowed to serve it; `None`: all.
     shard: Option<Vec<u32>>,
-    /// Its root node in each component where it has work: (component, root).
+    /// Its root node in each component where it has (or had) work: (component, root). A
+    /// root that empties is parked (kept, out of the rotation sets) until the tenant goes,
+    /// so a class or component that drains and refills per request allocates nothing.
     roots: Vec<(u32, Handle)>,
 }
 
@@ -240,6 +242,8 @@ struct Component {
     /// The priority class it belongs to: the same backend in two classes is two components.
     priority: u8,
     queued: u32,
+    /// Tenants' parked roots here: the component is not freed while any remain.
+    parked_roots: u32,
     /// Tenant slots with work here that every querier may serve.
     unsharded: BTreeSet<u32>,
     /// Tenant slots with work here, per querier index in their shard.
@@ -259,6 +263,9 @@ struct Class {
     /// last served.
     passed: u32,
 }
+
+/// Emptied actor nodes listed for the sweep before one runs without waiting for `expire`.
+const PARKED_NODES_SWEEP: usize = 4096;
 
 /// Tenants a worker may skip (for want of balance) in one dequeue before the rounds are
 /// fast-forwarded; bounds the work of a dequeue when many tenants are in debt.
@@ -555,6 +562,7 @@ impl<R: Queued> TreeQueue<R> {
                     name: name.into(),
                     priority,
                     queued: 0,
+                    parked_roots: 0,
                     unsharded: BTreeSet::new(),
                     by_querier: Vec::new(),
                     cursors: Vec::new(),
@@ -591,7 +599,10 @@ impl<R: Queued> TreeQueue<R> {
     /// refills request by request costs no allocation) and the classes left with none.
     fn sweep_parked(&mut self) {
         for slot in &mut self.components {
-            if slot.as_ref().is_some_and(|comp| comp.queued == 0) {
+            if slot
+                .as_ref()
+                .is_some_and(|comp| comp.queued == 0 && comp.parked_roots == 0)
+            {
                 let comp = slot.take().expect("checked above");
                 let class = self
                     .classes
@@ -604,16 +615,20 @@ impl<R: Queued> TreeQueue<R> {
         self.classes.retain(|k| !k.by_name.is_empty());
     }
 
-    /// The tenant's root node in component `c`, creating it and entering the tenant into
-    /// the component's rotation if needed.
+    /// The tenant's root node in component `c`, creating it (or unparking it) and entering
+    /// the tenant into the component's rotation if needed.
     fn tenant_root(&mut self, c: u32, t: u32) -> Handle {
         let tenant = self.tenants[t as usize].as_mut().expect("tenant slot is live");
+        let comp = self.components[c as usize].as_mut().expect("component is live");
         if let Some(&(_, root)) = tenant.roots.iter().find(|(x, _)| *x == c) {
+            if self.nodes[root].live == 0 {
+                comp.parked_roots -= 1;
+                activate(comp, t, &tenant.shard);
+            }
             return root;
         }
         let root = self.nodes.insert(None, &tenant.name);
         tenant.roots.push((c, root));
-        let comp = self.components[c as usize].as_mut().expect("component is live");
         activate(comp, t, &tenant.shard);
         root
     }
@@ -631,15 +646,13 @@ impl<R: Queued> TreeQueue<R> {
         tenant.bytes -= e.bytes;
         let comp = self.components[c as usize].as_mut().expect("component is live");
         comp.queued -= 1;
-        let at = tenant
+        let &(_, root) = tenant
             .roots
             .iter()
-            .position(|(x, _)| *x == c)
+            .find(|(x, _)| *x == c)
             .expect("tenant has a root here");
-        let root = tenant.roots[at].1;
         if self.nodes[root].live == 0 {
-            self.nodes.remove(root);
-            tenant.roots.swap_remove(at);
+            comp.parked_roots += 1;
             deactivate(comp, t, &tenant.shard);
         }
         if comp.queued == 0 {
@@ -659,6 +672,17 @@ impl<R: Queued> TreeQueue<R> {
             let tenant = self.tenants[t as usize].take().expect("tenant slot is live");
             self.tenant_by_name.remove(&tenant.name);
             self.free_tenant_slots.insert(t);
+            for (c, root) in tenant.roots {
+                self.nodes.free_subtree(root);
+                self.components[c as usize]
+                    .as_mut()
+                    .expect("a component with parked roots is kept")
+                    .parked_roots -= 1;
+            }
+        }
+        if self.nodes.parked_len() >= PARKED_NODES_SWEEP {
+            // Bounds the parked list for callers that do not call `expire` often.
+            self.nodes.sweep();
         }
         e
     }
@@ -866,6 +890,7 @@ impl<R: Queued> TreeQueue<R> {
     /// frees the components that emptied since the last call.
     pub fn expire(&mut self, now: Instant) -> usize {
         self.sweep_parked();
+        self.nodes.sweep();
         let now_ns = self.nanos(now);
         let last_bucket = now_ns / DEADLINE_BUCKET_NS;
         let mut not_yet = Vec::new();
@@ -994,7 +1019,10 @@ impl<R: Queued> TreeQueue<R> {
             if shard == tenant.shard {
                 continue;
             }
-            for &(c, _) in &tenant.roots {
+            for &(c, root) in &tenant.roots {
+                if self.nodes[root].live == 0 {
+                    continue; // parked: in no rotation set
+                }
                 let comp = self.components[c as usize]
                     .as_mut()
                     .expect("tenant's component is live");

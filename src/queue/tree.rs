@@ -2,9 +2,12 @@
 //! requests and a round-robin rotation over its members (its own FIFO and its children).
 //!
 //! Invariants (checked by `TreeQueue::check_invariants`):
-//! - a node exists iff requests are queued in its subtree (`live > 0`), except a tenant
-//!   root, which its owner frees when it empties;
-//! - every live child appears exactly once, as `Member::Child`, in its parent's rotation;
+//! - a node with nothing queued in its subtree (`live == 0`) is *parked*: kept, with its
+//!   buffers and its place in its parent's `children`, so that an actor path that empties
+//!   and refills request by request allocates nothing; [`Nodes::sweep`] frees parked
+//!   children (the tenant root is parked and freed by its owner, see `Tenant::roots`);
+//! - a child has at most one `Member::Child` entry in its parent's rotation, and has one
+//!   iff `has_turn`; every live child has its turn;
 //! - `local_in_rotation` is set iff `Member::Local` is in the rotation, and it is set
 //!   whenever `live_local > 0`;
 //! - rotations and FIFOs may also hold stale entries (a child freed by a cancel, a
@@ -41,6 +44,9 @@ pub(crate) struct Node {
     /// Requests queued in this subtree.
     pub(crate) live: u32,
     pub(crate) local_in_rotation: bool,
+    /// Whether an entry for this node is in its parent's rotation (kept by a cancel that
+    /// emptied it; dropped when reached while it is empty).
+    pub(crate) has_turn: bool,
 }
 
 /// Freed nodes kept for reuse, so that actors that come and go do not cost an
@@ -54,6 +60,8 @@ const SPARE_CAPACITY: usize = 64;
 pub(crate) struct Nodes {
     slab: Slab<Node>,
     spare: Vec<Node>,
+    /// Children parked since the last sweep (some may have refilled or been freed since).
+    parked: Vec<Handle>,
 }
 
 impl Nodes {
@@ -73,9 +81,48 @@ impl Nodes {
                 live_local: 0,
                 live: 0,
                 local_in_rotation: false,
+                has_turn: false,
             },
         };
         self.slab.insert(node)
+    }
+
+    /// Nodes allocated (live and parked).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    /// Children parked since the last sweep.
+    pub(crate) fn parked_len(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// Frees the children parked since the last sweep that are still empty; returns how
+    /// many. A parent freed by its owner first has its subtree freed with it.
+    pub(crate) fn sweep(&mut self) -> usize {
+        let mut freed = 0;
+        for h in std::mem::take(&mut self.parked) {
+            let Some(node) = self.slab.get(h) else { continue };
+            if node.live > 0 || !node.children.is_empty() {
+                continue; // refilled, or its own parked children go first (they follow in the list)
+            }
+            let parent = node.parent.expect("only children are listed");
+            let name = self.remove(h);
+            self.slab[parent].children.remove(&name);
+            // Its rotation entry, if any, is stale now and dropped when reached.
+            freed += 1;
+        }
+        freed
+    }
+
+    /// Frees `root` and everything below it (all parked: its owner frees it empty).
+    pub(crate) fn free_subtree(&mut self, root: Handle) {
+        let mut stack = vec![root];
+        while let Some(h) = stack.pop() {
+            stack.extend(self.slab[h].children.values().copied());
+            self.remove(h);
+        }
     }
 
     /// Frees a node, keeping its buffers for reuse when they are small. Returns its name.
@@ -92,6 +139,7 @@ impl Nodes {
             n.live_local = 0;
             n.live = 0;
             n.local_in_rotation = false;
+            n.has_turn = false;
             self.spare.push(n);
         }
         name
@@ -99,10 +147,6 @@ impl Nodes {
 
     pub(crate) fn get(&self, h: Handle) -> Option<&Node> {
         self.slab.get(h)
-    }
-
-    pub(crate) fn contains(&self, h: Handle) -> bool {
-        self.slab.contains(h)
     }
 }
 
@@ -119,10 +163,10 @@ impl std::ops::IndexMut<Handle> for Nodes {
     }
 }
 
-/// Walks from `root` down `actors`, creating the missing nodes, and counts one more
-/// request on every node of the path; returns the leaf, where [`push_request`] must put
-/// the request next. A new child joins the back of its parent's rotation: it is served
-/// soon, but not ahead of the members already waiting.
+/// Walks from `root` down `actors`, creating the missing nodes (or unparking them), and
+/// counts one more request on every node of the path; returns the leaf, where
+/// [`push_request`] must put the request next. A new (or refilled) child joins the back of
+/// its parent's rotation: it is served soon, but not ahead of the members already waiting.
 pub(crate) fn attach_path(nodes: &mut Nodes, root: Handle, actors: &[String]) -> Handle {
     let mut cur = root;
     nodes[cur].live += 1;
@@ -132,13 +176,21 @@ pub(crate) fn attach_path(nodes: &mut Nodes, root: Handle, actors: &[String]) ->
             Some(c) => c,
             None => {
                 let c = nodes.insert(Some(cur), actor);
-                let parent = &mut nodes[cur];
-                parent.children.insert(actor.as_str().into(), c);
-                parent.rotation.push_back(Member::Child(c));
+                nodes[cur].children.insert(actor.as_str().into(), c);
                 c
             }
         };
-        nodes[child].live += 1;
+        let node = &mut nodes[child];
+        node.live += 1;
+        if node.live == 1 {
+            let had_turn = std::mem::replace(&mut node.has_turn, true);
+            let rotation = &mut nodes[cur].rotation;
+            if had_turn {
+                // A cancel emptied it and left its entry: give up that place.
+                rotation.retain(|m| *m != Member::Child(child));
+            }
+            rotation.push_back(Member::Child(child));
+        }
         cur = child;
     }
     cur
@@ -180,8 +232,13 @@ pub(crate) fn pop(nodes: &mut Nodes, root: Handle, is_queued: impl Fn(Handle) ->
                     }
                 };
             }
-            Member::Child(c) if nodes.contains(c) => cur = c,
-            Member::Child(_) => {} // freed by a cancel: drop the stale entry
+            Member::Child(c) if nodes.get(c).is_some_and(|n| n.live > 0) => cur = c,
+            Member::Child(c) => {
+                // Emptied by a cancel (parked: drop its turn) or freed since: a stale entry.
+                if let Some(n) = nodes.slab.get_mut(c) {
+                    n.has_turn = false;
+                }
+            }
         }
     };
     // Bookkeeping at the leaf, then on the way up, re-queueing each member we took.
@@ -205,7 +262,7 @@ enum Turn {
     Keep,
 }
 
-/// Counts one request less on `from` and every ancestor, freeing the non-root nodes
+/// Counts one request less on `from` and every ancestor, parking the non-root nodes
 /// that empty.
 fn uncount_upwards(nodes: &mut Nodes, from: Handle, turn: Turn) {
     let mut id = from;
@@ -214,10 +271,15 @@ fn uncount_upwards(nodes: &mut Nodes, from: Handle, turn: Turn) {
         node.live -= 1;
         let alive = node.live > 0;
         let Some(parent) = node.parent else { break };
+        if turn == Turn::Requeue {
+            // `pop` took this node's entry from the front of its parent's rotation.
+            node.has_turn = alive;
+            if alive {
+                nodes[parent].rotation.push_back(Member::Child(id));
+            }
+        }
         if !alive {
-            free_child(nodes, parent, id);
-        } else if turn == Turn::Requeue {
-            nodes[parent].rotation.push_back(Member::Child(id));
+            nodes.parked.push(id);
         }
         id = parent;
     }
@@ -232,11 +294,6 @@ pub(crate) fn detach(nodes: &mut Nodes, leaf: Handle) {
         node.fifo.clear();
     }
     uncount_upwards(nodes, leaf, Turn::Keep);
-}
-
-fn free_child(nodes: &mut Nodes, parent: Handle, child: Handle) {
-    let name = nodes.remove(child);
-    nodes[parent].children.remove(&name);
 }
 
 /// The enqueue time of the oldest request under `root`, found by looking at the front of

@@ -632,3 +632,57 @@ fn weights_must_be_sane() {
         .unwrap();
     assert_eq!(err.to_string(), "tenants.t.weight: must be between 1 and 1000");
 }
+
+#[test]
+fn an_actor_that_empties_and_refills_rejoins_at_the_back() {
+    let mut f = Fixture::new(no_forget());
+    let w = f.worker("q");
+    for a in ["a", "b", "c"] {
+        f.push(req("t", &[a], &format!("{a}1")));
+    }
+    assert_eq!(f.next(w).as_deref(), Some("a1")); // a empties (its node is parked)
+    f.push(req("t", &["a"], "a2"));
+    let order: Vec<String> = (0..3).map(|_| f.next(w).unwrap()).collect();
+    assert_eq!(order, ["b1", "c1", "a2"]);
+    f.assert_ok();
+}
+
+#[test]
+fn an_actor_emptied_by_a_cancel_gives_up_its_place() {
+    let mut f = Fixture::new(no_forget());
+    let w = f.worker("q");
+    let a1 = f.push(req("t", &["a"], "a1"));
+    f.push(req("t", &["b"], "b1"));
+    f.push(req("t", &["c"], "c1"));
+    assert!(f.q.cancel(a1).is_some()); // a's turn at the front is left behind
+    f.assert_ok();
+    f.push(req("t", &["a"], "a2"));
+    let order: Vec<String> = (0..3).map(|_| f.next(w).unwrap()).collect();
+    assert_eq!(order, ["b1", "c1", "a2"]);
+    f.assert_ok();
+}
+
+#[test]
+fn emptied_nodes_are_kept_until_the_sweep_and_then_freed() {
+    let mut f = Fixture::new(no_forget());
+    let w = f.worker("q");
+    for label in ["k1", "k2", "k3"] {
+        f.push(req("t", &[], label)); // the tenant stays queued throughout
+    }
+    f.push(req("t", &["u", "v"], "1"));
+    assert_eq!(f.q.nodes.len(), 3, "root, u, v");
+    assert_eq!(f.next(w).as_deref(), Some("k1"));
+    assert_eq!(f.next(w).as_deref(), Some("1")); // u and v empty: parked, not freed
+    assert_eq!(f.q.nodes.len(), 3);
+    f.push(req("t", &["u", "v"], "2"));
+    assert_eq!(f.q.nodes.len(), 3, "refilling a parked path allocates no node");
+    assert_eq!(f.next(w).as_deref(), Some("k2"));
+    assert_eq!(f.next(w).as_deref(), Some("2"));
+    f.assert_ok();
+    let now = f.now;
+    f.q.expire(now);
+    assert_eq!(f.q.nodes.len(), 1, "the sweep frees the parked u and v");
+    f.assert_ok();
+    assert_eq!(f.next(w).as_deref(), Some("k3"));
+    assert_eq!(f.q.nodes.len(), 0, "a tenant that empties goes with its root");
+}
