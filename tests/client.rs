@@ -31,15 +31,26 @@ impl Handler for TestHandler {
                 Err(HandlerError("cancelled".into()))
             }
             b"big" => {
-                let (tx, rx) = mpsc::channel(2);
+                let (response, body) = Response::stream(200, 2);
                 tokio::spawn(async move {
                     for i in 0..64u8 {
-                        if tx.send(Bytes::from(vec![i; 1 << 20])).await.is_err() {
+                        if body.send(Bytes::from(vec![i; 1 << 20])).await.is_err() {
                             return;
                         }
                     }
+                    body.finish().await;
                 });
-                Ok(Response::stream(200, rx))
+                Ok(response)
+            }
+            b"breaks-midway" => {
+                // The producer sends part of the body and then fails (here: it is dropped
+                // without finishing, as a panicking producer task would be).
+                let (response, body) = Response::stream(200, 4);
+                tokio::spawn(async move {
+                    let _ = body.send(Bytes::from_static(b"first half")).await;
+                    drop(body);
+                });
+                Ok(response)
             }
             p if p.starts_with(b"cost:") => {
                 let cost = std::str::from_utf8(&p[5..]).unwrap().parse().unwrap();

@@ -47,7 +47,15 @@ pub enum QueryError {
     /// The querier running the query went away.
     #[error("the querier failed: {0}")]
     QuerierFailed(String),
-    /// The deadline passed before a querier took the query.
+    /// A retriable query's querier died on every attempt it was allowed.
+    #[error("the querier failed on all {attempts} attempts; last: {last}")]
+    RetriesExhausted {
+        /// Runs started.
+        attempts: u32,
+        /// Why the last one failed.
+        last: String,
+    },
+    /// The query's deadline passed (queued, running, or while its result streamed).
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
     /// The querier's handler returned an error (or panicked).

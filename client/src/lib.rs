@@ -9,14 +9,19 @@
 
 #![warn(missing_docs)]
 
+mod backoff;
 mod discovery;
 mod error;
 mod frontend;
 pub mod gossip;
+mod lifecycle;
 mod querier;
 pub mod tls;
 
 pub use error::{ClientError, QueryError};
 pub use frontend::{Body, Frontend, FrontendConfig, FrontendStats, QueryHandle, QueryRequest, QueryResponse};
-pub use querier::{Handler, HandlerError, Querier, QuerierConfig, Request, Response, ResponseBody};
+pub use querier::{
+    BodyClosed, BodySender, BodyStream, Handler, HandlerError, Querier, QuerierConfig, Request, Response, ResponseBody,
+    SchedulerWorkers,
+};
 pub use sluice_protocol::{FrontendAddress, Metadata, QueryId};

@@ -16,6 +16,7 @@ fn enqueue_1k() -> FrontendToScheduler {
         priority: None,
         cost_hint: Some(4),
         timeout_ms: Some(120_000),
+        attempt: 1,
         metadata: vec![(
             "traceparent".into(),
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),

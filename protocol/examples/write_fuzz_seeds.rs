@@ -38,6 +38,7 @@ fn main() {
         priority: Some(2),
         cost_hint: Some(5),
         timeout_ms: Some(60_000),
+        attempt: 1,
         metadata: vec![("traceparent".into(), "00-4bf92f-00f067-01".into())],
         payload: Bytes::from_static(b"{\"query\":\"sum(rate(http_requests_total[5m]))\"}"),
     };
@@ -54,6 +55,7 @@ fn main() {
         metadata: vec![],
         queue_time_us: 1234,
         timeout_ms: Some(59_000),
+        attempt: 1,
         payload: Bytes::from_static(b"q"),
     };
     let hello = |role, stream| Hello::new(role, "peer-1", stream);
@@ -89,6 +91,9 @@ fn main() {
             kind: QueryErrorKind::QuerierFailed,
             message: "querier q-1 disconnected".into(),
         },
+        SchedulerToFrontend::Dispatched {
+            query_ids: vec![40, 41, 42],
+        },
     ]);
     write(stream_dir, "to-frontend", 1 | (3 << 3), &sf);
     let mut q = frames(&[hello(Role::Querier, StreamKind::DequeueLoop)]);
@@ -116,6 +121,9 @@ fn main() {
         },
         ResultFrame::Chunk(Bytes::from_static(b"partial result bytes")),
         ResultFrame::End { total_len: 20 },
+        ResultFrame::Abort {
+            message: "body producer failed".into(),
+        },
     ]));
     write(stream_dir, "result", 4 | (1 << 3), &r);
 

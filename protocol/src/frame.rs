@@ -11,6 +11,7 @@
 //!   FrontendToScheduler::ResultEndpoint ─►                         (once, before the first Enqueue)
 //!   FrontendToScheduler::Enqueue ─►
 //!                              ◄─ SchedulerToFrontend::EnqueueStatus   (exactly one per Enqueue)
+//!                              ◄─ SchedulerToFrontend::Dispatched      (batched: these queries were handed to queriers)
 //!   FrontendToScheduler::Cancel  ─►
 //!                              ◄─ SchedulerToFrontend::QueryError      (querier died, deadline, shutdown…)
 //!                              ◄─ SchedulerToFrontend::ShuttingDown
@@ -34,7 +35,8 @@
 //!                              ◄─ HelloReply::Welcome
 //!   ResultFrame::Head          ─►
 //!   ResultFrame::Chunk …       ─►
-//!   ResultFrame::End           ─►   (or ResultFrame::Error instead of Head/Chunk/End)
+//!   ResultFrame::End           ─►   (or ResultFrame::Error instead of Head/Chunk/End,
+//!                                     or ResultFrame::Abort after Head when the body fails midway)
 //!                              ◄─ ResultReceipt
 //! ```
 //!
@@ -46,7 +48,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks. A peer with another version is refused in
 /// the [`HelloReply`]; the version is the first field of [`Hello`] so it can always be read.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// A frontend-chosen query identifier, unique among that frontend's outstanding queries.
 pub type QueryId = u64;
@@ -162,7 +164,12 @@ pub struct Enqueue {
     pub cost_hint: Option<u32>,
     /// Time the query may still take, in milliseconds, counted from when the scheduler
     /// receives this frame (relative, so clocks need not agree). `None`: no deadline.
+    /// A frontend that enqueues a query again sends what is left of its budget.
     pub timeout_ms: Option<u64>,
+    /// Which run of this query this is: 1 for the first, 2 or more when the frontend
+    /// redelivers it after its querier died mid-query. Placing it again after a hand-back
+    /// or a lost scheduler (never started) keeps the number.
+    pub attempt: u32,
     /// Tracing headers and other metadata, passed through to the querier.
     pub metadata: Metadata,
     /// The opaque request the querier executes.
@@ -188,6 +195,10 @@ pub enum SchedulerToFrontend {
     /// The scheduler is draining: further enqueues will be refused. Queued queries will
     /// still be dispatched or handed back with [`QueryErrorKind::HandedBack`].
     ShuttingDown,
+    /// These accepted queries were handed to querier workers: from now on each ends by
+    /// its querier's result or failure, and must not be enqueued again. Sent in batches,
+    /// always after the query's `EnqueueStatus` and before any later frame about it.
+    Dispatched { query_ids: Vec<QueryId> },
 }
 
 /// The outcome of one [`Enqueue`].
@@ -294,8 +305,11 @@ pub struct Dispatch {
     pub metadata: Metadata,
     /// Time the query spent queued, in microseconds.
     pub queue_time_us: u64,
-    /// Time left before the query's deadline, in milliseconds; `None`: no deadline.
+    /// Time left before the query's deadline, in milliseconds; `None`: no deadline. The
+    /// querier cancels its handler when it runs out.
     pub timeout_ms: Option<u64>,
+    /// The placement attempt this dispatch comes from (see [`Enqueue::attempt`]).
+    pub attempt: u32,
     /// The opaque request to execute.
     pub payload: Bytes,
 }
@@ -357,6 +371,9 @@ pub enum ResultFrame {
         tenant: String,
         message: String,
     },
+    /// After a `Head`: the body failed midway (its producer gave up, or the deadline
+    /// passed); what was sent is not the whole result. Ends the stream like `End`.
+    Abort { message: String },
 }
 
 /// Frontend → querier: the single answer on a result stream.

@@ -117,6 +117,11 @@ impl<W: AsyncWrite + Unpin> FramedWrite<W> {
         Ok(())
     }
 
+    /// Bytes buffered and not yet written.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Buffers one frame and writes the batch.
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), WriteError> {
         self.buffer(msg)?;

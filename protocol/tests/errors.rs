@@ -25,6 +25,7 @@ fn sample_enqueue() -> Enqueue {
         priority: None,
         cost_hint: Some(3),
         timeout_ms: Some(30_000),
+        attempt: 1,
         metadata: vec![("traceparent".into(), "00-abc-def-01".into())],
         payload: Bytes::from_static(b"sum(rate(x[5m]))"),
     }

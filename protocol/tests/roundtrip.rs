@@ -58,20 +58,23 @@ fn enqueue() -> impl Strategy<Value = Enqueue> {
         option::of(any::<u8>()),
         option::of(any::<u32>()),
         option::of(any::<u64>()),
-        metadata(),
+        (any::<u32>(), metadata()),
         payload(),
     )
         .prop_map(
-            |(query_id, tenant, actors, component, priority, cost_hint, timeout_ms, metadata, payload)| Enqueue {
-                query_id,
-                tenant,
-                actors,
-                component,
-                priority,
-                cost_hint,
-                timeout_ms,
-                metadata,
-                payload,
+            |(query_id, tenant, actors, component, priority, cost_hint, timeout_ms, (attempt, metadata), payload)| {
+                Enqueue {
+                    query_id,
+                    tenant,
+                    actors,
+                    component,
+                    priority,
+                    cost_hint,
+                    timeout_ms,
+                    attempt,
+                    metadata,
+                    payload,
+                }
             },
         )
 }
@@ -126,6 +129,7 @@ fn scheduler_to_frontend() -> impl Strategy<Value = SchedulerToFrontend> {
             message
         }),
         Just(SchedulerToFrontend::ShuttingDown),
+        vec(any::<u64>(), 0..40).prop_map(|query_ids| SchedulerToFrontend::Dispatched { query_ids }),
     ]
 }
 
@@ -148,7 +152,7 @@ fn dispatch() -> impl Strategy<Value = Dispatch> {
         option::of(text()),
         metadata(),
         any::<u64>(),
-        option::of(any::<u64>()),
+        (option::of(any::<u64>()), any::<u32>()),
         payload(),
     )
         .prop_map(
@@ -160,7 +164,7 @@ fn dispatch() -> impl Strategy<Value = Dispatch> {
                 component,
                 metadata,
                 queue_time_us,
-                timeout_ms,
+                (timeout_ms, attempt),
                 payload,
             )| {
                 Dispatch {
@@ -176,6 +180,7 @@ fn dispatch() -> impl Strategy<Value = Dispatch> {
                     metadata,
                     queue_time_us,
                     timeout_ms,
+                    attempt,
                     payload,
                 }
             },
@@ -208,6 +213,7 @@ fn result_frame() -> impl Strategy<Value = ResultFrame> {
             tenant,
             message
         }),
+        text().prop_map(|message| ResultFrame::Abort { message }),
     ]
 }
 

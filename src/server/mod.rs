@@ -18,6 +18,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::{ServeConfig, TlsSource};
@@ -63,6 +64,7 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     accept_task: JoinHandle<()>,
     dispatcher_task: JoinHandle<()>,
+    writers: TaskTracker,
     gossip: Option<Gossip>,
     gossip_view: Option<GossipView>,
 }
@@ -73,6 +75,8 @@ pub(crate) struct StreamLimits {
     pub(crate) limits: Limits,
     pub(crate) hello_timeout: Duration,
     pub(crate) scheduler_id: String,
+    /// Every stream writer task, for the shutdown to wait on.
+    pub(crate) writers: TaskTracker,
 }
 
 impl Server {
@@ -193,10 +197,12 @@ impl Server {
             },
             stop_accepting.clone(),
         ));
+        let writers = TaskTracker::new();
         let stream_limits = StreamLimits {
             limits,
             hello_timeout: config.hello_timeout,
             scheduler_id: config.scheduler_id.clone(),
+            writers: writers.clone(),
         };
         let accept_task = tokio::spawn(accept_loop(
             endpoint.clone(),
@@ -224,6 +230,7 @@ impl Server {
             endpoint,
             accept_task,
             dispatcher_task,
+            writers,
             gossip,
             gossip_view,
         })
@@ -298,8 +305,9 @@ impl Server {
     /// Graceful shutdown: the gossip is told this scheduler is leaving (clients stop
     /// sending it work), new enqueues are answered `ShuttingDown`, queued work keeps
     /// dispatching for up to the drain timeout, whatever is still queued then is handed
-    /// back to its frontend with an explicit error, the scheduler leaves the gossip, and
-    /// the endpoint closes.
+    /// back to its frontend with an explicit error, the scheduler leaves the gossip, every
+    /// stream's last frames are flushed and acknowledged (bounded wait), and the endpoint
+    /// closes.
     pub async fn shutdown(self) {
         if let Some(g) = &self.gossip {
             g.set_state(MemberState::Leaving).await;
@@ -319,8 +327,19 @@ impl Server {
             g.leave().await;
         }
         self.stop_accepting.cancel();
-        // Let the hand-back and shutting-down frames reach their peers before closing.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The dispatcher lets go of every outbox; each writer sends what is left, finishes
+        // its stream and waits for the peer's acknowledgement (bounded by FLUSH_WAIT).
+        let (done, closed) = oneshot::channel();
+        if self.commands.send(Command::Close { done }).await.is_ok() {
+            let _ = closed.await;
+        }
+        self.writers.close();
+        if tokio::time::timeout(streams::FLUSH_WAIT + Duration::from_millis(500), self.writers.wait())
+            .await
+            .is_err()
+        {
+            warn!("some streams' last frames were not acknowledged before closing");
+        }
         self.endpoint
             .close(close_code::SHUTTING_DOWN.into(), b"scheduler shutting down");
         let _ = self.accept_task.await;

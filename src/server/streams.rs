@@ -2,7 +2,7 @@
 //! querier's shutdown notice. Each loop has a reader (frames → dispatcher commands) and
 //! a writer task (dispatcher messages → frames, batched into one write when several wait).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sluice_protocol::{
@@ -10,6 +10,7 @@ use sluice_protocol::{
     ReadError, RejectCode, Role, SchedulerToQuerier, StreamKind, close_code,
 };
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::dispatcher::{Command, OUTBOX_CAPACITY, Outbox};
@@ -73,6 +74,7 @@ pub(crate) async fn serve_stream(
         reader,
         writer,
         commands,
+        writers: limits.writers.clone(),
     };
     match kind {
         StreamKind::FrontendLoop => frontend_loop(s).await,
@@ -111,12 +113,16 @@ fn not_reading(conn: &quinn::Connection) {
     conn.close(close_code::NOT_READING.into(), b"replies not read");
 }
 
-/// Forwards messages from the dispatcher to the stream until either side ends.
+/// Forwards messages from the dispatcher to the stream until either side ends. When the
+/// dispatcher lets go of the outbox (at shutdown), what is left is sent, the stream is
+/// finished, and the task waits (bounded) for the peer to acknowledge it, so the server
+/// can wait on `writers` before closing the endpoint instead of sleeping.
 fn spawn_writer<T: Serialize + Send + 'static>(
+    writers: &TaskTracker,
     mut writer: Writer,
     mut rx: mpsc::Receiver<T>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+    writers.spawn(async move {
         while let Some(first) = rx.recv().await {
             let mut batch = Some(first);
             while let Some(m) = batch.take().or_else(|| rx.try_recv().ok()) {
@@ -128,8 +134,26 @@ fn spawn_writer<T: Serialize + Send + 'static>(
                 return;
             }
         }
-        let _ = writer.get_mut().finish();
+        let stream = writer.get_mut();
+        if stream.finish().is_ok() {
+            let _ = tokio::time::timeout(FLUSH_WAIT, stream.stopped()).await;
+        }
     })
+}
+
+/// How long a finished stream's writer waits for the peer to acknowledge what was sent.
+pub(crate) const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether a read error means the peer closed its connection on purpose (code `DONE`),
+/// as a frontend client does when it closes.
+fn closed_on_purpose(e: &ReadError) -> bool {
+    let ReadError::Io(io) = e else { return false };
+    let Some(quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close))) =
+        io.get_ref().and_then(|inner| inner.downcast_ref::<quinn::ReadError>())
+    else {
+        return false;
+    };
+    close.error_code == close_code::DONE.into()
 }
 
 /// A stream past its hello, with everything its loop needs.
@@ -139,18 +163,19 @@ struct Opened {
     reader: Reader,
     writer: Writer,
     commands: mpsc::Sender<Command>,
+    writers: TaskTracker,
 }
 
 /// What the frontend and dequeue loops share: register with the dispatcher (which hands
 /// back an id) and give it the connection's outbox, run the writer, turn each frame into a
 /// command until the stream ends, the peer breaks the protocol or stops reading its
-/// replies, then tell the dispatcher the peer is gone.
+/// replies, then tell the dispatcher the peer is gone (and whether it left on purpose).
 async fn conversation<In, Out, Id>(
     s: Opened,
     what: &str,
     open: impl FnOnce(Outbox<Out>, oneshot::Sender<Id>) -> Command,
     to_command: impl Fn(Id, In) -> Command,
-    closed: impl FnOnce(Id) -> Command,
+    closed: impl FnOnce(Id, bool) -> Command,
 ) where
     In: serde::de::DeserializeOwned,
     Out: Serialize + Send + 'static,
@@ -162,31 +187,41 @@ async fn conversation<In, Out, Id>(
         mut reader,
         writer,
         commands,
+        writers,
     } = s;
-    let (tx, rx, overflow) = Outbox::new(OUTBOX_CAPACITY);
+    let (tx, rx, cut) = Outbox::new(OUTBOX_CAPACITY);
     let (reply, id) = oneshot::channel();
     if commands.send(open(tx, reply)).await.is_err() {
         return;
     }
     let Ok(id) = id.await else { return };
-    let writer_task = spawn_writer(writer, rx);
+    let writer_task = spawn_writer(&writers, writer, rx);
+    let mut graceful = false;
     loop {
         let next = tokio::select! {
             next = reader.next::<In>() => next,
-            _ = overflow.cancelled() => {
+            _ = cut.overflow.cancelled() => {
                 not_reading(&conn);
+                break;
+            }
+            _ = cut.violation.cancelled() => {
+                protocol_error(&conn, &format!("{what}: a frame out of turn"));
                 break;
             }
         };
         let msg = match next {
             Ok(Some(msg)) => msg,
-            Ok(None) => break,
+            Ok(None) => {
+                graceful = true;
+                break;
+            }
             Err(ReadError::Decode(e)) => {
                 protocol_error(&conn, &format!("{what}: {e}"));
                 break;
             }
             Err(e) => {
-                debug!(peer = %hello.id, error = %e, "{what} ended");
+                graceful = closed_on_purpose(&e);
+                debug!(peer = %hello.id, error = %e, graceful, "{what} ended");
                 break;
             }
         };
@@ -194,7 +229,7 @@ async fn conversation<In, Out, Id>(
             break;
         }
     }
-    let _ = commands.send(closed(id)).await;
+    let _ = commands.send(closed(id, graceful)).await;
     writer_task.abort();
 }
 
@@ -216,7 +251,7 @@ async fn frontend_loop(s: Opened) {
             },
             FrontendToScheduler::ResultEndpoint(address) => Command::ResultEndpoint { frontend, address },
         },
-        |frontend| Command::FrontendClosed { frontend },
+        |frontend, graceful| Command::FrontendClosed { frontend, graceful },
     )
     .await
 }
@@ -228,7 +263,7 @@ async fn worker_loop(s: Opened) {
         "dequeue loop",
         |tx, reply| Command::WorkerOpened { querier, tx, reply },
         |worker, QuerierToScheduler::Ready { finished }| Command::Ready { worker, finished },
-        |worker| Command::WorkerClosed { worker },
+        |worker, _| Command::WorkerClosed { worker },
     )
     .await
 }
@@ -240,6 +275,7 @@ async fn notice(s: Opened) {
         mut reader,
         mut writer,
         commands,
+        ..
     } = s;
     match reader.next::<Notice>().await {
         Ok(Some(Notice::QuerierShuttingDown)) => {

@@ -111,6 +111,16 @@ impl Peer {
             .expect("stream ended")
     }
 
+    /// The next frame a scheduler sends a frontend, skipping `Dispatched` notes.
+    pub async fn from_scheduler(&mut self) -> SchedulerToFrontend {
+        loop {
+            match self.recv::<SchedulerToFrontend>().await {
+                SchedulerToFrontend::Dispatched { .. } => continue,
+                other => return other,
+            }
+        }
+    }
+
     /// Whatever the stream yields next, with no timeout interpretation.
     pub async fn try_recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ReadError> {
         tokio::time::timeout(WAIT, self.reader.next::<T>())
@@ -168,6 +178,7 @@ pub fn enqueue(query_id: u64, tenant: &str) -> FrontendToScheduler {
         priority: None,
         cost_hint: None,
         timeout_ms: None,
+        attempt: 1,
         metadata: vec![("traceparent".into(), "00-1-2-01".into())],
         payload: bytes::Bytes::from(format!("query {query_id}")),
     })
@@ -175,7 +186,7 @@ pub fn enqueue(query_id: u64, tenant: &str) -> FrontendToScheduler {
 
 /// Expects the enqueue status of `query_id`.
 pub async fn status_of(frontend: &mut Peer, query_id: u64) -> EnqueueStatus {
-    match frontend.recv::<SchedulerToFrontend>().await {
+    match frontend.from_scheduler().await {
         SchedulerToFrontend::EnqueueStatus {
             query_id: q, status, ..
         } if q == query_id => status,

@@ -4,7 +4,9 @@
 //!
 //! It also keeps what the queue core does not: which worker runs which query (to fail
 //! the query at once when that worker's connection breaks, and to forward cancels), the
-//! frontends' result endpoints, and the drain at shutdown.
+//! frontends' result endpoints, which queries each frontend must be told were dispatched,
+//! the querier protocol's turn-taking, and the phase of the scheduler's life
+//! (serving → draining → closed).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -32,25 +34,32 @@ use crate::metrics::{self as m, Metrics};
 #[derive(Debug)]
 pub(crate) struct Outbox<T> {
     tx: mpsc::Sender<T>,
-    overflow: CancellationToken,
+    cut: Cut,
+}
+
+/// Why a connection must be closed, as its stream task watches for it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Cut {
+    /// The peer stopped reading: its outbox is full.
+    pub(crate) overflow: CancellationToken,
+    /// The peer broke the protocol's turn-taking (a querier's second `Ready` while waiting).
+    pub(crate) violation: CancellationToken,
 }
 
 /// Messages an outbox holds before its peer counts as not reading.
 pub(crate) const OUTBOX_CAPACITY: usize = 16 * 1024;
 
 impl<T> Outbox<T> {
-    /// An outbox, the receiver its writer drains, and the token cancelled on overflow.
-    pub(crate) fn new(capacity: usize) -> (Self, mpsc::Receiver<T>, CancellationToken) {
+    /// An outbox, the receiver its writer drains, and the tokens that cut the connection.
+    pub(crate) fn new(capacity: usize) -> (Self, mpsc::Receiver<T>, Cut) {
         let (tx, rx) = mpsc::channel(capacity);
-        let overflow = CancellationToken::new();
-        (
-            Outbox {
-                tx,
-                overflow: overflow.clone(),
-            },
-            rx,
-            overflow,
-        )
+        let cut = Cut::default();
+        (Outbox { tx, cut: cut.clone() }, rx, cut)
+    }
+
+    /// Has the peer's connection closed for breaking the protocol.
+    pub(crate) fn protocol_violation(&self) {
+        self.cut.violation.cancel();
     }
 
     /// Queues `msg`; false if the connection is gone or has stopped reading (it is then
@@ -59,7 +68,7 @@ impl<T> Outbox<T> {
         match self.tx.try_send(msg) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.overflow.cancel();
+                self.cut.overflow.cancel();
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -93,8 +102,12 @@ pub(crate) enum Command {
         frontend: u64,
         query: QueryId,
     },
+    /// A frontend loop ended; `graceful`: the frontend finished or closed it itself (its
+    /// running queries are then cancelled; after a lost connection they still run, as the
+    /// frontend keeps waiting for their results).
     FrontendClosed {
         frontend: u64,
+        graceful: bool,
     },
     WorkerOpened {
         querier: String,
@@ -123,6 +136,11 @@ pub(crate) enum Command {
     /// `done` fires when the queue is empty.
     Shutdown {
         drain_timeout: Duration,
+        done: oneshot::Sender<()>,
+    },
+    /// After the drain: let go of every outbox, so each connection's writer sends what is
+    /// left and finishes its stream.
+    Close {
         done: oneshot::Sender<()>,
     },
 }
@@ -158,6 +176,8 @@ struct Worker {
     tx: WorkerTx,
     /// The query this worker runs, until its next `Ready`.
     running: Option<QueryKey>,
+    /// In `waiting`: it said `Ready` and got nothing yet (a second `Ready` breaks the protocol).
+    waiting: bool,
 }
 
 /// A dispatched query, until its worker says `Ready` again.
@@ -169,10 +189,22 @@ struct Running {
     cost: u32,
 }
 
-struct Draining {
-    until: Instant,
-    done: oneshot::Sender<()>,
+/// Where the scheduler is in its life; admission is open only while `Serving`, and never
+/// reopens.
+enum Phase {
+    Serving,
+    /// No enqueues; queued work is still dispatched until the queue is empty or `until`.
+    Draining {
+        until: Instant,
+        done: oneshot::Sender<()>,
+    },
+    /// The drain is over and the server is closing its connections: a worker stream that
+    /// ends now was closed by us, and its querier still delivers its result.
+    Closed,
 }
+
+/// Commands handled before the frontends are told what was dispatched (one batch).
+const BATCH: usize = 256;
 
 pub(crate) struct Dispatcher {
     queue: TreeQueue<Pending>,
@@ -184,10 +216,10 @@ pub(crate) struct Dispatcher {
     waiting: VecDeque<WorkerId>,
     /// Which worker runs each dispatched query.
     running: HashMap<QueryKey, Running>,
-    draining: Option<Draining>,
-    /// The drain is over and the server is closing its connections: a worker stream
-    /// that ends now was closed by us, and its querier still delivers its result.
-    closing: bool,
+    /// Queries dispatched in this batch, per frontend: sent as one `Dispatched` frame at
+    /// the batch's end, or before any other frame to that frontend.
+    notes: HashMap<u64, Vec<QueryId>>,
+    phase: Phase,
     scheduler_id: String,
     started: Instant,
     metrics: Arc<Metrics>,
@@ -217,8 +249,8 @@ impl Dispatcher {
             workers: HashMap::new(),
             waiting: VecDeque::new(),
             running: HashMap::new(),
-            draining: None,
-            closing: false,
+            notes: HashMap::new(),
+            phase: Phase::Serving,
             scheduler_id,
             started: now,
             metrics,
@@ -228,19 +260,50 @@ impl Dispatcher {
         })
     }
 
-    /// Runs until every command sender is gone.
+    /// Runs until every command sender is gone. Commands that wait are handled in
+    /// batches; each batch ends by telling the frontends what was dispatched.
     pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd, Instant::now()),
+                    Some(cmd) => {
+                        self.handle(cmd, Instant::now());
+                        for _ in 1..BATCH {
+                            let Ok(cmd) = commands.try_recv() else { break };
+                            self.handle(cmd, Instant::now());
+                        }
+                    }
                     None => break,
                 },
                 _ = tick.tick() => self.tick(Instant::now()),
             }
+            self.end_batch();
         }
+    }
+
+    /// Sends every frontend the queries dispatched for it since the last batch.
+    pub(crate) fn end_batch(&mut self) {
+        for (frontend, query_ids) in self.notes.drain() {
+            if let Some(f) = self.frontends.get(&frontend) {
+                let _ = f.tx.send(SchedulerToFrontend::Dispatched { query_ids });
+            }
+        }
+    }
+
+    /// Sends `msg` to a frontend, after the dispatch notes it is owed (so it never hears
+    /// about a query before hearing that it was dispatched).
+    fn tell_frontend(&mut self, frontend: u64, msg: SchedulerToFrontend) {
+        let Some(f) = self.frontends.get(&frontend) else { return };
+        if let Some(query_ids) = self.notes.remove(&frontend) {
+            let _ = f.tx.send(SchedulerToFrontend::Dispatched { query_ids });
+        }
+        let _ = f.tx.send(msg);
+    }
+
+    fn serving(&self) -> bool {
+        matches!(self.phase, Phase::Serving)
     }
 
     fn load(&self) -> LoadHint {
@@ -255,7 +318,7 @@ impl Dispatcher {
             Command::FrontendOpened { name, tx, reply } => {
                 let id = self.next_frontend;
                 self.next_frontend += 1;
-                if self.draining.is_some() {
+                if !self.serving() {
                     let _ = tx.send(SchedulerToFrontend::ShuttingDown);
                 }
                 self.frontends.insert(
@@ -278,11 +341,15 @@ impl Dispatcher {
                 enqueue,
                 received,
             } => self.enqueue(now, frontend, enqueue, received),
-            Command::Cancel { frontend, query } => self.cancel(QueryKey { frontend, query }),
-            Command::FrontendClosed { frontend } => self.frontend_closed(frontend),
+            Command::Cancel { frontend, query } => {
+                self.cancel(QueryKey { frontend, query });
+                self.serve_waiting(now);
+            }
+            Command::FrontendClosed { frontend, graceful } => self.frontend_closed(now, frontend, graceful),
             Command::WorkerOpened { querier, tx, reply } => {
                 let id = self.queue.register_worker(now, &querier);
-                if self.draining.is_some() {
+                // A worker that joins during the drain helps empty the queue.
+                if matches!(self.phase, Phase::Closed) {
                     let _ = tx.send(SchedulerToQuerier::ShuttingDown);
                 }
                 self.workers.insert(
@@ -291,6 +358,7 @@ impl Dispatcher {
                         querier,
                         tx,
                         running: None,
+                        waiting: false,
                     },
                 );
                 let _ = reply.send(id);
@@ -299,34 +367,53 @@ impl Dispatcher {
             Command::WorkerClosed { worker } => self.worker_closed(now, worker),
             Command::QuerierShuttingDown { querier, reply } => {
                 self.queue.notify_querier_shutdown(now, &querier);
-                let workers = &self.workers;
+                let workers = &mut self.workers;
                 self.waiting.retain(|w| {
-                    let theirs = workers.get(w).is_some_and(|x| x.querier == querier);
-                    if theirs {
-                        let _ = workers[w].tx.send(SchedulerToQuerier::ShuttingDown);
-                    }
-                    !theirs
+                    let Some(x) = workers.get_mut(w).filter(|x| x.querier == querier) else {
+                        return true;
+                    };
+                    x.waiting = false;
+                    let _ = x.tx.send(SchedulerToQuerier::ShuttingDown);
+                    false
                 });
                 info!(%querier, "querier announced shutdown");
                 let _ = reply.send(());
+                // Its shards went to other queriers: their waiting workers may take more.
+                self.serve_waiting(now);
             }
             Command::SetQueueConfig { config, reply } => {
                 let result = self.queue.set_config(config).map_err(|e| e.to_string());
                 let _ = reply.send(result);
+                // Limits, shard sizes or reservations changed who may take what.
+                self.serve_waiting(now);
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status(now));
             }
             Command::Shutdown { drain_timeout, done } => {
-                info!(queued = self.queue.len(), ?drain_timeout, "draining");
-                for f in self.frontends.values() {
-                    let _ = f.tx.send(SchedulerToFrontend::ShuttingDown);
+                if !self.serving() {
+                    let _ = done.send(()); // already draining or closed: the phase never goes back
+                    return;
                 }
-                self.draining = Some(Draining {
+                info!(queued = self.queue.len(), ?drain_timeout, "draining");
+                let frontends: Vec<u64> = self.frontends.keys().copied().collect();
+                for f in frontends {
+                    self.tell_frontend(f, SchedulerToFrontend::ShuttingDown);
+                }
+                self.phase = Phase::Draining {
                     until: now + drain_timeout,
                     done,
-                });
+                };
                 self.tick(now);
+            }
+            Command::Close { done } => {
+                self.end_batch();
+                self.phase = Phase::Closed;
+                self.frontends.clear();
+                self.workers.clear();
+                self.waiting.clear();
+                self.running.clear();
+                let _ = done.send(());
             }
         }
     }
@@ -355,13 +442,8 @@ impl Dispatcher {
             }
         });
         let accepted = status == EnqueueStatus::Accepted;
-        if let Some(f) = self.frontends.get(&frontend) {
-            let _ = f.tx.send(SchedulerToFrontend::EnqueueStatus {
-                query_id,
-                status,
-                load: self.load(),
-            });
-        }
+        let load = self.load();
+        self.tell_frontend(frontend, SchedulerToFrontend::EnqueueStatus { query_id, status, load });
         if accepted {
             self.serve_waiting(now);
         }
@@ -377,7 +459,7 @@ impl Dispatcher {
         received: Instant,
         has_address: bool,
     ) -> Result<(), (EnqueueStatus, String)> {
-        if self.draining.is_some() {
+        if !self.serving() {
             return Err((EnqueueStatus::ShuttingDown, enqueue.tenant));
         }
         if !has_address {
@@ -394,6 +476,10 @@ impl Dispatcher {
         };
         let query = enqueue.query_id;
         let key = QueryKey { frontend, query };
+        if self.running.contains_key(&key) {
+            let reason = format!("query {query} is already running");
+            return Err((EnqueueStatus::Invalid { reason }, enqueue.tenant));
+        }
         self.queue
             .enqueue(now, key, Pending { enqueue }, options)
             .map_err(|rejected| {
@@ -424,7 +510,7 @@ impl Dispatcher {
             .record(|| counter!(m::CANCELLED_REQUESTS, "tenant" => tenant).increment(1));
     }
 
-    fn frontend_closed(&mut self, frontend: u64) {
+    fn frontend_closed(&mut self, now: Instant, frontend: u64, graceful: bool) {
         let removed = self.queue.cancel_frontend(frontend);
         self.metrics.record(|| {
             for (_, p) in &removed {
@@ -432,24 +518,39 @@ impl Dispatcher {
             }
         });
         let removed = removed.len();
-        let running: Vec<QueryKey> = self
-            .running
-            .keys()
-            .filter(|k| k.frontend == frontend)
-            .copied()
-            .collect();
-        for key in running {
-            self.cancel(key);
+        // A frontend that lost its connection still waits for its dispatched queries'
+        // results (they go straight to it); one that closed its loop wants nothing more.
+        if graceful {
+            let running: Vec<QueryKey> = self
+                .running
+                .keys()
+                .filter(|k| k.frontend == frontend)
+                .copied()
+                .collect();
+            for key in running {
+                self.cancel(key);
+            }
         }
+        self.notes.remove(&frontend);
         if let Some(f) = self.frontends.remove(&frontend) {
-            debug!(frontend = %f.name, removed, "frontend gone");
+            debug!(frontend = %f.name, removed, graceful, "frontend gone");
         }
+        // Cancelled work may have held back a tenant's limit or a priority class.
+        self.serve_waiting(now);
     }
 
     fn ready(&mut self, now: Instant, worker: WorkerId, finished: Option<Finished>) {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
+        if w.waiting {
+            // A worker that waits has nothing to report and must not be counted twice.
+            warn!(querier = %w.querier, "Ready from a worker that was already waiting; closing its connection");
+            w.tx.protocol_violation();
+            w.waiting = false;
+            self.waiting.retain(|x| *x != worker);
+            return;
+        }
         if let Some(key) = w.running.take()
             && let Some(r) = self.running.remove(&key)
         {
@@ -462,84 +563,118 @@ impl Dispatcher {
             self.count_served_cost(r.tenant, measured.unwrap_or(r.cost));
         }
         if !self.try_dispatch(now, worker) {
-            self.waiting.push_back(worker);
+            self.park(worker);
         }
         self.send_expired();
     }
 
-    /// Gives `worker` its next query if there is one; false if it must wait.
+    /// Puts `worker` at the back of the waiting line.
+    fn park(&mut self, worker: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.waiting = true;
+            self.waiting.push_back(worker);
+        }
+    }
+
+    /// Gives `worker` its next query if there is one; false if it must wait. A request is
+    /// taken from the queue only for a worker that exists, and a taken request always ends
+    /// somewhere: dispatched, or handed back to its frontend.
     fn try_dispatch(&mut self, now: Instant, worker: WorkerId) -> bool {
-        match self.queue.dequeue(now, worker) {
-            Dequeue::Dispatch(d) => {
-                let Some(w) = self.workers.get_mut(&worker) else {
+        if !self.workers.contains_key(&worker) {
+            return true; // gone: nothing to wait for
+        }
+        loop {
+            let d = match self.queue.dequeue(now, worker) {
+                Dequeue::Dispatch(d) => d,
+                Dequeue::Empty => return false,
+                Dequeue::ShuttingDown => {
+                    if let Some(w) = self.workers.get(&worker) {
+                        let _ = w.tx.send(SchedulerToQuerier::ShuttingDown);
+                    }
                     return true;
-                };
-                let Some(address) = self.frontends.get(&d.key.frontend).and_then(|f| f.address.clone()) else {
-                    return false; // cannot happen: a closed frontend's queries are cancelled
-                };
-                let e = *d.request.enqueue;
-                let (tenant, component) = (e.tenant.clone(), e.component.clone());
-                let cost = e.cost_hint.unwrap_or(1).max(1);
+                }
+                Dequeue::UnknownWorker => return true,
+            };
+            let Some(address) = self.frontends.get(&d.key.frontend).and_then(|f| f.address.clone()) else {
+                // Unreachable by construction (a gone frontend's queued queries are
+                // cancelled with it), but never silent.
+                warn!(key = ?d.key, "queued query of a frontend that is gone; discarded");
+                let tenant = d.request.enqueue.tenant.clone();
                 self.metrics.record(|| {
-                    let c = component.clone().unwrap_or_else(|| "unknown".into());
-                    histogram!(m::QUEUE_DURATION, "tenant" => tenant.clone(), "component" => c)
-                        .record(d.queue_time.as_secs_f64());
+                    counter!(m::DISCARDED_REQUESTS, "tenant" => tenant, "reason" => "frontend_gone").increment(1)
                 });
-                let timeout_ms = d
-                    .deadline
-                    .map(|dl| u64::try_from(dl.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX));
-                let dispatch = Dispatch {
-                    query_id: e.query_id,
-                    frontend: address,
-                    tenant: e.tenant,
-                    actors: e.actors,
-                    component: e.component,
-                    metadata: e.metadata,
-                    queue_time_us: u64::try_from(d.queue_time.as_micros()).unwrap_or(u64::MAX),
-                    timeout_ms,
-                    payload: e.payload,
-                };
-                if w.tx.send(SchedulerToQuerier::Dispatch(Box::new(dispatch))) {
-                    w.running = Some(d.key);
-                    self.running.insert(
-                        d.key,
-                        Running {
-                            worker,
-                            tenant,
-                            component,
-                            cost,
-                        },
-                    );
-                } else {
-                    // The stream task is gone and its close is on the way: fail the query now.
-                    self.query_error(d.key, QueryErrorKind::QuerierFailed, "querier stream closed".into());
-                }
-                true
+                continue;
+            };
+            let e = *d.request.enqueue;
+            let (tenant, component) = (e.tenant.clone(), e.component.clone());
+            let cost = e.cost_hint.unwrap_or(1).max(1);
+            self.metrics.record(|| {
+                let c = component.clone().unwrap_or_else(|| "unknown".into());
+                histogram!(m::QUEUE_DURATION, "tenant" => tenant.clone(), "component" => c)
+                    .record(d.queue_time.as_secs_f64());
+            });
+            let timeout_ms = d
+                .deadline
+                .map(|dl| u64::try_from(dl.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX));
+            let dispatch = Dispatch {
+                query_id: e.query_id,
+                frontend: address,
+                tenant: e.tenant,
+                actors: e.actors,
+                component: e.component,
+                metadata: e.metadata,
+                queue_time_us: u64::try_from(d.queue_time.as_micros()).unwrap_or(u64::MAX),
+                timeout_ms,
+                attempt: e.attempt,
+                payload: e.payload,
+            };
+            let w = self.workers.get_mut(&worker).expect("checked above");
+            if w.tx.send(SchedulerToQuerier::Dispatch(Box::new(dispatch))) {
+                w.running = Some(d.key);
+                w.waiting = false;
+                self.running.insert(
+                    d.key,
+                    Running {
+                        worker,
+                        tenant,
+                        component,
+                        cost,
+                    },
+                );
+                self.notes.entry(d.key.frontend).or_default().push(d.key.query);
+            } else {
+                // The stream task is gone and its close is on the way. The query never
+                // ran: its frontend places it again.
+                self.query_error(
+                    d.key,
+                    QueryErrorKind::HandedBack,
+                    "the worker it was dispatched to was gone; it did not run".into(),
+                );
             }
-            Dequeue::Empty => false,
-            Dequeue::ShuttingDown => {
-                if let Some(w) = self.workers.get(&worker) {
-                    let _ = w.tx.send(SchedulerToQuerier::ShuttingDown);
-                }
-                true
-            }
-            Dequeue::UnknownWorker => true,
+            return true;
         }
     }
 
     /// Hands queued work to waiting workers, longest waiting first, stopping as soon as
     /// the queue is empty (so an enqueue costs one dispatch, not a walk of every waiting
-    /// worker). Workers that could take nothing (shuffle sharding) keep their place.
+    /// worker). Workers that could take nothing (shuffle sharding) keep their place. Called
+    /// after every event that can make queued work eligible for a waiting worker.
     fn serve_waiting(&mut self, now: Instant) {
         let mut skipped = Vec::new();
         while !self.queue.is_empty() {
             let Some(w) = self.waiting.pop_front() else { break };
+            if let Some(x) = self.workers.get_mut(&w) {
+                x.waiting = false;
+            }
             if !self.try_dispatch(now, w) {
                 skipped.push(w);
             }
         }
         for w in skipped.into_iter().rev() {
-            self.waiting.push_front(w);
+            if let Some(x) = self.workers.get_mut(&w) {
+                x.waiting = true;
+                self.waiting.push_front(w);
+            }
         }
         self.send_expired();
     }
@@ -553,7 +688,7 @@ impl Dispatcher {
             if let Some(r) = self.running.remove(&key) {
                 self.count_served_cost(r.tenant, r.cost);
             }
-            if self.closing {
+            if matches!(self.phase, Phase::Closed) {
                 debug!(querier = %w.querier, query = key.query, "worker stream closed at shutdown while running");
                 self.queue.unregister_worker(now, worker);
                 return;
@@ -567,6 +702,8 @@ impl Dispatcher {
             );
         }
         self.queue.unregister_worker(now, worker);
+        // The querier's last worker may have gone: its shards move to others.
+        self.serve_waiting(now);
     }
 
     fn count_served_cost(&self, tenant: String, cost: u32) {
@@ -574,14 +711,15 @@ impl Dispatcher {
             .record(|| counter!(m::SERVED_COST, "tenant" => tenant).increment(u64::from(cost)));
     }
 
-    fn query_error(&self, key: QueryKey, kind: QueryErrorKind, message: String) {
-        if let Some(f) = self.frontends.get(&key.frontend) {
-            let _ = f.tx.send(SchedulerToFrontend::QueryError {
+    fn query_error(&mut self, key: QueryKey, kind: QueryErrorKind, message: String) {
+        self.tell_frontend(
+            key.frontend,
+            SchedulerToFrontend::QueryError {
                 query_id: key.query,
                 kind,
                 message,
-            });
-        }
+            },
+        );
     }
 
     fn send_expired(&mut self) {
@@ -598,9 +736,11 @@ impl Dispatcher {
         self.queue.expire(now);
         self.send_expired();
         self.queue.forget_disconnected_queriers(now);
-        let drained = match &self.draining {
-            Some(d) => self.queue.is_empty() || now >= d.until,
-            None => false,
+        // Forgotten queriers' shards moved to others; expiries freed tenant slots.
+        self.serve_waiting(now);
+        let drained = match &self.phase {
+            Phase::Draining { until, .. } => self.queue.is_empty() || now >= *until,
+            _ => false,
         };
         if drained {
             let handed_back = self.queue.drain();
@@ -621,13 +761,13 @@ impl Dispatcher {
                     "scheduler shutting down; the query was not run".into(),
                 );
             }
-            for w in self.workers.values() {
+            for w in self.workers.values_mut() {
+                w.waiting = false;
                 let _ = w.tx.send(SchedulerToQuerier::ShuttingDown);
             }
             self.waiting.clear();
-            if let Some(d) = self.draining.take() {
-                self.closing = true;
-                let _ = d.done.send(());
+            if let Phase::Draining { done, .. } = std::mem::replace(&mut self.phase, Phase::Closed) {
+                let _ = done.send(());
             }
         }
         self.ticks += 1;
@@ -708,7 +848,7 @@ impl Dispatcher {
         Status {
             scheduler_id: self.scheduler_id.clone(),
             uptime: now.saturating_duration_since(self.started),
-            draining: self.draining.is_some(),
+            draining: !self.serving(),
             queued: self.queue.len(),
             queued_bytes: self.queue.queued_bytes(),
             running: self.running.len(),
@@ -725,252 +865,4 @@ impl Dispatcher {
 }
 
 #[cfg(test)]
-mod tests {
-    //! The dispatcher without a network: commands in, channel messages out, explicit time.
-
-    use super::*;
-    use bytes::Bytes;
-
-    struct Harness {
-        d: Dispatcher,
-        now: Instant,
-        fe_rx: mpsc::Receiver<SchedulerToFrontend>,
-        frontend: u64,
-    }
-
-    fn harness() -> Harness {
-        let now = Instant::now();
-        let metrics = Arc::new(Metrics::new(Duration::from_secs(60)));
-        let mut d = Dispatcher::new("s".into(), QueueConfig::default(), Limits::default(), metrics).unwrap();
-        let (tx, fe_rx, _) = Outbox::new(64);
-        let (reply, mut id) = oneshot::channel();
-        d.handle(
-            Command::FrontendOpened {
-                name: "fe".into(),
-                tx,
-                reply,
-            },
-            now,
-        );
-        let frontend = id.try_recv().unwrap();
-        let address = FrontendAddress {
-            id: "fe".into(),
-            address: "127.0.0.1:1".into(),
-            server_name: "localhost".into(),
-        };
-        d.handle(Command::ResultEndpoint { frontend, address }, now);
-        Harness {
-            d,
-            now,
-            fe_rx,
-            frontend,
-        }
-    }
-
-    impl Harness {
-        fn enqueue(&mut self, query_id: u64) {
-            self.enqueue_for("t", query_id);
-        }
-
-        fn enqueue_for(&mut self, tenant: &str, query_id: u64) {
-            let enqueue = Box::new(Enqueue {
-                query_id,
-                tenant: tenant.into(),
-                actors: vec![],
-                component: None,
-                priority: None,
-                cost_hint: None,
-                timeout_ms: None,
-                metadata: vec![],
-                payload: Bytes::from_static(b"q"),
-            });
-            let (frontend, now) = (self.frontend, self.now);
-            self.d.handle(
-                Command::Enqueue {
-                    frontend,
-                    enqueue,
-                    received: now,
-                },
-                now,
-            );
-            assert!(matches!(
-                self.fe_rx.try_recv(),
-                Ok(SchedulerToFrontend::EnqueueStatus {
-                    status: EnqueueStatus::Accepted,
-                    ..
-                })
-            ));
-        }
-
-        /// A worker that asked for work and was handed the queued query.
-        fn busy_worker(&mut self) -> (WorkerId, mpsc::Receiver<SchedulerToQuerier>) {
-            let (w, mut rx) = self.worker();
-            self.d.handle(
-                Command::Ready {
-                    worker: w,
-                    finished: None,
-                },
-                self.now,
-            );
-            assert!(matches!(rx.try_recv(), Ok(SchedulerToQuerier::Dispatch(_))));
-            (w, rx)
-        }
-
-        fn worker(&mut self) -> (WorkerId, mpsc::Receiver<SchedulerToQuerier>) {
-            let (tx, rx, _) = Outbox::new(64);
-            let (reply, mut id) = oneshot::channel();
-            self.d.handle(
-                Command::WorkerOpened {
-                    querier: "q".into(),
-                    tx,
-                    reply,
-                },
-                self.now,
-            );
-            (id.try_recv().unwrap(), rx)
-        }
-    }
-
-    /// The next query `w` is handed after saying Ready with `finished`.
-    fn next_after(
-        h: &mut Harness,
-        w: WorkerId,
-        rx: &mut mpsc::Receiver<SchedulerToQuerier>,
-        finished: Option<Finished>,
-    ) -> u64 {
-        h.d.handle(Command::Ready { worker: w, finished }, h.now);
-        match rx.try_recv() {
-            Ok(SchedulerToQuerier::Dispatch(d)) => d.query_id,
-            other => panic!("expected a dispatch, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_measured_cost_corrects_the_tenants_account() {
-        let mut h = harness();
-        h.enqueue_for("a", 1);
-        let (w, mut rx) = h.busy_worker();
-        h.enqueue_for("a", 2);
-        for q in 3..=6 {
-            h.enqueue_for("b", q);
-        }
-        // Query 1 was hinted at 1 and really cost 5: a owes 4 visits, so b's queries go
-        // first (plain round robin would alternate: 3, 2, 4).
-        let finished = Finished {
-            frontend_id: "fe".into(),
-            query_id: 1,
-            measured_cost: Some(5),
-        };
-        let order: Vec<u64> = std::iter::once(next_after(&mut h, w, &mut rx, Some(finished)))
-            .chain((0..2).map(|_| next_after(&mut h, w, &mut rx, None)))
-            .collect();
-        assert_eq!(order, [3, 4, 5]);
-        let metrics = h.d.metrics.render();
-        assert!(
-            metrics.contains(&format!("{}{{tenant=\"a\"}} 5", m::SERVED_COST)),
-            "{metrics}"
-        );
-        assert!(
-            metrics.contains(&format!("{}{{tenant=\"b\"}} 2", m::SERVED_COST)),
-            "{metrics}"
-        );
-    }
-
-    #[test]
-    fn waiting_workers_are_served_longest_waiting_first() {
-        let mut h = harness();
-        let workers: Vec<_> = (0..3).map(|_| h.worker()).collect();
-        for (w, _) in &workers {
-            h.d.handle(
-                Command::Ready {
-                    worker: *w,
-                    finished: None,
-                },
-                h.now,
-            );
-        }
-        let mut rxs: Vec<_> = workers.into_iter().map(|(_, rx)| rx).collect();
-        for (i, query) in [(0usize, 1u64), (1, 2), (2, 3)] {
-            h.enqueue(query);
-            match rxs[i].try_recv() {
-                Ok(SchedulerToQuerier::Dispatch(d)) => assert_eq!(d.query_id, query),
-                other => panic!("worker {i} expected query {query}, got {other:?}"),
-            }
-            for (j, rx) in rxs.iter_mut().enumerate() {
-                assert!(j == i || rx.try_recv().is_err(), "worker {j} got a second dispatch");
-            }
-        }
-    }
-
-    #[test]
-    fn a_peer_that_stops_reading_is_cut_off() {
-        let (outbox, _rx, overflow) = Outbox::new(2);
-        assert!(outbox.send(1) && outbox.send(2));
-        assert!(!overflow.is_cancelled());
-        assert!(!outbox.send(3), "full");
-        assert!(overflow.is_cancelled(), "the connection is to be closed");
-    }
-
-    #[test]
-    fn a_worker_lost_mid_query_fails_the_query() {
-        let mut h = harness();
-        h.enqueue(1);
-        let (w, _w_rx) = h.busy_worker();
-        h.d.handle(Command::WorkerClosed { worker: w }, h.now);
-        assert!(matches!(
-            h.fe_rx.try_recv(),
-            Ok(SchedulerToFrontend::QueryError {
-                query_id: 1,
-                kind: QueryErrorKind::QuerierFailed,
-                ..
-            })
-        ));
-    }
-
-    #[test]
-    fn worker_streams_closed_by_our_own_shutdown_do_not_fail_their_queries() {
-        let mut h = harness();
-        h.enqueue(1);
-        let (w, _w_rx) = h.busy_worker();
-        let (done, mut drained) = oneshot::channel();
-        h.d.handle(
-            Command::Shutdown {
-                drain_timeout: Duration::from_millis(10),
-                done,
-            },
-            h.now,
-        );
-        assert_eq!(h.fe_rx.try_recv().ok(), Some(SchedulerToFrontend::ShuttingDown));
-        assert!(drained.try_recv().is_ok(), "nothing queued: the drain ends at once");
-        // The server now closes every connection; the querier is still running query 1
-        // and will deliver its result to the frontend directly.
-        h.d.handle(Command::WorkerClosed { worker: w }, h.now);
-        assert!(h.fe_rx.try_recv().is_err(), "no error may be reported for query 1");
-    }
-
-    #[test]
-    fn drain_hands_back_what_no_worker_took_in_time() {
-        let mut h = harness();
-        h.enqueue(1);
-        h.enqueue(2);
-        let (done, mut drained) = oneshot::channel();
-        h.d.handle(
-            Command::Shutdown {
-                drain_timeout: Duration::from_secs(5),
-                done,
-            },
-            h.now,
-        );
-        assert_eq!(h.fe_rx.try_recv().ok(), Some(SchedulerToFrontend::ShuttingDown));
-        h.d.tick(h.now + Duration::from_secs(4));
-        assert!(drained.try_recv().is_err(), "still draining");
-        h.d.tick(h.now + Duration::from_secs(5));
-        assert!(drained.try_recv().is_ok());
-        for q in [1, 2] {
-            assert!(matches!(
-                h.fe_rx.try_recv(),
-                Ok(SchedulerToFrontend::QueryError { query_id, kind: QueryErrorKind::HandedBack, .. }) if query_id == q
-            ));
-        }
-    }
-}
+mod tests;

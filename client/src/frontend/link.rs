@@ -1,0 +1,135 @@
+//! One scheduler connection of the frontend: connect, say hello, announce the result
+//! endpoint, then move frames between the frontend loop stream and the query table until
+//! the connection ends; reconnect with capped, jittered backoff while the link is wanted.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use sluice_protocol::{
+    FramedRead, FramedWrite, FrontendToScheduler, Hello, HelloReply, Role, SchedulerToFrontend, StreamKind, close_code,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::{Link, Shared};
+use crate::backoff::Backoff;
+use crate::lifecycle::{Event, SchedulerIx};
+
+/// Keeps one scheduler connected until the frontend closes or the link is no longer
+/// wanted.
+pub(super) async fn scheduler_loop(shared: Arc<Shared>, s: SchedulerIx, link: Arc<Link>, endpoint: quinn::Endpoint) {
+    let mut backoff = Backoff::new(s as u64 ^ u64::from(link.addr.port()));
+    let addr = link.addr;
+    while !shared.stop.is_cancelled() && !link.stop.is_cancelled() {
+        match serve_scheduler(&shared, s, &link, &endpoint, &mut backoff).await {
+            Ok(()) => debug!(%addr, "scheduler connection closed"),
+            Err(e) => warn!(%addr, error = %e, "cannot reach scheduler"),
+        }
+        *link.tx.lock().unwrap() = None;
+        shared.event(Event::SchedulerDown { scheduler: s });
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shared.stop.cancelled() => break,
+            _ = link.stop.cancelled() => break,
+        }
+    }
+}
+
+async fn serve_scheduler(
+    shared: &Arc<Shared>,
+    s: SchedulerIx,
+    link: &Link,
+    endpoint: &quinn::Endpoint,
+    backoff: &mut Backoff,
+) -> Result<(), String> {
+    let connecting = endpoint
+        .connect(link.addr, &shared.config.scheduler_server_name)
+        .map_err(|e| e.to_string())?;
+    let conn = tokio::select! {
+        conn = connecting => conn.map_err(|e| e.to_string())?,
+        _ = link.stop.cancelled() => return Ok(()),
+    };
+    let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let max = shared.config.max_frame_len;
+    let mut writer = FramedWrite::new(send, max);
+    let mut reader = FramedRead::new(recv, max);
+    writer
+        .send(&Hello::new(Role::Frontend, &shared.config.id, StreamKind::FrontendLoop))
+        .await
+        .map_err(|e| e.to_string())?;
+    match reader.next::<HelloReply>().await.map_err(|e| e.to_string())? {
+        Some(HelloReply::Welcome { .. }) => {}
+        Some(HelloReply::Rejected { code, message }) => return Err(format!("refused ({code:?}): {message}")),
+        None => return Err("closed before the hello reply".into()),
+    }
+    writer
+        .send(&FrontendToScheduler::ResultEndpoint(shared.address.clone()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<FrontendToScheduler>();
+    *link.tx.lock().unwrap() = Some(tx);
+    backoff.reset();
+    shared.event(Event::SchedulerUp {
+        scheduler: s,
+        in_use: link.in_use.load(Ordering::Relaxed),
+    });
+    let writer_task = tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(m) = next.take().or_else(|| rx.try_recv().ok()) {
+                if writer.buffer(&m).is_err() {
+                    return;
+                }
+            }
+            if writer.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let result = loop {
+        tokio::select! {
+            msg = reader.next::<SchedulerToFrontend>() => match msg {
+                Ok(Some(m)) => shared.event(event_of(s, m)),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e.to_string()),
+            },
+            _ = shared.stop.cancelled() => {
+                conn.close(close_code::DONE.into(), b"frontend closing");
+                break Ok(());
+            }
+            _ = link.stop.cancelled() => {
+                conn.close(close_code::DONE.into(), b"scheduler no longer in use");
+                break Ok(());
+            }
+        }
+    };
+    writer_task.abort();
+    result
+}
+
+/// The table's event for a frame from scheduler `s`.
+fn event_of(s: SchedulerIx, msg: SchedulerToFrontend) -> Event {
+    match msg {
+        SchedulerToFrontend::EnqueueStatus { query_id, status, load } => Event::Status {
+            scheduler: s,
+            id: query_id,
+            status,
+            queued: load.queued,
+        },
+        SchedulerToFrontend::QueryError {
+            query_id,
+            kind,
+            message,
+        } => Event::SchedulerError {
+            scheduler: s,
+            id: query_id,
+            kind,
+            message,
+        },
+        SchedulerToFrontend::ShuttingDown => Event::SchedulerDraining { scheduler: s },
+        SchedulerToFrontend::Dispatched { query_ids } => Event::Dispatched {
+            scheduler: s,
+            ids: query_ids,
+        },
+    }
+}

@@ -1,0 +1,692 @@
+//! The frontend client: enqueue sub-queries on the schedulers, receive their results.
+//!
+//! A [`Frontend`] keeps one connection per scheduler in use (reconnecting with backoff; the
+//! set is static or follows the gossip, see [`FrontendConfig::gossip`]) and runs
+//! a QUIC *result endpoint* that queriers send results to directly. Only querier
+//! certificates may deliver results, and only for queries this frontend has outstanding,
+//! for the same tenant.
+//!
+//! What happens to each query is decided by the pure [`QueryTable`](crate::lifecycle)
+//! state machine; this module is its shell: it turns frames, connection changes, caller
+//! actions and timers into events, and carries out the actions the table returns.
+
+mod link;
+mod results;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sluice_protocol::{
+    Enqueue, FrontendAddress, FrontendToScheduler, Limits, Metadata, QueryId, RefuseReason, close_code,
+};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::discovery::{Discovery, Target};
+use crate::error::{ClientError, QueryError};
+use crate::gossip::{GossipConfig, MemberRole};
+use crate::lifecycle::{Action, Event, Policy, QueryTable, SchedulerIx};
+use crate::tls::{self, Identity};
+
+/// Settings of a [`Frontend`].
+#[derive(Debug, Clone)]
+pub struct FrontendConfig {
+    /// This frontend's id, unique among frontends.
+    pub id: String,
+    /// Its certificate (role `frontend`), key, and the CA.
+    pub identity: Identity,
+    /// Scheduler QUIC addresses (a static list; leave it empty when `gossip` is set).
+    pub schedulers: Vec<SocketAddr>,
+    /// Learn the live schedulers by joining their gossip (as a `frontend` member) instead
+    /// of a static list: schedulers that die or leave stop being used, new or restarted
+    /// ones are used as they appear.
+    pub gossip: Option<GossipConfig>,
+    /// Use only the first N active schedulers, in a stable order (by scheduler id), as
+    /// Mimir's `max_used_instances`; 0: all. Applies to gossip discovery.
+    pub max_used_instances: usize,
+    /// TLS name the schedulers' certificates are checked against.
+    pub scheduler_server_name: String,
+    /// Where the result endpoint listens.
+    pub result_listen: SocketAddr,
+    /// `host:port` queriers dial for results; defaults to the bound address.
+    pub result_advertise: Option<String>,
+    /// TLS name queriers check this frontend's certificate against.
+    pub result_server_name: String,
+    /// How long a query may wait for a scheduler to take it (at `submit`, and again after
+    /// its scheduler handed it back or was lost), within its deadline.
+    pub enqueue_wait: Duration,
+    /// The deadline of a query whose request sets none: no query waits forever, even if
+    /// its scheduler and its querier both vanish.
+    pub default_timeout: Duration,
+    /// How many times a [`QueryRequest::retriable`] query may run when its querier dies
+    /// mid-query (at least 1; 1 turns redelivery off).
+    pub max_attempts: u32,
+    /// A scheduler silent for this long is taken as gone (its queued queries go
+    /// elsewhere). Pings go out every fifth of it.
+    pub idle_timeout: Duration,
+    /// Largest frame sent or accepted.
+    pub max_frame_len: u32,
+}
+
+impl FrontendConfig {
+    /// Defaults for a frontend on this host: result endpoint on 127.0.0.1 (any port),
+    /// TLS names `localhost` (as in the development certificates), queries time out
+    /// after 2 minutes unless they say otherwise, retriable queries run at most twice.
+    pub fn new(id: impl Into<String>, identity: Identity, schedulers: Vec<SocketAddr>) -> Self {
+        FrontendConfig {
+            id: id.into(),
+            identity,
+            schedulers,
+            gossip: None,
+            max_used_instances: 0,
+            scheduler_server_name: "localhost".into(),
+            result_listen: "127.0.0.1:0".parse().expect("valid address"),
+            result_advertise: None,
+            result_server_name: "localhost".into(),
+            enqueue_wait: Duration::from_secs(5),
+            default_timeout: Duration::from_secs(120),
+            max_attempts: 2,
+            idle_timeout: Duration::from_secs(5),
+            max_frame_len: Limits::default().max_frame_len,
+        }
+    }
+}
+
+/// One sub-query to run.
+#[derive(Debug, Clone, Default)]
+pub struct QueryRequest {
+    /// The tenant the query runs for.
+    pub tenant: String,
+    /// Actor path below the tenant (user, dashboard…), outermost first.
+    pub actors: Vec<String>,
+    /// The backend the query hits, if known.
+    pub component: Option<String>,
+    /// Priority class; higher is served first (`None`: the tenant's default).
+    pub priority: Option<u8>,
+    /// Expected cost in arbitrary units, for cost-aware fairness.
+    pub cost_hint: Option<u32>,
+    /// Time the query may take from `submit`, wherever it is by then (queued, running,
+    /// or streaming its result); `None`: the frontend's `default_timeout`.
+    pub timeout: Option<Duration>,
+    /// The query may run again if its querier dies mid-query (read-only sub-queries may),
+    /// up to the frontend's `max_attempts`.
+    pub retriable: bool,
+    /// Tracing headers and other key/value pairs passed to the querier.
+    pub metadata: Metadata,
+    /// The opaque request the querier executes.
+    pub payload: Bytes,
+}
+
+impl QueryRequest {
+    /// A request for `tenant` with `payload` and nothing else set.
+    pub fn new(tenant: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        QueryRequest {
+            tenant: tenant.into(),
+            payload: payload.into(),
+            ..QueryRequest::default()
+        }
+    }
+}
+
+/// A result as it starts to arrive: status and metadata now, the body as it streams.
+#[derive(Debug)]
+pub struct QueryResponse {
+    /// The querier's status, HTTP style (200 = success).
+    pub status: u16,
+    /// The querier's metadata.
+    pub metadata: Metadata,
+    /// The result body, streaming in.
+    pub body: Body,
+}
+
+/// A result body, received chunk by chunk (never all held in memory by the client). A
+/// body that failed midway (the querier's producer gave up, the stream broke, or the
+/// deadline passed) ends with an error, never as a shorter success.
+#[derive(Debug)]
+pub struct Body {
+    rx: mpsc::Receiver<Bytes>,
+    /// Set before the sender goes when the body did not end cleanly.
+    failure: Arc<Mutex<Option<QueryError>>>,
+}
+
+impl Body {
+    /// The next chunk; `None` once the body is complete. After an error, `None`.
+    pub async fn chunk(&mut self) -> Option<Result<Bytes, QueryError>> {
+        match self.rx.recv().await {
+            Some(bytes) => Some(Ok(bytes)),
+            None => self.failure.lock().unwrap().take().map(Err),
+        }
+    }
+
+    /// The whole body in one buffer.
+    pub async fn collect(mut self) -> Result<Vec<u8>, QueryError> {
+        let mut out = Vec::new();
+        while let Some(chunk) = self.chunk().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+}
+
+/// An accepted query. Await [`response`](Self::response); dropping the handle before the
+/// response starts cancels the query (removed if queued, stopped if running).
+#[derive(Debug)]
+pub struct QueryHandle {
+    id: QueryId,
+    shared: Arc<Shared>,
+    rx: Option<oneshot::Receiver<Result<QueryResponse, QueryError>>>,
+    /// Whether dropping the handle cancels the query (until it is answered).
+    armed: bool,
+}
+
+impl QueryHandle {
+    /// This query's id at this frontend.
+    pub fn id(&self) -> QueryId {
+        self.id
+    }
+
+    /// Waits for the result to start (or for the query to fail). Bounded by the query's
+    /// deadline.
+    pub async fn response(mut self) -> Result<QueryResponse, QueryError> {
+        let rx = self.rx.take().expect("response is called once");
+        let outcome = rx
+            .await
+            .unwrap_or_else(|_| Err(QueryError::Cancelled("the frontend client stopped".into())));
+        // Answered: nothing left to cancel.
+        self.armed = false;
+        outcome
+    }
+}
+
+impl Drop for QueryHandle {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.event(Event::Cancel { id: self.id });
+        }
+    }
+}
+
+/// Counters of what the frontend decided about its queries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrontendStats {
+    /// Results for a query that already had one (ignored).
+    pub duplicate_results: u64,
+    /// Results for queries this frontend does not have outstanding.
+    pub unknown_results: u64,
+    /// Queries placed again, on another scheduler or the same one restarted, after theirs
+    /// handed them back or was lost before dispatching them.
+    pub requeued: u64,
+    /// Retriable queries run again after their querier died mid-query.
+    pub redelivered: u64,
+}
+
+/// The frontend client. Cheap to clone; all clones share connections and queries.
+#[derive(Debug, Clone)]
+pub struct Frontend {
+    shared: Arc<Shared>,
+    background: Arc<Background>,
+}
+
+/// Discovery and the task that follows it; stopped when the last clone goes.
+struct Background {
+    discovery: Discovery,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Background {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Background")
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
+/// What the shell holds for a query beside its state in the table.
+#[derive(Debug)]
+struct Entry {
+    request: QueryRequest,
+    /// `submit` waits on this for the first placement.
+    placed: Option<oneshot::Sender<Result<(), QueryError>>>,
+    /// `QueryHandle::response` waits on this.
+    done: Option<oneshot::Sender<Result<QueryResponse, QueryError>>>,
+    /// While the result streams: ends the body with this error (the deadline).
+    abort: Option<oneshot::Sender<QueryError>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    table: QueryTable,
+    entries: HashMap<QueryId, Entry>,
+}
+
+/// One scheduler this frontend connects to. Links are only ever appended, so a link's
+/// index names it for as long as the frontend lives; a link that is no longer wanted is
+/// stopped, and a scheduler that comes back gets a new one.
+#[derive(Debug)]
+struct Link {
+    addr: SocketAddr,
+    /// The frontend loop's outbound frames, while connected.
+    tx: Mutex<Option<mpsc::UnboundedSender<FrontendToScheduler>>>,
+    /// Discovery wants new work sent here.
+    in_use: AtomicBool,
+    stop: CancellationToken,
+}
+
+impl Link {
+    fn new(addr: SocketAddr, in_use: bool) -> Link {
+        Link {
+            addr,
+            tx: Mutex::new(None),
+            in_use: AtomicBool::new(in_use),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    fn send(&self, frame: FrontendToScheduler) {
+        if let Some(tx) = self.tx.lock().unwrap().as_ref() {
+            let _ = tx.send(frame);
+        }
+    }
+}
+
+/// What a result stream's claim on its query got.
+pub(crate) type Claim = Result<
+    (
+        oneshot::Sender<Result<QueryResponse, QueryError>>,
+        oneshot::Receiver<QueryError>,
+    ),
+    RefuseReason,
+>;
+
+#[derive(Debug)]
+struct Shared {
+    config: FrontendConfig,
+    address: FrontendAddress,
+    inner: Mutex<Inner>,
+    schedulers: RwLock<Vec<Arc<Link>>>,
+    available: watch::Sender<usize>,
+    next_id: AtomicU64,
+    /// Wakes the timer task when an earlier deadline appears.
+    timer: Notify,
+    stop: CancellationToken,
+    result_endpoint: quinn::Endpoint,
+}
+
+impl Frontend {
+    /// Starts the result endpoint and the scheduler connections, and waits (up to
+    /// `enqueue_wait`) until at least one scheduler is connected.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// use sluice_client::{Frontend, FrontendConfig, QueryRequest, tls::Identity};
+    ///
+    /// let identity = Identity {
+    ///     ca: "sluice-data/ca.pem".into(),
+    ///     cert: "sluice-data/frontend.pem".into(),
+    ///     key: "sluice-data/frontend-key.pem".into(),
+    /// };
+    /// let frontend = Frontend::connect(FrontendConfig::new("frontend-1", identity, vec!["127.0.0.1:9095".parse()?])).await?;
+    /// let handle = frontend.submit(QueryRequest::new("tenant-a", "sum(rate(x[5m]))")).await?;
+    /// let response = handle.response().await?;
+    /// let body = response.body.collect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(config: FrontendConfig) -> Result<Frontend, ClientError> {
+        if config.max_attempts == 0 || config.default_timeout.is_zero() {
+            return Err(ClientError::Config(
+                "max_attempts and default_timeout must be above zero".into(),
+            ));
+        }
+        let discovery = Discovery::start(
+            &config.id,
+            MemberRole::Frontend,
+            &config.schedulers,
+            config.gossip.as_ref(),
+            config.max_used_instances,
+        )?;
+        let mut server_config = tls::quic_server(&config.identity)?;
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_bidi_streams(4096u32.into());
+        server_config.transport_config(Arc::new(transport));
+        let mut result_endpoint =
+            quinn::Endpoint::server(server_config, config.result_listen).map_err(|error| ClientError::Bind {
+                addr: config.result_listen,
+                error,
+            })?;
+        let mut client_config = tls::quic_client(&config.identity)?;
+        client_config.transport_config(Arc::new(transport_with_idle(config.idle_timeout)?));
+        result_endpoint.set_default_client_config(client_config);
+        let bound = result_endpoint.local_addr().map_err(|error| ClientError::Bind {
+            addr: config.result_listen,
+            error,
+        })?;
+        let address = FrontendAddress {
+            id: config.id.clone(),
+            address: config.result_advertise.clone().unwrap_or_else(|| bound.to_string()),
+            server_name: config.result_server_name.clone(),
+        };
+        let (available, mut ready) = watch::channel(0);
+        let policy = Policy {
+            placement_wait: config.enqueue_wait,
+            max_attempts: config.max_attempts,
+        };
+        let seed = u64::from(std::process::id()) ^ (bound.port() as u64) << 32;
+        let shared = Arc::new(Shared {
+            schedulers: RwLock::new(Vec::new()),
+            config,
+            address,
+            inner: Mutex::new(Inner {
+                table: QueryTable::new(policy, seed),
+                entries: HashMap::new(),
+            }),
+            available,
+            next_id: AtomicU64::new(1),
+            timer: Notify::new(),
+            stop: CancellationToken::new(),
+            result_endpoint: result_endpoint.clone(),
+        });
+        tokio::spawn(results::endpoint_loop(shared.clone(), result_endpoint.clone()));
+        tokio::spawn(timer_loop(shared.clone()));
+        let follower = {
+            let shared = shared.clone();
+            discovery.follow(shared.stop.clone(), move |targets| shared.reconcile(targets))
+        };
+        let wait = shared.config.enqueue_wait;
+        let _ = tokio::time::timeout(wait, ready.wait_for(|n| *n > 0)).await;
+        Ok(Frontend {
+            shared,
+            background: Arc::new(Background { discovery, follower }),
+        })
+    }
+
+    /// Enqueues a query and returns once a scheduler accepted it. A scheduler that is full
+    /// for the tenant or shutting down is skipped for another; the error is returned only
+    /// when every scheduler refused, or none could be reached within `enqueue_wait`.
+    /// Dropping the returned future withdraws the query.
+    pub async fn submit(&self, request: QueryRequest) -> Result<QueryHandle, QueryError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let timeout = request.timeout.unwrap_or(self.shared.config.default_timeout);
+        let deadline = Instant::now().checked_add(timeout);
+        let (placed, placed_rx) = oneshot::channel();
+        let (done, rx) = oneshot::channel();
+        let event = Event::Submit {
+            id,
+            tenant: request.tenant.clone(),
+            deadline,
+            retriable: request.retriable,
+        };
+        let entry = Entry {
+            request,
+            placed: Some(placed),
+            done: Some(done),
+            abort: None,
+        };
+        // Armed before anything is sent: a dropped `submit` future cancels the query.
+        let mut handle = QueryHandle {
+            id,
+            shared: self.shared.clone(),
+            rx: Some(rx),
+            armed: true,
+        };
+        self.shared.event_with(event, Some((id, entry)));
+        match placed_rx.await {
+            Ok(Ok(())) => Ok(handle),
+            Ok(Err(e)) => {
+                handle.armed = false;
+                Err(e)
+            }
+            Err(_) => {
+                handle.armed = false;
+                Err(QueryError::Cancelled("the frontend client stopped".into()))
+            }
+        }
+    }
+
+    /// The address queriers send results to.
+    pub fn result_address(&self) -> &FrontendAddress {
+        &self.shared.address
+    }
+
+    /// Queries submitted and not finished.
+    pub fn outstanding(&self) -> usize {
+        self.shared.inner.lock().unwrap().table.len()
+    }
+
+    /// Schedulers connected and accepting work.
+    pub fn connected_schedulers(&self) -> usize {
+        *self.shared.available.borrow()
+    }
+
+    /// The QUIC addresses of the schedulers connected and accepting work, sorted.
+    pub fn scheduler_addresses(&self) -> Vec<SocketAddr> {
+        let accepting: Vec<SchedulerIx> = self.shared.inner.lock().unwrap().table.accepting().collect();
+        let links = self.shared.links();
+        let mut addrs: Vec<SocketAddr> = accepting.into_iter().map(|s| links[s].addr).collect();
+        addrs.sort();
+        addrs
+    }
+
+    /// A receiver that sees the number of schedulers accepting work change.
+    pub fn watch_schedulers(&self) -> watch::Receiver<usize> {
+        self.shared.available.subscribe()
+    }
+
+    /// Counters of refused results, re-placed and redelivered queries.
+    pub fn stats(&self) -> FrontendStats {
+        let c = self.shared.inner.lock().unwrap().table.counters();
+        FrontendStats {
+            duplicate_results: c.duplicate_results,
+            unknown_results: c.unknown_results,
+            requeued: c.requeued,
+            redelivered: c.redelivered,
+        }
+    }
+
+    /// Stops every connection and the result endpoint; outstanding queries fail as
+    /// cancelled (and are cancelled at their schedulers, whose connections close). Waits
+    /// up to a second for the peers to be told.
+    pub async fn close(&self) {
+        self.shared.event(Event::Close);
+        self.shared.stop.cancel();
+        self.background.follower.abort();
+        self.background.discovery.leave().await;
+        self.shared
+            .result_endpoint
+            .close(close_code::DONE.into(), b"frontend closing");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.result_endpoint.wait_idle()).await;
+    }
+}
+
+/// Transport settings with `idle` as the idle timeout and pings every fifth of it.
+pub(crate) fn transport_with_idle(idle: Duration) -> Result<quinn::TransportConfig, ClientError> {
+    if idle.is_zero() {
+        return Err(ClientError::Config("idle timeout must be above zero".into()));
+    }
+    let timeout = quinn::IdleTimeout::try_from(idle)
+        .map_err(|_| ClientError::Config(format!("idle timeout {idle:?} is too large")))?;
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(idle / 5));
+    t.max_idle_timeout(Some(timeout));
+    Ok(t)
+}
+
+/// Fires [`Event::Tick`] at the table's next deadline or placement wait.
+async fn timer_loop(shared: Arc<Shared>) {
+    loop {
+        let next = shared.inner.lock().unwrap().table.next_timer();
+        let sleep = match next {
+            Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)),
+            None => tokio::time::sleep(Duration::from_secs(3600)),
+        };
+        tokio::select! {
+            _ = sleep => shared.event(Event::Tick),
+            _ = shared.timer.notified() => {}
+            _ = shared.stop.cancelled() => return,
+        }
+    }
+}
+
+impl Shared {
+    /// Feeds `event` to the table and carries out what it decides.
+    fn event(&self, event: Event) {
+        self.event_with(event, None);
+    }
+
+    /// Likewise, first recording a new query's entry.
+    fn event_with(&self, event: Event, new: Option<(QueryId, Entry)>) -> Option<Claim> {
+        let mut actions = Vec::new();
+        let claim = {
+            let mut inner = self.inner.lock().unwrap();
+            if let Some((id, entry)) = new {
+                inner.entries.insert(id, entry);
+            }
+            let before = inner.table.next_timer();
+            inner.table.handle(event, Instant::now(), &mut actions);
+            let claim = self.apply(&mut inner, actions);
+            let after = inner.table.next_timer();
+            if after.is_some() && (before.is_none() || after < before) {
+                self.timer.notify_one();
+            }
+            claim
+        };
+        self.set_available();
+        claim
+    }
+
+    /// Carries out the table's actions (under the lock, so frames about one query leave
+    /// in the order decided). Returns the claim a result stream asked for, if any.
+    fn apply(&self, inner: &mut Inner, actions: Vec<Action>) -> Option<Claim> {
+        let mut claim = None;
+        for action in actions {
+            match action {
+                Action::Enqueue {
+                    scheduler,
+                    id,
+                    timeout,
+                    attempt,
+                } => {
+                    if let Some(e) = inner.entries.get(&id) {
+                        let frame = enqueue_frame(id, &e.request, timeout, attempt);
+                        self.link(scheduler).send(frame);
+                    }
+                }
+                Action::Cancel { scheduler, id } => {
+                    self.link(scheduler).send(FrontendToScheduler::Cancel { query_id: id })
+                }
+                Action::Placed { id } => {
+                    if let Some(tx) = inner.entries.get_mut(&id).and_then(|e| e.placed.take()) {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                Action::Fail { id, error } => {
+                    let Some(e) = inner.entries.remove(&id) else { continue };
+                    if let Some(tx) = e.placed {
+                        let _ = tx.send(Err(error));
+                    } else if let Some(tx) = e.done {
+                        let _ = tx.send(Err(error));
+                    } else if let Some(tx) = e.abort {
+                        let _ = tx.send(error);
+                    }
+                }
+                Action::Failed { id, message } => {
+                    if let Some(tx) = inner.entries.remove(&id).and_then(|e| e.done) {
+                        let _ = tx.send(Err(QueryError::Failed(message)));
+                    }
+                }
+                Action::Accept { id } => {
+                    let Some(e) = inner.entries.get_mut(&id) else { continue };
+                    let (abort, abort_rx) = oneshot::channel();
+                    e.abort = Some(abort);
+                    claim = e.done.take().map(|done| Ok((done, abort_rx)));
+                }
+                Action::Refuse { reason, .. } => claim = Some(Err(reason)),
+                Action::Done { id } => {
+                    inner.entries.remove(&id);
+                }
+            }
+        }
+        claim
+    }
+
+    fn set_available(&self) {
+        let n = self.inner.lock().unwrap().table.accepting().count();
+        self.available.send_if_modified(|current| {
+            let changed = *current != n;
+            *current = n;
+            changed
+        });
+    }
+
+    /// A snapshot of every link (stopped ones included: indexes stay stable).
+    fn links(&self) -> Vec<Arc<Link>> {
+        self.schedulers.read().unwrap().clone()
+    }
+
+    fn link(&self, s: SchedulerIx) -> Arc<Link> {
+        self.schedulers.read().unwrap()[s].clone()
+    }
+
+    /// Connects to the schedulers discovery wants (those in use, and leaving ones whose
+    /// queued work may still run) and stops the links to the others; their queries that
+    /// had not started are placed again elsewhere.
+    fn reconcile(self: &Arc<Self>, targets: &[Target]) {
+        let wanted = |t: &&Target| t.in_use || t.leaving;
+        let mut changed = Vec::new();
+        let mut links = self.schedulers.write().unwrap();
+        for (s, link) in links.iter().enumerate().filter(|(_, l)| !l.stop.is_cancelled()) {
+            match targets.iter().filter(wanted).find(|t| t.addr == link.addr) {
+                Some(t) => {
+                    if link.in_use.swap(t.in_use, Ordering::Relaxed) != t.in_use {
+                        changed.push((s, t.in_use));
+                    }
+                }
+                None => {
+                    debug!(addr = %link.addr, "scheduler no longer in use");
+                    link.stop.cancel();
+                }
+            }
+        }
+        for t in targets.iter().filter(wanted) {
+            if !links.iter().any(|l| l.addr == t.addr && !l.stop.is_cancelled()) {
+                let link = Arc::new(Link::new(t.addr, t.in_use));
+                links.push(link.clone());
+                let s = links.len() - 1;
+                tokio::spawn(link::scheduler_loop(
+                    self.clone(),
+                    s,
+                    link,
+                    self.result_endpoint.clone(),
+                ));
+            }
+        }
+        drop(links);
+        for (scheduler, in_use) in changed {
+            self.event(Event::SchedulerInUse { scheduler, in_use });
+        }
+    }
+}
+
+fn enqueue_frame(id: QueryId, r: &QueryRequest, timeout: Option<Duration>, attempt: u32) -> FrontendToScheduler {
+    FrontendToScheduler::Enqueue(Enqueue {
+        query_id: id,
+        tenant: r.tenant.clone(),
+        actors: r.actors.clone(),
+        component: r.component.clone(),
+        priority: r.priority,
+        cost_hint: r.cost_hint,
+        // Rounded up: a budget of 0.4 ms must not read as "already expired".
+        timeout_ms: timeout.map(|t| u64::try_from(t.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)),
+        attempt,
+        metadata: r.metadata.clone(),
+        payload: r.payload.clone(),
+    })
+}

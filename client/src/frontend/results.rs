@@ -1,0 +1,169 @@
+//! The frontend's result endpoint: queriers (querier certificates only) open one stream
+//! per result; the query table decides whether the result is taken; the body streams to
+//! the caller through a bounded channel, so a slow reader slows the querier, not memory.
+
+use std::sync::{Arc, Mutex};
+
+use sluice_protocol::{
+    FramedRead, FramedWrite, HelloReply, QueryId, RefuseReason, ResultFrame, ResultReceipt, Role, StreamKind,
+    close_code,
+};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::{Body, QueryResponse, Shared};
+use crate::error::QueryError;
+use crate::lifecycle::Event;
+use crate::tls;
+
+/// Chunks buffered between the result stream and the caller's body reader.
+const BODY_BUFFER: usize = 16;
+
+pub(super) async fn endpoint_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else { return };
+            match tls::peer_role(&conn) {
+                Ok(Role::Querier) => {}
+                other => {
+                    warn!(remote = %conn.remote_address(), ?other, "refusing a result connection from a non-querier");
+                    conn.close(
+                        close_code::ROLE_NOT_ALLOWED.into(),
+                        b"only queriers may deliver results",
+                    );
+                    return;
+                }
+            }
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                tokio::spawn(receive_result(shared.clone(), conn.clone(), send, recv));
+            }
+        });
+    }
+}
+
+/// Reads one result stream and hands it to the waiting query.
+async fn receive_result(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let max = shared.config.max_frame_len;
+    let mut reader = FramedRead::new(recv, max);
+    let mut writer = FramedWrite::new(send, max);
+    match reader.hello().await {
+        Ok(Some(h)) if h.role == Role::Querier && h.stream == StreamKind::Result => {}
+        _ => {
+            conn.close(close_code::PROTOCOL_ERROR.into(), b"expected a result hello");
+            return;
+        }
+    }
+    let welcome = HelloReply::Welcome {
+        id: shared.config.id.clone(),
+    };
+    if writer.send(&welcome).await.is_err() {
+        return;
+    }
+    let Some(receipt) = deliver(&shared, &mut reader).await else {
+        // The deadline ended the query while its body streamed: stop the querier's sending.
+        let _ = reader.get_mut().stop(close_code::DONE.into());
+        return;
+    };
+    let _ = writer.send(&receipt).await;
+    let _ = writer.get_mut().finish();
+}
+
+/// Delivers the result on `reader` to its query; `None` when the query's deadline cut
+/// the body short.
+async fn deliver(shared: &Arc<Shared>, reader: &mut FramedRead<quinn::RecvStream>) -> Option<ResultReceipt> {
+    let refused = |reason| Some(ResultReceipt::Refused { reason });
+    let (query_id, tenant, status, metadata) = match reader.next::<ResultFrame>().await {
+        Ok(Some(ResultFrame::Head {
+            query_id,
+            tenant,
+            status,
+            metadata,
+        })) => (query_id, tenant, status, metadata),
+        Ok(Some(ResultFrame::Error {
+            query_id,
+            tenant,
+            message,
+        })) => {
+            let event = Event::ResultError {
+                id: query_id,
+                tenant,
+                message,
+            };
+            return match shared.event_with(event, None) {
+                Some(Err(reason)) => refused(reason),
+                _ => Some(ResultReceipt::Delivered),
+            };
+        }
+        _ => return refused(RefuseReason::Malformed),
+    };
+    let (done, mut abort) = match shared.event_with(Event::ResultHead { id: query_id, tenant }, None) {
+        Some(Ok(claim)) => claim,
+        Some(Err(reason)) => return refused(reason),
+        None => return refused(RefuseReason::UnknownQuery),
+    };
+    let (body_tx, rx) = mpsc::channel(BODY_BUFFER);
+    let failure = Arc::new(Mutex::new(None));
+    let _ = done.send(Ok(QueryResponse {
+        status,
+        metadata,
+        body: Body {
+            rx,
+            failure: failure.clone(),
+        },
+    }));
+    let (outcome, error) = tokio::select! {
+        (receipt, error) = stream_body(reader, &body_tx) => (Some(receipt), error),
+        error = &mut abort => (None, error.ok()),
+    };
+    // The error is in place before the sender goes, so the reader sees it after the
+    // chunks it already has, never a clean end.
+    *failure.lock().unwrap() = error;
+    drop(body_tx);
+    finish(shared, query_id);
+    outcome
+}
+
+/// Copies chunks into the caller's body until the result ends; returns the receipt and,
+/// for a body that did not end cleanly, its error.
+async fn stream_body(
+    reader: &mut FramedRead<quinn::RecvStream>,
+    body: &mpsc::Sender<bytes::Bytes>,
+) -> (ResultReceipt, Option<QueryError>) {
+    let mut received: u64 = 0;
+    let malformed = ResultReceipt::Refused {
+        reason: RefuseReason::Malformed,
+    };
+    loop {
+        match reader.next::<ResultFrame>().await {
+            Ok(Some(ResultFrame::Chunk(bytes))) => {
+                received += bytes.len() as u64;
+                if body.send(bytes).await.is_err() {
+                    return (ResultReceipt::Delivered, None); // the caller stopped reading
+                }
+            }
+            Ok(Some(ResultFrame::End { total_len })) if total_len == received => {
+                return (ResultReceipt::Delivered, None);
+            }
+            Ok(Some(ResultFrame::Abort { message })) => {
+                return (ResultReceipt::Delivered, Some(QueryError::Failed(message)));
+            }
+            Ok(Some(_)) => return (malformed, Some(QueryError::Protocol("malformed result stream".into()))),
+            Ok(None) | Err(_) => {
+                return (
+                    malformed,
+                    Some(QueryError::QuerierFailed("result stream broken".into())),
+                );
+            }
+        }
+    }
+}
+
+fn finish(shared: &Shared, id: QueryId) {
+    shared.event(Event::ResultEnd { id });
+}

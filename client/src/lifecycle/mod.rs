@@ -1,0 +1,637 @@
+//! The life of every query at the frontend, as data: one [`QueryTable`] whose
+//! [`handle`](QueryTable::handle) takes an [`Event`] and `now` and returns the [`Action`]s
+//! the async shell (`frontend.rs`) must carry out. No I/O, no clock, no tasks: every
+//! state a query can be in is a [`State`] here, and every way out of it is an arm of
+//! `handle`, so orders of events a network rarely produces are unit- and property-tested.
+//!
+//! ```text
+//!            ┌──────────── refused, handed back, scheduler lost (not yet dispatched) ────┐
+//!            ▼                                                                            │
+//! submit → Waiting ⇄ Placing(s) ──accepted──▶ Queued(s) ──Dispatched──▶ Dispatched(s) ──result head──▶ Receiving
+//!            │           │                        │                        │ querier failed:                │
+//!            │           │                        │                        │ retriable → Placing again      │
+//!            └───────────┴─ deadline, cancel, every scheduler refused ─────┴─ else failed ──────────────────┴─▶ ended
+//! ```
+//!
+//! Rules it keeps: a query is placed again only while no querier has started it (the
+//! scheduler says `Dispatched` before anything else about it); each placement is decided
+//! once (an event from a scheduler that no longer holds the query is ignored); the deadline
+//! is absolute, travels as the remaining budget, and ends the query even if nobody
+//! answers; every submitted query ends exactly once, by one `Fail` or by its result.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use sluice_protocol::{EnqueueStatus, QueryErrorKind, QueryId, RefuseReason};
+
+use crate::error::QueryError;
+
+/// A scheduler link's index at the frontend; names the link for the frontend's life.
+pub(crate) type SchedulerIx = usize;
+
+/// Where a query is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    /// No scheduler can take it now; it waits for one, until `placement_wait` runs out.
+    Waiting,
+    /// Its enqueue went to this scheduler; the answer is awaited.
+    Placing(SchedulerIx),
+    /// Accepted by this scheduler and queued there.
+    Queued(SchedulerIx),
+    /// Handed to a querier by this scheduler: ends by that querier's result or failure.
+    Dispatched(SchedulerIx),
+    /// Its result is streaming in.
+    Receiving,
+}
+
+/// What happened, as the shell saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Event {
+    /// A new query. `deadline`: when it must have ended.
+    Submit {
+        id: QueryId,
+        tenant: String,
+        deadline: Option<Instant>,
+        retriable: bool,
+    },
+    /// A scheduler answered an enqueue; `queued` is its load hint.
+    Status {
+        scheduler: SchedulerIx,
+        id: QueryId,
+        status: EnqueueStatus,
+        queued: u32,
+    },
+    /// A scheduler handed these queries to queriers.
+    Dispatched { scheduler: SchedulerIx, ids: Vec<QueryId> },
+    /// A scheduler reports that an accepted query will not produce a result from it.
+    SchedulerError {
+        scheduler: SchedulerIx,
+        id: QueryId,
+        kind: QueryErrorKind,
+        message: String,
+    },
+    /// A scheduler connection is up (again); `in_use`: new work may go there.
+    SchedulerUp { scheduler: SchedulerIx, in_use: bool },
+    /// Discovery moved a connected scheduler in or out of use.
+    SchedulerInUse { scheduler: SchedulerIx, in_use: bool },
+    /// The scheduler said it is draining: no new work; queued work is dispatched or
+    /// handed back.
+    SchedulerDraining { scheduler: SchedulerIx },
+    /// The connection to a scheduler ended (lost, or the link is no longer wanted).
+    SchedulerDown { scheduler: SchedulerIx },
+    /// A result stream opened for `id`, naming `tenant`.
+    ResultHead { id: QueryId, tenant: String },
+    /// A querier reports the query failed in its handler (instead of a result).
+    ResultError {
+        id: QueryId,
+        tenant: String,
+        message: String,
+    },
+    /// The accepted result stream of `id` ended (complete, or with an error that the body
+    /// already carries).
+    ResultEnd { id: QueryId },
+    /// The caller gave the query up (dropped or cancelled its handle).
+    Cancel { id: QueryId },
+    /// Time passed: deadlines and placement waits are checked.
+    Tick,
+    /// The frontend is closing: every query ends as cancelled.
+    Close,
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Action {
+    /// Send an `Enqueue` for `id` to `scheduler`, with what is left of its budget.
+    Enqueue {
+        scheduler: SchedulerIx,
+        id: QueryId,
+        timeout: Option<Duration>,
+        attempt: u32,
+    },
+    /// Tell `scheduler` to drop `id` (queued there, or running on a querier it dispatched to).
+    Cancel { scheduler: SchedulerIx, id: QueryId },
+    /// The query's first placement succeeded: `submit` returns its handle.
+    Placed { id: QueryId },
+    /// The query ended with this error; forget it.
+    Fail { id: QueryId, error: QueryError },
+    /// The result stream for `id` is taken: hand it to the caller.
+    Accept { id: QueryId },
+    /// The querier reports the query failed: the caller gets `Failed`; forget it.
+    Failed { id: QueryId, message: String },
+    /// The result stream is refused.
+    Refuse { id: QueryId, reason: RefuseReason },
+    /// The result was delivered in full (or its body carried its error): forget it.
+    Done { id: QueryId },
+}
+
+/// Counters of what the table decided.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counters {
+    pub(crate) duplicate_results: u64,
+    pub(crate) unknown_results: u64,
+    pub(crate) requeued: u64,
+    pub(crate) redelivered: u64,
+}
+
+/// Settings of the table.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy {
+    /// How long a query may wait for a scheduler to take it (within its deadline).
+    pub(crate) placement_wait: Duration,
+    /// Placements a retriable query may have when its querier dies mid-query.
+    pub(crate) max_attempts: u32,
+}
+
+#[derive(Debug)]
+struct Query {
+    tenant: String,
+    state: State,
+    deadline: Option<Instant>,
+    /// While `Waiting`: when waiting gives up.
+    wait_until: Option<Instant>,
+    retriable: bool,
+    /// Placements so far (1 = the first).
+    attempt: u32,
+    /// Whether `Placed` was said (the first placement succeeded or a result arrived).
+    placed: bool,
+    /// Schedulers that refused this placement round, and the last refusal.
+    refused: HashSet<SchedulerIx>,
+    last_refusal: Option<QueryError>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct SchedulerView {
+    up: bool,
+    in_use: bool,
+    draining: bool,
+    queued: u32,
+}
+
+impl SchedulerView {
+    fn accepting(&self) -> bool {
+        self.up && self.in_use && !self.draining
+    }
+}
+
+/// Every outstanding query of one frontend and what it knows of the schedulers.
+#[derive(Debug)]
+pub(crate) struct QueryTable {
+    policy: Policy,
+    queries: HashMap<QueryId, Query>,
+    schedulers: Vec<SchedulerView>,
+    /// Queries in `Waiting`, oldest first (stale ids are skipped).
+    waiting: VecDeque<QueryId>,
+    /// Deadlines and placement waits, earliest first (stale entries are skipped).
+    timers: BTreeSet<(Instant, QueryId)>,
+    seed: u64,
+    counters: Counters,
+}
+
+impl QueryTable {
+    pub(crate) fn new(policy: Policy, seed: u64) -> Self {
+        QueryTable {
+            policy,
+            queries: HashMap::new(),
+            schedulers: Vec::new(),
+            waiting: VecDeque::new(),
+            timers: BTreeSet::new(),
+            seed,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Queries not ended.
+    pub(crate) fn len(&self) -> usize {
+        self.queries.len()
+    }
+
+    /// The state of `id`, if it has not ended.
+    #[cfg(test)]
+    pub(crate) fn state(&self, id: QueryId) -> Option<State> {
+        self.queries.get(&id).map(|q| q.state)
+    }
+
+    /// The run `id` is on (1 = first; more after redeliveries).
+    #[cfg(test)]
+    pub(crate) fn attempt(&self, id: QueryId) -> Option<u32> {
+        self.queries.get(&id).map(|q| q.attempt)
+    }
+
+    pub(crate) fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Schedulers that may be sent new work.
+    pub(crate) fn accepting(&self) -> impl Iterator<Item = SchedulerIx> + '_ {
+        self.schedulers
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.accepting())
+            .map(|(i, _)| i)
+    }
+
+    /// When [`Event::Tick`] is next due.
+    pub(crate) fn next_timer(&self) -> Option<Instant> {
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    /// Applies `event` at `now`, appending what to do to `out`.
+    pub(crate) fn handle(&mut self, event: Event, now: Instant, out: &mut Vec<Action>) {
+        match event {
+            Event::Submit {
+                id,
+                tenant,
+                deadline,
+                retriable,
+            } => {
+                if let Some(d) = deadline {
+                    self.timers.insert((d, id));
+                }
+                self.queries.insert(
+                    id,
+                    Query {
+                        tenant,
+                        state: State::Waiting,
+                        deadline,
+                        wait_until: None,
+                        retriable,
+                        attempt: 0,
+                        placed: false,
+                        refused: HashSet::new(),
+                        last_refusal: None,
+                    },
+                );
+                self.place(id, now, out);
+            }
+            Event::Status {
+                scheduler,
+                id,
+                status,
+                queued,
+            } => {
+                self.view(scheduler).queued = queued;
+                self.on_status(scheduler, id, status, now, out);
+            }
+            Event::Dispatched { scheduler, ids } => {
+                for id in ids {
+                    if let Some(q) = self.queries.get_mut(&id)
+                        && matches!(q.state, State::Placing(s) | State::Queued(s) if s == scheduler)
+                    {
+                        q.state = State::Dispatched(scheduler);
+                    }
+                }
+            }
+            Event::SchedulerError {
+                scheduler,
+                id,
+                kind,
+                message,
+            } => self.on_scheduler_error(scheduler, id, kind, message, now, out),
+            Event::SchedulerUp { scheduler, in_use } => {
+                *self.view(scheduler) = SchedulerView {
+                    up: true,
+                    in_use,
+                    draining: false,
+                    queued: 0,
+                };
+                // A scheduler that comes back is a new chance for everyone.
+                for q in self.queries.values_mut() {
+                    q.refused.remove(&scheduler);
+                }
+                self.place_waiting(now, out);
+            }
+            Event::SchedulerInUse { scheduler, in_use } => {
+                self.view(scheduler).in_use = in_use;
+                if in_use {
+                    self.place_waiting(now, out);
+                }
+            }
+            Event::SchedulerDraining { scheduler } => self.view(scheduler).draining = true,
+            Event::SchedulerDown { scheduler } => {
+                self.view(scheduler).up = false;
+                // Its queued copies are gone with it; dispatched ones still answer directly.
+                let lost: Vec<QueryId> = self
+                    .queries
+                    .iter()
+                    .filter(|(_, q)| matches!(q.state, State::Placing(s) | State::Queued(s) if s == scheduler))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in lost {
+                    self.replace(id, false, now, out);
+                }
+            }
+            Event::ResultHead { id, tenant } => self.on_result(id, &tenant, None, out),
+            Event::ResultError { id, tenant, message } => self.on_result(id, &tenant, Some(message), out),
+            Event::ResultEnd { id } => {
+                if self.queries.get(&id).is_some_and(|q| q.state == State::Receiving) {
+                    self.end(id);
+                    out.push(Action::Done { id });
+                }
+            }
+            Event::Cancel { id } => {
+                if let Some(q) = self.end(id)
+                    && let State::Placing(s) | State::Queued(s) | State::Dispatched(s) = q.state
+                {
+                    out.push(Action::Cancel { scheduler: s, id });
+                }
+            }
+            Event::Tick => self.tick(now, out),
+            Event::Close => {
+                let ids: Vec<QueryId> = self.queries.keys().copied().collect();
+                for id in ids {
+                    self.fail(id, QueryError::Cancelled("the frontend client closed".into()), out);
+                }
+            }
+        }
+    }
+
+    fn view(&mut self, s: SchedulerIx) -> &mut SchedulerView {
+        if self.schedulers.len() <= s {
+            self.schedulers.resize(s + 1, SchedulerView::default());
+        }
+        &mut self.schedulers[s]
+    }
+
+    /// Sends `id` to a scheduler that may take it, or parks it in `Waiting`.
+    fn place(&mut self, id: QueryId, now: Instant, out: &mut Vec<Action>) {
+        let Some(q) = self.queries.get(&id) else { return };
+        let timeout = match q.deadline {
+            Some(d) if d <= now => {
+                self.fail(id, deadline_error(), out);
+                return;
+            }
+            Some(d) => Some(d - now),
+            None => None,
+        };
+        let Some(s) = pick(&self.schedulers, &mut self.seed, &q.refused) else {
+            // Nobody left to ask. After refusals from everyone who could, that is the
+            // answer; otherwise wait for a scheduler to (re)appear.
+            let q = self.queries.get_mut(&id).expect("checked above");
+            if let Some(error) = q.last_refusal.clone()
+                && !q.refused.is_empty()
+            {
+                self.fail(id, error, out);
+                return;
+            }
+            q.state = State::Waiting;
+            if q.wait_until.is_none() {
+                let until = now + self.policy.placement_wait;
+                let until = q.deadline.map_or(until, |d| d.min(until));
+                q.wait_until = Some(until);
+                self.timers.insert((until, id));
+                self.waiting.push_back(id);
+            }
+            return;
+        };
+        let q = self.queries.get_mut(&id).expect("checked above");
+        q.attempt = q.attempt.max(1);
+        q.state = State::Placing(s);
+        if let Some(w) = q.wait_until.take() {
+            self.timers.remove(&(w, id));
+        }
+        out.push(Action::Enqueue {
+            scheduler: s,
+            id,
+            timeout,
+            attempt: q.attempt,
+        });
+    }
+
+    /// Places waiting queries, oldest first.
+    fn place_waiting(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let ids = std::mem::take(&mut self.waiting);
+        let mut still = VecDeque::new();
+        for id in ids {
+            if self.queries.get(&id).is_none_or(|q| q.state != State::Waiting) {
+                continue; // ended or placed meanwhile
+            }
+            self.place(id, now, out);
+            if self.queries.get(&id).is_some_and(|q| q.state == State::Waiting) {
+                still.push_back(id);
+            }
+        }
+        still.append(&mut self.waiting);
+        self.waiting = still;
+    }
+
+    fn on_status(
+        &mut self,
+        scheduler: SchedulerIx,
+        id: QueryId,
+        status: EnqueueStatus,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(q) = self.queries.get_mut(&id) else { return };
+        if q.state != State::Placing(scheduler) {
+            return; // an answer for a placement already decided otherwise
+        }
+        let refusal = match status {
+            EnqueueStatus::Accepted => {
+                q.state = State::Queued(scheduler);
+                q.refused.clear();
+                q.last_refusal = None;
+                if !q.placed {
+                    q.placed = true;
+                    out.push(Action::Placed { id });
+                }
+                return;
+            }
+            EnqueueStatus::Invalid { reason } => {
+                self.fail(id, QueryError::Invalid(reason), out);
+                return;
+            }
+            EnqueueStatus::ShuttingDown => {
+                // Not a refusal of the query: that scheduler is going away.
+                self.view(scheduler).draining = true;
+                None
+            }
+            EnqueueStatus::TooManyOutstanding { limit } => Some(QueryError::TooManyOutstanding { limit }),
+            EnqueueStatus::QueueFull => Some(QueryError::QueueFull),
+            EnqueueStatus::Error { message } => Some(QueryError::Protocol(message)),
+        };
+        let q = self.queries.get_mut(&id).expect("checked above");
+        q.state = State::Waiting;
+        if let Some(error) = refusal {
+            q.refused.insert(scheduler);
+            q.last_refusal = Some(error);
+        }
+        self.place(id, now, out);
+    }
+
+    fn on_scheduler_error(
+        &mut self,
+        scheduler: SchedulerIx,
+        id: QueryId,
+        kind: QueryErrorKind,
+        message: String,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(q) = self.queries.get(&id) else { return };
+        let from_holder =
+            matches!(q.state, State::Placing(s) | State::Queued(s) | State::Dispatched(s) if s == scheduler);
+        if !from_holder {
+            return; // stale: the query moved on, or its result stream decides
+        }
+        let dispatched = matches!(q.state, State::Dispatched(_));
+        match kind {
+            QueryErrorKind::HandedBack if !dispatched => self.replace(id, false, now, out),
+            QueryErrorKind::QuerierFailed if q.retriable && q.attempt < self.policy.max_attempts => {
+                self.replace(id, true, now, out)
+            }
+            QueryErrorKind::QuerierFailed if q.retriable => {
+                let error = QueryError::RetriesExhausted {
+                    attempts: q.attempt,
+                    last: message,
+                };
+                self.fail(id, error, out);
+            }
+            QueryErrorKind::QuerierFailed => self.fail(id, QueryError::QuerierFailed(message), out),
+            QueryErrorKind::DeadlineExceeded => self.fail(id, QueryError::DeadlineExceeded(message), out),
+            QueryErrorKind::Cancelled | QueryErrorKind::HandedBack => {
+                self.fail(id, QueryError::Cancelled(message), out)
+            }
+            QueryErrorKind::Internal => self.fail(id, QueryError::Protocol(message), out),
+        }
+    }
+
+    /// Places `id` again, away from where it was: `redeliver` after its querier died
+    /// (a new attempt), otherwise because it was never started there.
+    fn replace(&mut self, id: QueryId, redeliver: bool, now: Instant, out: &mut Vec<Action>) {
+        let Some(q) = self.queries.get_mut(&id) else { return };
+        if redeliver {
+            q.attempt += 1;
+            self.counters.redelivered += 1;
+        } else {
+            self.counters.requeued += 1;
+        }
+        q.state = State::Waiting;
+        q.refused.clear();
+        q.last_refusal = None;
+        self.place(id, now, out);
+    }
+
+    fn on_result(&mut self, id: QueryId, tenant: &str, failed: Option<String>, out: &mut Vec<Action>) {
+        let Some(q) = self.queries.get_mut(&id) else {
+            self.counters.unknown_results += 1;
+            out.push(Action::Refuse {
+                id,
+                reason: RefuseReason::UnknownQuery,
+            });
+            return;
+        };
+        if q.tenant != tenant {
+            out.push(Action::Refuse {
+                id,
+                reason: RefuseReason::TenantMismatch,
+            });
+            return;
+        }
+        if q.state == State::Receiving {
+            self.counters.duplicate_results += 1;
+            out.push(Action::Refuse {
+                id,
+                reason: RefuseReason::Duplicate,
+            });
+            return;
+        }
+        // A result can overtake its own enqueue answer or dispatch note (another
+        // connection): it proves the query was accepted. A copy placed again elsewhere
+        // meanwhile is withdrawn.
+        if !q.placed {
+            q.placed = true;
+            out.push(Action::Placed { id });
+        }
+        if let State::Placing(s) | State::Queued(s) = q.state
+            && q.attempt > 1
+        {
+            out.push(Action::Cancel { scheduler: s, id });
+        }
+        match failed {
+            Some(message) => {
+                self.end(id);
+                out.push(Action::Failed { id, message });
+            }
+            None => {
+                q.state = State::Receiving;
+                q.wait_until = None;
+                out.push(Action::Accept { id });
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
+        while let Some(&(at, id)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            let Some(q) = self.queries.get(&id) else { continue };
+            if q.deadline.is_some_and(|d| d <= now) {
+                if let State::Placing(s) | State::Queued(s) | State::Dispatched(s) = q.state {
+                    out.push(Action::Cancel { scheduler: s, id });
+                }
+                self.fail(id, deadline_error(), out);
+            } else if q.state == State::Waiting && q.wait_until.is_some_and(|w| w <= now) {
+                let error = q.last_refusal.clone().unwrap_or(QueryError::NoScheduler);
+                self.fail(id, error, out);
+            }
+        }
+    }
+
+    fn fail(&mut self, id: QueryId, error: QueryError, out: &mut Vec<Action>) {
+        if self.end(id).is_some() {
+            out.push(Action::Fail { id, error });
+        }
+    }
+
+    /// Forgets `id` (its timers and waiting place are skipped lazily).
+    fn end(&mut self, id: QueryId) -> Option<Query> {
+        let q = self.queries.remove(&id)?;
+        if let Some(d) = q.deadline {
+            self.timers.remove(&(d, id));
+        }
+        if let Some(w) = q.wait_until {
+            self.timers.remove(&(w, id));
+        }
+        Some(q)
+    }
+}
+
+/// Two random choices among accepting schedulers not in `skip`, the less loaded wins.
+fn pick(schedulers: &[SchedulerView], seed: &mut u64, skip: &HashSet<SchedulerIx>) -> Option<SchedulerIx> {
+    let candidates: Vec<SchedulerIx> = schedulers
+        .iter()
+        .enumerate()
+        .filter(|(i, v)| v.accepting() && !skip.contains(i))
+        .map(|(i, _)| i)
+        .collect();
+    let n = candidates.len() as u64;
+    if n == 0 {
+        return None;
+    }
+    *seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let r = mix(*seed);
+    let a = candidates[(r % n) as usize];
+    let b = candidates[((r >> 32) % n) as usize];
+    Some(if schedulers[b].queued < schedulers[a].queued {
+        b
+    } else {
+        a
+    })
+}
+
+fn deadline_error() -> QueryError {
+    QueryError::DeadlineExceeded("the query's deadline passed".into())
+}
+
+/// splitmix64's finaliser, for picking two schedulers at random.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,532 @@
+//! The query table without a network: events in, actions out, explicit time.
+
+use super::*;
+use proptest::prelude::*;
+
+const S0: SchedulerIx = 0;
+const S1: SchedulerIx = 1;
+
+fn table() -> QueryTable {
+    QueryTable::new(
+        Policy {
+            placement_wait: Duration::from_secs(5),
+            max_attempts: 2,
+        },
+        42,
+    )
+}
+
+struct T {
+    table: QueryTable,
+    t0: Instant,
+    now: Instant,
+}
+
+impl T {
+    fn new(schedulers: &[SchedulerIx]) -> T {
+        let now = Instant::now();
+        let mut t = T {
+            table: table(),
+            t0: now,
+            now,
+        };
+        for &s in schedulers {
+            t.on(Event::SchedulerUp {
+                scheduler: s,
+                in_use: true,
+            });
+        }
+        t
+    }
+
+    fn on(&mut self, event: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.table.handle(event, self.now, &mut out);
+        out
+    }
+
+    fn at(&mut self, after_start: Duration, event: Event) -> Vec<Action> {
+        self.now = self.t0 + after_start;
+        self.on(event)
+    }
+
+    fn submit(&mut self, id: QueryId, timeout: Option<Duration>, retriable: bool) -> Vec<Action> {
+        let deadline = timeout.map(|t| self.now + t);
+        self.on(Event::Submit {
+            id,
+            tenant: "t".into(),
+            deadline,
+            retriable,
+        })
+    }
+
+    /// Submits `id` and has the scheduler it went to accept it; returns that scheduler.
+    fn queued(&mut self, id: QueryId, timeout: Option<Duration>, retriable: bool) -> SchedulerIx {
+        let out = self.submit(id, timeout, retriable);
+        let s = enqueued_at(&out, id).expect("an enqueue");
+        let out = self.on(accepted(s, id));
+        assert_eq!(out, [Action::Placed { id }]);
+        s
+    }
+}
+
+fn accepted(scheduler: SchedulerIx, id: QueryId) -> Event {
+    Event::Status {
+        scheduler,
+        id,
+        status: EnqueueStatus::Accepted,
+        queued: 0,
+    }
+}
+
+fn enqueued_at(out: &[Action], id: QueryId) -> Option<SchedulerIx> {
+    out.iter().find_map(|a| match a {
+        Action::Enqueue { scheduler, id: i, .. } if *i == id => Some(*scheduler),
+        _ => None,
+    })
+}
+
+fn error(scheduler: SchedulerIx, id: QueryId, kind: QueryErrorKind) -> Event {
+    Event::SchedulerError {
+        scheduler,
+        id,
+        kind,
+        message: "m".into(),
+    }
+}
+
+#[test]
+fn a_query_is_placed_dispatched_and_ends_with_its_result() {
+    let mut t = T::new(&[S0]);
+    let s = t.queued(1, None, false);
+    t.on(Event::Dispatched {
+        scheduler: s,
+        ids: vec![1],
+    });
+    assert_eq!(t.table.state(1), Some(State::Dispatched(s)));
+    let out = t.on(Event::ResultHead {
+        id: 1,
+        tenant: "t".into(),
+    });
+    assert_eq!(out, [Action::Accept { id: 1 }]);
+    assert_eq!(t.on(Event::ResultEnd { id: 1 }), [Action::Done { id: 1 }]);
+    assert_eq!(t.table.len(), 0);
+}
+
+#[test]
+fn a_handed_back_query_is_placed_again_with_what_is_left_of_its_budget() {
+    let mut t = T::new(&[S0, S1]);
+    let s = t.queued(1, Some(Duration::from_secs(2)), false);
+    let out = t.at(Duration::from_millis(500), error(s, 1, QueryErrorKind::HandedBack));
+    let Some(Action::Enqueue { timeout, attempt, .. }) = out.first() else {
+        panic!("placed again: {out:?}")
+    };
+    assert_eq!(*timeout, Some(Duration::from_millis(1500)), "the deadline is absolute");
+    assert_eq!(*attempt, 1, "never started: the same attempt");
+    assert_eq!(t.table.counters().requeued, 1);
+}
+
+#[test]
+fn a_query_handed_back_by_the_only_scheduler_waits_for_it_to_come_back() {
+    let mut t = T::new(&[S0]);
+    t.queued(1, None, false);
+    t.on(Event::SchedulerDraining { scheduler: S0 });
+    assert_eq!(t.on(error(S0, 1, QueryErrorKind::HandedBack)), []);
+    assert_eq!(t.table.state(1), Some(State::Waiting));
+    t.on(Event::SchedulerDown { scheduler: S0 });
+    let out = t.at(
+        Duration::from_secs(1),
+        Event::SchedulerUp {
+            scheduler: S0,
+            in_use: true,
+        },
+    );
+    assert_eq!(enqueued_at(&out, 1), Some(S0), "the restarted scheduler takes it");
+}
+
+#[test]
+fn a_lost_scheduler_changes_nothing_for_a_dispatched_query() {
+    let mut t = T::new(&[S0, S1]);
+    let s = t.queued(1, None, false);
+    t.on(Event::Dispatched {
+        scheduler: s,
+        ids: vec![1],
+    });
+    assert_eq!(t.on(Event::SchedulerDown { scheduler: s }), []);
+    assert_eq!(t.table.state(1), Some(State::Dispatched(s)));
+    // Its querier still answers the frontend directly.
+    assert_eq!(
+        t.on(Event::ResultHead {
+            id: 1,
+            tenant: "t".into()
+        }),
+        [Action::Accept { id: 1 }]
+    );
+}
+
+#[test]
+fn a_lost_scheduler_places_its_undispatched_queries_once() {
+    let mut t = T::new(&[S0, S1]);
+    let s = t.queued(1, None, false);
+    let other = 1 - s;
+    // The drain's end: hand-back and link loss at once; placed again once.
+    t.on(Event::SchedulerDraining { scheduler: s });
+    let first = t.on(error(s, 1, QueryErrorKind::HandedBack));
+    let second = t.on(Event::SchedulerDown { scheduler: s });
+    assert_eq!(enqueued_at(&first, 1), Some(other));
+    assert_eq!(second, [], "the loss of the old holder is stale for this query");
+    assert_eq!(t.table.counters().requeued, 1);
+}
+
+#[test]
+fn a_result_that_overtakes_a_replacement_withdraws_the_second_copy() {
+    let mut t = T::new(&[S0, S1]);
+    let s = t.queued(1, None, true);
+    t.on(Event::Dispatched {
+        scheduler: s,
+        ids: vec![1],
+    });
+    let out = t.on(error(s, 1, QueryErrorKind::QuerierFailed));
+    let again = enqueued_at(&out, 1).expect("redelivered");
+    // The first querier's result arrives after all (it was only cut off from its scheduler).
+    let out = t.on(Event::ResultHead {
+        id: 1,
+        tenant: "t".into(),
+    });
+    assert_eq!(
+        out,
+        [
+            Action::Cancel {
+                scheduler: again,
+                id: 1
+            },
+            Action::Accept { id: 1 }
+        ]
+    );
+}
+
+#[test]
+fn refusals_are_tried_elsewhere_then_the_last_is_returned() {
+    let mut t = T::new(&[S0, S1]);
+    let out = t.submit(1, None, false);
+    let first = enqueued_at(&out, 1).unwrap();
+    let out = t.on(Event::Status {
+        scheduler: first,
+        id: 1,
+        status: EnqueueStatus::TooManyOutstanding { limit: 3 },
+        queued: 0,
+    });
+    let second = enqueued_at(&out, 1).unwrap();
+    assert_ne!(first, second);
+    let out = t.on(Event::Status {
+        scheduler: second,
+        id: 1,
+        status: EnqueueStatus::QueueFull,
+        queued: 0,
+    });
+    assert_eq!(
+        out,
+        [Action::Fail {
+            id: 1,
+            error: QueryError::QueueFull
+        }]
+    );
+}
+
+#[test]
+fn with_no_scheduler_a_query_waits_then_gives_up() {
+    let mut t = T::new(&[]);
+    assert_eq!(t.submit(1, None, false), []);
+    assert_eq!(t.table.next_timer(), Some(t.t0 + Duration::from_secs(5)));
+    assert_eq!(t.at(Duration::from_secs(4), Event::Tick), []);
+    assert_eq!(
+        t.at(Duration::from_secs(5), Event::Tick),
+        [Action::Fail {
+            id: 1,
+            error: QueryError::NoScheduler
+        }]
+    );
+}
+
+#[test]
+fn the_deadline_ends_a_query_wherever_it_is_even_if_nobody_answers() {
+    let mut t = T::new(&[S0]);
+    let s = t.queued(1, Some(Duration::from_secs(2)), false);
+    t.on(Event::Dispatched {
+        scheduler: s,
+        ids: vec![1],
+    });
+    assert_eq!(t.at(Duration::from_millis(1999), Event::Tick), []);
+    let out = t.at(Duration::from_secs(2), Event::Tick);
+    assert_eq!(out[0], Action::Cancel { scheduler: s, id: 1 });
+    assert!(matches!(
+        out[1],
+        Action::Fail {
+            id: 1,
+            error: QueryError::DeadlineExceeded(_)
+        }
+    ));
+    // While its result streams, too.
+    let mut t = T::new(&[S0]);
+    t.queued(2, Some(Duration::from_secs(1)), false);
+    t.on(Event::ResultHead {
+        id: 2,
+        tenant: "t".into(),
+    });
+    let out = t.at(Duration::from_secs(1), Event::Tick);
+    assert!(matches!(
+        out[..],
+        [Action::Fail {
+            id: 2,
+            error: QueryError::DeadlineExceeded(_)
+        }]
+    ));
+    assert_eq!(t.on(Event::ResultEnd { id: 2 }), [], "ended once");
+}
+
+#[test]
+fn a_retriable_query_runs_at_most_max_attempts_times() {
+    let mut t = T::new(&[S0]);
+    let s = t.queued(1, None, true);
+    t.on(Event::Dispatched {
+        scheduler: s,
+        ids: vec![1],
+    });
+    let out = t.on(error(s, 1, QueryErrorKind::QuerierFailed));
+    assert!(matches!(out[..], [Action::Enqueue { attempt: 2, .. }]));
+    assert_eq!(t.table.attempt(1), Some(2));
+    t.on(accepted(S0, 1));
+    t.on(Event::Dispatched {
+        scheduler: S0,
+        ids: vec![1],
+    });
+    let out = t.on(error(S0, 1, QueryErrorKind::QuerierFailed));
+    assert!(matches!(
+        out[..],
+        [Action::Fail {
+            id: 1,
+            error: QueryError::RetriesExhausted { attempts: 2, .. }
+        }]
+    ));
+    assert_eq!(t.table.counters().redelivered, 1);
+}
+
+#[test]
+fn a_query_that_is_not_retriable_fails_with_its_querier() {
+    let mut t = T::new(&[S0]);
+    let s = t.queued(1, None, false);
+    t.on(Event::Dispatched {
+        scheduler: s,
+        ids: vec![1],
+    });
+    assert!(matches!(
+        t.on(error(s, 1, QueryErrorKind::QuerierFailed))[..],
+        [Action::Fail {
+            id: 1,
+            error: QueryError::QuerierFailed(_)
+        }]
+    ));
+}
+
+#[test]
+fn results_are_refused_for_unknown_queries_other_tenants_and_duplicates() {
+    let mut t = T::new(&[S0]);
+    t.queued(1, None, false);
+    let head = |tenant: &str| Event::ResultHead {
+        id: 1,
+        tenant: tenant.into(),
+    };
+    assert_eq!(
+        t.on(head("other")),
+        [Action::Refuse {
+            id: 1,
+            reason: RefuseReason::TenantMismatch
+        }]
+    );
+    assert_eq!(t.on(head("t")), [Action::Accept { id: 1 }]);
+    assert_eq!(
+        t.on(head("t")),
+        [Action::Refuse {
+            id: 1,
+            reason: RefuseReason::Duplicate
+        }]
+    );
+    t.on(Event::ResultEnd { id: 1 });
+    assert_eq!(
+        t.on(head("t")),
+        [Action::Refuse {
+            id: 1,
+            reason: RefuseReason::UnknownQuery
+        }]
+    );
+    assert_eq!(t.table.counters().duplicate_results, 1);
+    assert_eq!(t.table.counters().unknown_results, 1);
+}
+
+// ---------------------------------------------------------------------------
+// Property: every submitted query ends exactly once; none is placed again after a
+// querier started it, unless it is retriable and that querier died.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Step {
+    Submit { timeout_ms: Option<u64>, retriable: bool },
+    Status { s: usize, q: usize, status: u8 },
+    Dispatched { s: usize, q: usize },
+    Error { s: usize, q: usize, kind: u8 },
+    Up { s: usize },
+    Draining { s: usize },
+    Down { s: usize },
+    Head { q: usize, same_tenant: bool },
+    ResultError { q: usize },
+    End { q: usize },
+    Cancel { q: usize },
+    Advance { ms: u64 },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let s = 0..3usize;
+    let q = 0..6usize;
+    prop_oneof![
+        3 => (proptest::option::of(1..3_000u64), any::<bool>())
+            .prop_map(|(timeout_ms, retriable)| Step::Submit { timeout_ms, retriable }),
+        4 => (s.clone(), q.clone(), 0..5u8).prop_map(|(s, q, status)| Step::Status { s, q, status }),
+        3 => (s.clone(), q.clone()).prop_map(|(s, q)| Step::Dispatched { s, q }),
+        3 => (s.clone(), q.clone(), 0..5u8).prop_map(|(s, q, kind)| Step::Error { s, q, kind }),
+        2 => s.clone().prop_map(|s| Step::Up { s }),
+        1 => s.clone().prop_map(|s| Step::Draining { s }),
+        1 => s.prop_map(|s| Step::Down { s }),
+        2 => (q.clone(), any::<bool>()).prop_map(|(q, same_tenant)| Step::Head { q, same_tenant }),
+        1 => q.clone().prop_map(|q| Step::ResultError { q }),
+        2 => q.clone().prop_map(|q| Step::End { q }),
+        1 => q.prop_map(|q| Step::Cancel { q }),
+        2 => (0..2_000u64).prop_map(|ms| Step::Advance { ms }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn every_query_ends_exactly_once_and_runs_again_only_when_redelivered(
+        steps in proptest::collection::vec(step(), 1..120),
+    ) {
+        let mut t = T::new(&[0, 1]);
+        let mut submitted: Vec<QueryId> = Vec::new();
+        let mut retriable: HashMap<QueryId, bool> = HashMap::new();
+        let mut ends: HashMap<QueryId, u32> = HashMap::new();
+        // Queries a querier started since their last placement.
+        let mut started: HashSet<QueryId> = HashSet::new();
+        let pick = |submitted: &[QueryId], q: usize| submitted.get(q % submitted.len().max(1)).copied();
+        for step in steps {
+            let mut redelivery_allowed = None;
+            let event = match step {
+                Step::Submit { timeout_ms, retriable: r } => {
+                    let id = submitted.len() as QueryId + 1;
+                    submitted.push(id);
+                    retriable.insert(id, r);
+                    Event::Submit {
+                        id,
+                        tenant: "t".into(),
+                        deadline: timeout_ms.map(|ms| t.now + Duration::from_millis(ms)),
+                        retriable: r,
+                    }
+                }
+                Step::Advance { ms } => {
+                    t.now += Duration::from_millis(ms);
+                    Event::Tick
+                }
+                Step::Up { s } => Event::SchedulerUp { scheduler: s, in_use: true },
+                Step::Draining { s } => Event::SchedulerDraining { scheduler: s },
+                Step::Down { s } => Event::SchedulerDown { scheduler: s },
+                other => {
+                    let q = match &other {
+                        Step::Status { q, .. } | Step::Dispatched { q, .. } | Step::Error { q, .. }
+                        | Step::Head { q, .. } | Step::ResultError { q } | Step::End { q }
+                        | Step::Cancel { q } => *q,
+                        _ => unreachable!(),
+                    };
+                    let Some(id) = pick(&submitted, q) else { continue };
+                    match other {
+                        Step::Status { s, status, .. } => Event::Status {
+                            scheduler: s,
+                            id,
+                            status: match status {
+                                0 | 1 => EnqueueStatus::Accepted,
+                                2 => EnqueueStatus::TooManyOutstanding { limit: 1 },
+                                3 => EnqueueStatus::ShuttingDown,
+                                _ => EnqueueStatus::QueueFull,
+                            },
+                            queued: 0,
+                        },
+                        Step::Dispatched { s, .. } => Event::Dispatched { scheduler: s, ids: vec![id] },
+                        Step::Error { s, kind, .. } => {
+                            let kind = match kind {
+                                0 => QueryErrorKind::QuerierFailed,
+                                1 => QueryErrorKind::HandedBack,
+                                2 => QueryErrorKind::DeadlineExceeded,
+                                3 => QueryErrorKind::Cancelled,
+                                _ => QueryErrorKind::Internal,
+                            };
+                            if kind == QueryErrorKind::QuerierFailed
+                                && t.table.state(id) == Some(State::Dispatched(s))
+                                && retriable[&id]
+                            {
+                                redelivery_allowed = Some(id);
+                            }
+                            Event::SchedulerError { scheduler: s, id, kind, message: "m".into() }
+                        }
+                        Step::Head { same_tenant, .. } => Event::ResultHead {
+                            id,
+                            tenant: if same_tenant { "t".into() } else { "u".into() },
+                        },
+                        Step::ResultError { .. } => Event::ResultError { id, tenant: "t".into(), message: "m".into() },
+                        Step::End { .. } => Event::ResultEnd { id },
+                        Step::Cancel { .. } => {
+                            if t.table.state(id).is_some() {
+                                *ends.entry(id).or_default() += 1; // the caller ended it
+                            }
+                            Event::Cancel { id }
+                        }
+                        _ => unreachable!(),
+                    }
+                }
+            };
+            let out = t.on(event);
+            for action in &out {
+                match action {
+                    Action::Fail { id, .. } | Action::Failed { id, .. } | Action::Done { id } => {
+                        *ends.entry(*id).or_default() += 1;
+                        prop_assert!(t.table.state(*id).is_none(), "ended but still held: {id}");
+                    }
+                    Action::Enqueue { id, .. } => {
+                        prop_assert!(
+                            !started.contains(id) || redelivery_allowed == Some(*id),
+                            "query {id} placed again after a querier started it"
+                        );
+                        started.remove(id);
+                    }
+                    _ => {}
+                }
+            }
+            for &id in &submitted {
+                if matches!(t.table.state(id), Some(State::Dispatched(_) | State::Receiving)) {
+                    started.insert(id);
+                }
+            }
+            for (id, n) in &ends {
+                prop_assert!(*n <= 1, "query {id} ended {n} times");
+            }
+        }
+        // Whatever is left ends when the frontend closes.
+        for action in t.on(Event::Close) {
+            if let Action::Fail { id, .. } = action {
+                *ends.entry(id).or_default() += 1;
+            }
+        }
+        prop_assert_eq!(t.table.len(), 0);
+        for id in submitted {
+            prop_assert_eq!(ends.get(&id).copied(), Some(1), "query {} did not end exactly once", id);
+        }
+    }
+}

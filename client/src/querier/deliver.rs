@@ -1,0 +1,175 @@
+//! Sending a result straight to its frontend: one cached QUIC connection per frontend
+//! address (dialled under that address's own lock, so one unreachable frontend stalls only
+//! its own deliveries), one stream per result, small results written in one go.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_protocol::{Dispatch, FrontendAddress, ResultFrame, ResultReceipt, StreamKind, WriteError};
+use tokio::sync::Mutex;
+
+use super::worker::open;
+use super::{HandlerError, Response, ResponseBody, Shared};
+
+/// Frontend addresses kept before closed connections are swept from the cache.
+const SWEEP_ABOVE: usize = 64;
+
+/// Connections to frontends' result endpoints, by advertised address.
+#[derive(Default)]
+pub(super) struct Connections {
+    slots: std::sync::Mutex<HashMap<String, Arc<Mutex<Option<quinn::Connection>>>>>,
+}
+
+impl Connections {
+    fn slot(&self, address: &str) -> Arc<Mutex<Option<quinn::Connection>>> {
+        let mut slots = self.slots.lock().unwrap();
+        if let Some(slot) = slots.get(address) {
+            return slot.clone();
+        }
+        if slots.len() >= SWEEP_ABOVE {
+            slots.retain(|_, slot| {
+                slot.try_lock()
+                    .map_or(true, |c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
+            });
+        }
+        slots.entry(address.to_string()).or_default().clone()
+    }
+}
+
+async fn frontend_connection(shared: &Shared, to: &FrontendAddress) -> Result<quinn::Connection, String> {
+    let slot = shared.frontends.slot(&to.address);
+    let mut slot = slot.lock().await;
+    if let Some(c) = slot.as_ref()
+        && c.close_reason().is_none()
+    {
+        return Ok(c.clone());
+    }
+    let addr = tokio::net::lookup_host(&to.address)
+        .await
+        .map_err(|e| format!("{}: {e}", to.address))?
+        .next()
+        .ok_or_else(|| format!("{}: no address", to.address))?;
+    let conn = shared
+        .endpoint
+        .connect(addr, &to.server_name)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    *slot = Some(conn.clone());
+    Ok(conn)
+}
+
+/// Sends a result to its frontend, retrying transport failures while the body can be
+/// sent again (a streamed body is sent once), never past the query's deadline.
+pub(super) async fn deliver(
+    shared: &Shared,
+    d: &Dispatch,
+    outcome: Result<Response, HandlerError>,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<(), String> {
+    let attempts = async {
+        let (head, mut body) = match outcome {
+            Ok(resp) => (
+                ResultFrame::Head {
+                    query_id: d.query_id,
+                    tenant: d.tenant.clone(),
+                    status: resp.status,
+                    metadata: resp.metadata,
+                },
+                Some(resp.body),
+            ),
+            Err(HandlerError(message)) => (
+                ResultFrame::Error {
+                    query_id: d.query_id,
+                    tenant: d.tenant.clone(),
+                    message,
+                },
+                None,
+            ),
+        };
+        let mut last = String::new();
+        for attempt in 1..=shared.config.delivery_attempts {
+            let conn = match frontend_connection(shared, &d.frontend).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e;
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                    continue;
+                }
+            };
+            let streamed = matches!(body, Some(ResponseBody::Stream(_)));
+            match send_result(shared, &conn, &head, &mut body).await {
+                Ok(ResultReceipt::Delivered) => return Ok(()),
+                Ok(ResultReceipt::Refused { reason }) => {
+                    return Err(format!("frontend refused the result: {reason:?}"));
+                }
+                Err(e) if streamed => return Err(format!("streamed result broken: {e}")),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    };
+    match deadline {
+        Some(at) => tokio::time::timeout_at(at, attempts)
+            .await
+            .map_err(|_| "the query's deadline passed while delivering".to_string())?,
+        None => attempts.await,
+    }
+}
+
+async fn send_result(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    head: &ResultFrame,
+    body: &mut Option<ResponseBody>,
+) -> Result<ResultReceipt, String> {
+    let (mut w, mut r) = open(shared, conn, StreamKind::Result).await?;
+    let io = |e: WriteError| e.to_string();
+    let encode = |e: sluice_protocol::EncodeError| e.to_string();
+    let chunk = shared.config.chunk_size;
+    // Frames are buffered and written when a chunk's worth is waiting, so a small result
+    // (head, body, end) leaves in one write.
+    w.buffer(head).map_err(encode)?;
+    if let Some(b) = body {
+        let mut total: u64 = 0;
+        match b {
+            ResponseBody::Bytes(bytes) => {
+                let mut rest = bytes.clone();
+                while !rest.is_empty() {
+                    let piece = rest.split_to(chunk.min(rest.len()));
+                    total += piece.len() as u64;
+                    w.buffer(&ResultFrame::Chunk(piece)).map_err(encode)?;
+                    if w.buffered() >= chunk {
+                        w.flush().await.map_err(io)?;
+                    }
+                }
+                w.buffer(&ResultFrame::End { total_len: total }).map_err(encode)?;
+            }
+            ResponseBody::Stream(stream) => {
+                // Whatever is buffered goes out before waiting on the producer.
+                w.flush().await.map_err(io)?;
+                let end = loop {
+                    match stream.next().await {
+                        Ok(Some(mut bytes)) => {
+                            while !bytes.is_empty() {
+                                let piece = bytes.split_to(chunk.min(bytes.len()));
+                                total += piece.len() as u64;
+                                w.send(&ResultFrame::Chunk(piece)).await.map_err(io)?;
+                            }
+                        }
+                        Ok(None) => break ResultFrame::End { total_len: total },
+                        Err(message) => break ResultFrame::Abort { message },
+                    }
+                };
+                w.buffer(&end).map_err(encode)?;
+            }
+        }
+    }
+    w.flush().await.map_err(io)?;
+    let _ = w.get_mut().finish();
+    r.next::<ResultReceipt>()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "frontend closed without a receipt".into())
+}

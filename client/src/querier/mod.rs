@@ -1,0 +1,534 @@
+//! The querier worker library: worker loops that pull queries from every scheduler, run
+//! them through your [`Handler`], and send the results straight to the frontend that asked.
+//!
+//! The schedulers are a static list or the live members of the gossip
+//! ([`QuerierConfig::gossip`]). A querier serves every scheduler it knows of: the ones in
+//! use with `concurrency` workers, the others with one, so that nothing queued on a
+//! scheduler outside the frontends' `max_used_instances` is stranded. A scheduler that
+//! comes into use gets its full count at once; one that drops out of use keeps the
+//! workers it has (stopping a worker that waits for work could lose a query dispatched to
+//! it at that moment) until it leaves or dies.
+//!
+//! Workers live as long as the [`Querier`]: a scheduler that drains, restarts, dies or is
+//! cut off is reconnected to with capped, jittered backoff (about a second at most once it
+//! is back). Only [`Querier::shutdown`], [`Querier::abort`] or discovery dropping the
+//! scheduler stop them.
+
+mod deliver;
+mod worker;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sluice_protocol::{Limits, Metadata, close_code};
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::discovery::{Discovery, Target};
+use crate::error::ClientError;
+use crate::gossip::{GossipConfig, MemberRole};
+use crate::tls::{self, Identity};
+
+/// Settings of a [`Querier`].
+#[derive(Debug, Clone)]
+pub struct QuerierConfig {
+    /// This querier's id: stable across restarts, so its shuffle shards are kept.
+    pub id: String,
+    /// Its certificate (role `querier`), key, and the CA.
+    pub identity: Identity,
+    /// Scheduler QUIC addresses; the querier serves all of them (a static list; leave it
+    /// empty when `gossip` is set).
+    pub schedulers: Vec<SocketAddr>,
+    /// Learn the live schedulers by joining their gossip (as a `querier` member) instead
+    /// of a static list.
+    pub gossip: Option<GossipConfig>,
+    /// The frontends' `max_used_instances` (0: all): schedulers beyond it get one worker.
+    pub max_used_instances: usize,
+    /// TLS name the schedulers' certificates are checked against.
+    pub scheduler_server_name: String,
+    /// Worker loops per scheduler (queries run at once, per scheduler).
+    pub concurrency: usize,
+    /// Result body bytes per chunk frame.
+    pub chunk_size: usize,
+    /// Attempts to deliver a result before giving up on it.
+    pub delivery_attempts: u32,
+    /// How long a handler may go on after its query was cancelled or its deadline passed
+    /// before its task is aborted (so a handler that ignores cancellation cannot hold a
+    /// worker forever).
+    pub cancel_grace: Duration,
+    /// A scheduler or frontend silent for this long is taken as gone. Pings go out every
+    /// fifth of it.
+    pub idle_timeout: Duration,
+    /// Largest frame sent or accepted.
+    pub max_frame_len: u32,
+}
+
+impl QuerierConfig {
+    /// Defaults: 4 workers per scheduler, 256 KiB chunks, 3 delivery attempts, 1 s grace
+    /// after a cancel, TLS name `localhost` (as in the development certificates).
+    pub fn new(id: impl Into<String>, identity: Identity, schedulers: Vec<SocketAddr>) -> Self {
+        QuerierConfig {
+            id: id.into(),
+            identity,
+            schedulers,
+            gossip: None,
+            max_used_instances: 0,
+            scheduler_server_name: "localhost".into(),
+            concurrency: 4,
+            chunk_size: 256 * 1024,
+            delivery_attempts: 3,
+            cancel_grace: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(5),
+            max_frame_len: Limits::default().max_frame_len,
+        }
+    }
+}
+
+/// A query handed to the handler.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The query's id at its frontend.
+    pub query_id: u64,
+    /// The tenant it runs for.
+    pub tenant: String,
+    /// Its actor path below the tenant.
+    pub actors: Vec<String>,
+    /// The backend it was queued for, if any.
+    pub component: Option<String>,
+    /// The frontend's metadata (tracing headers…).
+    pub metadata: Metadata,
+    /// Time the query waited in the scheduler's queue.
+    pub queue_time: Duration,
+    /// Time left before its deadline, when it was dispatched. At the deadline
+    /// `cancelled` fires.
+    pub timeout: Option<Duration>,
+    /// Which run of the query this is: 1, or more when a retriable query is redelivered
+    /// after its querier died.
+    pub attempt: u32,
+    /// The opaque request to execute.
+    pub payload: Bytes,
+    /// Fires when the frontend cancels the query or its deadline passes: stop work and
+    /// return (the task is aborted after `cancel_grace`).
+    pub cancelled: CancellationToken,
+}
+
+/// A result body: all at once, or streamed as the handler produces it.
+#[derive(Debug)]
+pub enum ResponseBody {
+    /// The whole body at once (sent in chunks of `chunk_size`).
+    Bytes(Bytes),
+    /// Pieces as the handler produces them, through a [`BodySender`].
+    Stream(BodyStream),
+}
+
+/// One piece of a streamed body.
+#[derive(Debug)]
+enum BodyPart {
+    Chunk(Bytes),
+    End,
+    Abort(String),
+}
+
+/// The producing side of a streamed body. Call [`finish`](Self::finish) when the body is
+/// complete: a sender dropped without it (the producer failed or panicked) or given up with
+/// [`abort`](Self::abort) makes the frontend's body end in an error, never in a shorter
+/// success.
+#[derive(Debug)]
+pub struct BodySender {
+    tx: mpsc::Sender<BodyPart>,
+}
+
+/// The body was no longer wanted (the query was cancelled or its frontend is gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyClosed;
+
+impl BodySender {
+    /// Sends the next piece; waits while the frontend is slower than the producer.
+    pub async fn send(&self, bytes: impl Into<Bytes>) -> Result<(), BodyClosed> {
+        self.tx
+            .send(BodyPart::Chunk(bytes.into()))
+            .await
+            .map_err(|_| BodyClosed)
+    }
+
+    /// The body is complete.
+    pub async fn finish(self) {
+        let _ = self.tx.send(BodyPart::End).await;
+    }
+
+    /// The body failed midway; the frontend's reader gets `message` as its error.
+    pub async fn abort(self, message: impl Into<String>) {
+        let _ = self.tx.send(BodyPart::Abort(message.into())).await;
+    }
+}
+
+/// The querier's side of a streamed body.
+#[derive(Debug)]
+pub struct BodyStream {
+    rx: mpsc::Receiver<BodyPart>,
+}
+
+impl BodyStream {
+    /// The next piece: `Ok(Some)` a chunk, `Ok(None)` the end, `Err` an abort (explicit, or
+    /// the sender dropped without finishing).
+    async fn next(&mut self) -> Result<Option<Bytes>, String> {
+        match self.rx.recv().await {
+            Some(BodyPart::Chunk(bytes)) => Ok(Some(bytes)),
+            Some(BodyPart::End) => Ok(None),
+            Some(BodyPart::Abort(message)) => Err(message),
+            None => Err("the body's producer stopped without finishing".into()),
+        }
+    }
+}
+
+/// What the handler returns for a query.
+#[derive(Debug)]
+pub struct Response {
+    /// HTTP-style status (200 = success).
+    pub status: u16,
+    /// Key/value pairs for the frontend.
+    pub metadata: Metadata,
+    /// The result body.
+    pub body: ResponseBody,
+    /// What the query really cost, in the units of the frontend's cost hints (for
+    /// example milliseconds of CPU); reported to the scheduler, which corrects the
+    /// tenant's fair-share account. `None`: the hint stands.
+    pub measured_cost: Option<u32>,
+}
+
+impl Response {
+    /// A 200 response with a body held in memory.
+    pub fn ok(body: impl Into<Bytes>) -> Self {
+        Response {
+            status: 200,
+            metadata: Vec::new(),
+            body: ResponseBody::Bytes(body.into()),
+            measured_cost: None,
+        }
+    }
+
+    /// A response whose body is sent as the handler produces it through the returned
+    /// sender (`buffer` pieces may wait between producer and network).
+    pub fn stream(status: u16, buffer: usize) -> (Self, BodySender) {
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let response = Response {
+            status,
+            metadata: Vec::new(),
+            body: ResponseBody::Stream(BodyStream { rx }),
+            measured_cost: None,
+        };
+        (response, BodySender { tx })
+    }
+
+    /// This response, reporting the query's measured cost.
+    pub fn with_cost(mut self, cost: u32) -> Self {
+        self.measured_cost = Some(cost);
+        self
+    }
+}
+
+/// A handler's failure; sent to the frontend as the query's error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError(pub String);
+
+impl<T: std::fmt::Display> From<T> for HandlerError {
+    fn from(e: T) -> Self {
+        HandlerError(e.to_string())
+    }
+}
+
+/// What a querier runs for each query. Implement it with an `async fn`.
+pub trait Handler: Send + Sync + 'static {
+    /// Runs one query. Return promptly once `request.cancelled` fires.
+    fn handle(&self, request: Request) -> impl Future<Output = Result<Response, HandlerError>> + Send;
+}
+
+/// A running querier.
+pub struct Querier {
+    shared: Arc<Shared>,
+    discovery: Discovery,
+    /// Follows discovery's changes of the scheduler set.
+    follower: JoinHandle<()>,
+}
+
+/// One scheduler this querier serves. Links are only appended; one no longer wanted (its
+/// scheduler left or died) is stopped, and a scheduler that comes back gets a new one.
+struct Link {
+    addr: SocketAddr,
+    conn: Mutex<Option<quinn::Connection>>,
+    /// Worker loops running against it (kept by [`Counted`] guards).
+    workers: Arc<AtomicUsize>,
+    /// Of those, the ones registered with the scheduler now.
+    connected: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+/// Adds one to a count for as long as it lives, so counts stay true however a task ends.
+struct Counted {
+    count: Arc<AtomicUsize>,
+    changed: Option<watch::Sender<()>>,
+}
+
+impl Counted {
+    fn new(count: &Arc<AtomicUsize>, changed: Option<&watch::Sender<()>>) -> Counted {
+        count.fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = changed {
+            c.send_replace(());
+        }
+        Counted {
+            count: count.clone(),
+            changed: changed.cloned(),
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        if let Some(c) = &self.changed {
+            c.send_replace(());
+        }
+    }
+}
+
+struct Shared {
+    config: QuerierConfig,
+    endpoint: quinn::Endpoint,
+    links: std::sync::Mutex<Vec<Arc<Link>>>,
+    /// Every worker loop started, for the shutdown to wait on.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    frontends: deliver::Connections,
+    /// TCP lifelines to schedulers, by token; held until the querier stops.
+    lifelines: Mutex<HashMap<u128, JoinHandle<()>>>,
+    /// Told whenever a worker registers with a scheduler or loses its stream.
+    registration: watch::Sender<()>,
+    /// Stop asking for work (graceful shutdown: after the current query).
+    stopping: CancellationToken,
+}
+
+/// Workers of one scheduler, as [`Querier::workers`] reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SchedulerWorkers {
+    /// The scheduler's QUIC address.
+    pub scheduler: SocketAddr,
+    /// Worker loops running against it (connected or reconnecting).
+    pub workers: usize,
+    /// Of those, the ones registered with it now.
+    pub connected: usize,
+}
+
+impl Querier {
+    /// Starts `concurrency` worker loops against every scheduler.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// use sluice_client::{Handler, HandlerError, Querier, QuerierConfig, Request, Response, tls::Identity};
+    ///
+    /// struct Echo;
+    /// impl Handler for Echo {
+    ///     async fn handle(&self, request: Request) -> Result<Response, HandlerError> {
+    ///         Ok(Response::ok(request.payload))
+    ///     }
+    /// }
+    ///
+    /// let identity = Identity {
+    ///     ca: "sluice-data/ca.pem".into(),
+    ///     cert: "sluice-data/querier.pem".into(),
+    ///     key: "sluice-data/querier-key.pem".into(),
+    /// };
+    /// let querier = Querier::start(QuerierConfig::new("querier-1", identity, vec!["127.0.0.1:9095".parse()?]), Echo)?;
+    /// querier.wait_connected(4, std::time::Duration::from_secs(5)).await;
+    /// // … until it is time to stop:
+    /// querier.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn start<H: Handler>(config: QuerierConfig, handler: H) -> Result<Querier, ClientError> {
+        if config.concurrency == 0 || config.chunk_size == 0 || config.delivery_attempts == 0 {
+            return Err(ClientError::Config(
+                "concurrency, chunk_size and delivery_attempts must be at least 1".into(),
+            ));
+        }
+        let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|error| ClientError::Bind { addr: bind, error })?;
+        let mut client = tls::quic_client(&config.identity)?;
+        client.transport_config(Arc::new(crate::frontend::transport_with_idle(config.idle_timeout)?));
+        endpoint.set_default_client_config(client);
+        let discovery = Discovery::start(
+            &config.id,
+            MemberRole::Querier,
+            &config.schedulers,
+            config.gossip.as_ref(),
+            config.max_used_instances,
+        )?;
+        let shared = Arc::new(Shared {
+            config,
+            endpoint,
+            links: std::sync::Mutex::new(Vec::new()),
+            tasks: std::sync::Mutex::new(Vec::new()),
+            frontends: deliver::Connections::default(),
+            lifelines: Mutex::new(HashMap::new()),
+            registration: watch::channel(()).0,
+            stopping: CancellationToken::new(),
+        });
+        let handler = Arc::new(handler);
+        let follower = {
+            let shared = shared.clone();
+            discovery.follow(shared.stopping.clone(), move |targets| {
+                shared.reconcile(targets, &handler)
+            })
+        };
+        Ok(Querier {
+            shared,
+            discovery,
+            follower,
+        })
+    }
+
+    /// The QUIC addresses of the schedulers served and how many worker loops each has,
+    /// sorted.
+    pub fn schedulers(&self) -> Vec<(SocketAddr, usize)> {
+        self.workers().iter().map(|w| (w.scheduler, w.workers)).collect()
+    }
+
+    /// Per scheduler served: worker loops and how many of them are registered now, sorted
+    /// by address.
+    pub fn workers(&self) -> Vec<SchedulerWorkers> {
+        let mut out: Vec<SchedulerWorkers> = self
+            .shared
+            .live_links()
+            .iter()
+            .map(|l| SchedulerWorkers {
+                scheduler: l.addr,
+                workers: l.workers.load(Ordering::Relaxed),
+                connected: l.connected.load(Ordering::Relaxed),
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Waits until at least `workers` workers are registered with schedulers (all
+    /// together), or `timeout` passes; true if they are.
+    pub async fn wait_connected(&self, workers: usize, timeout: Duration) -> bool {
+        let mut changed = self.shared.registration.subscribe();
+        let count = || self.workers().iter().map(|w| w.connected).sum::<usize>();
+        let wait = async {
+            while count() < workers {
+                if changed.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, wait).await;
+        count() >= workers
+    }
+
+    /// Graceful shutdown: tells every scheduler this querier is leaving, lets running
+    /// queries finish and their results reach their frontends, then closes.
+    pub async fn shutdown(self) {
+        self.shared.stopping.cancel();
+        self.follower.abort();
+        let bound = self.shared.config.idle_timeout;
+        for link in self.shared.live_links() {
+            // A scheduler that is gone cannot be told; wait no longer than it takes to
+            // notice that.
+            let addr = link.addr;
+            match tokio::time::timeout(bound, worker::notify_shutdown(&self.shared, &link)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(scheduler = %addr, error = %e, "shutdown notice not delivered"),
+                Err(_) => debug!(scheduler = %addr, "shutdown notice timed out"),
+            }
+        }
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.shared.tasks.lock().unwrap());
+        for w in tasks {
+            let _ = w.await;
+        }
+        self.discovery.leave().await;
+        self.shared
+            .endpoint
+            .close(close_code::DONE.into(), b"querier shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+        for (_, lifeline) in self.shared.lifelines.lock().await.drain() {
+            lifeline.abort();
+        }
+    }
+
+    /// Stops at once, as a crash would (in-flight queries fail at their frontends).
+    pub fn abort(self) {
+        self.follower.abort();
+        for w in self.shared.tasks.lock().unwrap().iter() {
+            w.abort();
+        }
+        if let Ok(mut lifelines) = self.shared.lifelines.try_lock() {
+            for (_, lifeline) in lifelines.drain() {
+                lifeline.abort();
+            }
+        }
+        self.shared.endpoint.close(close_code::DONE.into(), b"querier aborted");
+    }
+}
+
+impl Shared {
+    fn live_links(&self) -> Vec<Arc<Link>> {
+        let links = self.links.lock().unwrap();
+        links.iter().filter(|l| !l.stop.is_cancelled()).cloned().collect()
+    }
+
+    /// Serves the schedulers discovery reports: starts workers up to the wanted count
+    /// (`concurrency` for schedulers in use or leaving, one for the others), and stops the
+    /// links to schedulers no longer reported.
+    fn reconcile<H: Handler>(self: &Arc<Self>, targets: &[Target], handler: &Arc<H>) {
+        if self.stopping.is_cancelled() {
+            return;
+        }
+        let mut links = self.links.lock().unwrap();
+        for link in links.iter().filter(|l| !l.stop.is_cancelled()) {
+            if !targets.iter().any(|t| t.addr == link.addr) {
+                debug!(scheduler = %link.addr, "scheduler gone; its workers stop");
+                link.stop.cancel();
+            }
+        }
+        let mut tasks = self.tasks.lock().unwrap();
+        tasks.retain(|t| !t.is_finished());
+        for t in targets {
+            let link = match links.iter().find(|l| l.addr == t.addr && !l.stop.is_cancelled()) {
+                Some(link) => link.clone(),
+                None => {
+                    let link = Arc::new(Link {
+                        addr: t.addr,
+                        conn: Mutex::new(None),
+                        workers: Arc::new(AtomicUsize::new(0)),
+                        connected: Arc::new(AtomicUsize::new(0)),
+                        stop: CancellationToken::new(),
+                    });
+                    links.push(link.clone());
+                    link
+                }
+            };
+            let wanted = if t.in_use || t.leaving {
+                self.config.concurrency
+            } else {
+                1
+            };
+            while link.workers.load(Ordering::Relaxed) < wanted {
+                // Counted here, before the task runs, so this loop sees it at once.
+                let guard = Counted::new(&link.workers, None);
+                let seed = tasks.len() as u64;
+                tasks.push(tokio::spawn(worker::worker_loop(
+                    self.clone(),
+                    link.clone(),
+                    handler.clone(),
+                    guard,
+                    seed,
+                )));
+            }
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! One worker against one scheduler: the dequeue loop (Ready → Dispatch → run → Ready),
+//! reconnecting after any loss until the querier stops, and the run of one query under its
+//! cancel and deadline.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_protocol::{
+    Dispatch, Finished, FramedRead, FramedWrite, Hello, HelloReply, LIFELINE_MAGIC, Notice, NoticeReply,
+    QuerierToScheduler, Role, SchedulerToQuerier, StreamKind,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, warn};
+
+use super::{Counted, Handler, HandlerError, Link, Request, Shared, deliver};
+use crate::backoff::Backoff;
+use tokio_util::sync::CancellationToken;
+
+type Stream = (FramedWrite<quinn::SendStream>, FramedRead<quinn::RecvStream>);
+
+/// Why a dequeue loop on one stream ended.
+enum Ended {
+    /// The querier stops, or the scheduler is no longer served: the worker ends.
+    Stop,
+    /// The scheduler is draining (or went away): reconnect once it is back.
+    Reconnect(String),
+}
+
+/// One worker against one scheduler: reconnects with backoff after any loss, until the
+/// querier stops or the scheduler is no longer served. `_alive` counts it while it runs.
+pub(super) async fn worker_loop<H: Handler>(
+    shared: Arc<Shared>,
+    link: Arc<Link>,
+    handler: Arc<H>,
+    _alive: Counted,
+    seed: u64,
+) {
+    let mut backoff = Backoff::new(seed ^ u64::from(link.addr.port()) << 16);
+    loop {
+        match serve(&shared, &link, &handler, &mut backoff).await {
+            Ended::Stop => return,
+            Ended::Reconnect(why) => debug!(scheduler = %link.addr, %why, "worker reconnects"),
+        }
+        if shared.stopping.is_cancelled() || link.stop.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shared.stopping.cancelled() => return,
+            _ = link.stop.cancelled() => return,
+        }
+    }
+}
+
+async fn scheduler_connection(shared: &Shared, link: &Link) -> Result<quinn::Connection, String> {
+    let mut slot = link.conn.lock().await;
+    if let Some(c) = slot.as_ref()
+        && c.close_reason().is_none()
+    {
+        return Ok(c.clone());
+    }
+    let conn = shared
+        .endpoint
+        .connect(link.addr, &shared.config.scheduler_server_name)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    *slot = Some(conn.clone());
+    Ok(conn)
+}
+
+/// Forgets `conn` as the link's connection if it still is, so the next worker dials anew
+/// (the scheduler behind it is draining).
+async fn drop_connection(link: &Link, conn: &quinn::Connection) {
+    let mut slot = link.conn.lock().await;
+    if slot.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+        *slot = None;
+    }
+}
+
+/// Opens a stream of `kind` and says hello, waiting for the answer no longer than the
+/// idle timeout.
+pub(super) async fn open(shared: &Shared, conn: &quinn::Connection, kind: StreamKind) -> Result<Stream, String> {
+    let setup = async {
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let max = shared.config.max_frame_len;
+        let (mut w, mut r) = (FramedWrite::new(send, max), FramedRead::new(recv, max));
+        w.send(&Hello::new(Role::Querier, &shared.config.id, kind))
+            .await
+            .map_err(|e| e.to_string())?;
+        match r.next::<HelloReply>().await.map_err(|e| e.to_string())? {
+            Some(HelloReply::Welcome { .. }) => Ok((w, r)),
+            Some(HelloReply::Rejected { code, message }) => Err(format!("refused ({code:?}): {message}")),
+            None => Err("closed before the hello reply".into()),
+        }
+    };
+    tokio::time::timeout(shared.config.idle_timeout, setup)
+        .await
+        .map_err(|_| "no hello reply in time".to_string())?
+}
+
+pub(super) async fn notify_shutdown(shared: &Shared, link: &Link) -> Result<(), String> {
+    let conn = link.conn.lock().await.clone().ok_or("not connected")?;
+    let (mut w, mut r) = open(shared, &conn, StreamKind::ShutdownNotice).await?;
+    w.send(&Notice::QuerierShuttingDown).await.map_err(|e| e.to_string())?;
+    match r.next::<NoticeReply>().await.map_err(|e| e.to_string())? {
+        Some(NoticeReply::Acknowledged) => Ok(()),
+        None => Err("closed before acknowledging".into()),
+    }
+}
+
+/// Runs the dequeue loop on one stream until it ends.
+async fn serve<H: Handler>(shared: &Arc<Shared>, link: &Link, handler: &Arc<H>, backoff: &mut Backoff) -> Ended {
+    // Nothing runs yet: a shutdown need not wait for a (re)connection to finish.
+    let setup = async {
+        let conn = scheduler_connection(shared, link).await?;
+        let stream = open(shared, &conn, StreamKind::DequeueLoop).await?;
+        Ok::<_, String>((conn, stream))
+    };
+    let (conn, (mut w, mut r)) = tokio::select! {
+        stream = setup => match stream {
+            Ok(s) => s,
+            Err(e) => return Ended::Reconnect(e),
+        },
+        _ = shared.stopping.cancelled() => return Ended::Stop,
+        _ = link.stop.cancelled() => return Ended::Stop,
+    };
+    backoff.reset();
+    let _registered = Counted::new(&link.connected, Some(&shared.registration));
+    let mut finished = None;
+    loop {
+        if let Err(e) = w
+            .send(&QuerierToScheduler::Ready {
+                finished: finished.take(),
+            })
+            .await
+        {
+            return Ended::Reconnect(e.to_string());
+        }
+        let dispatch = loop {
+            // The link stops only when its scheduler left or died: nothing can be
+            // dispatched to this stream any more.
+            let next = tokio::select! {
+                next = r.next::<SchedulerToQuerier>() => next,
+                _ = link.stop.cancelled() => return Ended::Stop,
+            };
+            match next {
+                Ok(Some(SchedulerToQuerier::Dispatch(d))) => break *d,
+                Ok(Some(SchedulerToQuerier::Cancel { .. })) => {} // for a query already done
+                Ok(Some(SchedulerToQuerier::Lifeline { port, token })) => {
+                    hold_lifeline(shared, link, port, token).await
+                }
+                Ok(Some(SchedulerToQuerier::ShuttingDown)) => return draining(shared, link, &conn).await,
+                Ok(None) => return Ended::Reconnect("the scheduler closed the stream".into()),
+                Err(e) => return Ended::Reconnect(e.to_string()),
+            }
+        };
+        let (frontend_id, query_id) = (dispatch.frontend.id.clone(), dispatch.query_id);
+        let ran = run(shared, handler, dispatch, &mut r).await;
+        finished = Some(Finished {
+            frontend_id,
+            query_id,
+            measured_cost: ran.measured_cost,
+        });
+        match ran.stream {
+            StreamAfter::Open => {}
+            StreamAfter::Draining => {
+                let _ = w
+                    .send(&QuerierToScheduler::Ready {
+                        finished: finished.take(),
+                    })
+                    .await;
+                return draining(shared, link, &conn).await;
+            }
+            StreamAfter::Lost(why) => return Ended::Reconnect(why),
+        }
+    }
+}
+
+/// The scheduler said `ShuttingDown`: this querier stops if it is the one shutting down;
+/// otherwise the scheduler is draining, and the worker comes back once it (or its
+/// successor at the same address) listens again.
+async fn draining(shared: &Shared, link: &Link, conn: &quinn::Connection) -> Ended {
+    if shared.stopping.is_cancelled() {
+        return Ended::Stop;
+    }
+    drop_connection(link, conn).await;
+    Ended::Reconnect("the scheduler is draining".into())
+}
+
+/// The dequeue stream's state after a query ran.
+enum StreamAfter {
+    Open,
+    /// The scheduler said `ShuttingDown` meanwhile.
+    Draining,
+    /// The stream broke meanwhile.
+    Lost(String),
+}
+
+struct Ran {
+    stream: StreamAfter,
+    measured_cost: Option<u32>,
+}
+
+/// Runs one query while watching the stream for its cancel and the clock for its
+/// deadline; delivers the result (even if the scheduler went away meanwhile: the result
+/// goes straight to the frontend).
+async fn run<H: Handler>(
+    shared: &Arc<Shared>,
+    handler: &Arc<H>,
+    d: Dispatch,
+    r: &mut FramedRead<quinn::RecvStream>,
+) -> Ran {
+    let cancelled = CancellationToken::new();
+    let deadline = d
+        .timeout_ms
+        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    let request = Request {
+        query_id: d.query_id,
+        tenant: d.tenant.clone(),
+        actors: d.actors.clone(),
+        component: d.component.clone(),
+        metadata: d.metadata.clone(),
+        queue_time: Duration::from_micros(d.queue_time_us),
+        timeout: d.timeout_ms.map(Duration::from_millis),
+        attempt: d.attempt,
+        payload: d.payload.clone(),
+        cancelled: cancelled.clone(),
+    };
+    let h = handler.clone();
+    // A task of its own, so a panic becomes an error result instead of a dead worker, and
+    // a handler that ignores its cancel can be aborted.
+    let mut task = tokio::spawn(async move { h.handle(request).await });
+    let mut stream = StreamAfter::Open;
+    // When the handler is aborted if it has not returned (set once cancelled).
+    let mut abort_at: Option<tokio::time::Instant> = None;
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    let outcome = loop {
+        let reading = matches!(stream, StreamAfter::Open);
+        let cancel_at = if cancelled.is_cancelled() { None } else { deadline };
+        tokio::select! {
+            joined = &mut task => break match joined {
+                Ok(outcome) => Some(outcome),
+                Err(e) if e.is_panic() => Some(Err(HandlerError(format!("handler panicked: {}", panic_message(e))))),
+                Err(_) => None, // aborted after its grace
+            },
+            msg = r.next::<SchedulerToQuerier>(), if reading => match msg {
+                Ok(Some(SchedulerToQuerier::Cancel { query_id })) if query_id == d.query_id => {
+                    cancelled.cancel();
+                    abort_at = Some(tokio::time::Instant::now() + shared.config.cancel_grace);
+                }
+                Ok(Some(SchedulerToQuerier::ShuttingDown)) => stream = StreamAfter::Draining,
+                Ok(Some(_)) => {}
+                Ok(None) => stream = StreamAfter::Lost("the scheduler closed the stream".into()),
+                Err(e) => stream = StreamAfter::Lost(e.to_string()),
+            },
+            _ = tokio::time::sleep_until(cancel_at.unwrap_or(far)), if cancel_at.is_some() => {
+                debug!(query = d.query_id, "deadline passed; cancelling the handler");
+                cancelled.cancel();
+                abort_at = Some(tokio::time::Instant::now() + shared.config.cancel_grace);
+            }
+            _ = tokio::time::sleep_until(abort_at.unwrap_or(far)), if abort_at.is_some() => {
+                warn!(query = d.query_id, grace = ?shared.config.cancel_grace, "handler ignored its cancel; aborting it");
+                task.abort();
+                abort_at = None;
+            }
+        }
+    };
+    let measured_cost = outcome
+        .as_ref()
+        .and_then(|o| o.as_ref().ok())
+        .and_then(|r| r.measured_cost);
+    match outcome {
+        // Cancelled (by the frontend, or its deadline, at which the frontend fails the
+        // query itself): nothing to send.
+        _ if cancelled.is_cancelled() => debug!(query = d.query_id, "cancelled; no result sent"),
+        None => {}
+        Some(outcome) => {
+            if let Err(e) = deliver::deliver(shared, &d, outcome, deadline).await {
+                warn!(query = d.query_id, frontend = %d.frontend.address, error = %e, "result not delivered");
+            }
+        }
+    }
+    Ran { stream, measured_cost }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Opens (once per token) the TCP lifeline the scheduler asked for and holds it, so that
+/// if this process dies the kernel's closing of the socket tells the scheduler at once.
+async fn hold_lifeline(shared: &Shared, link: &Link, port: u16, token: u128) {
+    let mut lifelines = shared.lifelines.lock().await;
+    lifelines.retain(|_, task| !task.is_finished());
+    if lifelines.contains_key(&token) {
+        return;
+    }
+    let addr = SocketAddr::new(link.addr.ip(), port);
+    let timeout = shared.config.idle_timeout;
+    let task = tokio::spawn(async move {
+        let mut socket = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(socket)) => socket,
+            Ok(Err(e)) => return warn!(%addr, error = %e, "no lifeline to the scheduler"),
+            Err(_) => return warn!(%addr, "no lifeline to the scheduler: connect timed out"),
+        };
+        let mut preamble = LIFELINE_MAGIC.to_vec();
+        preamble.extend_from_slice(&token.to_be_bytes());
+        if socket.write_all(&preamble).await.is_err() {
+            return;
+        }
+        // Nothing comes back; the scheduler closes it when the QUIC connection ends.
+        let mut scratch = [0u8; 64];
+        while let Ok(n) = socket.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    lifelines.insert(token, task);
+}
