@@ -84,7 +84,7 @@ async fn ready_turns_503_while_draining() {
     accepted(&mut fe, 1, "t").await;
     // With work queued and no querier, the drain lasts; /ready must say so meanwhile.
     let shutdown = tokio::spawn(t.server.shutdown());
-    assert_eq!(fe.from_scheduler().await, SchedulerToFrontend::ShuttingDown);
+    assert_eq!(fe.next_from_scheduler().await, SchedulerToFrontend::ShuttingDown);
     assert_eq!(get(admin, "/ready").await, (503, "draining\n".into()));
     // Cancelling the last queued query ends the drain early.
     fe.send(&FrontendToScheduler::Cancel { query_id: 1 }).await;

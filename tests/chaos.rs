@@ -21,7 +21,7 @@ async fn kill_and_await_querier_failed(mut child: tokio::process::Child, fe: &mu
     let killed = Instant::now();
     child.start_kill().unwrap();
     child.wait().await.unwrap();
-    match fe.from_scheduler().await {
+    match fe.next_from_scheduler().await {
         SchedulerToFrontend::QueryError { query_id: 1, kind, .. } => assert_eq!(kind, QueryErrorKind::QuerierFailed),
         other => panic!("expected querier-failed, got {other:?}"),
     }

@@ -111,7 +111,7 @@ async fn a_querier_that_resets_its_stream_mid_query_fails_the_query_at_once() {
 
     let reset_at = Instant::now();
     w.writer.get_mut().reset(0u32.into()).unwrap();
-    match fe.from_scheduler().await {
+    match fe.next_from_scheduler().await {
         SchedulerToFrontend::QueryError {
             query_id,
             kind,
@@ -139,7 +139,7 @@ async fn a_querier_connection_closing_mid_query_fails_the_query() {
     dispatched(&mut w).await;
     q_conn.close(0u32.into(), b"bye");
     assert!(matches!(
-        fe.from_scheduler().await,
+        fe.next_from_scheduler().await,
         SchedulerToFrontend::QueryError {
             query_id: 1,
             kind: QueryErrorKind::QuerierFailed,
@@ -161,7 +161,7 @@ async fn an_expired_query_is_reported_not_run() {
     assert_eq!(status_of(&mut fe, 1).await, EnqueueStatus::Accepted);
     // No querier: the deadline sweep reports it.
     assert!(matches!(
-        fe.from_scheduler().await,
+        fe.next_from_scheduler().await,
         SchedulerToFrontend::QueryError {
             query_id: 1,
             kind: QueryErrorKind::DeadlineExceeded,
@@ -241,7 +241,7 @@ async fn shutdown_drains_then_hands_back_what_is_left() {
     }
     let mut w = worker(&q_conn, "q").await;
     let shutdown = tokio::spawn(t.server.shutdown());
-    assert_eq!(fe.from_scheduler().await, SchedulerToFrontend::ShuttingDown);
+    assert_eq!(fe.next_from_scheduler().await, SchedulerToFrontend::ShuttingDown);
     // New work is refused…
     fe.send(&enqueue(9, "t")).await;
     assert_eq!(status_of(&mut fe, 9).await, EnqueueStatus::ShuttingDown);
@@ -251,7 +251,7 @@ async fn shutdown_drains_then_hands_back_what_is_left() {
     // …and what is left is handed back, each query explicitly.
     let mut handed_back = Vec::new();
     while handed_back.len() < 2 {
-        match fe.from_scheduler().await {
+        match fe.next_from_scheduler().await {
             SchedulerToFrontend::QueryError {
                 query_id,
                 kind: QueryErrorKind::HandedBack,

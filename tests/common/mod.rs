@@ -112,7 +112,7 @@ impl Peer {
     }
 
     /// The next frame a scheduler sends a frontend, skipping `Dispatched` notes.
-    pub async fn from_scheduler(&mut self) -> SchedulerToFrontend {
+    pub async fn next_from_scheduler(&mut self) -> SchedulerToFrontend {
         loop {
             match self.recv::<SchedulerToFrontend>().await {
                 SchedulerToFrontend::Dispatched { .. } => continue,
@@ -186,7 +186,7 @@ pub fn enqueue(query_id: u64, tenant: &str) -> FrontendToScheduler {
 
 /// Expects the enqueue status of `query_id`.
 pub async fn status_of(frontend: &mut Peer, query_id: u64) -> EnqueueStatus {
-    match frontend.from_scheduler().await {
+    match frontend.next_from_scheduler().await {
         SchedulerToFrontend::EnqueueStatus {
             query_id: q, status, ..
         } if q == query_id => status,
