@@ -13,9 +13,13 @@ struct Harness {
 }
 
 fn harness() -> Harness {
+    harness_with(QueueConfig::default())
+}
+
+fn harness_with(config: QueueConfig) -> Harness {
     let now = Instant::now();
     let metrics = Arc::new(Metrics::new(Duration::from_secs(60)));
-    let mut d = Dispatcher::new("s".into(), QueueConfig::default(), Limits::default(), metrics).unwrap();
+    let mut d = Dispatcher::new("s".into(), config, Limits::default(), metrics).unwrap();
     let (tx, fe_rx, _) = Outbox::new(64);
     let (reply, mut id) = oneshot::channel();
     d.handle(
@@ -104,17 +108,62 @@ impl Harness {
     }
 
     fn worker(&mut self) -> (WorkerId, mpsc::Receiver<SchedulerToQuerier>) {
-        let (tx, rx, _) = Outbox::new(64);
+        let (w, rx, _) = self.worker_of("q");
+        (w, rx)
+    }
+
+    /// A worker of `querier`, with the tokens that would close its connection.
+    fn worker_of(&mut self, querier: &str) -> (WorkerId, mpsc::Receiver<SchedulerToQuerier>, Cut) {
+        let (tx, rx, cut) = Outbox::new(64);
         let (reply, mut id) = oneshot::channel();
         self.d.handle(
             Command::WorkerOpened {
-                querier: "q".into(),
+                querier: querier.into(),
                 tx,
                 reply,
             },
             self.now,
         );
-        (id.try_recv().unwrap(), rx)
+        (id.try_recv().unwrap(), rx, cut)
+    }
+
+    fn ready(&mut self, worker: WorkerId) {
+        self.d.handle(Command::Ready { worker, finished: None }, self.now);
+    }
+
+    fn enqueue_status(&mut self, query_id: u64) -> EnqueueStatus {
+        let enqueue = Box::new(Enqueue {
+            query_id,
+            tenant: "t".into(),
+            actors: vec![],
+            component: None,
+            priority: None,
+            cost_hint: None,
+            timeout_ms: None,
+            attempt: 1,
+            metadata: vec![],
+            payload: Bytes::from_static(b"q"),
+        });
+        let (frontend, now) = (self.frontend, self.now);
+        self.d.handle(
+            Command::Enqueue {
+                frontend,
+                enqueue,
+                received: now,
+            },
+            now,
+        );
+        match self.frame() {
+            Ok(SchedulerToFrontend::EnqueueStatus { status, .. }) => status,
+            other => panic!("expected a status, got {other:?}"),
+        }
+    }
+}
+
+fn dispatched_id(rx: &mut mpsc::Receiver<SchedulerToQuerier>) -> Option<u64> {
+    match rx.try_recv() {
+        Ok(SchedulerToQuerier::Dispatch(d)) => Some(d.query_id),
+        _ => None,
     }
 }
 
@@ -260,4 +309,147 @@ fn drain_hands_back_what_no_worker_took_in_time() {
             Ok(SchedulerToFrontend::QueryError { query_id, kind: QueryErrorKind::HandedBack, .. }) if query_id == q
         ));
     }
+}
+
+#[test]
+fn a_second_ready_from_a_waiting_worker_closes_its_connection() {
+    let mut h = harness();
+    let (w, mut rx, cut) = h.worker_of("q");
+    h.ready(w);
+    assert!(!cut.violation.is_cancelled());
+    h.ready(w);
+    assert!(cut.violation.is_cancelled(), "the connection is to be closed");
+    // It is no longer offered work.
+    h.enqueue(1);
+    assert_eq!(dispatched_id(&mut rx), None);
+}
+
+#[test]
+fn a_running_query_cannot_be_enqueued_again() {
+    let mut h = harness();
+    h.enqueue(1);
+    let (_w, _rx) = h.busy_worker();
+    assert!(matches!(h.enqueue_status(1), EnqueueStatus::Invalid { reason } if reason.contains("running")));
+}
+
+#[test]
+fn admission_never_reopens_after_the_drain() {
+    let mut h = harness();
+    let (done, mut drained) = oneshot::channel();
+    h.d.handle(
+        Command::Shutdown {
+            drain_timeout: Duration::from_secs(1),
+            done,
+        },
+        h.now,
+    );
+    assert!(drained.try_recv().is_ok(), "nothing queued: drained at once");
+    h.d.tick(h.now + Duration::from_secs(2));
+    let (done, _) = oneshot::channel();
+    h.d.handle(
+        Command::Shutdown {
+            drain_timeout: Duration::from_secs(1),
+            done,
+        },
+        h.now,
+    );
+    assert_eq!(h.frame().ok(), Some(SchedulerToFrontend::ShuttingDown));
+    assert_eq!(h.enqueue_status(1), EnqueueStatus::ShuttingDown);
+}
+
+#[test]
+fn a_frontend_hears_that_a_query_was_dispatched_before_anything_else_about_it() {
+    let mut h = harness();
+    h.enqueue(1);
+    let (w, _rx) = h.busy_worker();
+    // Same batch: the worker goes before the batch ends.
+    h.d.handle(Command::WorkerClosed { worker: w }, h.now);
+    assert_eq!(
+        h.fe_rx.try_recv().ok(),
+        Some(SchedulerToFrontend::Dispatched { query_ids: vec![1] })
+    );
+    assert!(matches!(
+        h.fe_rx.try_recv(),
+        Ok(SchedulerToFrontend::QueryError {
+            query_id: 1,
+            kind: QueryErrorKind::QuerierFailed,
+            ..
+        })
+    ));
+    // Otherwise the notes of a batch leave together at its end.
+    h.enqueue(2);
+    h.enqueue(3);
+    let (_a, _) = h.busy_worker();
+    let (_b, _) = h.busy_worker();
+    assert!(h.fe_rx.try_recv().is_err(), "held until the batch ends");
+    h.d.end_batch();
+    assert_eq!(
+        h.fe_rx.try_recv().ok(),
+        Some(SchedulerToFrontend::Dispatched { query_ids: vec![2, 3] })
+    );
+}
+
+/// Two queriers, each with one waiting worker, tenant `t` sharded to one of them, whose
+/// worker is busy with query 1 while query 2 waits: the other querier's worker may not take
+/// it. Returns (in-shard querier and worker, the other worker and its outbox).
+fn sharded() -> (Harness, &'static str, WorkerId, WorkerId, mpsc::Receiver<SchedulerToQuerier>) {
+    let mut h = harness_with(QueueConfig {
+        max_queriers_per_tenant: 1,
+        querier_forget_delay: Duration::from_secs(10),
+        ..QueueConfig::default()
+    });
+    let (a, mut a_rx, _) = h.worker_of("qa");
+    let (b, mut b_rx, _) = h.worker_of("qb");
+    h.ready(a);
+    h.ready(b);
+    h.enqueue(1);
+    let (inside, inside_w, other_w, other_rx) = match (dispatched_id(&mut a_rx), dispatched_id(&mut b_rx)) {
+        (Some(1), None) => ("qa", a, b, b_rx),
+        (None, Some(1)) => ("qb", b, a, a_rx),
+        other => panic!("query 1 goes to exactly one querier: {other:?}"),
+    };
+    let mut other_rx = other_rx;
+    h.enqueue(2);
+    assert_eq!(dispatched_id(&mut other_rx), None, "outside the tenant's shard");
+    (h, inside, inside_w, other_w, other_rx)
+}
+
+#[test]
+fn a_forgotten_querier_offers_queued_work_to_waiting_workers_at_once() {
+    let (mut h, _, inside_w, _, mut other_rx) = sharded();
+    h.d.handle(Command::WorkerClosed { worker: inside_w }, h.now);
+    h.d.tick(h.now + Duration::from_secs(5));
+    assert_eq!(dispatched_id(&mut other_rx), None, "kept its shard within the forget delay");
+    h.d.tick(h.now + Duration::from_secs(11));
+    assert_eq!(dispatched_id(&mut other_rx), Some(2));
+}
+
+#[test]
+fn a_reload_offers_queued_work_to_waiting_workers_at_once() {
+    let (mut h, _, _, _, mut other_rx) = sharded();
+    let (reply, _) = oneshot::channel();
+    let config = QueueConfig {
+        max_queriers_per_tenant: 0,
+        ..QueueConfig::default()
+    };
+    h.d.handle(Command::SetQueueConfig { config, reply }, h.now);
+    assert_eq!(dispatched_id(&mut other_rx), Some(2));
+}
+
+#[test]
+fn the_last_worker_of_a_querier_that_said_goodbye_hands_its_shard_on_at_once() {
+    let (mut h, inside, inside_w, _, mut other_rx) = sharded();
+    // The querier announced shutdown while its only worker was busy: it keeps its shard
+    // until that worker leaves, then (no forget delay after a notice) hands it on at once.
+    let (reply, _) = oneshot::channel();
+    h.d.handle(
+        Command::QuerierShuttingDown {
+            querier: inside.into(),
+            reply,
+        },
+        h.now,
+    );
+    assert_eq!(dispatched_id(&mut other_rx), None);
+    h.d.handle(Command::WorkerClosed { worker: inside_w }, h.now);
+    assert_eq!(dispatched_id(&mut other_rx), Some(2));
 }
