@@ -30,6 +30,16 @@ impl Handler for TestHandler {
                 let _ = self.cancelled.send(request.query_id);
                 Err(HandlerError("cancelled".into()))
             }
+            b"deaf" => {
+                // Sees its cancel but does not stop, as a handler stuck in a blocking call.
+                let (token, tx, id) = (request.cancelled.clone(), self.cancelled.clone(), request.query_id);
+                tokio::spawn(async move {
+                    token.cancelled().await;
+                    let _ = tx.send(id);
+                });
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
             b"big" => {
                 let (response, body) = Response::stream(200, 2);
                 tokio::spawn(async move {
@@ -577,4 +587,102 @@ async fn a_result_that_overtakes_its_enqueue_ack_is_delivered() {
     let handle = wait("submit", fe.submit(QueryRequest::new("t", "q"))).await.unwrap();
     assert_eq!(body_of(handle).await.unwrap(), b"early");
     fake.abort();
+}
+
+#[tokio::test]
+async fn a_body_that_fails_midway_ends_in_an_error_not_a_shorter_success() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let (h, _events) = handler(Duration::ZERO);
+    let q = querier_for("querier-1", &[&t], 1, h);
+    let handle = fe.submit(QueryRequest::new("t", "breaks-midway")).await.unwrap();
+    let mut body = wait("a response", handle.response()).await.unwrap().body;
+    assert_eq!(
+        wait("the first chunk", body.chunk()).await.unwrap().unwrap(),
+        "first half"
+    );
+    let end = wait("the end", body.chunk()).await;
+    assert!(
+        matches!(&end, Some(Err(QueryError::Failed(m))) if m.contains("without finishing")),
+        "{end:?}"
+    );
+    assert!(body.chunk().await.is_none());
+    q.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_hung_handler_is_cancelled_at_the_deadline_and_its_worker_freed() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let (h, mut events) = handler(Duration::ZERO);
+    let mut config = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+    config.concurrency = 1;
+    config.cancel_grace = Duration::from_millis(200);
+    let q = Querier::start(config, h).unwrap();
+    let mut req = QueryRequest::new("t", "deaf");
+    req.timeout = Some(Duration::from_secs(1));
+    let submitted = Instant::now();
+    let handle = fe.submit(req).await.unwrap();
+    let id = wait("started", events.started.recv()).await.unwrap();
+    let err = wait("the deadline", handle.response()).await.unwrap_err();
+    let took = submitted.elapsed();
+    assert!(matches!(err, QueryError::DeadlineExceeded(_)), "{err:?}");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_millis(1800),
+        "{took:?}"
+    );
+    assert_eq!(wait("the handler's cancel", events.cancelled.recv()).await, Some(id));
+    // The only worker is free again: the handler that ignored its cancel was aborted.
+    let handle = fe.submit(QueryRequest::new("t", "after")).await.unwrap();
+    assert_eq!(body_of(handle).await.unwrap(), b"after");
+    q.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_deadline_holds_across_a_hand_back() {
+    let t = start(|s| s.drain_timeout_ms = Some(10)).await;
+    let fe = frontend_for(&[&t]).await;
+    let mut req = QueryRequest::new("t", "q");
+    req.timeout = Some(Duration::from_secs(2));
+    let submitted = Instant::now();
+    let handle = fe.submit(req).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await; // the scheduler drains at 0.5 s
+    wait("drain", t.server.shutdown()).await;
+    // Handed back with 1.5 s left; no scheduler to take it: it ends at its deadline, not
+    // 2 s after the hand-back and not at the frontend's enqueue wait (5 s).
+    let err = wait("the deadline", handle.response()).await.unwrap_err();
+    let took = submitted.elapsed();
+    assert!(matches!(err, QueryError::DeadlineExceeded(_)), "{err:?}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_millis(2600),
+        "{took:?}"
+    );
+    assert_eq!(fe.stats().requeued, 1);
+}
+
+#[tokio::test]
+async fn a_retriable_query_whose_querier_dies_runs_again_elsewhere() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let (h1, mut events) = handler(Duration::ZERO);
+    let q1 = querier_for("querier-1", &[&t], 1, h1);
+    let mut req = QueryRequest::new("t", "hang");
+    req.retriable = true;
+    let handle = fe.submit(req).await.unwrap();
+    wait("started on querier-1", events.started.recv()).await;
+    // A second querier that answers with the attempt number, then the first one dies.
+    struct Attempt;
+    impl Handler for Attempt {
+        async fn handle(&self, request: Request) -> Result<Response, HandlerError> {
+            Ok(Response::ok(format!("attempt {}", request.attempt)))
+        }
+    }
+    let mut config = QuerierConfig::new("querier-2", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+    config.concurrency = 1;
+    let q2 = Querier::start(config, Attempt).unwrap();
+    assert!(q2.wait_connected(1, WAIT).await);
+    q1.abort();
+    assert_eq!(body_of(handle).await.unwrap(), b"attempt 2");
+    assert_eq!(fe.stats().redelivered, 1);
+    q2.shutdown().await;
 }

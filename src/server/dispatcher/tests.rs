@@ -392,7 +392,13 @@ fn a_frontend_hears_that_a_query_was_dispatched_before_anything_else_about_it() 
 /// Two queriers, each with one waiting worker, tenant `t` sharded to one of them, whose
 /// worker is busy with query 1 while query 2 waits: the other querier's worker may not take
 /// it. Returns (in-shard querier and worker, the other worker and its outbox).
-fn sharded() -> (Harness, &'static str, WorkerId, WorkerId, mpsc::Receiver<SchedulerToQuerier>) {
+fn sharded() -> (
+    Harness,
+    &'static str,
+    WorkerId,
+    WorkerId,
+    mpsc::Receiver<SchedulerToQuerier>,
+) {
     let mut h = harness_with(QueueConfig {
         max_queriers_per_tenant: 1,
         querier_forget_delay: Duration::from_secs(10),
@@ -419,7 +425,11 @@ fn a_forgotten_querier_offers_queued_work_to_waiting_workers_at_once() {
     let (mut h, _, inside_w, _, mut other_rx) = sharded();
     h.d.handle(Command::WorkerClosed { worker: inside_w }, h.now);
     h.d.tick(h.now + Duration::from_secs(5));
-    assert_eq!(dispatched_id(&mut other_rx), None, "kept its shard within the forget delay");
+    assert_eq!(
+        dispatched_id(&mut other_rx),
+        None,
+        "kept its shard within the forget delay"
+    );
     h.d.tick(h.now + Duration::from_secs(11));
     assert_eq!(dispatched_id(&mut other_rx), Some(2));
 }
