@@ -429,3 +429,91 @@ async fn a_lifeline_with_an_unknown_token_is_closed() {
         .unwrap_or(0);
     assert_eq!(n, 0);
 }
+
+#[tokio::test]
+async fn a_ready_out_of_turn_closes_the_querier_connection_and_fails_its_running_query() {
+    let t = start(|_| {}).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    let mut busy = worker(&q_conn, "querier-7").await;
+    accepted(&mut fe, 1, "t").await;
+    busy.send(&QuerierToScheduler::Ready { finished: None }).await;
+    assert_eq!(dispatched(&mut busy).await.query_id, 1);
+    // Another worker of the same querier says Ready twice without being given anything.
+    let mut rogue = worker(&q_conn, "querier-7").await;
+    rogue.send(&QuerierToScheduler::Ready { finished: None }).await;
+    rogue.send(&QuerierToScheduler::Ready { finished: None }).await;
+    let reason = tokio::time::timeout(WAIT, q_conn.closed())
+        .await
+        .expect("the connection is closed");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, close_code::PROTOCOL_ERROR.into());
+        }
+        other => panic!("expected a protocol-error close, got {other:?}"),
+    }
+    // The query it was running fails cleanly at its frontend.
+    assert!(matches!(
+        fe.next_from_scheduler().await,
+        SchedulerToFrontend::QueryError {
+            query_id: 1,
+            kind: QueryErrorKind::QuerierFailed,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn the_frontend_is_told_which_queries_were_dispatched() {
+    let t = start(|_| {}).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    let mut w = worker(&q_conn, "q").await;
+    accepted(&mut fe, 1, "t").await;
+    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    assert_eq!(dispatched(&mut w).await.query_id, 1);
+    assert_eq!(
+        fe.recv::<SchedulerToFrontend>().await,
+        SchedulerToFrontend::Dispatched { query_ids: vec![1] }
+    );
+}
+
+/// A frontend whose connection is lost still waits for its running queries (their results
+/// go straight to it), so they keep running; one that closes on purpose wants nothing more.
+#[tokio::test]
+async fn running_queries_are_cancelled_only_when_their_frontend_closes_on_purpose() {
+    let t = start(|_| {}).await;
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut w = worker(&q_conn, "q").await;
+    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    let mut next_query = 1;
+    for (code, cancelled) in [(close_code::PROTOCOL_ERROR, false), (close_code::DONE, true)] {
+        let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+        let mut fe = frontend(&fe_conn, "fe-1").await;
+        let running = next_query;
+        accepted(&mut fe, running, "t").await;
+        assert_eq!(dispatched(&mut w).await.query_id, running);
+        fe_conn.close(code.into(), b"bye");
+        t.status_until("the frontend gone", |s| s.frontends.is_empty()).await;
+        // Anything the scheduler sent the worker about the running query comes before
+        // the next dispatch.
+        if cancelled {
+            assert_eq!(
+                w.recv::<SchedulerToQuerier>().await,
+                SchedulerToQuerier::Cancel { query_id: running }
+            );
+        }
+        w.send(&QuerierToScheduler::Ready { finished: None }).await;
+        let other = t.connect(&t.certs.frontend).await.unwrap();
+        let mut fe2 = frontend(&other, "fe-2").await;
+        accepted(&mut fe2, running + 1, "t").await;
+        assert_eq!(dispatched(&mut w).await.query_id, running + 1, "close code {code}");
+        w.send(&QuerierToScheduler::Ready { finished: None }).await;
+        other.close(close_code::DONE.into(), b"bye");
+        t.status_until("the second frontend gone", |s| s.frontends.is_empty())
+            .await;
+        next_query += 2;
+    }
+}

@@ -214,6 +214,8 @@ pub struct Running {
     pub quic: std::net::SocketAddr,
     /// Its gossip address, when it gossips.
     pub gossip: Option<std::net::SocketAddr>,
+    /// Its admin HTTP address (/status, /metrics).
+    pub admin: std::net::SocketAddr,
     pub certs: CertSet,
 }
 
@@ -238,10 +240,17 @@ pub async fn spawn_scheduler(dir: &Path, extra: &[&str]) -> Running {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut quic, mut gossip) = (None, None);
+    let (mut quic, mut gossip, mut admin) = (None, None, None);
     while let Some(line) = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap() {
         if let Some(addr) = line.trim().strip_prefix("QUIC address:") {
             quic = Some(addr.trim().parse().unwrap());
+        }
+        if let Some(rest) = line.trim().strip_prefix("admin HTTP:") {
+            admin = rest
+                .trim()
+                .strip_prefix("http://")
+                .and_then(|r| r.split('/').next())
+                .map(|a| a.parse().unwrap());
         }
         if let Some(addr) = line.trim().strip_prefix("gossip address:") {
             gossip = addr.split_whitespace().next().map(|a| a.parse().unwrap());
@@ -254,6 +263,7 @@ pub async fn spawn_scheduler(dir: &Path, extra: &[&str]) -> Running {
         child,
         quic: quic.expect("the QUIC address is printed"),
         gossip,
+        admin: admin.expect("the admin address is printed"),
         certs: CertSet::in_dir(&dir.join("sluice-data")),
     }
 }
@@ -283,4 +293,25 @@ pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
     let code = head.split(' ').nth(1).unwrap().parse().unwrap();
     (code, body.to_string())
+}
+
+/// Polls a scheduler process's `/status` until `ok` holds for its JSON (bounded by `within`).
+pub async fn process_status_until(
+    admin: SocketAddr,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (code, body) = get(admin, "/status").await;
+        if code == 200 {
+            let status: serde_json::Value = serde_json::from_str(&body).expect("JSON status");
+            if ok(&status) {
+                return status;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
