@@ -98,9 +98,19 @@ pub struct Settings {
     /// A stream must send its hello within this many milliseconds.
     #[arg(long, env = "SLUICE_HELLO_TIMEOUT_MS")]
     pub hello_timeout_ms: Option<u64>,
+    /// A frame that has started to arrive must be complete within this many milliseconds.
+    #[arg(long, env = "SLUICE_FRAME_TIMEOUT_MS")]
+    pub frame_timeout_ms: Option<u64>,
+    /// Bytes all streams of one connection may buffer together, partial frames included
+    /// (default: max_frame_len + 1 MiB).
+    #[arg(long, env = "SLUICE_CONNECTION_RECEIVE_BUDGET")]
+    pub connection_receive_budget: Option<u64>,
     /// Credit per tenant visit in cost units (deficit round robin on cost hints).
     #[arg(long, env = "SLUICE_COST_QUANTUM")]
     pub cost_quantum: Option<u32>,
+    /// Largest cost a request may count for; larger hints and measured costs are clamped.
+    #[arg(long, env = "SLUICE_MAX_COST_HINT")]
+    pub max_cost_hint: Option<u32>,
     /// Percentage of each querier's workers reserved for high-priority requests (0-99).
     #[arg(long, env = "SLUICE_RESERVED_WORKERS_PERCENT")]
     pub reserved_workers_percent: Option<u8>,
@@ -121,6 +131,9 @@ pub struct Settings {
 
 /// A `[tenants.<name>]` table: the queue's per-tenant overrides, as written in the file.
 pub type TenantSettings = TenantOverrides;
+
+/// Longest timeout accepted, in milliseconds: one hour.
+pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
 
 /// A configuration that cannot be used; says which key (or file) and why.
 #[derive(Debug, Error)]
@@ -162,6 +175,8 @@ pub struct ServeConfig {
     pub max_streams_per_connection: u32,
     pub idle_timeout: Duration,
     pub hello_timeout: Duration,
+    pub frame_timeout: Duration,
+    pub connection_receive_budget: usize,
     pub drain_timeout: Duration,
     /// The QUIC address clients are told (a port of 0 means the bound port).
     pub advertise: SocketAddr,
@@ -218,6 +233,7 @@ impl Settings {
             max_queued_bytes,
             querier_forget_delay_ms,
             cost_quantum,
+            max_cost_hint,
             reserved_workers_percent,
             reserved_min_priority,
             max_priority_skips,
@@ -226,6 +242,8 @@ impl Settings {
             max_streams_per_connection,
             idle_timeout_ms,
             hello_timeout_ms,
+            frame_timeout_ms,
+            connection_receive_budget,
             drain_timeout_ms,
         )
     }
@@ -261,6 +279,7 @@ impl Settings {
                 .querier_forget_delay_ms
                 .map_or(defaults.querier_forget_delay, Duration::from_millis),
             cost_quantum: self.cost_quantum.unwrap_or(defaults.cost_quantum),
+            max_cost: self.max_cost_hint.unwrap_or(defaults.max_cost),
             reserved_workers_percent: self
                 .reserved_workers_percent
                 .unwrap_or(defaults.reserved_workers_percent),
@@ -276,12 +295,27 @@ impl Settings {
                 format!("must be between 1024 and {HARD_MAX_FRAME_LEN} bytes"),
             ));
         }
+        // A timeout of hours is a timeout turned off: refused, with the key named.
         let positive = |key: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
             match v.unwrap_or(default) {
                 0 => Err(invalid(key, "must be at least 1")),
+                ms if ms > MAX_TIMEOUT_MS => Err(invalid(
+                    key,
+                    format!("must be at most {MAX_TIMEOUT_MS} (one hour): a larger value turns a safety timeout off"),
+                )),
                 ms => Ok(Duration::from_millis(ms)),
             }
         };
+        let min_budget = u64::from(max_frame_len) + 64 * 1024;
+        let connection_receive_budget = self
+            .connection_receive_budget
+            .unwrap_or(u64::from(max_frame_len) + 1024 * 1024);
+        if connection_receive_budget < min_budget || connection_receive_budget > 1 << 34 {
+            return Err(invalid(
+                "connection_receive_budget",
+                format!("must be between max_frame_len + 64 KiB ({min_budget}) and 16 GiB"),
+            ));
+        }
         let max_connections = self.max_connections.unwrap_or(10_000);
         if max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
@@ -303,6 +337,8 @@ impl Settings {
             max_streams_per_connection,
             idle_timeout: positive("idle_timeout_ms", self.idle_timeout_ms, 5_000)?,
             hello_timeout: positive("hello_timeout_ms", self.hello_timeout_ms, 10_000)?,
+            frame_timeout: positive("frame_timeout_ms", self.frame_timeout_ms, 10_000)?,
+            connection_receive_budget: usize::try_from(connection_receive_budget).unwrap_or(usize::MAX),
             drain_timeout: positive("drain_timeout_ms", self.drain_timeout_ms, 30_000)?,
             advertise,
             gossip,
@@ -440,6 +476,53 @@ mod tests {
             },
             "tls_ca:",
         );
+        // Values that would turn a safety timeout or budget off.
+        for (s, key) in [
+            (
+                Settings {
+                    hello_timeout_ms: Some(u64::MAX),
+                    ..Settings::default()
+                },
+                "hello_timeout_ms:",
+            ),
+            (
+                Settings {
+                    drain_timeout_ms: Some(u64::MAX),
+                    ..Settings::default()
+                },
+                "drain_timeout_ms:",
+            ),
+            (
+                Settings {
+                    idle_timeout_ms: Some(MAX_TIMEOUT_MS + 1),
+                    ..Settings::default()
+                },
+                "idle_timeout_ms:",
+            ),
+            (
+                Settings {
+                    frame_timeout_ms: Some(u64::MAX),
+                    ..Settings::default()
+                },
+                "frame_timeout_ms:",
+            ),
+            (
+                Settings {
+                    connection_receive_budget: Some(u64::MAX),
+                    ..Settings::default()
+                },
+                "connection_receive_budget:",
+            ),
+            (
+                Settings {
+                    connection_receive_budget: Some(1024),
+                    ..Settings::default()
+                },
+                "connection_receive_budget:",
+            ),
+        ] {
+            check(s, key);
+        }
         let mut tenants = BTreeMap::new();
         tenants.insert(
             "t".to_string(),

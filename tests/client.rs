@@ -436,13 +436,18 @@ async fn a_flooding_tenant_does_not_stop_a_quiet_one() {
 }
 
 #[tokio::test]
-async fn results_are_accepted_only_for_outstanding_queries_of_the_same_tenant() {
+async fn results_are_accepted_only_with_their_capability_for_outstanding_queries_of_the_same_tenant() {
     use sluice_protocol::*;
     let t = start(|_| {}).await;
     let fe = frontend_for(&[&t]).await;
     let handle = fe.submit(QueryRequest::new("tenant-a", "q")).await.unwrap();
+    // A raw querier worker takes the query and learns its capability from the dispatch.
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut w = worker(&q_conn, "q").await;
+    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    let capability = dispatched(&mut w).await.capability;
     let addr: std::net::SocketAddr = fe.result_address().address.parse().unwrap();
-    let send = |id: sluice_client::tls::Identity, query_id: u64, tenant: &'static str| async move {
+    let send = move |id: sluice_client::tls::Identity, query_id: u64, tenant: &'static str, forged: bool| async move {
         let conn = connect(addr, &id).await?;
         let mut peer = open(&conn, Hello::new(Role::Querier, "q", StreamKind::Result))
             .await
@@ -450,6 +455,7 @@ async fn results_are_accepted_only_for_outstanding_queries_of_the_same_tenant() 
         peer.send(&ResultFrame::Head {
             query_id,
             tenant: tenant.into(),
+            capability: if forged { capability ^ 1 } else { capability },
             status: 200,
             metadata: vec![],
         })
@@ -461,13 +467,13 @@ async fn results_are_accepted_only_for_outstanding_queries_of_the_same_tenant() 
     let querier_id = t.certs.querier.clone();
     // Wrong tenant, unknown query: refused.
     assert_eq!(
-        send(querier_id.clone(), handle.id(), "tenant-b").await.unwrap(),
+        send(querier_id.clone(), handle.id(), "tenant-b", false).await.unwrap(),
         ResultReceipt::Refused {
             reason: RefuseReason::TenantMismatch
         }
     );
     assert_eq!(
-        send(querier_id.clone(), 999, "tenant-a").await.unwrap(),
+        send(querier_id.clone(), 999, "tenant-a", false).await.unwrap(),
         ResultReceipt::Refused {
             reason: RefuseReason::UnknownQuery
         }
@@ -478,15 +484,24 @@ async fn results_are_accepted_only_for_outstanding_queries_of_the_same_tenant() 
         quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(c.error_code, close_code::ROLE_NOT_ALLOWED.into()),
         other => panic!("{other:?}"),
     }
-    // The right one is delivered; a second copy is refused and counted.
+    // Any querier certificate, the right query and tenant, but not the query's capability:
+    // a querier that was never given the query cannot answer it.
     let id = handle.id();
     assert_eq!(
-        send(querier_id.clone(), id, "tenant-a").await.unwrap(),
+        send(querier_id.clone(), id, "tenant-a", true).await.unwrap(),
+        ResultReceipt::Refused {
+            reason: RefuseReason::WrongCapability
+        }
+    );
+    assert_eq!(fe.stats().forged_results, 1);
+    // The right one is delivered; a second copy is refused and counted.
+    assert_eq!(
+        send(querier_id.clone(), id, "tenant-a", false).await.unwrap(),
         ResultReceipt::Delivered
     );
     assert_eq!(body_of(handle).await.unwrap(), b"x");
     assert_eq!(
-        send(querier_id, id, "tenant-a").await.unwrap(),
+        send(querier_id, id, "tenant-a", false).await.unwrap(),
         ResultReceipt::Refused {
             reason: RefuseReason::UnknownQuery
         }
@@ -565,6 +580,7 @@ async fn a_result_that_overtakes_its_enqueue_ack_is_delivered() {
             .send(&ResultFrame::Head {
                 query_id: e.query_id,
                 tenant: e.tenant.clone(),
+                capability: e.capability,
                 status: 200,
                 metadata: vec![],
             })

@@ -17,6 +17,7 @@ fn enqueue_1k() -> FrontendToScheduler {
         cost_hint: Some(4),
         timeout_ms: Some(120_000),
         attempt: 1,
+        capability: 0x5eed,
         metadata: vec![(
             "traceparent".into(),
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),

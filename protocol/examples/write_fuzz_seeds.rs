@@ -39,6 +39,7 @@ fn main() {
         cost_hint: Some(5),
         timeout_ms: Some(60_000),
         attempt: 1,
+        capability: 0x5eed,
         metadata: vec![("traceparent".into(), "00-4bf92f-00f067-01".into())],
         payload: Bytes::from_static(b"{\"query\":\"sum(rate(http_requests_total[5m]))\"}"),
     };
@@ -56,6 +57,7 @@ fn main() {
         queue_time_us: 1234,
         timeout_ms: Some(59_000),
         attempt: 1,
+        capability: 0x5eed,
         payload: Bytes::from_static(b"q"),
     };
     let hello = |role, stream| Hello::new(role, "peer-1", stream);
@@ -116,6 +118,7 @@ fn main() {
         ResultFrame::Head {
             query_id: 42,
             tenant: "tenant-a".into(),
+            capability: 0x5eed,
             status: 200,
             metadata: vec![],
         },
@@ -148,6 +151,7 @@ fn main() {
         &body(&ResultFrame::Error {
             query_id: 1,
             tenant: "t".into(),
+            capability: 0x5eed,
             message: "handler panicked".into(),
         }),
     );

@@ -11,6 +11,10 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{DecodeError, EncodeError, HARD_MAX_FRAME_LEN, Hello, PROTOCOL_VERSION};
 
+/// Largest [`Hello`] frame: a version, a role, an id of at most
+/// [`MAX_ID_LEN`](crate::MAX_ID_LEN) bytes and a stream kind fit many times over.
+pub const HELLO_MAX_FRAME_LEN: u32 = 1024;
+
 /// Bytes in the length prefix.
 pub const LENGTH_PREFIX_LEN: usize = 4;
 
@@ -49,6 +53,7 @@ pub fn encode_to_vec<T: Serialize>(msg: &T, max_frame_len: u32) -> Result<BytesM
 /// Decodes one complete message body (the bytes after the length prefix). Every byte
 /// must belong to the message.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
+    crate::bounded::take_refusal(); // nothing stale from an earlier decode on this thread
     let (msg, rest) = postcard::take_from_bytes::<T>(body).map_err(map_postcard)?;
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes { extra: rest.len() });
@@ -93,14 +98,18 @@ impl FrameDecoder {
     /// of one (read more, then call again). Reserves room in `src` for the rest of a
     /// partly received frame, at most 64 KiB ahead of what arrived.
     pub fn next_body(&self, src: &mut BytesMut) -> Result<Option<BytesMut>, DecodeError> {
+        self.next_body_within(src, self.max_frame_len)
+    }
+
+    fn next_body_within(&self, src: &mut BytesMut, max: u32) -> Result<Option<BytesMut>, DecodeError> {
         if src.len() < LENGTH_PREFIX_LEN {
             return Ok(None);
         }
         let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
-        if len > self.max_frame_len {
+        if len > max {
             return Err(DecodeError::FrameTooLarge {
                 len: u64::from(len),
-                max: self.max_frame_len,
+                max,
             });
         }
         if len == 0 {
@@ -125,9 +134,10 @@ impl FrameDecoder {
     }
 
     /// Like [`decode`](Self::decode) for the [`Hello`] that opens every stream, with the
-    /// version checked first.
+    /// version checked first and the frame held to [`HELLO_MAX_FRAME_LEN`]: a peer that has
+    /// not said who it is may not make us buffer more.
     pub fn decode_hello(&self, src: &mut BytesMut) -> Result<Option<Hello>, DecodeError> {
-        match self.next_body(src)? {
+        match self.next_body_within(src, self.max_frame_len.min(HELLO_MAX_FRAME_LEN))? {
             Some(body) => decode_hello_body(&body).map(Some),
             None => Ok(None),
         }
@@ -147,6 +157,7 @@ fn map_postcard(e: postcard::Error) -> DecodeError {
         P::DeserializeBadUtf8 => DecodeError::InvalidUtf8,
         // serde's derive rejects an out-of-range variant index through a custom error,
         // which postcard reports without its text; our types have no other such check.
+        P::SerdeDeCustom if let Some((len, max)) = crate::bounded::take_refusal() => DecodeError::TooMany { len, max },
         P::DeserializeBadEnum | P::SerdeDeCustom => DecodeError::UnknownVariant,
         P::DeserializeBadVarint => DecodeError::Malformed("bad varint"),
         P::DeserializeBadBool => DecodeError::Malformed("bad bool"),

@@ -29,6 +29,10 @@ pub enum DecodeError {
     /// A [`Hello`](crate::Hello) with a protocol version this crate does not speak.
     #[error("unsupported protocol version {got} (this side speaks {supported})")]
     UnsupportedVersion { got: u16, supported: u16 },
+    /// A list longer than the protocol's hard maximum for it (see
+    /// [`bounded`](crate::bounded)); refused before its elements were allocated.
+    #[error("a list of {len} elements exceeds the maximum of {max}")]
+    TooMany { len: usize, max: usize },
     /// Any other malformed encoding (bad varint, bool or option tag).
     #[error("malformed frame: {0}")]
     Malformed(&'static str),

@@ -53,6 +53,9 @@ pub const PROTOCOL_VERSION: u16 = 2;
 /// A frontend-chosen query identifier, unique among that frontend's outstanding queries.
 pub type QueryId = u64;
 
+/// A query's proof of dispatch: 128 random bits drawn by the frontend.
+pub type Capability = u128;
+
 /// Free-form key/value pairs carried with a query (tracing headers, request ids).
 pub type Metadata = Vec<(String, String)>;
 
@@ -154,6 +157,7 @@ pub struct Enqueue {
     pub tenant: String,
     /// Actors below the tenant, outermost first (user, dashboard, query hash…); any depth
     /// up to [`Limits::max_actor_depth`](crate::Limits::max_actor_depth).
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, { crate::bounded::HARD_MAX_ACTORS }>")]
     pub actors: Vec<String>,
     /// The backend the query will hit (for example `ingester`, `store-gateway`);
     /// `None` when unknown. Workers are spread across components.
@@ -170,7 +174,12 @@ pub struct Enqueue {
     /// redelivers it after its querier died mid-query. Placing it again after a hand-back
     /// or a lost scheduler (never started) keeps the number.
     pub attempt: u32,
+    /// An unguessable token the frontend drew for this query. The scheduler passes it to
+    /// the querier with the dispatch; the frontend takes a result only if it carries it,
+    /// so a querier cannot answer (or pre-empt) a query it was never given.
+    pub capability: Capability,
     /// Tracing headers and other metadata, passed through to the querier.
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, { crate::bounded::HARD_MAX_METADATA }>")]
     pub metadata: Metadata,
     /// The opaque request the querier executes.
     pub payload: Bytes,
@@ -198,7 +207,10 @@ pub enum SchedulerToFrontend {
     /// These accepted queries were handed to querier workers: from now on each ends by
     /// its querier's result or failure, and must not be enqueued again. Sent in batches,
     /// always after the query's `EnqueueStatus` and before any later frame about it.
-    Dispatched { query_ids: Vec<QueryId> },
+    Dispatched {
+        #[serde(deserialize_with = "crate::bounded::seq::<_, _, { crate::bounded::HARD_MAX_DISPATCHED_IDS }>")]
+        query_ids: Vec<QueryId>,
+    },
 }
 
 /// The outcome of one [`Enqueue`].
@@ -298,10 +310,12 @@ pub struct Dispatch {
     /// The tenant the query runs for.
     pub tenant: String,
     /// The actor path it was queued under.
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, { crate::bounded::HARD_MAX_ACTORS }>")]
     pub actors: Vec<String>,
     /// The component it was queued under, if any.
     pub component: Option<String>,
     /// Metadata from the frontend, unchanged.
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, { crate::bounded::HARD_MAX_METADATA }>")]
     pub metadata: Metadata,
     /// Time the query spent queued, in microseconds.
     pub queue_time_us: u64,
@@ -310,6 +324,8 @@ pub struct Dispatch {
     pub timeout_ms: Option<u64>,
     /// The placement attempt this dispatch comes from (see [`Enqueue::attempt`]).
     pub attempt: u32,
+    /// The query's capability (see [`Enqueue::capability`]): the result must carry it.
+    pub capability: Capability,
     /// The opaque request to execute.
     pub payload: Bytes,
 }
@@ -357,8 +373,11 @@ pub enum ResultFrame {
         query_id: QueryId,
         /// The tenant the query ran for; checked against the frontend's record.
         tenant: String,
+        /// The capability the dispatch carried; checked against the frontend's record.
+        capability: Capability,
         /// Application status, HTTP style (200 = success).
         status: u16,
+        #[serde(deserialize_with = "crate::bounded::seq::<_, _, { crate::bounded::HARD_MAX_METADATA }>")]
         metadata: Metadata,
     },
     /// A piece of the result body, in order.
@@ -369,6 +388,7 @@ pub enum ResultFrame {
     Error {
         query_id: QueryId,
         tenant: String,
+        capability: Capability,
         message: String,
     },
     /// After a `Head`: the body failed midway (its producer gave up, or the deadline
@@ -394,6 +414,9 @@ pub enum RefuseReason {
     TenantMismatch,
     /// A result for this query was already received.
     Duplicate,
+    /// The result does not carry the query's capability: it did not come from the querier
+    /// the query was dispatched to.
+    WrongCapability,
     /// The frames broke the result protocol (chunk before head, wrong length…).
     Malformed,
 }

@@ -23,6 +23,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod bounded;
 mod codec;
 mod error;
 mod frame;
@@ -30,9 +31,11 @@ mod frame;
 mod io;
 mod limits;
 
-pub use codec::{FrameDecoder, LENGTH_PREFIX_LEN, decode_body, decode_hello_body, encode, encode_to_vec};
+pub use codec::{
+    FrameDecoder, HELLO_MAX_FRAME_LEN, LENGTH_PREFIX_LEN, decode_body, decode_hello_body, encode, encode_to_vec,
+};
 pub use error::{DecodeError, EncodeError, InvalidRequest};
 pub use frame::*;
 #[cfg(feature = "tokio")]
-pub use io::{FramedRead, FramedWrite, ReadError, WriteError};
-pub use limits::{HARD_MAX_FRAME_LEN, Limits};
+pub use io::{FramedRead, FramedWrite, ReadError, ReceiveBudget, WriteError};
+pub use limits::{HARD_MAX_FRAME_LEN, Limits, MAX_ID_LEN};

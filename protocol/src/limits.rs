@@ -2,6 +2,10 @@
 
 use crate::{Enqueue, InvalidRequest};
 
+/// Longest id (frontend, querier, scheduler) and longest name in an address a peer may
+/// announce, in bytes.
+pub const MAX_ID_LEN: usize = 256;
+
 /// The largest frame any peer may be configured to accept: 64 MiB.
 pub const HARD_MAX_FRAME_LEN: u32 = 64 * 1024 * 1024;
 

@@ -26,6 +26,7 @@ fn sample_enqueue() -> Enqueue {
         cost_hint: Some(3),
         timeout_ms: Some(30_000),
         attempt: 1,
+        capability: 0x5eed,
         metadata: vec![("traceparent".into(), "00-abc-def-01".into())],
         payload: Bytes::from_static(b"sum(rate(x[5m]))"),
     }
@@ -241,4 +242,64 @@ fn errors_read_well() {
         InvalidRequest::TenantTooLong { len: 300, max: 256 }.to_string(),
         "tenant is 300 bytes long, the limit is 256"
     );
+}
+
+#[test]
+fn a_list_over_its_hard_maximum_is_refused_while_decoding() {
+    // Millions of empty actors cost one byte each on the wire and 24 in memory: the count
+    // is refused as soon as it is read, before any element exists.
+    let mut enqueue = sample_enqueue();
+    enqueue.actors = vec![String::new(); 1_000_000];
+    let big = 4 << 20;
+    let body = encode_to_vec(&FrontendToScheduler::Enqueue(enqueue), big).unwrap();
+    let d = FrameDecoder::new(big);
+    let mut buf = body;
+    assert_eq!(
+        d.decode::<FrontendToScheduler>(&mut buf),
+        Err(DecodeError::TooMany {
+            len: 1_000_000,
+            max: bounded::HARD_MAX_ACTORS
+        })
+    );
+    // At the maximum it decodes (the configurable limits then answer with a reason).
+    let mut enqueue = sample_enqueue();
+    enqueue.actors = vec!["a".into(); bounded::HARD_MAX_ACTORS];
+    enqueue.metadata = vec![(String::new(), String::new()); bounded::HARD_MAX_METADATA];
+    let mut buf = encode_to_vec(&FrontendToScheduler::Enqueue(enqueue.clone()), big).unwrap();
+    assert_eq!(
+        d.decode::<FrontendToScheduler>(&mut buf),
+        Ok(Some(FrontendToScheduler::Enqueue(enqueue)))
+    );
+    // Likewise metadata, and the dispatch notes a frontend receives.
+    let note = SchedulerToFrontend::Dispatched {
+        query_ids: vec![0; bounded::HARD_MAX_DISPATCHED_IDS + 1],
+    };
+    let mut buf = encode_to_vec(&note, big).unwrap();
+    assert!(matches!(
+        d.decode::<SchedulerToFrontend>(&mut buf),
+        Err(DecodeError::TooMany { .. })
+    ));
+    // The refusal does not leak into the next, unrelated error.
+    let mut bad = frame(&[9]);
+    assert_eq!(
+        d.decode::<FrontendToScheduler>(&mut bad),
+        Err(DecodeError::UnknownVariant)
+    );
+}
+
+#[test]
+fn a_hello_larger_than_a_hello_needs_is_refused_before_it_is_buffered() {
+    let d = FrameDecoder::new(8 << 20);
+    let mut buf = BytesMut::new();
+    buf.put_u32(HELLO_MAX_FRAME_LEN + 1);
+    assert_eq!(
+        d.decode_hello(&mut buf),
+        Err(DecodeError::FrameTooLarge {
+            len: u64::from(HELLO_MAX_FRAME_LEN) + 1,
+            max: HELLO_MAX_FRAME_LEN
+        })
+    );
+    let hello = Hello::new(Role::Querier, "q".repeat(MAX_ID_LEN), StreamKind::DequeueLoop);
+    let mut buf = encode_to_vec(&hello, 8 << 20).unwrap();
+    assert_eq!(d.decode_hello(&mut buf), Ok(Some(hello)), "the longest valid id fits");
 }

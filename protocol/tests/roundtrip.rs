@@ -58,11 +58,21 @@ fn enqueue() -> impl Strategy<Value = Enqueue> {
         option::of(any::<u8>()),
         option::of(any::<u32>()),
         option::of(any::<u64>()),
-        (any::<u32>(), metadata()),
+        (any::<u32>(), any::<u128>(), metadata()),
         payload(),
     )
         .prop_map(
-            |(query_id, tenant, actors, component, priority, cost_hint, timeout_ms, (attempt, metadata), payload)| {
+            |(
+                query_id,
+                tenant,
+                actors,
+                component,
+                priority,
+                cost_hint,
+                timeout_ms,
+                (attempt, capability, metadata),
+                payload,
+            )| {
                 Enqueue {
                     query_id,
                     tenant,
@@ -72,6 +82,7 @@ fn enqueue() -> impl Strategy<Value = Enqueue> {
                     cost_hint,
                     timeout_ms,
                     attempt,
+                    capability,
                     metadata,
                     payload,
                 }
@@ -152,7 +163,7 @@ fn dispatch() -> impl Strategy<Value = Dispatch> {
         option::of(text()),
         metadata(),
         any::<u64>(),
-        (option::of(any::<u64>()), any::<u32>()),
+        (option::of(any::<u64>()), any::<u32>(), any::<u128>()),
         payload(),
     )
         .prop_map(
@@ -164,7 +175,7 @@ fn dispatch() -> impl Strategy<Value = Dispatch> {
                 component,
                 metadata,
                 queue_time_us,
-                (timeout_ms, attempt),
+                (timeout_ms, attempt, capability),
                 payload,
             )| {
                 Dispatch {
@@ -181,6 +192,7 @@ fn dispatch() -> impl Strategy<Value = Dispatch> {
                     queue_time_us,
                     timeout_ms,
                     attempt,
+                    capability,
                     payload,
                 }
             },
@@ -198,20 +210,24 @@ fn scheduler_to_querier() -> impl Strategy<Value = SchedulerToQuerier> {
 
 fn result_frame() -> impl Strategy<Value = ResultFrame> {
     prop_oneof![
-        (any::<u64>(), text(), any::<u16>(), metadata()).prop_map(|(query_id, tenant, status, metadata)| {
-            ResultFrame::Head {
+        (any::<u64>(), text(), any::<u128>(), any::<u16>(), metadata()).prop_map(
+            |(query_id, tenant, capability, status, metadata)| ResultFrame::Head {
                 query_id,
                 tenant,
+                capability,
                 status,
                 metadata,
             }
-        }),
+        ),
         payload().prop_map(ResultFrame::Chunk),
         any::<u64>().prop_map(|total_len| ResultFrame::End { total_len }),
-        (any::<u64>(), text(), text()).prop_map(|(query_id, tenant, message)| ResultFrame::Error {
-            query_id,
-            tenant,
-            message
+        (any::<u64>(), text(), any::<u128>(), text()).prop_map(|(query_id, tenant, capability, message)| {
+            ResultFrame::Error {
+                query_id,
+                tenant,
+                capability,
+                message,
+            }
         }),
         text().prop_map(|message| ResultFrame::Abort { message }),
     ]

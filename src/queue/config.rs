@@ -23,6 +23,10 @@ pub struct QueueConfig {
     /// queue raises it to the largest cost it has seen. With costs all 1 and a quantum of
     /// 1, a visit is `weight` requests: weighted round robin.
     pub cost_quantum: u32,
+    /// Largest cost one request may count for (hints and measured costs above it are
+    /// clamped), so that no request can buy a tenant more than this much service in one
+    /// visit. At least `cost_quantum`.
+    pub max_cost: u32,
     /// Share of each querier's connected workers (rounded down, so never all of them)
     /// that only take requests of priority `reserved_min_priority` or higher; 0–99.
     pub reserved_workers_percent: u8,
@@ -60,6 +64,7 @@ impl Default for QueueConfig {
             max_queued_bytes: 1 << 30,
             querier_forget_delay: Duration::from_secs(30),
             cost_quantum: 1,
+            max_cost: 1000,
             reserved_workers_percent: 0,
             reserved_min_priority: 1,
             max_priority_skips: 10,
@@ -94,6 +99,9 @@ impl QueueConfig {
         }
         if self.cost_quantum == 0 {
             return Err(err("cost_quantum", "must be at least 1"));
+        }
+        if self.max_cost < self.cost_quantum {
+            return Err(err("max_cost_hint", "must be at least cost_quantum"));
         }
         if self.reserved_workers_percent > 99 {
             return Err(err("reserved_workers_percent", "must be between 0 and 99"));

@@ -27,7 +27,10 @@ pub(super) fn check<R: Queued>(q: &TreeQueue<R>) -> Result<(), String> {
     let mut per_tenant: HashMap<u32, (u32, u64)> = HashMap::new();
     let mut per_component: HashMap<u32, u32> = HashMap::new();
     let mut bytes = 0;
+    let mut costs: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
     for (h, e) in q.requests.iter() {
+        *costs.entry(e.cost).or_default() += 1;
+        ensure!(e.cost >= 1, "cost {} below 1", e.cost);
         ensure!(q.by_key.get(&e.key) == Some(&h), "key index for {:?}", e.key);
         let leaf = q
             .nodes
@@ -45,6 +48,12 @@ pub(super) fn check<R: Queued>(q: &TreeQueue<R>) -> Result<(), String> {
         );
     }
     ensure!(bytes == q.queued_bytes, "queued bytes {} vs {}", q.queued_bytes, bytes);
+    ensure!(
+        costs == q.queued_costs,
+        "queued costs {:?} vs {:?}",
+        q.queued_costs,
+        costs
+    );
 
     // Tenants: exactly those with requests, counts right, shard current.
     for (t, slot) in q.tenants.iter().enumerate() {

@@ -25,9 +25,11 @@
 //!   served by deficit round robin in cost units: each visit credits the tenant
 //!   `weight × quantum`, each dispatch debits the request's cost, and the visit lasts
 //!   while the balance is positive (see [`TreeQueue::charge`] for measured costs). The
-//!   quantum is the largest cost enqueued so far (at least
-//!   [`cost_quantum`](QueueConfig::cost_quantum)), so a visit always serves at least one
-//!   request unless measured costs put the tenant in debt, and a dequeue costs O(1) visits.
+//!   quantum is the largest cost now queued (at least
+//!   [`cost_quantum`](QueueConfig::cost_quantum); costs are clamped to
+//!   [`max_cost`](QueueConfig::max_cost)), so a visit always serves at least one request
+//!   unless measured costs put the tenant in debt, a dequeue costs O(1) visits, and one
+//!   expensive request weighs on the others only while it waits.
 //! - **actors**, any depth: round robin among the children and the node's own FIFO at
 //!   every level, so one user, dashboard or query cannot crowd out its siblings.
 //!
@@ -353,8 +355,10 @@ pub struct TreeQueue<R> {
     deadlines: BTreeMap<u64, Vec<Handle>>,
     expired: VecDeque<Expired<R>>,
     queued_bytes: u64,
-    /// Largest cost enqueued so far: the quantum never falls below it.
-    max_cost: u32,
+    /// How many queued requests have each cost (clamped to [`QueueConfig::max_cost`]): the
+    /// quantum is the largest, so one expensive (or lying) request lifts the tenants'
+    /// credit only while it waits, and never above the configured maximum.
+    queued_costs: BTreeMap<u32, u32>,
     counters: Counters,
 }
 
@@ -378,7 +382,7 @@ impl<R: Queued> TreeQueue<R> {
             deadlines: BTreeMap::new(),
             expired: VecDeque::new(),
             queued_bytes: 0,
-            max_cost: 1,
+            queued_costs: BTreeMap::new(),
             counters: Counters::default(),
         })
     }
@@ -437,6 +441,7 @@ impl<R: Queued> TreeQueue<R> {
 
         let enqueued_at = self.nanos(now);
         let deadline = options.deadline.map_or(0, |d| self.nanos(d).max(1));
+        let cost = options.cost.clamp(1, self.config.max_cost);
         let h = self.requests.insert(Entry {
             request,
             key,
@@ -446,9 +451,9 @@ impl<R: Queued> TreeQueue<R> {
             enqueued_at,
             deadline,
             bytes,
-            cost: options.cost.max(1),
+            cost,
         });
-        self.max_cost = self.max_cost.max(options.cost);
+        *self.queued_costs.entry(cost).or_default() += 1;
         tree::push_request(&mut self.nodes, leaf, h);
         self.by_key.insert(key, h);
         if deadline != 0 {
@@ -638,6 +643,12 @@ impl<R: Queued> TreeQueue<R> {
     /// bookkeeping (`tree::pop` or `tree::detach`) must already be done.
     fn take_entry(&mut self, h: Handle) -> Entry<R> {
         let e = self.requests.remove(h).expect("queued request");
+        if let Some(n) = self.queued_costs.get_mut(&e.cost) {
+            *n -= 1;
+            if *n == 0 {
+                self.queued_costs.remove(&e.cost);
+            }
+        }
         self.by_key.remove(&e.key);
         self.queued_bytes -= e.bytes;
         let (t, c) = (e.tenant, e.component);
@@ -816,9 +827,11 @@ impl<R: Queued> TreeQueue<R> {
         }
     }
 
-    /// A weight-1 tenant's credit per visit, in cost units.
+    /// A weight-1 tenant's credit per visit, in cost units: the configured quantum, or the
+    /// largest cost now queued if that is more.
     fn quantum(&self) -> u32 {
-        self.config.cost_quantum.max(self.max_cost)
+        let largest = self.queued_costs.last_key_value().map_or(1, |(cost, _)| *cost);
+        self.config.cost_quantum.max(largest)
     }
 
     fn set_cursor(&mut self, c: u32, q: u32, t: u32) {
@@ -879,6 +892,8 @@ impl<R: Queued> TreeQueue<R> {
             return false;
         };
         let quantum = self.quantum();
+        let max = i64::from(self.config.max_cost);
+        let delta = delta.clamp(-max, max);
         let tenant = self.tenants[t as usize].as_mut().expect("tenant slot is live");
         let cap = tenant.quantum(quantum) as i64;
         tenant.balance = tenant.balance.saturating_sub(delta).min(cap.max(tenant.balance));
@@ -964,6 +979,7 @@ impl<R: Queued> TreeQueue<R> {
         self.classes.clear();
         self.deadlines.clear();
         self.queued_bytes = 0;
+        self.queued_costs.clear();
         entries.into_iter().map(|e| (e.key, e.request)).collect()
     }
 

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use sluice_protocol::{Limits, Role, close_code};
+use std::collections::HashSet;
+
+use sluice_protocol::{Limits, ReceiveBudget, Role, close_code};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -77,6 +79,23 @@ pub(crate) struct StreamLimits {
     pub(crate) scheduler_id: String,
     /// Every stream writer task, for the shutdown to wait on.
     pub(crate) writers: TaskTracker,
+    /// A frame that started to arrive must be complete within this long.
+    pub(crate) frame_timeout: Duration,
+    /// Bytes the streams of one connection may buffer together.
+    pub(crate) connection_receive_budget: usize,
+}
+
+/// What the streams of one connection share.
+#[derive(Debug)]
+pub(crate) struct ConnectionState {
+    /// Their read buffers, together.
+    pub(crate) budget: ReceiveBudget,
+    /// A frontend connection carries one frontend loop.
+    pub(crate) frontend_loop_open: AtomicBool,
+    /// Querier ids that opened dequeue loops here: a shutdown notice may speak only for them.
+    pub(crate) querier_ids: std::sync::Mutex<HashSet<String>>,
+    /// A querier connection's lifeline (TCP port, token), offered on each dequeue loop.
+    pub(crate) lifeline: Option<(u16, u128)>,
 }
 
 impl Server {
@@ -203,6 +222,8 @@ impl Server {
             hello_timeout: config.hello_timeout,
             scheduler_id: config.scheduler_id.clone(),
             writers: writers.clone(),
+            frame_timeout: config.frame_timeout,
+            connection_receive_budget: config.connection_receive_budget,
         };
         let accept_task = tokio::spawn(accept_loop(
             endpoint.clone(),
@@ -421,6 +442,12 @@ async fn handle_connection(
     } else {
         None
     };
+    let state = Arc::new(ConnectionState {
+        budget: ReceiveBudget::new(limits.connection_receive_budget),
+        frontend_loop_open: AtomicBool::new(false),
+        querier_ids: std::sync::Mutex::new(HashSet::new()),
+        lifeline,
+    });
     loop {
         let stream = tokio::select! {
             s = conn.accept_bi() => s,
@@ -428,10 +455,8 @@ async fn handle_connection(
         };
         match stream {
             Ok((send, recv)) => {
-                let (conn, commands, limits) = (conn.clone(), commands.clone(), limits.clone());
-                tokio::spawn(streams::serve_stream(
-                    conn, role, send, recv, commands, limits, lifeline,
-                ));
+                let (conn, commands, limits, state) = (conn.clone(), commands.clone(), limits.clone(), state.clone());
+                tokio::spawn(streams::serve_stream(conn, role, send, recv, commands, limits, state));
             }
             Err(e) => {
                 debug!(%remote, error = %e, "connection ended");

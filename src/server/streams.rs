@@ -2,19 +2,21 @@
 //! querier's shutdown notice. Each loop has a reader (frames → dispatcher commands) and
 //! a writer task (dispatcher messages → frames, batched into one write when several wait).
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sluice_protocol::{
-    FramedRead, FramedWrite, FrontendToScheduler, Hello, HelloReply, Notice, NoticeReply, QuerierToScheduler,
-    ReadError, RejectCode, Role, SchedulerToQuerier, StreamKind, close_code,
+    FramedRead, FramedWrite, FrontendToScheduler, Hello, HelloReply, MAX_ID_LEN, Notice, NoticeReply,
+    QuerierToScheduler, ReadError, RejectCode, Role, SchedulerToQuerier, StreamKind, close_code,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::dispatcher::{Command, OUTBOX_CAPACITY, Outbox};
-use super::{StreamLimits, may_open};
+use super::{ConnectionState, StreamLimits, may_open};
 
 type Reader = FramedRead<quinn::RecvStream>;
 type Writer = FramedWrite<quinn::SendStream>;
@@ -26,9 +28,11 @@ pub(crate) async fn serve_stream(
     recv: quinn::RecvStream,
     commands: mpsc::Sender<Command>,
     limits: StreamLimits,
-    lifeline: Option<(u16, u128)>,
+    connection: Arc<ConnectionState>,
 ) {
-    let mut reader = FramedRead::new(recv, limits.limits.max_frame_len);
+    let mut reader = FramedRead::new(recv, limits.limits.max_frame_len)
+        .with_frame_timeout(limits.frame_timeout)
+        .with_budget(connection.budget.clone());
     let mut writer = FramedWrite::new(send, limits.limits.max_frame_len);
     let hello = match tokio::time::timeout(limits.hello_timeout, reader.hello()).await {
         Ok(Ok(Some(h))) => h,
@@ -57,9 +61,27 @@ pub(crate) async fn serve_stream(
         reject(&mut writer, RejectCode::RoleNotAllowed, message).await;
         return;
     }
-    if hello.id.is_empty() {
-        reject(&mut writer, RejectCode::InvalidHello, "empty id".into()).await;
+    if hello.id.is_empty() || hello.id.len() > MAX_ID_LEN {
+        let message = format!("the id must be 1 to {MAX_ID_LEN} bytes long");
+        reject(&mut writer, RejectCode::InvalidHello, message).await;
         return;
+    }
+    match hello.stream {
+        StreamKind::FrontendLoop if connection.frontend_loop_open.swap(true, Ordering::Relaxed) => {
+            let message = "one frontend loop per connection".to_string();
+            reject(&mut writer, RejectCode::InvalidHello, message).await;
+            return;
+        }
+        StreamKind::DequeueLoop => {
+            connection.querier_ids.lock().unwrap().insert(hello.id.clone());
+        }
+        StreamKind::ShutdownNotice if !connection.querier_ids.lock().unwrap().contains(&hello.id) => {
+            // A querier speaks only for itself: the id of a worker on this connection.
+            let message = format!("no worker of querier {} on this connection", hello.id);
+            reject(&mut writer, RejectCode::InvalidHello, message).await;
+            return;
+        }
+        _ => {}
     }
     let welcome = HelloReply::Welcome {
         id: limits.scheduler_id.clone(),
@@ -79,7 +101,7 @@ pub(crate) async fn serve_stream(
     match kind {
         StreamKind::FrontendLoop => frontend_loop(s).await,
         StreamKind::DequeueLoop => {
-            if let Some((port, token)) = lifeline
+            if let Some((port, token)) = connection.lifeline
                 && s.writer
                     .send(&SchedulerToQuerier::Lifeline { port, token })
                     .await
@@ -215,7 +237,7 @@ async fn conversation<In, Out, Id>(
                 graceful = true;
                 break;
             }
-            Err(ReadError::Decode(e)) => {
+            Err(e @ (ReadError::Decode(_) | ReadError::FrameTimeout { .. } | ReadError::BudgetExceeded { .. })) => {
                 protocol_error(&conn, &format!("{what}: {e}"));
                 break;
             }

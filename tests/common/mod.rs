@@ -179,6 +179,7 @@ pub fn enqueue(query_id: u64, tenant: &str) -> FrontendToScheduler {
         cost_hint: None,
         timeout_ms: None,
         attempt: 1,
+        capability: 0x5eed,
         metadata: vec![("traceparent".into(), "00-1-2-01".into())],
         payload: bytes::Bytes::from(format!("query {query_id}")),
     })

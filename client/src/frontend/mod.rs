@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sluice_protocol::{
-    Enqueue, FrontendAddress, FrontendToScheduler, Limits, Metadata, QueryId, RefuseReason, close_code,
+    Capability, Enqueue, FrontendAddress, FrontendToScheduler, Limits, Metadata, QueryId, RefuseReason, close_code,
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -218,6 +218,9 @@ pub struct FrontendStats {
     pub duplicate_results: u64,
     /// Results for queries this frontend does not have outstanding.
     pub unknown_results: u64,
+    /// Results refused for not carrying their query's capability (from a querier the query
+    /// was not dispatched to).
+    pub forged_results: u64,
     /// Queries placed again, on another scheduler or the same one restarted, after theirs
     /// handed them back or was lost before dispatching them.
     pub requeued: u64,
@@ -254,6 +257,7 @@ impl Drop for Background {
 #[derive(Debug)]
 struct Entry {
     request: QueryRequest,
+    capability: Capability,
     /// `submit` waits on this for the first placement.
     placed: Option<oneshot::Sender<Result<(), QueryError>>>,
     /// `QueryHandle::response` waits on this.
@@ -418,14 +422,17 @@ impl Frontend {
         let deadline = Instant::now().checked_add(timeout);
         let (placed, placed_rx) = oneshot::channel();
         let (done, rx) = oneshot::channel();
+        let capability: Capability = rand::random();
         let event = Event::Submit {
             id,
             tenant: request.tenant.clone(),
+            capability,
             deadline,
             retriable: request.retriable,
         };
         let entry = Entry {
             request,
+            capability,
             placed: Some(placed),
             done: Some(done),
             abort: None,
@@ -486,6 +493,7 @@ impl Frontend {
         FrontendStats {
             duplicate_results: c.duplicate_results,
             unknown_results: c.unknown_results,
+            forged_results: c.forged_results,
             requeued: c.requeued,
             redelivered: c.redelivered,
         }
@@ -575,7 +583,7 @@ impl Shared {
                     attempt,
                 } => {
                     if let Some(e) = inner.entries.get(&id) {
-                        let frame = enqueue_frame(id, &e.request, timeout, attempt);
+                        let frame = enqueue_frame(id, e, timeout, attempt);
                         self.link(scheduler).send(frame);
                     }
                 }
@@ -675,7 +683,8 @@ impl Shared {
     }
 }
 
-fn enqueue_frame(id: QueryId, r: &QueryRequest, timeout: Option<Duration>, attempt: u32) -> FrontendToScheduler {
+fn enqueue_frame(id: QueryId, e: &Entry, timeout: Option<Duration>, attempt: u32) -> FrontendToScheduler {
+    let r = &e.request;
     FrontendToScheduler::Enqueue(Enqueue {
         query_id: id,
         tenant: r.tenant.clone(),
@@ -686,6 +695,7 @@ fn enqueue_frame(id: QueryId, r: &QueryRequest, timeout: Option<Duration>, attem
         // Rounded up: a budget of 0.4 ms must not read as "already expired".
         timeout_ms: timeout.map(|t| u64::try_from(t.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)),
         attempt,
+        capability: e.capability,
         metadata: r.metadata.clone(),
         payload: r.payload.clone(),
     })

@@ -78,21 +78,24 @@ async fn receive_result(
 /// the body short.
 async fn deliver(shared: &Arc<Shared>, reader: &mut FramedRead<quinn::RecvStream>) -> Option<ResultReceipt> {
     let refused = |reason| Some(ResultReceipt::Refused { reason });
-    let (query_id, tenant, status, metadata) = match reader.next::<ResultFrame>().await {
+    let (query_id, tenant, capability, status, metadata) = match reader.next::<ResultFrame>().await {
         Ok(Some(ResultFrame::Head {
             query_id,
             tenant,
+            capability,
             status,
             metadata,
-        })) => (query_id, tenant, status, metadata),
+        })) => (query_id, tenant, capability, status, metadata),
         Ok(Some(ResultFrame::Error {
             query_id,
             tenant,
+            capability,
             message,
         })) => {
             let event = Event::ResultError {
                 id: query_id,
                 tenant,
+                capability,
                 message,
             };
             return match shared.event_with(event, None) {
@@ -102,7 +105,12 @@ async fn deliver(shared: &Arc<Shared>, reader: &mut FramedRead<quinn::RecvStream
         }
         _ => return refused(RefuseReason::Malformed),
     };
-    let (done, mut abort) = match shared.event_with(Event::ResultHead { id: query_id, tenant }, None) {
+    let head = Event::ResultHead {
+        id: query_id,
+        tenant,
+        capability,
+    };
+    let (done, mut abort) = match shared.event_with(head, None) {
         Some(Ok(claim)) => claim,
         Some(Err(reason)) => return refused(reason),
         None => return refused(RefuseReason::UnknownQuery),

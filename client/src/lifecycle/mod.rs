@@ -22,7 +22,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use sluice_protocol::{EnqueueStatus, QueryErrorKind, QueryId, RefuseReason};
+use sluice_protocol::{Capability, EnqueueStatus, QueryErrorKind, QueryId, RefuseReason};
 
 use crate::error::QueryError;
 
@@ -51,6 +51,7 @@ pub(crate) enum Event {
     Submit {
         id: QueryId,
         tenant: String,
+        capability: Capability,
         deadline: Option<Instant>,
         retriable: bool,
     },
@@ -79,12 +80,17 @@ pub(crate) enum Event {
     SchedulerDraining { scheduler: SchedulerIx },
     /// The connection to a scheduler ended (lost, or the link is no longer wanted).
     SchedulerDown { scheduler: SchedulerIx },
-    /// A result stream opened for `id`, naming `tenant`.
-    ResultHead { id: QueryId, tenant: String },
+    /// A result stream opened for `id`, naming `tenant` and carrying `capability`.
+    ResultHead {
+        id: QueryId,
+        tenant: String,
+        capability: Capability,
+    },
     /// A querier reports the query failed in its handler (instead of a result).
     ResultError {
         id: QueryId,
         tenant: String,
+        capability: Capability,
         message: String,
     },
     /// The accepted result stream of `id` ended (complete, or with an error that the body
@@ -129,6 +135,7 @@ pub(crate) enum Action {
 pub(crate) struct Counters {
     pub(crate) duplicate_results: u64,
     pub(crate) unknown_results: u64,
+    pub(crate) forged_results: u64,
     pub(crate) requeued: u64,
     pub(crate) redelivered: u64,
 }
@@ -145,6 +152,8 @@ pub(crate) struct Policy {
 #[derive(Debug)]
 struct Query {
     tenant: String,
+    /// What a result must carry to be taken.
+    capability: Capability,
     state: State,
     deadline: Option<Instant>,
     /// While `Waiting`: when waiting gives up.
@@ -241,6 +250,7 @@ impl QueryTable {
             Event::Submit {
                 id,
                 tenant,
+                capability,
                 deadline,
                 retriable,
             } => {
@@ -251,6 +261,7 @@ impl QueryTable {
                     id,
                     Query {
                         tenant,
+                        capability,
                         state: State::Waiting,
                         deadline,
                         wait_until: None,
@@ -320,8 +331,13 @@ impl QueryTable {
                     self.replace(id, false, now, out);
                 }
             }
-            Event::ResultHead { id, tenant } => self.on_result(id, &tenant, None, out),
-            Event::ResultError { id, tenant, message } => self.on_result(id, &tenant, Some(message), out),
+            Event::ResultHead { id, tenant, capability } => self.on_result(id, &tenant, capability, None, out),
+            Event::ResultError {
+                id,
+                tenant,
+                capability,
+                message,
+            } => self.on_result(id, &tenant, capability, Some(message), out),
             Event::ResultEnd { id } => {
                 if self.queries.get(&id).is_some_and(|q| q.state == State::Receiving) {
                     self.end(id);
@@ -512,7 +528,14 @@ impl QueryTable {
         self.place(id, now, out);
     }
 
-    fn on_result(&mut self, id: QueryId, tenant: &str, failed: Option<String>, out: &mut Vec<Action>) {
+    fn on_result(
+        &mut self,
+        id: QueryId,
+        tenant: &str,
+        capability: Capability,
+        failed: Option<String>,
+        out: &mut Vec<Action>,
+    ) {
         let Some(q) = self.queries.get_mut(&id) else {
             self.counters.unknown_results += 1;
             out.push(Action::Refuse {
@@ -521,6 +544,14 @@ impl QueryTable {
             });
             return;
         };
+        if q.capability != capability {
+            self.counters.forged_results += 1;
+            out.push(Action::Refuse {
+                id,
+                reason: RefuseReason::WrongCapability,
+            });
+            return;
+        }
         if q.tenant != tenant {
             out.push(Action::Refuse {
                 id,

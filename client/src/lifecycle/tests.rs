@@ -5,6 +5,8 @@ use proptest::prelude::*;
 
 const S0: SchedulerIx = 0;
 const S1: SchedulerIx = 1;
+/// The capability every query here draws.
+const CAP: Capability = 0xfeed;
 
 fn table() -> QueryTable {
     QueryTable::new(
@@ -55,6 +57,7 @@ impl T {
         self.on(Event::Submit {
             id,
             tenant: "t".into(),
+            capability: CAP,
             deadline,
             retriable,
         })
@@ -107,6 +110,7 @@ fn a_query_is_placed_dispatched_and_ends_with_its_result() {
     let out = t.on(Event::ResultHead {
         id: 1,
         tenant: "t".into(),
+        capability: CAP,
     });
     assert_eq!(out, [Action::Accept { id: 1 }]);
     assert_eq!(t.on(Event::ResultEnd { id: 1 }), [Action::Done { id: 1 }]);
@@ -158,7 +162,8 @@ fn a_lost_scheduler_changes_nothing_for_a_dispatched_query() {
     assert_eq!(
         t.on(Event::ResultHead {
             id: 1,
-            tenant: "t".into()
+            tenant: "t".into(),
+            capability: CAP,
         }),
         [Action::Accept { id: 1 }]
     );
@@ -192,6 +197,7 @@ fn a_result_that_overtakes_a_replacement_withdraws_the_second_copy() {
     let out = t.on(Event::ResultHead {
         id: 1,
         tenant: "t".into(),
+        capability: CAP,
     });
     assert_eq!(
         out,
@@ -272,6 +278,7 @@ fn the_deadline_ends_a_query_wherever_it_is_even_if_nobody_answers() {
     t.on(Event::ResultHead {
         id: 2,
         tenant: "t".into(),
+        capability: CAP,
     });
     let out = t.at(Duration::from_secs(1), Event::Tick);
     assert!(matches!(
@@ -329,12 +336,37 @@ fn a_query_that_is_not_retriable_fails_with_its_querier() {
 }
 
 #[test]
+fn a_result_without_the_querys_capability_is_refused() {
+    let mut t = T::new(&[S0]);
+    t.queued(1, None, false);
+    let out = t.on(Event::ResultHead {
+        id: 1,
+        tenant: "t".into(),
+        capability: CAP ^ 0x8000_0000_0000_0000,
+    });
+    assert_eq!(
+        out,
+        [Action::Refuse {
+            id: 1,
+            reason: RefuseReason::WrongCapability
+        }]
+    );
+    assert_eq!(t.table.counters().forged_results, 1);
+    assert_eq!(
+        t.table.state(1),
+        Some(State::Queued(S0)),
+        "the real result may still come"
+    );
+}
+
+#[test]
 fn results_are_refused_for_unknown_queries_other_tenants_and_duplicates() {
     let mut t = T::new(&[S0]);
     t.queued(1, None, false);
     let head = |tenant: &str| Event::ResultHead {
         id: 1,
         tenant: tenant.into(),
+        capability: CAP,
     };
     assert_eq!(
         t.on(head("other")),
@@ -377,7 +409,7 @@ enum Step {
     Up { s: usize },
     Draining { s: usize },
     Down { s: usize },
-    Head { q: usize, same_tenant: bool },
+    Head { q: usize, same_tenant: bool, forged: bool },
     ResultError { q: usize },
     End { q: usize },
     Cancel { q: usize },
@@ -396,7 +428,8 @@ fn step() -> impl Strategy<Value = Step> {
         2 => s.clone().prop_map(|s| Step::Up { s }),
         1 => s.clone().prop_map(|s| Step::Draining { s }),
         1 => s.prop_map(|s| Step::Down { s }),
-        2 => (q.clone(), any::<bool>()).prop_map(|(q, same_tenant)| Step::Head { q, same_tenant }),
+        2 => (q.clone(), any::<bool>(), proptest::bool::weighted(0.2))
+            .prop_map(|(q, same_tenant, forged)| Step::Head { q, same_tenant, forged }),
         1 => q.clone().prop_map(|q| Step::ResultError { q }),
         2 => q.clone().prop_map(|q| Step::End { q }),
         1 => q.prop_map(|q| Step::Cancel { q }),
@@ -428,6 +461,7 @@ proptest! {
                     Event::Submit {
                         id,
                         tenant: "t".into(),
+                        capability: CAP,
                         deadline: timeout_ms.map(|ms| t.now + Duration::from_millis(ms)),
                         retriable: r,
                     }
@@ -476,11 +510,17 @@ proptest! {
                             }
                             Event::SchedulerError { scheduler: s, id, kind, message: "m".into() }
                         }
-                        Step::Head { same_tenant, .. } => Event::ResultHead {
+                        Step::Head { same_tenant, forged, .. } => Event::ResultHead {
                             id,
                             tenant: if same_tenant { "t".into() } else { "u".into() },
+                            capability: if forged { CAP + 1 } else { CAP },
                         },
-                        Step::ResultError { .. } => Event::ResultError { id, tenant: "t".into(), message: "m".into() },
+                        Step::ResultError { .. } => Event::ResultError {
+                            id,
+                            tenant: "t".into(),
+                            capability: CAP,
+                            message: "m".into(),
+                        },
                         Step::End { .. } => Event::ResultEnd { id },
                         Step::Cancel { .. } => {
                             if t.table.state(id).is_some() {

@@ -74,6 +74,7 @@ pub(super) async fn deliver(
                 ResultFrame::Head {
                     query_id: d.query_id,
                     tenant: d.tenant.clone(),
+                    capability: d.capability,
                     status: resp.status,
                     metadata: resp.metadata,
                 },
@@ -83,6 +84,7 @@ pub(super) async fn deliver(
                 ResultFrame::Error {
                     query_id: d.query_id,
                     tenant: d.tenant.clone(),
+                    capability: d.capability,
                     message,
                 },
                 None,

@@ -228,3 +228,28 @@ fn policy_settings_must_be_sane() {
         assert_eq!(err.to_string(), message);
     }
 }
+
+#[test]
+fn one_huge_cost_hint_weighs_on_the_others_only_while_it_waits_and_only_up_to_the_maximum() {
+    let mut f = Fixture::new(config());
+    let w = f.worker("q");
+    for _ in 0..2000 {
+        f.push(req("a", &[], ""));
+        f.push(req("b", &[], ""));
+    }
+    assert_eq!(tenants(&mut f, w, 4), ["a", "b", "a", "b"]);
+    // A request claiming the largest cost there is, cancelled at once: nothing changes.
+    let poison = f.push(costing("c", u32::MAX));
+    f.q.cancel(poison).expect("queued");
+    assert_eq!(tenants(&mut f, w, 4), ["a", "b", "a", "b"]);
+    // While one waits, its cost counts only up to `max_cost`: a visit serves at most that
+    // many unit requests before the other tenant's turn.
+    let poison = f.push(costing("c", u32::MAX));
+    let run = tenants(&mut f, w, 1100);
+    let first_b = run.iter().position(|t| t == "b").expect("b is served");
+    assert!(first_b <= config().max_cost as usize, "a ran {first_b} times in a row");
+    let _ = f.q.cancel(poison); // if it was not served meanwhile
+    let next = tenants(&mut f, w, 4);
+    assert!(next.windows(2).all(|p| p[0] != p[1]), "back to alternation: {next:?}");
+    f.assert_ok();
+}

@@ -626,6 +626,7 @@ impl Dispatcher {
                 queue_time_us: u64::try_from(d.queue_time.as_micros()).unwrap_or(u64::MAX),
                 timeout_ms,
                 attempt: e.attempt,
+                capability: e.capability,
                 payload: e.payload,
             };
             let w = self.workers.get_mut(&worker).expect("checked above");

@@ -72,6 +72,7 @@ impl Harness {
             cost_hint: None,
             timeout_ms: None,
             attempt: 1,
+            capability: 0x5eed,
             metadata: vec![],
             payload: Bytes::from_static(b"q"),
         });
@@ -141,6 +142,7 @@ impl Harness {
             cost_hint: None,
             timeout_ms: None,
             attempt: 1,
+            capability: 0x5eed,
             metadata: vec![],
             payload: Bytes::from_static(b"q"),
         });
