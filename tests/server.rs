@@ -200,7 +200,15 @@ async fn invalid_enqueues_are_answered_not_dropped() {
     assert!(
         matches!(status_of(&mut fe, 1).await, EnqueueStatus::Invalid { reason } if reason.contains("result endpoint"))
     );
+    // One frontend loop per connection: a second is refused.
+    let second = open(&fe_conn, Hello::new(Role::Frontend, "fe-2", StreamKind::FrontendLoop)).await;
+    assert!(
+        matches!(&second, Err(HelloReply::Rejected { code: RejectCode::InvalidHello, message }) if message.contains("one frontend loop")),
+        "{:?}",
+        second.err()
+    );
     // A field over its limit.
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe-2").await;
     let FrontendToScheduler::Enqueue(mut e) = enqueue(2, "t") else {
         unreachable!()
