@@ -115,6 +115,11 @@ fn main() {
     write(stream_dir, "to-querier", 3 | (15 << 3), &sq);
     let mut r = frames(&[hello(Role::Querier, StreamKind::Result)]);
     r.extend_from_slice(&frames(&[
+        ResultFrame::Started {
+            query_id: 42,
+            tenant: "tenant-a".into(),
+            capability: 0x5eed,
+        },
         ResultFrame::Head {
             query_id: 42,
             tenant: "tenant-a".into(),

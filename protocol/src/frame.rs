@@ -365,7 +365,8 @@ pub enum NoticeReply {
 // ---------------------------------------------------------------------------
 
 /// Querier → frontend on a result stream: `Head`, any number of `Chunk`s, `End`; or a
-/// single `Error`.
+/// single `Error`. A query that runs longer than a moment opens its stream early with
+/// `Started`, and the rest follows on the same stream when the handler is done.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ResultFrame {
     /// The start of a result.
@@ -390,6 +391,13 @@ pub enum ResultFrame {
         tenant: String,
         capability: Capability,
         message: String,
+    },
+    /// First, when sent: the querier runs this query (it received the dispatch). The
+    /// frontend then knows the query cannot have been lost with its scheduler.
+    Started {
+        query_id: QueryId,
+        tenant: String,
+        capability: Capability,
     },
     /// After a `Head`: the body failed midway (its producer gave up, or the deadline
     /// passed); what was sent is not the whole result. Ends the stream like `End`.

@@ -230,6 +230,11 @@ fn result_frame() -> impl Strategy<Value = ResultFrame> {
             }
         }),
         text().prop_map(|message| ResultFrame::Abort { message }),
+        (any::<u64>(), text(), any::<u128>()).prop_map(|(query_id, tenant, capability)| ResultFrame::Started {
+            query_id,
+            tenant,
+            capability
+        }),
     ]
 }
 

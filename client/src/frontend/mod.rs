@@ -66,6 +66,10 @@ pub struct FrontendConfig {
     /// How many times a [`QueryRequest::retriable`] query may run when its querier dies
     /// mid-query (at least 1; 1 turns redelivery off).
     pub max_attempts: u32,
+    /// When a scheduler is lost right after dispatching a query, how long to wait for the
+    /// querier to confirm it (queriers confirm within their `confirm_after`) before taking
+    /// the dispatch as lost with the scheduler and placing the query again.
+    pub confirm_grace: Duration,
     /// A scheduler silent for this long is taken as gone (its queued queries go
     /// elsewhere). Pings go out every fifth of it.
     pub idle_timeout: Duration,
@@ -91,6 +95,7 @@ impl FrontendConfig {
             enqueue_wait: Duration::from_secs(5),
             default_timeout: Duration::from_secs(120),
             max_attempts: 2,
+            confirm_grace: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(5),
             max_frame_len: Limits::default().max_frame_len,
         }
@@ -303,13 +308,19 @@ impl Link {
 }
 
 /// What a result stream's claim on its query got.
-pub(crate) type Claim = Result<
-    (
-        oneshot::Sender<Result<QueryResponse, QueryError>>,
-        oneshot::Receiver<QueryError>,
-    ),
-    RefuseReason,
->;
+#[derive(Debug)]
+pub(crate) enum Claim {
+    /// The result is taken: send the caller its response here; `abort` ends the body early
+    /// (the deadline).
+    Accepted {
+        done: oneshot::Sender<Result<QueryResponse, QueryError>>,
+        abort: oneshot::Receiver<QueryError>,
+    },
+    /// The querier's early confirmation is taken; the result follows on the same stream.
+    Confirmed,
+    /// Refused.
+    Refused(RefuseReason),
+}
 
 #[derive(Debug)]
 struct Shared {
@@ -382,6 +393,7 @@ impl Frontend {
         let policy = Policy {
             placement_wait: config.enqueue_wait,
             max_attempts: config.max_attempts,
+            confirm_grace: config.confirm_grace,
         };
         let seed = u64::from(std::process::id()) ^ (bound.port() as u64) << 32;
         let shared = Arc::new(Shared {
@@ -614,9 +626,10 @@ impl Shared {
                     let Some(e) = inner.entries.get_mut(&id) else { continue };
                     let (abort, abort_rx) = oneshot::channel();
                     e.abort = Some(abort);
-                    claim = e.done.take().map(|done| Ok((done, abort_rx)));
+                    claim = e.done.take().map(|done| Claim::Accepted { done, abort: abort_rx });
                 }
-                Action::Refuse { reason, .. } => claim = Some(Err(reason)),
+                Action::Refuse { reason, .. } => claim = Some(Claim::Refused(reason)),
+                Action::Confirmed { .. } => claim = Some(Claim::Confirmed),
                 Action::Done { id } => {
                     inner.entries.remove(&id);
                 }

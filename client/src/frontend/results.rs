@@ -11,7 +11,7 @@ use sluice_protocol::{
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use super::{Body, QueryResponse, Shared};
+use super::{Body, Claim, QueryResponse, Shared};
 use crate::error::QueryError;
 use crate::lifecycle::Event;
 use crate::tls;
@@ -75,23 +75,45 @@ async fn receive_result(
 }
 
 /// Delivers the result on `reader` to its query; `None` when the query's deadline cut
-/// the body short.
+/// the body short. The stream may open with the querier's confirmation (`Started`), the
+/// result following on it when the handler is done.
 async fn deliver(shared: &Arc<Shared>, reader: &mut FramedRead<quinn::RecvStream>) -> Option<ResultReceipt> {
     let refused = |reason| Some(ResultReceipt::Refused { reason });
-    let (query_id, tenant, capability, status, metadata) = match reader.next::<ResultFrame>().await {
+    let mut first = reader.next::<ResultFrame>().await;
+    let mut confirmed = None;
+    if let Ok(Some(ResultFrame::Started {
+        query_id,
+        tenant,
+        capability,
+    })) = first
+    {
+        let event = Event::ResultStarted {
+            id: query_id,
+            tenant,
+            capability,
+        };
+        match shared.event_with(event, None) {
+            Some(Claim::Confirmed) => {}
+            Some(Claim::Refused(reason)) => return refused(reason),
+            _ => return refused(RefuseReason::UnknownQuery),
+        }
+        confirmed = Some(query_id);
+        first = reader.next::<ResultFrame>().await;
+    }
+    let (query_id, tenant, capability, status, metadata) = match first {
         Ok(Some(ResultFrame::Head {
             query_id,
             tenant,
             capability,
             status,
             metadata,
-        })) => (query_id, tenant, capability, status, metadata),
+        })) if confirmed.is_none_or(|c| c == query_id) => (query_id, tenant, capability, status, metadata),
         Ok(Some(ResultFrame::Error {
             query_id,
             tenant,
             capability,
             message,
-        })) => {
+        })) if confirmed.is_none_or(|c| c == query_id) => {
             let event = Event::ResultError {
                 id: query_id,
                 tenant,
@@ -99,10 +121,12 @@ async fn deliver(shared: &Arc<Shared>, reader: &mut FramedRead<quinn::RecvStream
                 message,
             };
             return match shared.event_with(event, None) {
-                Some(Err(reason)) => refused(reason),
+                Some(Claim::Refused(reason)) => refused(reason),
                 _ => Some(ResultReceipt::Delivered),
             };
         }
+        // A confirmed query whose stream broke before its result stays confirmed: its
+        // querier delivers on a new stream, or its scheduler reports the querier gone.
         _ => return refused(RefuseReason::Malformed),
     };
     let head = Event::ResultHead {
@@ -111,9 +135,9 @@ async fn deliver(shared: &Arc<Shared>, reader: &mut FramedRead<quinn::RecvStream
         capability,
     };
     let (done, mut abort) = match shared.event_with(head, None) {
-        Some(Ok(claim)) => claim,
-        Some(Err(reason)) => return refused(reason),
-        None => return refused(RefuseReason::UnknownQuery),
+        Some(Claim::Accepted { done, abort }) => (done, abort),
+        Some(Claim::Refused(reason)) => return refused(reason),
+        _ => return refused(RefuseReason::UnknownQuery),
     };
     let (body_tx, rx) = mpsc::channel(BODY_BUFFER);
     let failure = Arc::new(Mutex::new(None));

@@ -8,13 +8,19 @@
 //!            ┌──────────── refused, handed back, scheduler lost (not yet dispatched) ────┐
 //!            ▼                                                                            │
 //! submit → Waiting ⇄ Placing(s) ──accepted──▶ Queued(s) ──Dispatched──▶ Dispatched(s) ──result head──▶ Receiving
+//!                                                                          │ querier: Started  ▲
+//!                                                                          └──▶ Started ───────┘
 //!            │           │                        │                        │ querier failed:                │
 //!            │           │                        │                        │ retriable → Placing again      │
 //!            └───────────┴─ deadline, cancel, every scheduler refused ─────┴─ else failed ──────────────────┴─▶ ended
 //! ```
 //!
 //! Rules it keeps: a query is placed again only while no querier has started it (the
-//! scheduler says `Dispatched` before anything else about it); each placement is decided
+//! scheduler says `Dispatched` before anything else about it). One case is uncertain: the
+//! scheduler died right after noting a dispatch, and its dispatch may never have reached
+//! the querier. A querier confirms a query that runs longer than a moment (`Started`, or
+//! its result), so a dispatch its scheduler's loss left unconfirmed for
+//! [`Policy::confirm_grace`] is taken as never started and placed again. Each placement is decided
 //! once (an event from a scheduler that no longer holds the query is ignored); the deadline
 //! is absolute, travels as the remaining budget, and ends the query even if nobody
 //! answers; every submitted query ends exactly once, by one `Fail` or by its result.
@@ -40,6 +46,8 @@ pub(crate) enum State {
     Queued(SchedulerIx),
     /// Handed to a querier by this scheduler: ends by that querier's result or failure.
     Dispatched(SchedulerIx),
+    /// Its querier confirmed it runs it (the scheduler that dispatched it no longer matters).
+    Started,
     /// Its result is streaming in.
     Receiving,
 }
@@ -80,6 +88,12 @@ pub(crate) enum Event {
     SchedulerDraining { scheduler: SchedulerIx },
     /// The connection to a scheduler ended (lost, or the link is no longer wanted).
     SchedulerDown { scheduler: SchedulerIx },
+    /// A querier confirms it runs `id` (its result stream opened early).
+    ResultStarted {
+        id: QueryId,
+        tenant: String,
+        capability: Capability,
+    },
     /// A result stream opened for `id`, naming `tenant` and carrying `capability`.
     ResultHead {
         id: QueryId,
@@ -122,6 +136,9 @@ pub(crate) enum Action {
     Fail { id: QueryId, error: QueryError },
     /// The result stream for `id` is taken: hand it to the caller.
     Accept { id: QueryId },
+    /// The early result stream of `id` (its querier's confirmation) is taken; its result
+    /// follows on it.
+    Confirmed { id: QueryId },
     /// The querier reports the query failed: the caller gets `Failed`; forget it.
     Failed { id: QueryId, message: String },
     /// The result stream is refused.
@@ -147,6 +164,9 @@ pub(crate) struct Policy {
     pub(crate) placement_wait: Duration,
     /// Placements a retriable query may have when its querier dies mid-query.
     pub(crate) max_attempts: u32,
+    /// How long a dispatch whose scheduler was lost may go unconfirmed by a querier before
+    /// it is taken as never started and placed again.
+    pub(crate) confirm_grace: Duration,
 }
 
 #[derive(Debug)]
@@ -163,9 +183,25 @@ struct Query {
     attempt: u32,
     /// Whether `Placed` was said (the first placement succeeded or a result arrived).
     placed: bool,
+    /// The scheduler of its last dispatch (its querier failures still count once started).
+    dispatched_by: Option<SchedulerIx>,
+    /// While `Dispatched` by a scheduler that was lost: when the dispatch counts as never
+    /// received unless a querier confirms it first.
+    orphaned_until: Option<Instant>,
     /// Schedulers that refused this placement round, and the last refusal.
     refused: HashSet<SchedulerIx>,
     last_refusal: Option<QueryError>,
+}
+
+impl Query {
+    /// The scheduler that holds the query or dispatched it (and may still report on it).
+    fn holder(&self) -> Option<SchedulerIx> {
+        match self.state {
+            State::Placing(s) | State::Queued(s) | State::Dispatched(s) => Some(s),
+            State::Started => self.dispatched_by,
+            State::Waiting | State::Receiving => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -268,6 +304,8 @@ impl QueryTable {
                         retriable,
                         attempt: 0,
                         placed: false,
+                        dispatched_by: None,
+                        orphaned_until: None,
                         refused: HashSet::new(),
                         last_refusal: None,
                     },
@@ -289,6 +327,7 @@ impl QueryTable {
                         && matches!(q.state, State::Placing(s) | State::Queued(s) if s == scheduler)
                     {
                         q.state = State::Dispatched(scheduler);
+                        q.dispatched_by = Some(scheduler);
                     }
                 }
             }
@@ -320,17 +359,25 @@ impl QueryTable {
             Event::SchedulerDraining { scheduler } => self.view(scheduler).draining = true,
             Event::SchedulerDown { scheduler } => {
                 self.view(scheduler).up = false;
-                // Its queued copies are gone with it; dispatched ones still answer directly.
-                let lost: Vec<QueryId> = self
-                    .queries
-                    .iter()
-                    .filter(|(_, q)| matches!(q.state, State::Placing(s) | State::Queued(s) if s == scheduler))
-                    .map(|(id, _)| *id)
-                    .collect();
+                // Its queued copies are gone with it; dispatched ones still answer directly,
+                // once their querier confirms them.
+                let mut lost = Vec::new();
+                let grace = now + self.policy.confirm_grace;
+                for (id, q) in self.queries.iter_mut() {
+                    match q.state {
+                        State::Placing(s) | State::Queued(s) if s == scheduler => lost.push(*id),
+                        State::Dispatched(s) if s == scheduler && q.orphaned_until.is_none() => {
+                            q.orphaned_until = Some(grace);
+                            self.timers.insert((grace, *id));
+                        }
+                        _ => {}
+                    }
+                }
                 for id in lost {
                     self.replace(id, false, now, out);
                 }
             }
+            Event::ResultStarted { id, tenant, capability } => self.on_started(id, &tenant, capability, out),
             Event::ResultHead { id, tenant, capability } => self.on_result(id, &tenant, capability, None, out),
             Event::ResultError {
                 id,
@@ -346,7 +393,7 @@ impl QueryTable {
             }
             Event::Cancel { id } => {
                 if let Some(q) = self.end(id)
-                    && let State::Placing(s) | State::Queued(s) | State::Dispatched(s) = q.state
+                    && let Some(s) = q.holder()
                 {
                     out.push(Action::Cancel { scheduler: s, id });
                 }
@@ -485,12 +532,10 @@ impl QueryTable {
         out: &mut Vec<Action>,
     ) {
         let Some(q) = self.queries.get(&id) else { return };
-        let from_holder =
-            matches!(q.state, State::Placing(s) | State::Queued(s) | State::Dispatched(s) if s == scheduler);
-        if !from_holder {
+        if q.holder() != Some(scheduler) {
             return; // stale: the query moved on, or its result stream decides
         }
-        let dispatched = matches!(q.state, State::Dispatched(_));
+        let dispatched = matches!(q.state, State::Dispatched(_) | State::Started);
         match kind {
             QueryErrorKind::HandedBack if !dispatched => self.replace(id, false, now, out),
             QueryErrorKind::QuerierFailed if q.retriable && q.attempt < self.policy.max_attempts => {
@@ -525,7 +570,64 @@ impl QueryTable {
         q.state = State::Waiting;
         q.refused.clear();
         q.last_refusal = None;
+        if let Some(o) = q.orphaned_until.take() {
+            self.timers.remove(&(o, id));
+        }
         self.place(id, now, out);
+    }
+
+    /// A querier confirms it runs the query: it is no longer at risk of being lost with its
+    /// scheduler, and any copy placed again meanwhile is withdrawn.
+    fn on_started(&mut self, id: QueryId, tenant: &str, capability: Capability, out: &mut Vec<Action>) {
+        let Some(q) = self.queries.get_mut(&id) else {
+            self.counters.unknown_results += 1;
+            out.push(Action::Refuse {
+                id,
+                reason: RefuseReason::UnknownQuery,
+            });
+            return;
+        };
+        if q.capability != capability {
+            self.counters.forged_results += 1;
+            out.push(Action::Refuse {
+                id,
+                reason: RefuseReason::WrongCapability,
+            });
+            return;
+        }
+        if q.tenant != tenant {
+            out.push(Action::Refuse {
+                id,
+                reason: RefuseReason::TenantMismatch,
+            });
+            return;
+        }
+        match q.state {
+            State::Receiving | State::Started => {
+                self.counters.duplicate_results += 1;
+                out.push(Action::Refuse {
+                    id,
+                    reason: RefuseReason::Duplicate,
+                });
+                return;
+            }
+            State::Placing(s) | State::Queued(s) if q.attempt > 1 || q.dispatched_by.is_some() => {
+                out.push(Action::Cancel { scheduler: s, id });
+            }
+            _ => {}
+        }
+        if !q.placed {
+            q.placed = true;
+            out.push(Action::Placed { id });
+        }
+        if let Some(w) = q.wait_until.take() {
+            self.timers.remove(&(w, id));
+        }
+        if let Some(o) = q.orphaned_until.take() {
+            self.timers.remove(&(o, id));
+        }
+        q.state = State::Started;
+        out.push(Action::Confirmed { id });
     }
 
     fn on_result(
@@ -575,7 +677,7 @@ impl QueryTable {
             out.push(Action::Placed { id });
         }
         if let State::Placing(s) | State::Queued(s) = q.state
-            && q.attempt > 1
+            && (q.attempt > 1 || q.dispatched_by.is_some())
         {
             out.push(Action::Cancel { scheduler: s, id });
         }
@@ -600,10 +702,14 @@ impl QueryTable {
             self.timers.pop_first();
             let Some(q) = self.queries.get(&id) else { continue };
             if q.deadline.is_some_and(|d| d <= now) {
-                if let State::Placing(s) | State::Queued(s) | State::Dispatched(s) = q.state {
+                if let Some(s) = q.holder() {
                     out.push(Action::Cancel { scheduler: s, id });
                 }
                 self.fail(id, deadline_error(), out);
+            } else if matches!(q.state, State::Dispatched(_)) && q.orphaned_until.is_some_and(|o| o <= now) {
+                // Its scheduler died, and no querier ever confirmed the dispatch: it never
+                // reached one.
+                self.replace(id, false, now, out);
             } else if q.state == State::Waiting && q.wait_until.is_some_and(|w| w <= now) {
                 let error = q.last_refusal.clone().unwrap_or(QueryError::NoScheduler);
                 self.fail(id, error, out);
@@ -620,11 +726,8 @@ impl QueryTable {
     /// Forgets `id` (its timers and waiting place are skipped lazily).
     fn end(&mut self, id: QueryId) -> Option<Query> {
         let q = self.queries.remove(&id)?;
-        if let Some(d) = q.deadline {
-            self.timers.remove(&(d, id));
-        }
-        if let Some(w) = q.wait_until {
-            self.timers.remove(&(w, id));
+        for at in [q.deadline, q.wait_until, q.orphaned_until].into_iter().flatten() {
+            self.timers.remove(&(at, id));
         }
         Some(q)
     }

@@ -13,6 +13,7 @@ fn table() -> QueryTable {
         Policy {
             placement_wait: Duration::from_secs(5),
             max_attempts: 2,
+            confirm_grace: Duration::from_secs(2),
         },
         42,
     )
@@ -167,6 +168,48 @@ fn a_lost_scheduler_changes_nothing_for_a_dispatched_query() {
         }),
         [Action::Accept { id: 1 }]
     );
+}
+
+#[test]
+fn a_dispatch_its_lost_scheduler_left_unconfirmed_is_placed_again_after_the_grace() {
+    let mut t = T::new(&[S0, S1]);
+    let s = t.queued(1, None, false);
+    let other = 1 - s;
+    let s2 = t.queued(2, None, false);
+    t.on(Event::Dispatched {
+        scheduler: s,
+        ids: vec![1],
+    });
+    t.on(Event::Dispatched {
+        scheduler: s2,
+        ids: vec![2],
+    });
+    // Query 2's querier confirms it; then query 1's scheduler (and 2's, if the same) dies.
+    let out = t.on(Event::ResultStarted {
+        id: 2,
+        tenant: "t".into(),
+        capability: CAP,
+    });
+    assert_eq!(out, [Action::Confirmed { id: 2 }]);
+    assert_eq!(t.on(Event::SchedulerDown { scheduler: s }), []);
+    assert_eq!(t.on(Event::SchedulerDown { scheduler: s2 }), []);
+    assert_eq!(t.at(Duration::from_millis(1999), Event::Tick), []);
+    // Two seconds without a word from a querier: the dispatch never reached one.
+    t.on(Event::SchedulerUp {
+        scheduler: other,
+        in_use: true,
+    });
+    let out = t.at(Duration::from_secs(2), Event::Tick);
+    assert_eq!(enqueued_at(&out, 1), Some(other), "{out:?}");
+    assert_eq!(enqueued_at(&out, 2), None, "a confirmed query is never placed again");
+    assert_eq!(t.table.state(2), Some(State::Started));
+    // Its result still ends it.
+    let out = t.on(Event::ResultHead {
+        id: 2,
+        tenant: "t".into(),
+        capability: CAP,
+    });
+    assert_eq!(out, [Action::Accept { id: 2 }]);
 }
 
 #[test]
@@ -410,6 +453,7 @@ enum Step {
     Draining { s: usize },
     Down { s: usize },
     Head { q: usize, same_tenant: bool, forged: bool },
+    Started { q: usize },
     ResultError { q: usize },
     End { q: usize },
     Cancel { q: usize },
@@ -431,6 +475,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (q.clone(), any::<bool>(), proptest::bool::weighted(0.2))
             .prop_map(|(q, same_tenant, forged)| Step::Head { q, same_tenant, forged }),
         1 => q.clone().prop_map(|q| Step::ResultError { q }),
+        1 => q.clone().prop_map(|q| Step::Started { q }),
         2 => q.clone().prop_map(|q| Step::End { q }),
         1 => q.prop_map(|q| Step::Cancel { q }),
         2 => (0..2_000u64).prop_map(|ms| Step::Advance { ms }),
@@ -448,8 +493,12 @@ proptest! {
         let mut submitted: Vec<QueryId> = Vec::new();
         let mut retriable: HashMap<QueryId, bool> = HashMap::new();
         let mut ends: HashMap<QueryId, u32> = HashMap::new();
-        // Queries a querier started since their last placement.
+        // Queries a scheduler dispatched since their last placement.
         let mut started: HashSet<QueryId> = HashSet::new();
+        // Queries a querier confirmed (or answered): never placed again but to redeliver.
+        let mut confirmed: HashSet<QueryId> = HashSet::new();
+        // Dispatched queries whose scheduler was lost.
+        let mut orphaned: HashSet<QueryId> = HashSet::new();
         let pick = |submitted: &[QueryId], q: usize| submitted.get(q % submitted.len().max(1)).copied();
         for step in steps {
             let mut redelivery_allowed = None;
@@ -472,11 +521,18 @@ proptest! {
                 }
                 Step::Up { s } => Event::SchedulerUp { scheduler: s, in_use: true },
                 Step::Draining { s } => Event::SchedulerDraining { scheduler: s },
-                Step::Down { s } => Event::SchedulerDown { scheduler: s },
+                Step::Down { s } => {
+                    for &id in &submitted {
+                        if t.table.state(id) == Some(State::Dispatched(s)) {
+                            orphaned.insert(id);
+                        }
+                    }
+                    Event::SchedulerDown { scheduler: s }
+                }
                 other => {
                     let q = match &other {
                         Step::Status { q, .. } | Step::Dispatched { q, .. } | Step::Error { q, .. }
-                        | Step::Head { q, .. } | Step::ResultError { q } | Step::End { q }
+                        | Step::Head { q, .. } | Step::ResultError { q } | Step::End { q } | Step::Started { q }
                         | Step::Cancel { q } => *q,
                         _ => unreachable!(),
                     };
@@ -503,7 +559,7 @@ proptest! {
                                 _ => QueryErrorKind::Internal,
                             };
                             if kind == QueryErrorKind::QuerierFailed
-                                && t.table.state(id) == Some(State::Dispatched(s))
+                                && matches!(t.table.state(id), Some(State::Dispatched(_) | State::Started))
                                 && retriable[&id]
                             {
                                 redelivery_allowed = Some(id);
@@ -522,6 +578,7 @@ proptest! {
                             message: "m".into(),
                         },
                         Step::End { .. } => Event::ResultEnd { id },
+                        Step::Started { .. } => Event::ResultStarted { id, tenant: "t".into(), capability: CAP },
                         Step::Cancel { .. } => {
                             if t.table.state(id).is_some() {
                                 *ends.entry(id).or_default() += 1; // the caller ended it
@@ -532,6 +589,7 @@ proptest! {
                     }
                 }
             };
+            let tick = event == Event::Tick;
             let out = t.on(event);
             for action in &out {
                 match action {
@@ -540,18 +598,44 @@ proptest! {
                         prop_assert!(t.table.state(*id).is_none(), "ended but still held: {id}");
                     }
                     Action::Enqueue { id, .. } => {
+                        let lost_with_scheduler = tick && orphaned.contains(id) && !confirmed.contains(id);
                         prop_assert!(
-                            !started.contains(id) || redelivery_allowed == Some(*id),
+                            !started.contains(id) || redelivery_allowed == Some(*id) || lost_with_scheduler,
                             "query {id} placed again after a querier started it"
                         );
                         started.remove(id);
+                        orphaned.remove(id);
+                        if redelivery_allowed == Some(*id) {
+                            confirmed.remove(id);
+                        }
                     }
                     _ => {}
                 }
             }
             for &id in &submitted {
-                if matches!(t.table.state(id), Some(State::Dispatched(_) | State::Receiving)) {
-                    started.insert(id);
+                match t.table.state(id) {
+                    // The grace ran out for a dispatch lost with its scheduler: placed again
+                    // (now, or when a scheduler comes).
+                    Some(State::Waiting | State::Placing(_))
+                        if tick && orphaned.contains(&id) && !confirmed.contains(&id) =>
+                    {
+                        started.remove(&id);
+                        orphaned.remove(&id);
+                    }
+                    // Redelivered after its querier died (now, or when a scheduler comes).
+                    Some(State::Waiting | State::Placing(_)) if redelivery_allowed == Some(id) => {
+                        started.remove(&id);
+                        orphaned.remove(&id);
+                        confirmed.remove(&id);
+                    }
+                    Some(State::Dispatched(_)) => {
+                        started.insert(id);
+                    }
+                    Some(State::Started | State::Receiving) => {
+                        started.insert(id);
+                        confirmed.insert(id);
+                    }
+                    _ => {}
                 }
             }
             for (id, n) in &ends {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sluice_protocol::{Dispatch, FrontendAddress, ResultFrame, ResultReceipt, StreamKind, WriteError};
 use tokio::sync::Mutex;
 
-use super::worker::open;
+use super::worker::{Stream, open};
 use super::{HandlerError, Response, ResponseBody, Shared};
 
 /// Frontend addresses kept before closed connections are swept from the cache.
@@ -60,13 +60,36 @@ async fn frontend_connection(shared: &Shared, to: &FrontendAddress) -> Result<qu
     Ok(conn)
 }
 
-/// Sends a result to its frontend, retrying transport failures while the body can be
-/// sent again (a streamed body is sent once), never past the query's deadline.
+/// A result stream opened before the result is ready, after the `Started` frame.
+pub(super) type Early = tokio::task::JoinHandle<Result<Stream, String>>;
+
+/// Opens the query's result stream now and says `Started`: the frontend learns that this
+/// querier runs the query (so it cannot have been lost with its scheduler). The result
+/// follows on the same stream.
+pub(super) fn confirm(shared: &Arc<Shared>, d: &Dispatch) -> Early {
+    let (shared, frontend) = (shared.clone(), d.frontend.clone());
+    let started = ResultFrame::Started {
+        query_id: d.query_id,
+        tenant: d.tenant.clone(),
+        capability: d.capability,
+    };
+    tokio::spawn(async move {
+        let conn = frontend_connection(&shared, &frontend).await?;
+        let (mut w, r) = open(&shared, &conn, StreamKind::Result).await?;
+        w.send(&started).await.map_err(|e| e.to_string())?;
+        Ok((w, r))
+    })
+}
+
+/// Sends a result to its frontend (on the early stream if one was opened), retrying
+/// transport failures while the body can be sent again (a streamed body is sent once),
+/// never past the query's deadline.
 pub(super) async fn deliver(
     shared: &Shared,
     d: &Dispatch,
     outcome: Result<Response, HandlerError>,
     deadline: Option<tokio::time::Instant>,
+    mut early: Option<Early>,
 ) -> Result<(), String> {
     let attempts = async {
         let (head, mut body) = match outcome {
@@ -92,16 +115,29 @@ pub(super) async fn deliver(
         };
         let mut last = String::new();
         for attempt in 1..=shared.config.delivery_attempts {
-            let conn = match frontend_connection(shared, &d.frontend).await {
-                Ok(c) => c,
-                Err(e) => {
-                    last = e;
-                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
-                    continue;
+            let opened = match early.take() {
+                Some(task) => task.await.unwrap_or_else(|e| Err(e.to_string())),
+                None => Err(String::new()),
+            };
+            let stream = match opened {
+                Ok(stream) => stream,
+                Err(_) => {
+                    let opened = async {
+                        let conn = frontend_connection(shared, &d.frontend).await?;
+                        open(shared, &conn, StreamKind::Result).await
+                    };
+                    match opened.await {
+                        Ok(stream) => stream,
+                        Err(e) => {
+                            last = e;
+                            tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                            continue;
+                        }
+                    }
                 }
             };
             let streamed = matches!(body, Some(ResponseBody::Stream(_)));
-            match send_result(shared, &conn, &head, &mut body).await {
+            match send_result(shared, stream, &head, &mut body).await {
                 Ok(ResultReceipt::Delivered) => return Ok(()),
                 Ok(ResultReceipt::Refused { reason }) => {
                     return Err(format!("frontend refused the result: {reason:?}"));
@@ -122,11 +158,10 @@ pub(super) async fn deliver(
 
 async fn send_result(
     shared: &Shared,
-    conn: &quinn::Connection,
+    (mut w, mut r): Stream,
     head: &ResultFrame,
     body: &mut Option<ResponseBody>,
 ) -> Result<ResultReceipt, String> {
-    let (mut w, mut r) = open(shared, conn, StreamKind::Result).await?;
     let io = |e: WriteError| e.to_string();
     let encode = |e: sluice_protocol::EncodeError| e.to_string();
     let chunk = shared.config.chunk_size;

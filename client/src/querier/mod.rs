@@ -59,6 +59,11 @@ pub struct QuerierConfig {
     pub chunk_size: usize,
     /// Attempts to deliver a result before giving up on it.
     pub delivery_attempts: u32,
+    /// A query still running after this long is confirmed to its frontend (its result
+    /// stream opens early with `Started`), so that the frontend knows it is not lost if
+    /// the scheduler that dispatched it dies. Keep it well under the frontends'
+    /// `confirm_grace`.
+    pub confirm_after: Duration,
     /// How long a handler may go on after its query was cancelled or its deadline passed
     /// before its task is aborted (so a handler that ignores cancellation cannot hold a
     /// worker forever).
@@ -84,6 +89,7 @@ impl QuerierConfig {
             concurrency: 4,
             chunk_size: 256 * 1024,
             delivery_attempts: 3,
+            confirm_after: Duration::from_millis(100),
             cancel_grace: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(5),
             max_frame_len: Limits::default().max_frame_len,

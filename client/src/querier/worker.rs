@@ -17,7 +17,7 @@ use super::{Counted, Handler, HandlerError, Link, Request, Shared, deliver};
 use crate::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 
-type Stream = (FramedWrite<quinn::SendStream>, FramedRead<quinn::RecvStream>);
+pub(super) type Stream = (FramedWrite<quinn::SendStream>, FramedRead<quinn::RecvStream>);
 
 /// Why a dequeue loop on one stream ended.
 enum Ended {
@@ -236,10 +236,16 @@ async fn run<H: Handler>(
     // When the handler is aborted if it has not returned (set once cancelled).
     let mut abort_at: Option<tokio::time::Instant> = None;
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    // A query still running after `confirm_after` is confirmed to its frontend.
+    let confirm_at = tokio::time::Instant::now() + shared.config.confirm_after;
+    let mut early: Option<deliver::Early> = None;
     let outcome = loop {
         let reading = matches!(stream, StreamAfter::Open);
         let cancel_at = if cancelled.is_cancelled() { None } else { deadline };
         tokio::select! {
+            _ = tokio::time::sleep_until(confirm_at), if early.is_none() => {
+                early = Some(deliver::confirm(shared, &d));
+            }
             joined = &mut task => break match joined {
                 Ok(outcome) => Some(outcome),
                 Err(e) if e.is_panic() => Some(Err(HandlerError(format!("handler panicked: {}", panic_message(e))))),
@@ -273,11 +279,16 @@ async fn run<H: Handler>(
         .and_then(|r| r.measured_cost);
     match outcome {
         // Cancelled (by the frontend, or its deadline, at which the frontend fails the
-        // query itself): nothing to send.
-        _ if cancelled.is_cancelled() => debug!(query = d.query_id, "cancelled; no result sent"),
+        // query itself): nothing to send; an early stream is dropped (reset).
+        _ if cancelled.is_cancelled() => {
+            if let Some(task) = early {
+                task.abort();
+            }
+            debug!(query = d.query_id, "cancelled; no result sent")
+        }
         None => {}
         Some(outcome) => {
-            if let Err(e) = deliver::deliver(shared, &d, outcome, deadline).await {
+            if let Err(e) = deliver::deliver(shared, &d, outcome, deadline, early).await {
                 warn!(query = d.query_id, frontend = %d.frontend.address, error = %e, "result not delivered");
             }
         }
