@@ -133,6 +133,12 @@ impl Metrics {
         metrics::with_local_recorder(&self.recorder, f)
     }
 
+    /// Folds buffered histogram samples into their buckets and drops idle series; the
+    /// dispatcher runs it every second, so memory does not grow when nobody scrapes.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     /// The Prometheus text exposition of every live series.
     pub fn render(&self) -> String {
         self.handle.run_upkeep();

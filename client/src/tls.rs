@@ -176,6 +176,24 @@ pub fn peer_role(conn: &quinn::Connection) -> Result<Role, TlsError> {
     role_of_cert(leaf)
 }
 
+/// Checks that the peer of an outgoing connection holds a certificate of `expected` role
+/// (a frontend certificate cannot pose as a scheduler, nor a querier as a frontend);
+/// closes the connection and says why otherwise.
+pub fn expect_peer_role(conn: &quinn::Connection, expected: Role) -> Result<(), String> {
+    match peer_role(conn) {
+        Ok(role) if role == expected => Ok(()),
+        other => {
+            conn.close(
+                sluice_protocol::close_code::ROLE_NOT_ALLOWED.into(),
+                b"unexpected peer role",
+            );
+            Err(format!(
+                "the peer is not a {expected:?}: its certificate says {other:?}"
+            ))
+        }
+    }
+}
+
 /// The role named by a certificate's `sluice:role:` SAN URI.
 pub fn role_of_cert(der: &CertificateDer<'_>) -> Result<Role, TlsError> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};

@@ -1074,6 +1074,11 @@ impl<R: Queued> TreeQueue<R> {
         self.tenant_by_name.len()
     }
 
+    /// Whether `tenant` has requests queued.
+    pub fn has_tenant(&self, tenant: &str) -> bool {
+        self.tenant_by_name.contains_key(tenant)
+    }
+
     /// Known queriers (connected, or disconnected inside the forget delay).
     pub fn querier_count(&self) -> usize {
         self.queriers.by_id.len()

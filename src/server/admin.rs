@@ -12,12 +12,17 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use metrics::{counter, gauge};
 use sluice_client::gossip::{MemberRole, MemberState};
 
+use super::accept::AcceptErrors;
 use super::dispatcher::Command;
 use super::status::{GossipView, Status};
 use crate::metrics::{self as m, Metrics};
@@ -30,7 +35,17 @@ pub(crate) struct AdminState {
     pub(crate) gossip: Option<GossipView>,
 }
 
-/// Serves the admin endpoints on `listener` until `stop` is cancelled.
+/// Admin connections served at once; more are closed as they arrive.
+pub(crate) const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this long.
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// An admin connection is closed after this long, whatever it is doing (a slow reader of
+/// a large `/status` included); Prometheus opens a new one per scrape if it must.
+pub(crate) const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Serves the admin endpoints on `listener` until `stop` is cancelled: at most
+/// [`MAX_ADMIN_CONNECTIONS`] at once, each bounded by [`HEADER_TIMEOUT`] and
+/// [`CONNECTION_LIFETIME`]; failed accepts back off.
 pub(crate) async fn serve(listener: tokio::net::TcpListener, state: AdminState, stop: CancellationToken) {
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -38,9 +53,40 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, state: AdminState, 
         .route("/status", get(status_json))
         .route("/", get(status_html))
         .with_state(state);
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let mut errors = AcceptErrors::new("admin");
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.cancelled() => return,
+        };
+        let socket = match accepted {
+            Ok((socket, _)) => {
+                errors.succeeded();
+                socket
+            }
+            Err(e) => {
+                errors.failed(&e).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // over the cap: closed at once
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(socket), service);
+            tokio::select! {
+                _ = tokio::time::timeout(CONNECTION_LIFETIME, connection) => {}
+                _ = stop.cancelled() => {}
+            }
+            drop(slot);
+        });
+    }
 }
 
 /// Binds the admin listener.

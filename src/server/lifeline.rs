@@ -12,7 +12,9 @@ use sluice_protocol::{LIFELINE_MAGIC, close_code};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
+
+use super::accept::AcceptErrors;
 
 /// Tokens of live querier connections.
 #[derive(Debug, Default)]
@@ -46,43 +48,64 @@ impl Lifelines {
     }
 }
 
-/// Accepts lifeline sockets until `stop`; at most `max` at once.
+/// Sockets that have not presented a token yet, at most: a flood of them is refused as it
+/// arrives and cannot displace a querier's authenticated lifeline.
+pub(crate) const MAX_UNAUTHENTICATED: u32 = 64;
+/// Longest wait for a socket's token.
+pub(crate) const TOKEN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Accepts lifeline sockets until `stop`. Authenticated lifelines are bounded by the
+/// querier connections (one token each); sockets without a token yet by
+/// [`MAX_UNAUTHENTICATED`], each for at most [`TOKEN_TIMEOUT`] (or `hello_timeout` if
+/// shorter). Failed accepts back off.
 pub(crate) async fn serve(
     listener: TcpListener,
     lifelines: Arc<Lifelines>,
     hello_timeout: Duration,
-    max: u32,
     stop: CancellationToken,
 ) {
-    let open = Arc::new(AtomicU32::new(0));
+    let unauthenticated = Arc::new(AtomicU32::new(0));
+    let token_timeout = hello_timeout.min(TOKEN_TIMEOUT);
+    let mut errors = AcceptErrors::new("lifeline");
     loop {
         let (socket, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    errors.succeeded();
+                    a
+                }
                 Err(e) => {
-                    warn!(error = %e, "lifeline accept failed");
+                    errors.failed(&e).await;
                     continue;
                 }
             },
             _ = stop.cancelled() => break,
         };
-        if open.load(Ordering::Relaxed) >= max {
+        if unauthenticated.fetch_add(1, Ordering::Relaxed) >= MAX_UNAUTHENTICATED {
+            unauthenticated.fetch_sub(1, Ordering::Relaxed);
             continue; // dropped: closed at once
         }
-        open.fetch_add(1, Ordering::Relaxed);
-        let (lifelines, open, stop) = (lifelines.clone(), open.clone(), stop.clone());
+        let (lifelines, unauthenticated, stop) = (lifelines.clone(), unauthenticated.clone(), stop.clone());
         tokio::spawn(async move {
-            hold(socket, &lifelines, hello_timeout, &stop).await;
+            hold(socket, &lifelines, token_timeout, &unauthenticated, &stop).await;
             debug!(%remote, "lifeline socket done");
-            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
 
-/// Reads the preamble, then waits for the socket (or the QUIC connection) to end.
-async fn hold(mut socket: TcpStream, lifelines: &Lifelines, hello_timeout: Duration, stop: &CancellationToken) {
+/// Reads the preamble (counted as unauthenticated until then), then waits for the socket
+/// (or the QUIC connection) to end.
+async fn hold(
+    mut socket: TcpStream,
+    lifelines: &Lifelines,
+    token_timeout: Duration,
+    unauthenticated: &AtomicU32,
+    stop: &CancellationToken,
+) {
     let mut preamble = [0u8; 20];
-    match tokio::time::timeout(hello_timeout, socket.read_exact(&mut preamble)).await {
+    let read = tokio::time::timeout(token_timeout, socket.read_exact(&mut preamble)).await;
+    unauthenticated.fetch_sub(1, Ordering::Relaxed);
+    match read {
         Ok(Ok(_)) if preamble[..4] == LIFELINE_MAGIC => {}
         _ => return,
     }

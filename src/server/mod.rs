@@ -2,6 +2,7 @@
 //! and per stream, and the [`dispatcher`] task that owns the queue. Nothing here decides
 //! who runs what; it translates frames into dispatcher commands and back.
 
+mod accept;
 mod admin;
 mod dispatcher;
 mod lifeline;
@@ -50,6 +51,11 @@ pub enum ServerError {
     #[error("the dispatcher has stopped")]
     DispatcherGone,
 }
+
+/// Bytes quinn may buffer for one stream before the scheduler reads them.
+pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
+/// Bytes the scheduler may have in flight, unacknowledged, on one connection.
+pub const SEND_WINDOW: u64 = 4 * 1024 * 1024;
 
 /// A running scheduler.
 pub struct Server {
@@ -124,7 +130,16 @@ impl Server {
                 quinn::IdleTimeout::try_from(config.idle_timeout)
                     .map_err(|_| ServerError::Queue("idle_timeout_ms too large".into()))?,
             ))
-            .keep_alive_interval(Some(config.idle_timeout / 5));
+            .keep_alive_interval(Some(config.idle_timeout / 5))
+            // What quinn may hold for one connection before we read it: a stream's worth of
+            // frames, at most the connection's receive budget in all. Sends are bounded
+            // likewise. No datagrams are used.
+            .stream_receive_window(quinn::VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+            .receive_window(
+                quinn::VarInt::from_u64(config.connection_receive_budget as u64).unwrap_or(quinn::VarInt::MAX),
+            )
+            .send_window(SEND_WINDOW)
+            .datagram_receive_buffer_size(None);
         server_config.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|error| ServerError::Bind {
             addr: config.listen,
@@ -169,7 +184,6 @@ impl Server {
                     listener,
                     lifelines.clone(),
                     config.hello_timeout,
-                    config.max_connections,
                     stop_accepting.clone(),
                 ));
                 (lifelines, Some(task))

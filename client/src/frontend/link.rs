@@ -14,6 +14,7 @@ use tracing::{debug, warn};
 use super::{Link, Shared};
 use crate::backoff::Backoff;
 use crate::lifecycle::{Event, SchedulerIx};
+use crate::tls;
 
 /// Keeps one scheduler connected until the frontend closes or the link is no longer
 /// wanted.
@@ -49,6 +50,7 @@ async fn serve_scheduler(
         conn = connecting => conn.map_err(|e| e.to_string())?,
         _ = link.stop.cancelled() => return Ok(()),
     };
+    tls::expect_peer_role(&conn, Role::Scheduler)?;
     let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let max = shared.config.max_frame_len;
     let mut writer = FramedWrite::new(send, max);

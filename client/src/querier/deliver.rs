@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_protocol::{Dispatch, FrontendAddress, ResultFrame, ResultReceipt, StreamKind, WriteError};
+use sluice_protocol::{Dispatch, FrontendAddress, ResultFrame, ResultReceipt, Role, StreamKind, WriteError};
 use tokio::sync::Mutex;
 
 use super::worker::{Stream, open};
@@ -56,6 +56,7 @@ async fn frontend_connection(shared: &Shared, to: &FrontendAddress) -> Result<qu
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| e.to_string())?;
+    crate::tls::expect_peer_role(&conn, Role::Frontend)?;
     *slot = Some(conn.clone());
     Ok(conn)
 }

@@ -66,6 +66,7 @@ async fn scheduler_connection(shared: &Shared, link: &Link) -> Result<quinn::Con
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| e.to_string())?;
+    crate::tls::expect_peer_role(&conn, Role::Scheduler)?;
     *slot = Some(conn.clone());
     Ok(conn)
 }

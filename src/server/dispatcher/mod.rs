@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use metrics::{counter, gauge, histogram};
 
 use sluice_protocol::{
-    Dispatch, Enqueue, EnqueueStatus, Finished, FrontendAddress, Limits, LoadHint, QueryErrorKind, QueryId,
+    Dispatch, Enqueue, EnqueueStatus, Finished, FrontendAddress, Limits, LoadHint, MAX_ID_LEN, QueryErrorKind, QueryId,
     SchedulerToFrontend, SchedulerToQuerier,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -145,6 +145,14 @@ pub(crate) enum Command {
     },
 }
 
+/// Bytes a queued request costs beyond its fields: its queue entry, the boxed frame, the
+/// key index, its place in a leaf FIFO and a deadline bucket (an estimate, rounded up).
+pub(crate) const REQUEST_OVERHEAD: usize = 512;
+/// Bytes one actor level may cost in the tree: the node, its rotation and child index.
+pub(crate) const NODE_OVERHEAD: usize = 256;
+/// Bytes a `String` costs beyond its text.
+const STRING_OVERHEAD: usize = 24;
+
 /// A queued query, as the queue core holds it.
 struct Pending {
     enqueue: Box<Enqueue>,
@@ -159,9 +167,24 @@ impl Queued for Pending {
         }
     }
 
+    /// What the request costs in memory while queued, as `max_queued_bytes` counts it:
+    /// payload, metadata and names (actor names twice: in the request and in the tree
+    /// node each level may need), plus fixed estimates for the request's bookkeeping and
+    /// each tree level.
     fn size_bytes(&self) -> u64 {
-        let meta: usize = self.enqueue.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
-        (self.enqueue.payload.len() + meta) as u64
+        let e = &self.enqueue;
+        let meta: usize = e
+            .metadata
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + STRING_OVERHEAD * 2)
+            .sum();
+        let actors: usize = e
+            .actors
+            .iter()
+            .map(|a| 2 * a.len() + STRING_OVERHEAD + NODE_OVERHEAD)
+            .sum();
+        let names = e.tenant.len() + e.component.as_ref().map_or(0, String::len);
+        (e.payload.len() + meta + actors + names + REQUEST_OVERHEAD) as u64
     }
 }
 
@@ -229,6 +252,9 @@ pub(crate) struct Dispatcher {
     reported_classes: BTreeSet<u8>,
     ticks: u64,
 }
+
+/// The `tenant` label of refusals for tenants with nothing queued.
+pub(crate) const OTHER_TENANT: &str = "__other__";
 
 /// How often deadlines are swept and disconnected queriers forgotten.
 pub(crate) const TICK: Duration = Duration::from_millis(100);
@@ -332,9 +358,16 @@ impl Dispatcher {
                 let _ = reply.send(id);
             }
             Command::ResultEndpoint { frontend, address } => {
-                if let Some(f) = self.frontends.get_mut(&frontend) {
-                    f.address = Some(address);
+                let Some(f) = self.frontends.get_mut(&frontend) else {
+                    return;
+                };
+                let fields = [&address.id, &address.address, &address.server_name];
+                if fields.iter().any(|x| x.is_empty() || x.len() > MAX_ID_LEN) {
+                    warn!(frontend = %f.name, "result endpoint with an empty or over-long field; closing the connection");
+                    f.tx.protocol_violation();
+                    return;
                 }
+                f.address = Some(address);
             }
             Command::Enqueue {
                 frontend,
@@ -432,6 +465,13 @@ impl Dispatcher {
         self.metrics.record(|| {
             histogram!(m::ENQUEUE_DURATION).record(now.saturating_duration_since(received).as_secs_f64());
             if let Err((status, tenant)) = outcome {
+                // Refused input never becomes a label: only a tenant that has queries
+                // queued (so passed validation) is named.
+                let tenant = if self.queue.has_tenant(&tenant) {
+                    tenant
+                } else {
+                    OTHER_TENANT.to_string()
+                };
                 let reason = match status {
                     EnqueueStatus::TooManyOutstanding { .. } => "too_many_outstanding",
                     EnqueueStatus::QueueFull => "queue_full",
@@ -774,6 +814,9 @@ impl Dispatcher {
         self.ticks += 1;
         if self.ticks.is_multiple_of(10) {
             self.export_gauges(now);
+            // Histogram samples are buffered until upkeep: without a scraper they would
+            // pile up for as long as nobody reads /metrics.
+            self.metrics.upkeep();
         }
     }
 
