@@ -465,3 +465,36 @@ fn the_last_worker_of_a_querier_that_said_goodbye_hands_its_shard_on_at_once() {
     h.d.handle(Command::WorkerClosed { worker: inside_w }, h.now);
     assert_eq!(dispatched_id(&mut other_rx), Some(2));
 }
+
+#[test]
+fn queued_bytes_count_names_and_tree_levels_not_only_the_payload() {
+    let mut h = harness();
+    let enqueue = Box::new(Enqueue {
+        query_id: 1,
+        tenant: "t".into(),
+        actors: vec!["a".repeat(251); 8],
+        component: None,
+        priority: None,
+        cost_hint: None,
+        timeout_ms: None,
+        attempt: 1,
+        capability: 0,
+        metadata: vec![],
+        payload: Bytes::new(),
+    });
+    let (frontend, now) = (h.frontend, h.now);
+    h.d.handle(
+        Command::Enqueue {
+            frontend,
+            enqueue,
+            received: now,
+        },
+        now,
+    );
+    let bytes = h.d.queue.queued_bytes();
+    // An empty payload, but eight long actor levels: each name twice plus a tree node.
+    assert!(
+        bytes >= 8 * (2 * 251 + NODE_OVERHEAD as u64) + REQUEST_OVERHEAD as u64,
+        "{bytes}"
+    );
+}
