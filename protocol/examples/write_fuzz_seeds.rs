@@ -142,11 +142,33 @@ fn main() {
         0,
         &body(&hello(Role::Frontend, StreamKind::FrontendLoop)),
     );
-    write(rt_dir, "enqueue", 2, &body(&FrontendToScheduler::Enqueue(enqueue)));
+    write(rt_dir, "enqueue", 2, &body(&FrontendToScheduler::Enqueue(enqueue.clone())));
     write(
         rt_dir,
         "dispatch",
         5,
+        &body(&SchedulerToQuerier::Dispatch(Box::new(dispatch.clone()))),
+    );
+
+    // decode_amplification: selector % 8 picks the type; lists near their hard maximum.
+    let amp_dir = Path::new("fuzz/corpus/decode_amplification");
+    fs::create_dir_all(amp_dir).unwrap();
+    let mut wide = enqueue;
+    wide.actors = vec![String::new(); bounded::HARD_MAX_ACTORS];
+    wide.metadata = vec![(String::new(), String::new()); 64];
+    write(amp_dir, "enqueue", 1, &body(&FrontendToScheduler::Enqueue(wide)));
+    write(
+        amp_dir,
+        "dispatched",
+        2,
+        &body(&SchedulerToFrontend::Dispatched {
+            query_ids: vec![0; 512],
+        }),
+    );
+    write(
+        amp_dir,
+        "dispatch",
+        4,
         &body(&SchedulerToQuerier::Dispatch(Box::new(dispatch))),
     );
     write(
