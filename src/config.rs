@@ -320,7 +320,7 @@ impl Settings {
         if max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
         }
-        let max_streams_per_connection = self.max_streams_per_connection.unwrap_or(1024);
+        let max_streams_per_connection = self.max_streams_per_connection.unwrap_or(128);
         if max_streams_per_connection == 0 {
             return Err(invalid("max_streams_per_connection", "must be at least 1"));
         }

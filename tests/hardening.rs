@@ -340,3 +340,43 @@ async fn an_amplifying_enqueue_is_refused_while_decoding_without_the_memory() {
     println!("scheduler peak RSS {before} KiB -> {after} KiB");
     assert!(after < before + 64 * 1024, "peak RSS grew by {} KiB", after - before);
 }
+
+/// Not a check: measures what an idle QUIC connection costs a scheduler process (for
+/// docs/operations.md). Run with
+/// `cargo test --release --test hardening -- --ignored --nocapture idle_connection_cost`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement, run by hand"]
+async fn idle_connection_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra: Vec<String> = std::env::var("SLUICE_SERVE_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let s = spawn_scheduler(dir.path(), &extra).await;
+    let pid = s.child.id().unwrap();
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().to_string();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+    };
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut config = sluice::tls::quic_client(&s.certs.frontend).unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    config.transport_config(std::sync::Arc::new(transport));
+    endpoint.set_default_client_config(config);
+    let n = 2000;
+    let before = rss();
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(endpoint.connect(s.quic, "localhost").unwrap().await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss();
+    println!(
+        "{n} idle connections: scheduler RSS {before} KiB -> {after} KiB, {:.1} KiB each",
+        (after - before) as f64 / n as f64
+    );
+}

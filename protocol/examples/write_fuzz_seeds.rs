@@ -142,7 +142,12 @@ fn main() {
         0,
         &body(&hello(Role::Frontend, StreamKind::FrontendLoop)),
     );
-    write(rt_dir, "enqueue", 2, &body(&FrontendToScheduler::Enqueue(enqueue.clone())));
+    write(
+        rt_dir,
+        "enqueue",
+        2,
+        &body(&FrontendToScheduler::Enqueue(enqueue.clone())),
+    );
     write(
         rt_dir,
         "dispatch",

@@ -370,7 +370,7 @@ impl Frontend {
         )?;
         let mut server_config = tls::quic_server(&config.identity)?;
         let mut transport = quinn::TransportConfig::default();
-        transport.max_concurrent_bidi_streams(4096u32.into());
+        transport.max_concurrent_bidi_streams(1024u32.into());
         server_config.transport_config(Arc::new(transport));
         let mut result_endpoint =
             quinn::Endpoint::server(server_config, config.result_listen).map_err(|error| ClientError::Bind {
