@@ -219,14 +219,19 @@ async fn conversation<In, Out, Id>(
     let Ok(id) = id.await else { return };
     let writer_task = spawn_writer(&writers, writer, rx);
     let mut graceful = false;
+    // Made once, not per frame.
+    let overflow = cut.overflow.cancelled();
+    let violation = cut.violation.cancelled();
+    tokio::pin!(overflow, violation);
     loop {
         let next = tokio::select! {
+            biased;
             next = reader.next::<In>() => next,
-            _ = cut.overflow.cancelled() => {
+            _ = &mut overflow => {
                 not_reading(&conn);
                 break;
             }
-            _ = cut.violation.cancelled() => {
+            _ = &mut violation => {
                 protocol_error(&conn, &format!("{what}: a frame out of turn"));
                 break;
             }

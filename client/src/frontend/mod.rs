@@ -563,6 +563,18 @@ impl Shared {
 
     /// Likewise, first recording a new query's entry.
     fn event_with(&self, event: Event, new: Option<(QueryId, Entry)>) -> Option<Claim> {
+        // Only these can change which schedulers accept work.
+        let schedulers_may_change = matches!(
+            event,
+            Event::SchedulerUp { .. }
+                | Event::SchedulerDown { .. }
+                | Event::SchedulerInUse { .. }
+                | Event::SchedulerDraining { .. }
+                | Event::Status {
+                    status: sluice_protocol::EnqueueStatus::ShuttingDown,
+                    ..
+                }
+        );
         let mut actions = Vec::new();
         let claim = {
             let mut inner = self.inner.lock().unwrap();
@@ -578,7 +590,9 @@ impl Shared {
             }
             claim
         };
-        self.set_available();
+        if schedulers_may_change {
+            self.set_available();
+        }
         claim
     }
 

@@ -240,13 +240,28 @@ async fn run<H: Handler>(
     // A query still running after `confirm_after` is confirmed to its frontend.
     let confirm_at = tokio::time::Instant::now() + shared.config.confirm_after;
     let mut early: Option<deliver::Early> = None;
+    // One timer for the three moments that matter (confirm, deadline, abort), polled only
+    // while the handler has not finished: a quick query registers none.
+    let timer = tokio::time::sleep_until(far);
+    tokio::pin!(timer);
+    let mut timer_at = far;
     let outcome = loop {
         let reading = matches!(stream, StreamAfter::Open);
-        let cancel_at = if cancelled.is_cancelled() { None } else { deadline };
+        let next = [
+            early.is_none().then_some(confirm_at),
+            (!cancelled.is_cancelled()).then_some(deadline).flatten(),
+            abort_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(far);
+        if next != timer_at {
+            timer.as_mut().reset(next);
+            timer_at = next;
+        }
         tokio::select! {
-            _ = tokio::time::sleep_until(confirm_at), if early.is_none() => {
-                early = Some(deliver::confirm(shared, &d));
-            }
+            biased;
             joined = &mut task => break match joined {
                 Ok(outcome) => Some(outcome),
                 Err(e) if e.is_panic() => Some(Err(HandlerError(format!("handler panicked: {}", panic_message(e))))),
@@ -262,15 +277,21 @@ async fn run<H: Handler>(
                 Ok(None) => stream = StreamAfter::Lost("the scheduler closed the stream".into()),
                 Err(e) => stream = StreamAfter::Lost(e.to_string()),
             },
-            _ = tokio::time::sleep_until(cancel_at.unwrap_or(far)), if cancel_at.is_some() => {
-                debug!(query = d.query_id, "deadline passed; cancelling the handler");
-                cancelled.cancel();
-                abort_at = Some(tokio::time::Instant::now() + shared.config.cancel_grace);
-            }
-            _ = tokio::time::sleep_until(abort_at.unwrap_or(far)), if abort_at.is_some() => {
-                warn!(query = d.query_id, grace = ?shared.config.cancel_grace, "handler ignored its cancel; aborting it");
-                task.abort();
-                abort_at = None;
+            _ = &mut timer, if timer_at < far => {
+                let now = tokio::time::Instant::now();
+                if abort_at.is_some_and(|at| at <= now) {
+                    warn!(query = d.query_id, grace = ?shared.config.cancel_grace, "handler ignored its cancel; aborting it");
+                    task.abort();
+                    abort_at = None;
+                } else if !cancelled.is_cancelled() && deadline.is_some_and(|at| at <= now) {
+                    debug!(query = d.query_id, "deadline passed; cancelling the handler");
+                    cancelled.cancel();
+                    abort_at = Some(now + shared.config.cancel_grace);
+                } else if early.is_none() && confirm_at <= now {
+                    early = Some(deliver::confirm(shared, &d));
+                }
+                timer_at = far; // fired: set again at the top
+                timer.as_mut().reset(far);
             }
         }
     };
