@@ -51,32 +51,13 @@ struct Limited {
 async fn spawn_limited(fds: u32) -> Limited {
     let dir = tempfile::tempdir().unwrap();
     let script = format!("ulimit -n {fds} && exec \"$0\" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0");
-    let mut child = tokio::process::Command::new("sh")
+    let mut command = tokio::process::Command::new("sh");
+    command
         .args(["-c", &script, env!("CARGO_BIN_EXE_sluice")])
         .current_dir(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut quic, mut admin) = (None, None);
-    while let Some(line) = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap() {
-        if let Some(a) = line.trim().strip_prefix("QUIC address:") {
-            quic = Some(a.trim().parse().unwrap());
-        }
-        if let Some(rest) = line.trim().strip_prefix("admin HTTP:") {
-            admin = rest
-                .trim()
-                .strip_prefix("http://")
-                .and_then(|r| r.split('/').next())
-                .map(|a| a.parse().unwrap());
-        }
-        if line.contains("stop with") {
-            break;
-        }
-    }
+        .stderr(Stdio::piped());
+    let (mut child, printed) = spawn_serve(command).await;
+    let (quic, admin) = (printed.quic, printed.admin);
     let log_lines = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut errs = BufReader::new(child.stderr.take().unwrap()).lines();
     let counter = log_lines.clone();
@@ -87,8 +68,8 @@ async fn spawn_limited(fds: u32) -> Limited {
     });
     Limited {
         child,
-        quic: quic.unwrap(),
-        admin: admin.unwrap(),
+        quic,
+        admin,
         log_lines,
         _dir: dir,
     }

@@ -229,44 +229,66 @@ pub async fn spawn_scheduler(dir: &Path, extra: &[&str]) -> Running {
     } else {
         &["--listen", "127.0.0.1:0"]
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command
         .current_dir(dir)
         .args(["serve", "--admin-listen", "127.0.0.1:0"])
         .args(listen)
         .args(extra)
+        .stderr(Stdio::inherit());
+    let (child, printed) = spawn_serve(command).await;
+    Running {
+        child,
+        quic: printed.quic,
+        gossip: printed.gossip,
+        admin: printed.admin,
+        certs: CertSet::in_dir(&dir.join("sluice-data")),
+    }
+}
+
+/// The addresses a `sluice serve` process prints when it listens.
+pub struct Printed {
+    pub quic: SocketAddr,
+    pub gossip: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+/// Starts `command` (a `sluice serve`, however wrapped) with its standard output read until
+/// it says it listens, and returns the addresses it printed.
+pub async fn spawn_serve(mut command: Command) -> (Child, Printed) {
+    let mut child = command
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let (mut quic, mut gossip, mut admin) = (None, None, None);
     while let Some(line) = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap() {
-        if let Some(addr) = line.trim().strip_prefix("QUIC address:") {
+        let line = line.trim();
+        if let Some(addr) = line.strip_prefix("QUIC address:") {
             quic = Some(addr.trim().parse().unwrap());
         }
-        if let Some(rest) = line.trim().strip_prefix("admin HTTP:") {
+        if let Some(rest) = line.strip_prefix("admin HTTP:") {
             admin = rest
                 .trim()
                 .strip_prefix("http://")
                 .and_then(|r| r.split('/').next())
                 .map(|a| a.parse().unwrap());
         }
-        if let Some(addr) = line.trim().strip_prefix("gossip address:") {
+        if let Some(addr) = line.strip_prefix("gossip address:") {
             gossip = addr.split_whitespace().next().map(|a| a.parse().unwrap());
         }
         if line.contains("stop with") {
             break;
         }
     }
-    Running {
-        child,
+    let printed = Printed {
         quic: quic.expect("the QUIC address is printed"),
         gossip,
         admin: admin.expect("the admin address is printed"),
-        certs: CertSet::in_dir(&dir.join("sluice-data")),
-    }
+    };
+    (child, printed)
 }
 
 /// Sends signal `name` (TERM, KILL, HUP…) to a child process.

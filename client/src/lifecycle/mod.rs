@@ -579,50 +579,10 @@ impl QueryTable {
     /// A querier confirms it runs the query: it is no longer at risk of being lost with its
     /// scheduler, and any copy placed again meanwhile is withdrawn.
     fn on_started(&mut self, id: QueryId, tenant: &str, capability: Capability, out: &mut Vec<Action>) {
-        let Some(q) = self.queries.get_mut(&id) else {
-            self.counters.unknown_results += 1;
-            out.push(Action::Refuse {
-                id,
-                reason: RefuseReason::UnknownQuery,
-            });
-            return;
-        };
-        if q.capability != capability {
-            self.counters.forged_results += 1;
-            out.push(Action::Refuse {
-                id,
-                reason: RefuseReason::WrongCapability,
-            });
+        if !self.claim(id, tenant, capability, true, out) {
             return;
         }
-        if q.tenant != tenant {
-            out.push(Action::Refuse {
-                id,
-                reason: RefuseReason::TenantMismatch,
-            });
-            return;
-        }
-        match q.state {
-            State::Receiving | State::Started => {
-                self.counters.duplicate_results += 1;
-                out.push(Action::Refuse {
-                    id,
-                    reason: RefuseReason::Duplicate,
-                });
-                return;
-            }
-            State::Placing(s) | State::Queued(s) if q.attempt > 1 || q.dispatched_by.is_some() => {
-                out.push(Action::Cancel { scheduler: s, id });
-            }
-            _ => {}
-        }
-        if !q.placed {
-            q.placed = true;
-            out.push(Action::Placed { id });
-        }
-        if let Some(w) = q.wait_until.take() {
-            self.timers.remove(&(w, id));
-        }
+        let q = self.queries.get_mut(&id).expect("claimed");
         if let Some(o) = q.orphaned_until.take() {
             self.timers.remove(&(o, id));
         }
@@ -638,40 +598,55 @@ impl QueryTable {
         failed: Option<String>,
         out: &mut Vec<Action>,
     ) {
-        let Some(q) = self.queries.get_mut(&id) else {
-            self.counters.unknown_results += 1;
-            out.push(Action::Refuse {
-                id,
-                reason: RefuseReason::UnknownQuery,
-            });
+        if !self.claim(id, tenant, capability, false, out) {
             return;
+        }
+        match failed {
+            Some(message) => {
+                self.end(id);
+                out.push(Action::Failed { id, message });
+            }
+            None => {
+                self.queries.get_mut(&id).expect("claimed").state = State::Receiving;
+                out.push(Action::Accept { id });
+            }
+        }
+    }
+
+    /// A querier speaks for `id` (its confirmation, or its result when `!confirming`): it
+    /// must know the query's capability and tenant, and not repeat itself. A result can
+    /// overtake its own enqueue answer or dispatch note (another connection): it proves the
+    /// query was accepted, and a copy placed again elsewhere meanwhile is withdrawn. False,
+    /// with the refusal pushed, when it is refused.
+    fn claim(
+        &mut self,
+        id: QueryId,
+        tenant: &str,
+        capability: Capability,
+        confirming: bool,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let refusal = match self.queries.get(&id) {
+            None => {
+                self.counters.unknown_results += 1;
+                Some(RefuseReason::UnknownQuery)
+            }
+            Some(q) if q.capability != capability => {
+                self.counters.forged_results += 1;
+                Some(RefuseReason::WrongCapability)
+            }
+            Some(q) if q.tenant != tenant => Some(RefuseReason::TenantMismatch),
+            Some(q) if q.state == State::Receiving || (confirming && q.state == State::Started) => {
+                self.counters.duplicate_results += 1;
+                Some(RefuseReason::Duplicate)
+            }
+            Some(_) => None,
         };
-        if q.capability != capability {
-            self.counters.forged_results += 1;
-            out.push(Action::Refuse {
-                id,
-                reason: RefuseReason::WrongCapability,
-            });
-            return;
+        if let Some(reason) = refusal {
+            out.push(Action::Refuse { id, reason });
+            return false;
         }
-        if q.tenant != tenant {
-            out.push(Action::Refuse {
-                id,
-                reason: RefuseReason::TenantMismatch,
-            });
-            return;
-        }
-        if q.state == State::Receiving {
-            self.counters.duplicate_results += 1;
-            out.push(Action::Refuse {
-                id,
-                reason: RefuseReason::Duplicate,
-            });
-            return;
-        }
-        // A result can overtake its own enqueue answer or dispatch note (another
-        // connection): it proves the query was accepted. A copy placed again elsewhere
-        // meanwhile is withdrawn.
+        let q = self.queries.get_mut(&id).expect("checked above");
         if !q.placed {
             q.placed = true;
             out.push(Action::Placed { id });
@@ -681,17 +656,10 @@ impl QueryTable {
         {
             out.push(Action::Cancel { scheduler: s, id });
         }
-        match failed {
-            Some(message) => {
-                self.end(id);
-                out.push(Action::Failed { id, message });
-            }
-            None => {
-                q.state = State::Receiving;
-                q.wait_until = None;
-                out.push(Action::Accept { id });
-            }
+        if let Some(w) = q.wait_until.take() {
+            self.timers.remove(&(w, id));
         }
+        true
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {

@@ -63,35 +63,7 @@ impl Harness {
     }
 
     fn enqueue_for(&mut self, tenant: &str, query_id: u64) {
-        let enqueue = Box::new(Enqueue {
-            query_id,
-            tenant: tenant.into(),
-            actors: vec![],
-            component: None,
-            priority: None,
-            cost_hint: None,
-            timeout_ms: None,
-            attempt: 1,
-            capability: 0x5eed,
-            metadata: vec![],
-            payload: Bytes::from_static(b"q"),
-        });
-        let (frontend, now) = (self.frontend, self.now);
-        self.d.handle(
-            Command::Enqueue {
-                frontend,
-                enqueue,
-                received: now,
-            },
-            now,
-        );
-        assert!(matches!(
-            self.frame(),
-            Ok(SchedulerToFrontend::EnqueueStatus {
-                status: EnqueueStatus::Accepted,
-                ..
-            })
-        ));
+        assert_eq!(self.enqueue_status_for(tenant, query_id), EnqueueStatus::Accepted);
     }
 
     /// A worker that asked for work and was handed the queued query.
@@ -133,9 +105,13 @@ impl Harness {
     }
 
     fn enqueue_status(&mut self, query_id: u64) -> EnqueueStatus {
+        self.enqueue_status_for("t", query_id)
+    }
+
+    fn enqueue_status_for(&mut self, tenant: &str, query_id: u64) -> EnqueueStatus {
         let enqueue = Box::new(Enqueue {
             query_id,
-            tenant: "t".into(),
+            tenant: tenant.into(),
             actors: vec![],
             component: None,
             priority: None,
