@@ -70,6 +70,8 @@ pub struct BenchConfig {
     /// Closed loop: submitters per frontend.
     pub concurrency: usize,
     pub payload_bytes: usize,
+    /// Bytes of each result body (a real workload's are ~500 B).
+    pub result_bytes: usize,
     pub seed: u64,
 }
 
@@ -91,6 +93,7 @@ impl Default for BenchConfig {
             rate: None,
             concurrency: 128,
             payload_bytes: 1024,
+            result_bytes: 2,
             seed: 7,
         }
     }
@@ -101,8 +104,10 @@ impl Default for BenchConfig {
 pub(crate) type QueueTimes = Arc<Mutex<BTreeMap<String, Vec<(u64, u64)>>>>;
 
 /// A querier handler that records each query's queue time per tenant, then waits
-/// `service` and answers "ok".
+/// `service` and answers with `result`.
 pub(crate) struct BenchHandler {
+    /// The result body every query gets.
+    pub(crate) result: bytes::Bytes,
     pub(crate) service: Duration,
     /// Service time of `store-gateway` queries.
     pub(crate) slow_service: Duration,
@@ -135,7 +140,7 @@ impl Handler for BenchHandler {
         if !service.is_zero() {
             tokio::time::sleep(service).await;
         }
-        Ok(Response::ok(&b"ok"[..]))
+        Ok(Response::ok(self.result.clone()))
     }
 }
 
@@ -143,6 +148,8 @@ impl Handler for BenchHandler {
 struct Outcomes {
     submitted: AtomicU64,
     results: AtomicU64,
+    /// Result body bytes received.
+    result_bytes: AtomicU64,
     rejected: AtomicU64,
     errors: AtomicU64,
     error_kinds: Mutex<BTreeMap<String, u64>>,
@@ -150,10 +157,11 @@ struct Outcomes {
 }
 
 impl Outcomes {
-    fn record(&self, outcome: Result<Duration, QueryError>) {
+    fn record(&self, outcome: Result<(Duration, usize), QueryError>) {
         match outcome {
-            Ok(latency) => {
+            Ok((latency, bytes)) => {
                 self.results.fetch_add(1, Ordering::Relaxed);
+                self.result_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
                 let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
                 self.latencies.lock().unwrap().push(us);
             }
@@ -173,13 +181,14 @@ fn weight(c: &BenchConfig, i: usize) -> f64 {
     if i == 0 { c.noisy_factor } else { 1.0 }
 }
 
-/// One query from submit to the last byte of its result.
-pub(crate) async fn one_query(frontend: &Frontend, request: QueryRequest) -> Result<Duration, QueryError> {
+/// One query from submit to the last byte of its result: how long it took and how many
+/// body bytes came.
+pub(crate) async fn one_query(frontend: &Frontend, request: QueryRequest) -> Result<(Duration, usize), QueryError> {
     let started = Instant::now();
     let handle = frontend.submit(request).await?;
     let response = handle.response().await?;
-    response.body.collect().await?;
-    Ok(started.elapsed())
+    let body = response.body.collect().await?;
+    Ok((started.elapsed(), body.len()))
 }
 
 fn request(c: &BenchConfig, tenant: usize, n: u64, payload: &bytes::Bytes) -> QueryRequest {
@@ -233,6 +242,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         config.concurrency = c.workers;
         config.gossip = gossip.clone();
         let handler = BenchHandler {
+            result: bytes::Bytes::from(vec![b'r'; c.result_bytes]),
             service: c.service,
             slow_service: c.slow_service,
             queue_times: queue_times.clone(),
@@ -556,6 +566,7 @@ fn report(
             "slow_share": c.slow_share, "slow_service_ms": c.slow_service.as_secs_f64() * 1e3,
             "seconds": c.duration.as_secs_f64(), "rate": c.rate,
             "concurrency_per_frontend": c.concurrency, "payload_bytes": c.payload_bytes,
+            "result_bytes": c.result_bytes,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         },
         "elapsed_seconds": elapsed.as_secs_f64(),
@@ -571,6 +582,7 @@ fn report(
         "outcomes": {
             "submitted": submitted, "results": results, "rejected": rejected, "errors": errors,
             "lost": submitted.saturating_sub(results + rejected + errors),
+            "result_bytes_received": o.result_bytes.load(Ordering::Relaxed),
             "dispatched_by_schedulers": dispatched,
             "error_kinds": *o.error_kinds.lock().unwrap(),
         },

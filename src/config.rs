@@ -167,6 +167,7 @@ pub enum TlsSource {
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// This scheduler's id; empty: `scheduler-<bound port>` once the port is bound.
     pub scheduler_id: String,
     pub tls: TlsSource,
     pub queue: QueueConfig,
@@ -327,9 +328,11 @@ impl Settings {
         Ok(ServeConfig {
             listen,
             admin_listen,
-            scheduler_id: self
-                .scheduler_id
-                .unwrap_or_else(|| format!("scheduler-{}", listen.port())),
+            // With an OS-chosen port (0), the server names itself after the port it gets.
+            scheduler_id: self.scheduler_id.unwrap_or_else(|| match listen.port() {
+                0 => String::new(),
+                port => format!("scheduler-{port}"),
+            }),
             tls,
             queue,
             max_frame_len,

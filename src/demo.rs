@@ -53,6 +53,7 @@ pub async fn run(limit: Option<Duration>, stop: Arc<AtomicBool>, show: impl Fn(&
         let mut config = QuerierConfig::new(format!("querier-{q}"), certs.querier.clone(), vec![addr]);
         config.concurrency = WORKERS;
         let handler = BenchHandler {
+            result: bytes::Bytes::from_static(b"ok"),
             service: SERVICE,
             slow_service: SERVICE,
             queue_times: queue_times.clone(),

@@ -84,6 +84,9 @@ enum Command {
         concurrency: u64,
         #[arg(long, default_value_t = 1024)]
         payload_bytes: usize,
+        /// Bytes of each result body the queriers send back.
+        #[arg(long, default_value_t = 2)]
+        result_bytes: usize,
         /// Also write the JSON report to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -271,6 +274,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rate,
             concurrency,
             payload_bytes,
+            result_bytes,
             json,
             plot,
             connect,
@@ -322,6 +326,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 rate,
                 concurrency: concurrency as usize,
                 payload_bytes,
+                result_bytes,
                 seed: 7,
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -146,6 +146,8 @@ async fn bench_reports_every_outcome_and_draws_the_plot() {
                 "2",
                 "--workers",
                 "2",
+                "--result-bytes",
+                "700",
             ])
             .args([
                 "--rate",
@@ -169,6 +171,11 @@ async fn bench_reports_every_outcome_and_draws_the_plot() {
     assert_eq!((o["lost"].as_u64(), o["errors"].as_u64()), (Some(0), Some(0)), "{o}");
     assert!(o["results"].as_u64().unwrap() > 100, "{o}");
     assert_eq!(o["results"], o["dispatched_by_schedulers"]);
+    assert_eq!(
+        o["result_bytes_received"].as_u64(),
+        o["results"].as_u64().map(|r| r * 700),
+        "every result carried --result-bytes"
+    );
     assert_eq!(report["tenants"].as_array().unwrap().len(), 5);
     let svg = std::fs::read_to_string(dir.path().join("wait.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("tenant-0 (noisy)"));
@@ -207,4 +214,18 @@ async fn bench_drives_a_running_scheduler() {
     // The queries went through our scheduler: its own count has them (and the warm-up).
     let dispatched = t.server.status().await.unwrap().counters.dispatched;
     assert_eq!(dispatched, o["results"].as_u64().unwrap() + 2, "{o}");
+}
+
+#[tokio::test]
+async fn schedulers_on_os_chosen_ports_get_distinct_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = spawn_scheduler(dir.path(), &[]).await;
+    let b = spawn_scheduler(dir.path(), &[]).await;
+    let id = |admin| async move {
+        let status = process_status_until(admin, WAIT, "a status", |_| true).await;
+        status["scheduler_id"].as_str().unwrap().to_string()
+    };
+    let (id_a, id_b) = (id(a.admin).await, id(b.admin).await);
+    assert_eq!(id_a, format!("scheduler-{}", a.quic.port()));
+    assert_eq!(id_b, format!("scheduler-{}", b.quic.port()));
 }

@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 
 use sluice_client::gossip::GossipConfig;
 use sluice_client::tls::Identity;
-use sluice_client::{Frontend, FrontendConfig, QueryRequest};
-use sluice_protocol::Role;
+use sluice_client::{Frontend, FrontendConfig, QueryRequest, Role};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -16,8 +16,7 @@ use std::time::Duration;
 
 use sluice_client::gossip::GossipConfig;
 use sluice_client::tls::Identity;
-use sluice_client::{Handler, HandlerError, Querier, QuerierConfig, Request, Response};
-use sluice_protocol::Role;
+use sluice_client::{Handler, HandlerError, Querier, QuerierConfig, Request, Response, Role};
 
 struct Upper;
 

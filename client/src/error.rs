@@ -26,7 +26,8 @@ pub enum ClientError {
     Config(String),
 }
 
-/// How a query ended without a result.
+/// How a query ended without a result. [`is_retryable`](Self::is_retryable) says whether
+/// the same request may succeed if submitted again.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum QueryError {
     /// Every scheduler tried already holds the tenant's maximum of queued queries.
@@ -67,4 +68,47 @@ pub enum QueryError {
     /// A peer broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+}
+
+impl QueryError {
+    /// Whether submitting the same request again (later, or once a scheduler or querier is
+    /// back) may succeed: load refusals, no scheduler, a querier that died. A request that is
+    /// invalid, failed in its handler, ran out of time or retries, or was cancelled, will not.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            QueryError::TooManyOutstanding { .. }
+                | QueryError::QueueFull
+                | QueryError::NoScheduler
+                | QueryError::QuerierFailed(_)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_and_availability_are_retryable_the_rest_is_not() {
+        let retryable = [
+            QueryError::TooManyOutstanding { limit: 1 },
+            QueryError::QueueFull,
+            QueryError::NoScheduler,
+            QueryError::QuerierFailed("gone".into()),
+        ];
+        let final_ = [
+            QueryError::Invalid("x".into()),
+            QueryError::Failed("x".into()),
+            QueryError::DeadlineExceeded("x".into()),
+            QueryError::RetriesExhausted {
+                attempts: 2,
+                last: "x".into(),
+            },
+            QueryError::Cancelled("x".into()),
+            QueryError::Protocol("x".into()),
+        ];
+        assert!(retryable.iter().all(QueryError::is_retryable));
+        assert!(!final_.iter().any(QueryError::is_retryable));
+    }
 }

@@ -24,4 +24,4 @@ pub use querier::{
     BodyClosed, BodySender, BodyStream, Handler, HandlerError, Querier, QuerierConfig, Request, Response, ResponseBody,
     SchedulerWorkers,
 };
-pub use sluice_protocol::{FrontendAddress, Metadata, QueryId};
+pub use sluice_protocol::{FrontendAddress, Metadata, QueryId, Role};

@@ -107,7 +107,7 @@ pub(crate) struct ConnectionState {
 impl Server {
     /// Binds the QUIC endpoint and starts serving. With no TLS files configured, a
     /// development CA and certificates are created in (or reused from) the data directory.
-    pub async fn start(config: ServeConfig) -> Result<Server, ServerError> {
+    pub async fn start(mut config: ServeConfig) -> Result<Server, ServerError> {
         let (identity, dev_certs) = match &config.tls {
             TlsSource::Files(id) => (id.clone(), None),
             TlsSource::Development(dir) => {
@@ -150,6 +150,9 @@ impl Server {
             error,
         })?;
 
+        if config.scheduler_id.is_empty() {
+            config.scheduler_id = format!("scheduler-{}", quic_addr.port());
+        }
         let limits = Limits {
             max_frame_len: config.max_frame_len,
             ..Limits::default()
