@@ -18,6 +18,13 @@ struct Cli {
     command: Command,
 }
 
+/// How `sluice serve` writes its log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve frontends and queriers over QUIC. With no TLS files, a development CA and
@@ -26,6 +33,13 @@ enum Command {
         /// TOML configuration file; flags and SLUICE_* variables override its keys.
         #[arg(long, env = "SLUICE_CONFIG")]
         config: Option<PathBuf>,
+        /// Once listening, write the bound addresses and the scheduler id here as one JSON
+        /// object (written whole: a reader never sees half of it), for scripts and tests.
+        #[arg(long, env = "SLUICE_READY_FILE")]
+        ready_file: Option<PathBuf>,
+        /// Log format on stderr: `text` (colours only on a terminal) or `json` (one object a line).
+        #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
         #[command(flatten)]
         settings: Box<Settings>,
     },
@@ -220,16 +234,25 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config, settings } => {
-            tracing_subscriber::fmt()
+        Command::Serve {
+            config,
+            ready_file,
+            log_format,
+            settings,
+        } => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let log = tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .init();
+                .with_env_filter(filter);
+            match log_format {
+                LogFormat::Json => log.json().init(),
+                LogFormat::Text => log
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .init(),
+            }
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(serve(config, *settings))?;
+            runtime.block_on(serve(config, ready_file, *settings))?;
         }
         Command::Certs { action } => certs(action)?,
         Command::Demo { seconds } => {
@@ -372,9 +395,12 @@ fn load(config: Option<&PathBuf>, settings: Settings) -> anyhow::Result<config::
     Ok(settings.over(file).resolve()?)
 }
 
-async fn serve(config_path: Option<PathBuf>, settings: Settings) -> anyhow::Result<()> {
+async fn serve(config_path: Option<PathBuf>, ready_file: Option<PathBuf>, settings: Settings) -> anyhow::Result<()> {
     let config = load(config_path.as_ref(), settings.clone())?;
     let server = Server::start(config).await?;
+    if let Some(path) = &ready_file {
+        write_ready_file(path, &server).with_context(|| format!("writing {}", path.display()))?;
+    }
     println!("sluice scheduler listening");
     println!("  QUIC address:     {}", server.quic_addr());
     if let Some(gossip) = server.gossip_addr() {
@@ -524,4 +550,19 @@ fn simulate(duration: Duration, seed: u64) {
 
 fn fast(r: &SimReport) -> &WaitStats {
     r.component("ingester").expect("the scenario sends ingester requests")
+}
+
+/// Writes the bound addresses as one JSON object, through a temporary file and a rename so a
+/// reader sees all of it or nothing.
+fn write_ready_file(path: &std::path::Path, server: &Server) -> std::io::Result<()> {
+    let ready = serde_json::json!({
+        "scheduler_id": server.scheduler_id(),
+        "quic": server.quic_addr().to_string(),
+        "admin": server.admin_addr().to_string(),
+        "gossip": server.gossip_addr().map(|a| a.to_string()),
+        "pid": std::process::id(),
+    });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{ready}\n"))?;
+    std::fs::rename(&tmp, path)
 }

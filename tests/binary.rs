@@ -229,3 +229,37 @@ async fn schedulers_on_os_chosen_ports_get_distinct_ids() {
     assert_eq!(id_a, format!("scheduler-{}", a.quic.port()));
     assert_eq!(id_b, format!("scheduler-{}", b.quic.port()));
 }
+
+#[tokio::test]
+async fn serve_writes_a_ready_file_and_logs_json_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready.json");
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command
+        .current_dir(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--log-format", "json", "--ready-file"])
+        .arg(&ready)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped());
+    let (mut child, printed) = spawn_serve(command).await;
+    // Written before the process prints that it listens.
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    assert_eq!(report["quic"], printed.quic.to_string());
+    assert_eq!(report["admin"], printed.admin.to_string());
+    assert_eq!(report["scheduler_id"], format!("scheduler-{}", printed.quic.port()));
+    assert_eq!(get(printed.admin, "/ready").await.0, 200);
+    signal(&child, "TERM").await;
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = log.lines().filter(|l| !l.is_empty()).collect();
+    assert!(!lines.is_empty(), "something is logged at shutdown");
+    for line in lines {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(entry["level"].is_string(), "{line}");
+        assert!(!line.contains('\u{1b}'), "no ANSI colours: {line}");
+    }
+}

@@ -73,6 +73,7 @@ pub struct Server {
     accept_task: JoinHandle<()>,
     dispatcher_task: JoinHandle<()>,
     writers: TaskTracker,
+    scheduler_id: String,
     gossip: Option<Gossip>,
     gossip_view: Option<GossipView>,
 }
@@ -269,9 +270,15 @@ impl Server {
             accept_task,
             dispatcher_task,
             writers,
+            scheduler_id: config.scheduler_id.clone(),
             gossip,
             gossip_view,
         })
+    }
+
+    /// This scheduler's id (given, or `scheduler-<port>`).
+    pub fn scheduler_id(&self) -> &str {
+        &self.scheduler_id
     }
 
     /// The gossip (UDP) address, when this scheduler gossips.

@@ -256,12 +256,10 @@ pub struct Printed {
 /// Starts `command` (a `sluice serve`, however wrapped) with its standard output read until
 /// it says it listens, and returns the addresses it printed.
 pub async fn spawn_serve(mut command: Command) -> (Child, Printed) {
-    let mut child = command
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    if !command.as_std().get_envs().any(|(k, _)| k == "RUST_LOG") {
+        command.env("RUST_LOG", "warn");
+    }
+    let mut child = command.stdout(Stdio::piped()).kill_on_drop(true).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let (mut quic, mut gossip, mut admin) = (None, None, None);
     while let Some(line) = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap() {
