@@ -242,7 +242,7 @@ async fn serve_writes_a_ready_file_and_logs_json_on_request() {
         .arg(&ready)
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped());
-    let (mut child, printed) = spawn_serve(command).await;
+    let (child, printed) = spawn_serve(command).await;
     // Written before the process prints that it listens.
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
     assert_eq!(report["quic"], printed.quic.to_string());
