@@ -98,16 +98,47 @@ async fn cancel_in_flight_tells_the_querier_and_keeps_its_stream() {
     assert_eq!(dispatched(&mut w).await.query_id, 2);
 }
 
-#[tokio::test]
-async fn a_querier_that_resets_its_stream_mid_query_fails_the_query_at_once() {
-    let t = start(|_| {}).await;
+/// A frontend and a querier worker on connections of their own, query 1 running on the
+/// worker.
+struct OneRunning {
+    _fe_conn: quinn::Connection,
+    fe: Peer,
+    q_conn: quinn::Connection,
+    w: Peer,
+}
+
+async fn one_running(t: &TestServer, querier: &str) -> OneRunning {
     let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
     let q_conn = t.connect(&t.certs.querier).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe-1").await;
-    let mut w = worker(&q_conn, "querier-9").await;
+    let mut w = worker(&q_conn, querier).await;
     accepted(&mut fe, 1, "t").await;
     w.send(&QuerierToScheduler::Ready { finished: None }).await;
     assert_eq!(dispatched(&mut w).await.query_id, 1);
+    OneRunning {
+        _fe_conn: fe_conn,
+        fe,
+        q_conn,
+        w,
+    }
+}
+
+/// Expects the frontend to be told its query 1 failed with its querier.
+async fn querier_failed(fe: &mut Peer) {
+    assert!(matches!(
+        fe.next_from_scheduler().await,
+        SchedulerToFrontend::QueryError {
+            query_id: 1,
+            kind: QueryErrorKind::QuerierFailed,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn a_querier_that_resets_its_stream_mid_query_fails_the_query_at_once() {
+    let t = start(|_| {}).await;
+    let OneRunning { mut fe, mut w, .. } = one_running(&t, "querier-9").await;
 
     let reset_at = Instant::now();
     w.writer.get_mut().reset(0u32.into()).unwrap();
@@ -130,22 +161,9 @@ async fn a_querier_that_resets_its_stream_mid_query_fails_the_query_at_once() {
 #[tokio::test]
 async fn a_querier_connection_closing_mid_query_fails_the_query() {
     let t = start(|_| {}).await;
-    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
-    let q_conn = t.connect(&t.certs.querier).await.unwrap();
-    let mut fe = frontend(&fe_conn, "fe-1").await;
-    let mut w = worker(&q_conn, "q").await;
-    accepted(&mut fe, 1, "t").await;
-    w.send(&QuerierToScheduler::Ready { finished: None }).await;
-    dispatched(&mut w).await;
+    let OneRunning { mut fe, q_conn, .. } = one_running(&t, "q").await;
     q_conn.close(0u32.into(), b"bye");
-    assert!(matches!(
-        fe.next_from_scheduler().await,
-        SchedulerToFrontend::QueryError {
-            query_id: 1,
-            kind: QueryErrorKind::QuerierFailed,
-            ..
-        }
-    ));
+    querier_failed(&mut fe).await;
 }
 
 #[tokio::test]
@@ -441,13 +459,7 @@ async fn a_lifeline_with_an_unknown_token_is_closed() {
 #[tokio::test]
 async fn a_ready_out_of_turn_closes_the_querier_connection_and_fails_its_running_query() {
     let t = start(|_| {}).await;
-    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
-    let q_conn = t.connect(&t.certs.querier).await.unwrap();
-    let mut fe = frontend(&fe_conn, "fe-1").await;
-    let mut busy = worker(&q_conn, "querier-7").await;
-    accepted(&mut fe, 1, "t").await;
-    busy.send(&QuerierToScheduler::Ready { finished: None }).await;
-    assert_eq!(dispatched(&mut busy).await.query_id, 1);
+    let OneRunning { mut fe, q_conn, .. } = one_running(&t, "querier-7").await;
     // Another worker of the same querier says Ready twice without being given anything.
     let mut rogue = worker(&q_conn, "querier-7").await;
     rogue.send(&QuerierToScheduler::Ready { finished: None }).await;
@@ -462,26 +474,13 @@ async fn a_ready_out_of_turn_closes_the_querier_connection_and_fails_its_running
         other => panic!("expected a protocol-error close, got {other:?}"),
     }
     // The query it was running fails cleanly at its frontend.
-    assert!(matches!(
-        fe.next_from_scheduler().await,
-        SchedulerToFrontend::QueryError {
-            query_id: 1,
-            kind: QueryErrorKind::QuerierFailed,
-            ..
-        }
-    ));
+    querier_failed(&mut fe).await;
 }
 
 #[tokio::test]
 async fn the_frontend_is_told_which_queries_were_dispatched() {
     let t = start(|_| {}).await;
-    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
-    let q_conn = t.connect(&t.certs.querier).await.unwrap();
-    let mut fe = frontend(&fe_conn, "fe-1").await;
-    let mut w = worker(&q_conn, "q").await;
-    accepted(&mut fe, 1, "t").await;
-    w.send(&QuerierToScheduler::Ready { finished: None }).await;
-    assert_eq!(dispatched(&mut w).await.query_id, 1);
+    let OneRunning { mut fe, .. } = one_running(&t, "q").await;
     assert_eq!(
         fe.recv::<SchedulerToFrontend>().await,
         SchedulerToFrontend::Dispatched { query_ids: vec![1] }
