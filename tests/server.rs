@@ -161,7 +161,12 @@ async fn a_querier_that_resets_its_stream_mid_query_fails_the_query_at_once() {
 #[tokio::test]
 async fn a_querier_connection_closing_mid_query_fails_the_query() {
     let t = start(|_| {}).await;
-    let OneRunning { mut fe, q_conn, .. } = one_running(&t, "q").await;
+    let OneRunning {
+        mut fe,
+        q_conn,
+        w: _worker,
+        ..
+    } = one_running(&t, "q").await;
     q_conn.close(0u32.into(), b"bye");
     querier_failed(&mut fe).await;
 }
@@ -459,7 +464,12 @@ async fn a_lifeline_with_an_unknown_token_is_closed() {
 #[tokio::test]
 async fn a_ready_out_of_turn_closes_the_querier_connection_and_fails_its_running_query() {
     let t = start(|_| {}).await;
-    let OneRunning { mut fe, q_conn, .. } = one_running(&t, "querier-7").await;
+    let OneRunning {
+        mut fe,
+        q_conn,
+        w: _busy,
+        ..
+    } = one_running(&t, "querier-7").await;
     // Another worker of the same querier says Ready twice without being given anything.
     let mut rogue = worker(&q_conn, "querier-7").await;
     rogue.send(&QuerierToScheduler::Ready { finished: None }).await;
