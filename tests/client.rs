@@ -702,3 +702,38 @@ async fn a_retriable_query_whose_querier_dies_runs_again_elsewhere() {
     assert_eq!(fe.stats().redelivered, 1);
     q2.shutdown().await;
 }
+
+#[tokio::test]
+async fn handlers_from_closures_and_behind_arc_dyn_serve_queries() {
+    use sluice_client::{DynHandler, handler_fn};
+    use std::sync::Arc;
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let config = |id: &str| {
+        let mut c = QuerierConfig::new(id, t.certs.querier.clone(), vec![t.server.quic_addr()]);
+        c.concurrency = 1;
+        c
+    };
+    let closure = handler_fn(|request: Request| async move {
+        Ok(Response::ok(format!(
+            "closure: {}",
+            String::from_utf8_lossy(&request.payload)
+        )))
+    });
+    let q1 = Querier::start(config("querier-closure"), closure).unwrap();
+    assert!(q1.wait_connected(1, WAIT).await);
+    let body = body_of(fe.submit(QueryRequest::new("t", "a")).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(body, b"closure: a");
+    q1.shutdown().await;
+    // Chosen at run time, behind Arc<dyn DynHandler>.
+    let shared: Arc<dyn DynHandler> = Arc::new(handler_fn(|_request: Request| async { Ok(Response::ok("dyn")) }));
+    let q2 = Querier::start(config("querier-dyn"), shared).unwrap();
+    assert!(q2.wait_connected(1, WAIT).await);
+    let body = body_of(fe.submit(QueryRequest::new("t", "b")).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(body, b"dyn");
+    q2.shutdown().await;
+}

@@ -21,7 +21,7 @@ pub mod tls;
 pub use error::{ClientError, QueryError};
 pub use frontend::{Body, Frontend, FrontendConfig, FrontendStats, QueryHandle, QueryRequest, QueryResponse};
 pub use querier::{
-    BodyClosed, BodySender, BodyStream, Handler, HandlerError, Querier, QuerierConfig, Request, Response, ResponseBody,
-    SchedulerWorkers,
+    BodyClosed, BodySender, BodyStream, BoxedResponse, DynHandler, Handler, HandlerError, HandlerFn, Querier,
+    QuerierConfig, Request, Response, ResponseBody, SchedulerWorkers, handler_fn,
 };
 pub use sluice_protocol::{FrontendAddress, Metadata, QueryId, Role};

@@ -256,6 +256,59 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: Request) -> impl Future<Output = Result<Response, HandlerError>> + Send;
 }
 
+/// A [`Handler`] made from an async closure; see [`handler_fn`].
+#[derive(Debug, Clone)]
+pub struct HandlerFn<F>(F);
+
+/// A handler from an async closure, for handlers that need no type of their own:
+///
+/// ```
+/// use sluice_client::{Response, handler_fn};
+/// let echo = handler_fn(|request| async move { Ok(Response::ok(request.payload)) });
+/// # fn is_handler(_: impl sluice_client::Handler) {}
+/// # is_handler(echo);
+/// ```
+pub fn handler_fn<F, Fut>(f: F) -> HandlerFn<F>
+where
+    F: Fn(Request) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response, HandlerError>> + Send + 'static,
+{
+    HandlerFn(f)
+}
+
+impl<F, Fut> Handler for HandlerFn<F>
+where
+    F: Fn(Request) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response, HandlerError>> + Send + 'static,
+{
+    fn handle(&self, request: Request) -> impl Future<Output = Result<Response, HandlerError>> + Send {
+        (self.0)(request)
+    }
+}
+
+/// The boxed future a [`DynHandler`] returns.
+pub type BoxedResponse<'a> = std::pin::Pin<Box<dyn Future<Output = Result<Response, HandlerError>> + Send + 'a>>;
+
+/// [`Handler`] in a form that can live behind `Arc<dyn DynHandler>` (chosen at run time,
+/// shared by several queriers). Every `Handler` is one; `Arc<dyn DynHandler>` is a
+/// `Handler` again, at the cost of one boxed future per query.
+pub trait DynHandler: Send + Sync + 'static {
+    /// Runs one query, as [`Handler::handle`].
+    fn handle_boxed(&self, request: Request) -> BoxedResponse<'_>;
+}
+
+impl<H: Handler> DynHandler for H {
+    fn handle_boxed(&self, request: Request) -> BoxedResponse<'_> {
+        Box::pin(self.handle(request))
+    }
+}
+
+impl Handler for Arc<dyn DynHandler> {
+    fn handle(&self, request: Request) -> impl Future<Output = Result<Response, HandlerError>> + Send {
+        self.as_ref().handle_boxed(request)
+    }
+}
+
 /// A running querier.
 pub struct Querier {
     shared: Arc<Shared>,
