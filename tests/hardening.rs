@@ -361,3 +361,63 @@ async fn idle_connection_cost() {
         (after - before) as f64 / n as f64
     );
 }
+
+/// A frontend (client crate) whose result endpoint a raw querier connection probes.
+async fn probed_frontend(
+    t: &TestServer,
+    max_frame_len: u32,
+    idle: Duration,
+) -> (sluice_client::Frontend, quinn::Connection) {
+    let mut config =
+        sluice_client::FrontendConfig::new("fe-probed", t.certs.frontend.clone(), vec![t.server.quic_addr()]);
+    config.max_frame_len = max_frame_len;
+    config.idle_timeout = idle;
+    let fe = sluice_client::Frontend::connect(config).await.unwrap();
+    let addr: std::net::SocketAddr = fe.result_address().address.parse().unwrap();
+    let conn = connect(addr, &t.certs.querier).await.unwrap();
+    (fe, conn)
+}
+
+/// Opens a result stream, says hello, and starts a frame of `announced` bytes with `sent`
+/// of them.
+async fn park_half_a_result(conn: &quinn::Connection, announced: u32, sent: usize) -> Peer {
+    let mut peer = open(conn, Hello::new(Role::Querier, "q", StreamKind::Result))
+        .await
+        .expect("welcome");
+    let mut part = BytesMut::new();
+    part.put_u32(announced);
+    part.extend_from_slice(&vec![0u8; sent]);
+    peer.writer.get_mut().write_all(&part).await.unwrap();
+    peer
+}
+
+#[tokio::test]
+async fn a_querier_cannot_park_half_results_at_a_frontend() {
+    let t = start(|_| {}).await;
+    // A frontend accepting 1 MiB frames: its querier connections may buffer 4 MiB together.
+    let (_fe, conn) = probed_frontend(&t, 1 << 20, Duration::from_secs(30)).await;
+    let mut parked = Vec::new();
+    for _ in 0..5 {
+        parked.push(park_half_a_result(&conn, 1 << 20, 900 * 1024).await);
+    }
+    // Past the budget, a stream is refused instead of buffered.
+    let mut refused = 0;
+    for peer in &mut parked {
+        if let Ok(Ok(Some(ResultReceipt::Refused { .. }))) =
+            tokio::time::timeout(Duration::from_millis(500), peer.reader.next::<ResultReceipt>()).await
+        {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 1, "4.5 MiB of half frames were all buffered");
+    // A single half frame is refused when it does not finish in time.
+    let (_fe, conn) = probed_frontend(&t, 1 << 20, Duration::from_secs(1)).await;
+    let mut peer = park_half_a_result(&conn, 1000, 10).await;
+    let receipt = tokio::time::timeout(WAIT, peer.reader.next::<ResultReceipt>())
+        .await
+        .expect("answered in time");
+    assert!(
+        matches!(receipt, Ok(Some(ResultReceipt::Refused { .. }))),
+        "{receipt:?}"
+    );
+}

@@ -5,8 +5,8 @@
 use std::sync::{Arc, Mutex};
 
 use sluice_protocol::{
-    FramedRead, FramedWrite, HelloReply, QueryId, RefuseReason, ResultFrame, ResultReceipt, Role, StreamKind,
-    close_code,
+    FramedRead, FramedWrite, HelloReply, QueryId, ReceiveBudget, RefuseReason, ResultFrame, ResultReceipt, Role,
+    StreamKind, close_code,
 };
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -18,6 +18,10 @@ use crate::tls;
 
 /// Chunks buffered between the result stream and the caller's body reader.
 const BODY_BUFFER: usize = 16;
+/// A querier connection's streams may buffer this many whole frames together: room for
+/// many results streaming at once (each holds at most one chunk frame), but not for a
+/// querier that starts a large frame on every stream and parks it.
+const FRAMES_PER_CONNECTION: usize = 4;
 
 pub(super) async fn endpoint_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
@@ -35,8 +39,10 @@ pub(super) async fn endpoint_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint
                     return;
                 }
             }
+            // Whatever one querier connection's streams buffer, together.
+            let budget = ReceiveBudget::new(shared.config.max_frame_len as usize * FRAMES_PER_CONNECTION);
             while let Ok((send, recv)) = conn.accept_bi().await {
-                tokio::spawn(receive_result(shared.clone(), conn.clone(), send, recv));
+                tokio::spawn(receive_result(shared.clone(), conn.clone(), budget.clone(), send, recv));
             }
         });
     }
@@ -46,14 +52,17 @@ pub(super) async fn endpoint_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint
 async fn receive_result(
     shared: Arc<Shared>,
     conn: quinn::Connection,
+    budget: ReceiveBudget,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
     let max = shared.config.max_frame_len;
-    let mut reader = FramedRead::new(recv, max);
+    let mut reader = FramedRead::new(recv, max)
+        .with_budget(budget)
+        .with_frame_timeout(shared.config.idle_timeout);
     let mut writer = FramedWrite::new(send, max);
-    match reader.hello().await {
-        Ok(Some(h)) if h.role == Role::Querier && h.stream == StreamKind::Result => {}
+    match tokio::time::timeout(shared.config.idle_timeout, reader.hello()).await {
+        Ok(Ok(Some(h))) if h.role == Role::Querier && h.stream == StreamKind::Result => {}
         _ => {
             conn.close(close_code::PROTOCOL_ERROR.into(), b"expected a result hello");
             return;
