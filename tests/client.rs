@@ -230,6 +230,41 @@ async fn a_64_mib_result_streams_in_chunks() {
 }
 
 #[tokio::test]
+async fn a_worker_takes_its_next_query_while_a_result_is_still_delivered_and_keeps_only_one_in_flight() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let (h, mut events) = handler(Duration::ZERO);
+    let q = querier_for("querier-1", &[&t], 1, h);
+    // A 64 MiB body that nobody reads yet: its delivery stalls on flow control.
+    let big = fe.submit(QueryRequest::new("t", "big")).await.unwrap();
+    let big_id = big.id();
+    let mut big = wait("big's head", big.response()).await.unwrap();
+    assert_eq!(wait("big started", events.started.recv()).await, Some(big_id));
+    // The only worker is free again: the next query runs meanwhile...
+    let small = fe.submit(QueryRequest::new("t", "small")).await.unwrap();
+    let small_id = small.id();
+    assert_eq!(wait("small started", events.started.recv()).await, Some(small_id));
+    // ...but it takes no third query while two results are on their way.
+    let third = fe.submit(QueryRequest::new("t", "third")).await.unwrap();
+    let third_id = third.id();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), events.started.recv())
+            .await
+            .is_err(),
+        "a third query ran while the first result was still undelivered"
+    );
+    let mut total = 0;
+    while let Some(chunk) = wait("a chunk", big.body.chunk()).await {
+        total += chunk.unwrap().len();
+    }
+    assert_eq!(total, 64 << 20);
+    assert_eq!(body_of(small).await.unwrap(), b"small");
+    assert_eq!(wait("third started", events.started.recv()).await, Some(third_id));
+    assert_eq!(body_of(third).await.unwrap(), b"third");
+    q.shutdown().await;
+}
+
+#[tokio::test]
 async fn dropping_a_handle_cancels_a_queued_query() {
     let t = start(|_| {}).await;
     let fe = frontend_for(&[&t]).await;
@@ -449,9 +484,7 @@ async fn results_are_accepted_only_with_their_capability_for_outstanding_queries
     let addr: std::net::SocketAddr = fe.result_address().address.parse().unwrap();
     let send = move |id: sluice_client::tls::Identity, query_id: u64, tenant: &'static str, forged: bool| async move {
         let conn = connect(addr, &id).await?;
-        let mut peer = open(&conn, Hello::new(Role::Querier, "q", StreamKind::Result))
-            .await
-            .map_err(|r| format!("{r:?}"))?;
+        let mut peer = open_result(&conn, "q").await;
         peer.send(&ResultFrame::Head {
             query_id,
             tenant: tenant.into(),
@@ -573,9 +606,7 @@ async fn a_result_that_overtakes_its_enqueue_ack_is_delivered() {
         let to_frontend = connect(result_at.address.parse().unwrap(), &querier_identity)
             .await
             .unwrap();
-        let mut result = open(&to_frontend, Hello::new(Role::Querier, "q", StreamKind::Result))
-            .await
-            .unwrap();
+        let mut result = open_result(&to_frontend, "q").await;
         result
             .send(&ResultFrame::Head {
                 query_id: e.query_id,
@@ -736,4 +767,26 @@ async fn handlers_from_closures_and_behind_arc_dyn_serve_queries() {
         .unwrap();
     assert_eq!(body, b"dyn");
     q2.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_result_stream_from_another_protocol_version_closes_the_querier_connection_with_the_reason() {
+    use sluice_protocol::*;
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let addr: std::net::SocketAddr = fe.result_address().address.parse().unwrap();
+    let conn = connect(addr, &t.certs.querier).await.unwrap();
+    let (send, _recv) = conn.open_bi().await.unwrap();
+    let mut writer = FramedWrite::new(send, 1 << 20);
+    let mut hello = Hello::new(Role::Querier, "q", StreamKind::Result);
+    hello.version = PROTOCOL_VERSION + 1;
+    writer.send(&hello).await.unwrap();
+    match tokio::time::timeout(WAIT, conn.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, close_code::PROTOCOL_ERROR.into());
+            let reason = String::from_utf8_lossy(&c.reason);
+            assert!(reason.contains("not supported"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
 }

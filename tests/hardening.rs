@@ -381,9 +381,7 @@ async fn probed_frontend(
 /// Opens a result stream, says hello, and starts a frame of `announced` bytes with `sent`
 /// of them.
 async fn park_half_a_result(conn: &quinn::Connection, announced: u32, sent: usize) -> Peer {
-    let mut peer = open(conn, Hello::new(Role::Querier, "q", StreamKind::Result))
-        .await
-        .expect("welcome");
+    let mut peer = open_result(conn, "q").await;
     let mut part = BytesMut::new();
     part.put_u32(announced);
     part.extend_from_slice(&vec![0u8; sent]);

@@ -1,8 +1,10 @@
 //! Every frame of the Sluice conversation, grouped by stream and direction.
 //!
 //! Four kinds of stream exist. Each starts with a [`Hello`] from the side that
-//! opened it, answered by a [`HelloReply`]; after that only the two message
-//! types named for that stream travel on it.
+//! opened it; on a scheduler's streams it is answered by a [`HelloReply`], while a result
+//! stream carries its result right behind the hello, with no reply to wait for (a frontend
+//! closes the connection of a querier whose hello it cannot accept). After that only the
+//! two message types named for that stream travel on it.
 //!
 //! ```text
 //! frontend ──(bi stream, one per frontend connection)── scheduler      StreamKind::FrontendLoop
@@ -20,7 +22,7 @@
 //!   Hello                      ─►
 //!                              ◄─ HelloReply::Welcome
 //!                              ◄─ SchedulerToQuerier::Lifeline         (once: how to tie this process to the scheduler)
-//!   QuerierToScheduler::Ready    ─►                                     ("give me work"; also "previous one done")
+//!   QuerierToScheduler::Ready    ─►                                     ("give me work"; also "previous one handed to its sender")
 //!                              ◄─ SchedulerToQuerier::Dispatch
 //!                              ◄─ SchedulerToQuerier::Cancel           (stop the in-flight query; stream stays)
 //!   QuerierToScheduler::Ready    ─►
@@ -31,8 +33,7 @@
 //!                              ◄─ NoticeReply::Acknowledged
 //!
 //! querier ──(bi stream, one per result)── frontend result endpoint      StreamKind::Result
-//!   Hello                      ─►
-//!                              ◄─ HelloReply::Welcome
+//!   Hello                      ─►   (no reply: the result follows at once, usually in the same write)
 //!   ResultFrame::Head          ─►
 //!   ResultFrame::Chunk …       ─►
 //!   ResultFrame::End           ─►   (or ResultFrame::Error instead of Head/Chunk/End,
@@ -48,7 +49,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks. A peer with another version is refused in
 /// the [`HelloReply`]; the version is the first field of [`Hello`] so it can always be read.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// A frontend-chosen query identifier, unique among that frontend's outstanding queries.
 pub type QueryId = u64;
@@ -263,8 +264,13 @@ pub enum QueryErrorKind {
 /// Querier worker → scheduler on the dequeue loop.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QuerierToScheduler {
-    /// The worker is free. If it was running a query, that query is finished: `finished`
-    /// names it and may report its measured cost.
+    /// The worker is free. If it was running a query, its handler is done and its result
+    /// is handed to the querier's sender: `finished` names it and may report its measured
+    /// cost. The delivery goes on while the worker takes its next query; a worker keeps at
+    /// most one delivery in flight, so its next `Ready` also says that the previous one is
+    /// settled. Until then the scheduler keeps the query as the worker's: if the worker's
+    /// stream ends first, the frontend hears that its querier failed (and ignores it if the
+    /// result came).
     Ready { finished: Option<Finished> },
 }
 

@@ -143,6 +143,19 @@ pub async fn open(conn: &quinn::Connection, hello: Hello) -> Result<Peer, HelloR
     }
 }
 
+/// A result stream to a frontend: the hello is sent and the result follows at once (a
+/// frontend answers nothing but the receipt).
+pub async fn open_result(conn: &quinn::Connection, querier_id: &str) -> Peer {
+    let (send, recv) = conn.open_bi().await.expect("open stream");
+    let mut peer = Peer {
+        reader: FramedRead::new(recv, 1 << 20),
+        writer: FramedWrite::new(send, 1 << 20),
+    };
+    peer.send(&Hello::new(Role::Querier, querier_id, StreamKind::Result))
+        .await;
+    peer
+}
+
 /// A frontend loop that announced its result endpoint.
 pub async fn frontend(conn: &quinn::Connection, id: &str) -> Peer {
     let mut peer = open(conn, Hello::new(Role::Frontend, id, StreamKind::FrontendLoop))

@@ -5,8 +5,8 @@
 use std::sync::{Arc, Mutex};
 
 use sluice_protocol::{
-    FramedRead, FramedWrite, HelloReply, QueryId, ReceiveBudget, RefuseReason, ResultFrame, ResultReceipt, Role,
-    StreamKind, close_code,
+    DecodeError, FramedRead, FramedWrite, QueryId, ReadError, ReceiveBudget, RefuseReason, ResultFrame, ResultReceipt,
+    Role, StreamKind, close_code,
 };
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -61,17 +61,19 @@ async fn receive_result(
         .with_budget(budget)
         .with_frame_timeout(shared.config.idle_timeout);
     let mut writer = FramedWrite::new(send, max);
-    match tokio::time::timeout(shared.config.idle_timeout, reader.hello()).await {
-        Ok(Ok(Some(h))) if h.role == Role::Querier && h.stream == StreamKind::Result => {}
-        _ => {
-            conn.close(close_code::PROTOCOL_ERROR.into(), b"expected a result hello");
-            return;
-        }
-    }
-    let welcome = HelloReply::Welcome {
-        id: shared.config.id.clone(),
+    // The hello is not answered: the result follows it at once. A querier whose hello
+    // cannot be accepted loses its connection, with the reason.
+    let refusal = match tokio::time::timeout(shared.config.idle_timeout, reader.hello()).await {
+        Ok(Ok(Some(h))) if h.role == Role::Querier && h.stream == StreamKind::Result => None,
+        Ok(Err(ReadError::Decode(DecodeError::UnsupportedVersion { got, supported }))) => Some(format!(
+            "protocol version {got} is not supported; this frontend speaks {supported}"
+        )),
+        Ok(Ok(None)) => return,
+        _ => Some("expected a result hello".to_string()),
     };
-    if writer.send(&welcome).await.is_err() {
+    if let Some(reason) = refusal {
+        warn!(remote = %conn.remote_address(), %reason, "refusing a result stream; closing the connection");
+        conn.close(close_code::PROTOCOL_ERROR.into(), reason.as_bytes());
         return;
     }
     let Some(receipt) = deliver(&shared, &mut reader).await else {

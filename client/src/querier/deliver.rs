@@ -1,15 +1,21 @@
 //! Sending a result straight to its frontend: one cached QUIC connection per frontend
 //! address (dialled under that address's own lock, so one unreachable frontend stalls only
-//! its own deliveries), one stream per result, small results written in one go.
+//! its own deliveries), one stream per result. A result stream needs no round trip before
+//! its result: the hello goes with the first frames, and a small result (hello, head, body,
+//! end) leaves in one write. The worker hands the result to a sender task and takes its
+//! next query; the sender waits for the frontend's receipt and retries on a new stream if
+//! the transport failed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_protocol::{Dispatch, FrontendAddress, ResultFrame, ResultReceipt, Role, StreamKind, WriteError};
+use sluice_protocol::{
+    Dispatch, FramedRead, FramedWrite, FrontendAddress, Hello, ResultFrame, ResultReceipt, Role, StreamKind, WriteError,
+};
 use tokio::sync::Mutex;
 
-use super::worker::{Stream, open};
+use super::worker::Stream;
 use super::{HandlerError, Response, ResponseBody, Shared};
 
 /// Frontend addresses kept before closed connections are swept from the cache.
@@ -61,6 +67,17 @@ async fn frontend_connection(shared: &Shared, to: &FrontendAddress) -> Result<qu
     Ok(conn)
 }
 
+/// Opens a result stream on `conn` with its hello buffered (not sent): it leaves with the
+/// stream's first frames. The frontend sends nothing back but the receipt.
+async fn open_result(shared: &Shared, conn: &quinn::Connection) -> Result<Stream, String> {
+    let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let max = shared.config.max_frame_len;
+    let (mut w, r) = (FramedWrite::new(send, max), FramedRead::new(recv, max));
+    w.buffer(&Hello::new(Role::Querier, &shared.config.id, StreamKind::Result))
+        .map_err(|e| e.to_string())?;
+    Ok((w, r))
+}
+
 /// A result stream opened before the result is ready, after the `Started` frame.
 pub(super) type Early = tokio::task::JoinHandle<Result<Stream, String>>;
 
@@ -76,16 +93,36 @@ pub(super) fn confirm(shared: &Arc<Shared>, d: &Dispatch) -> Early {
     };
     tokio::spawn(async move {
         let conn = frontend_connection(&shared, &frontend).await?;
-        let (mut w, r) = open(&shared, &conn, StreamKind::Result).await?;
+        let (mut w, r) = open_result(&shared, &conn).await?;
         w.send(&started).await.map_err(|e| e.to_string())?;
         Ok((w, r))
     })
 }
 
+/// A result handed to its sender task; dropping it stops the sending (the querier aborts).
+pub(super) type Delivery = tokio_util::task::AbortOnDropHandle<()>;
+
+/// Hands a result to a sender task of its own, so the worker can take its next query
+/// while the result travels and its receipt comes back.
+pub(super) fn hand_off(
+    shared: &Arc<Shared>,
+    d: Dispatch,
+    outcome: Result<Response, HandlerError>,
+    deadline: Option<tokio::time::Instant>,
+    early: Option<Early>,
+) -> Delivery {
+    let shared = shared.clone();
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        if let Err(e) = deliver(&shared, &d, outcome, deadline, early).await {
+            tracing::warn!(query = d.query_id, frontend = %d.frontend.address, error = %e, "result not delivered");
+        }
+    }))
+}
+
 /// Sends a result to its frontend (on the early stream if one was opened), retrying
 /// transport failures while the body can be sent again (a streamed body is sent once),
 /// never past the query's deadline.
-pub(super) async fn deliver(
+async fn deliver(
     shared: &Shared,
     d: &Dispatch,
     outcome: Result<Response, HandlerError>,
@@ -125,7 +162,7 @@ pub(super) async fn deliver(
                 Err(_) => {
                     let opened = async {
                         let conn = frontend_connection(shared, &d.frontend).await?;
-                        open(shared, &conn, StreamKind::Result).await
+                        open_result(shared, &conn).await
                     };
                     match opened.await {
                         Ok(stream) => stream,

@@ -13,7 +13,8 @@ use sluice_protocol::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
 
-use super::{Counted, Handler, HandlerError, Link, Request, Shared, deliver};
+use super::deliver::{self, Delivery};
+use super::{Counted, Handler, HandlerError, Link, Request, Shared};
 use crate::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 
@@ -37,12 +38,24 @@ pub(super) async fn worker_loop<H: Handler>(
     seed: u64,
 ) {
     let mut backoff = Backoff::new(seed ^ u64::from(link.addr.port()) << 16);
+    // The last result handed to its sender, until it is settled (kept across reconnects:
+    // a result goes to its frontend whatever became of the scheduler).
+    let mut pending: Option<Delivery> = None;
     loop {
-        match serve(&shared, &link, &handler, &mut backoff).await {
-            Ended::Stop => return,
+        match serve(&shared, &link, &handler, &mut backoff, &mut pending).await {
+            Ended::Stop => {
+                // The querier waits for its workers: let the last result arrive.
+                if let Some(delivery) = pending.take() {
+                    let _ = delivery.await;
+                }
+                return;
+            }
             Ended::Reconnect(why) => debug!(scheduler = %link.addr, %why, "worker reconnects"),
         }
         if shared.stopping.is_cancelled() || link.stop.is_cancelled() {
+            if let Some(delivery) = pending.take() {
+                let _ = delivery.await;
+            }
             return;
         }
         tokio::select! {
@@ -112,7 +125,13 @@ pub(super) async fn notify_shutdown(shared: &Shared, link: &Link) -> Result<(), 
 }
 
 /// Runs the dequeue loop on one stream until it ends.
-async fn serve<H: Handler>(shared: &Arc<Shared>, link: &Link, handler: &Arc<H>, backoff: &mut Backoff) -> Ended {
+async fn serve<H: Handler>(
+    shared: &Arc<Shared>,
+    link: &Link,
+    handler: &Arc<H>,
+    backoff: &mut Backoff,
+    pending: &mut Option<Delivery>,
+) -> Ended {
     // Nothing runs yet: a shutdown need not wait for a (re)connection to finish.
     let setup = async {
         let conn = scheduler_connection(shared, link).await?;
@@ -159,6 +178,11 @@ async fn serve<H: Handler>(shared: &Arc<Shared>, link: &Link, handler: &Arc<H>, 
         };
         let (frontend_id, query_id) = (dispatch.frontend.id.clone(), dispatch.query_id);
         let ran = run(shared, handler, dispatch, &mut r).await;
+        // At most one delivery in flight besides the new one: the previous result is
+        // settled before `Ready` reports this one (the scheduler counts on it).
+        if let Some(previous) = std::mem::replace(pending, ran.delivery) {
+            let _ = previous.await;
+        }
         finished = Some(Finished {
             frontend_id,
             query_id,
@@ -202,11 +226,13 @@ enum StreamAfter {
 struct Ran {
     stream: StreamAfter,
     measured_cost: Option<u32>,
+    /// The result, handed to its sender (none for a cancelled or aborted query).
+    delivery: Option<Delivery>,
 }
 
 /// Runs one query while watching the stream for its cancel and the clock for its
-/// deadline; delivers the result (even if the scheduler went away meanwhile: the result
-/// goes straight to the frontend).
+/// deadline; hands the result to its sender (it goes straight to the frontend, even if
+/// the scheduler went away meanwhile).
 async fn run<H: Handler>(
     shared: &Arc<Shared>,
     handler: &Arc<H>,
@@ -299,23 +325,24 @@ async fn run<H: Handler>(
         .as_ref()
         .and_then(|o| o.as_ref().ok())
         .and_then(|r| r.measured_cost);
-    match outcome {
+    let delivery = match outcome {
         // Cancelled (by the frontend, or its deadline, at which the frontend fails the
         // query itself): nothing to send; an early stream is dropped (reset).
         _ if cancelled.is_cancelled() => {
             if let Some(task) = early {
                 task.abort();
             }
-            debug!(query = d.query_id, "cancelled; no result sent")
+            debug!(query = d.query_id, "cancelled; no result sent");
+            None
         }
-        None => {}
-        Some(outcome) => {
-            if let Err(e) = deliver::deliver(shared, &d, outcome, deadline, early).await {
-                warn!(query = d.query_id, frontend = %d.frontend.address, error = %e, "result not delivered");
-            }
-        }
+        None => None,
+        Some(outcome) => Some(deliver::hand_off(shared, d, outcome, deadline, early)),
+    };
+    Ran {
+        stream,
+        measured_cost,
+        delivery,
     }
-    Ran { stream, measured_cost }
 }
 
 fn panic_message(e: tokio::task::JoinError) -> String {

@@ -199,6 +199,9 @@ struct Worker {
     tx: WorkerTx,
     /// The query this worker runs, until its next `Ready`.
     running: Option<QueryKey>,
+    /// The query whose result this worker's querier is delivering (it said `Ready` once
+    /// the result was handed to its sender), until its next `Ready` says it is settled.
+    delivering: Option<QueryKey>,
     /// In `waiting`: it said `Ready` and got nothing yet (a second `Ready` breaks the protocol).
     waiting: bool,
 }
@@ -239,6 +242,9 @@ pub(crate) struct Dispatcher {
     waiting: VecDeque<WorkerId>,
     /// Which worker runs each dispatched query.
     running: HashMap<QueryKey, Running>,
+    /// Which worker's querier delivers each finished query's result (see
+    /// `Worker::delivering`); a key enqueued again leaves it.
+    delivering: HashMap<QueryKey, WorkerId>,
     /// Queries dispatched in this batch, per frontend: sent as one `Dispatched` frame at
     /// the batch's end, or before any other frame to that frontend.
     notes: HashMap<u64, Vec<QueryId>>,
@@ -275,6 +281,7 @@ impl Dispatcher {
             workers: HashMap::new(),
             waiting: VecDeque::new(),
             running: HashMap::new(),
+            delivering: HashMap::new(),
             notes: HashMap::new(),
             phase: Phase::Serving,
             scheduler_id,
@@ -391,6 +398,7 @@ impl Dispatcher {
                         querier,
                         tx,
                         running: None,
+                        delivering: None,
                         waiting: false,
                     },
                 );
@@ -446,6 +454,7 @@ impl Dispatcher {
                 self.workers.clear();
                 self.waiting.clear();
                 self.running.clear();
+                self.delivering.clear();
                 let _ = done.send(());
             }
         }
@@ -520,6 +529,8 @@ impl Dispatcher {
             let reason = format!("query {query} is already running");
             return Err((EnqueueStatus::Invalid { reason }, enqueue.tenant));
         }
+        // Placed again: a failure of its earlier delivery is no longer news.
+        self.delivering.remove(&key);
         self.queue
             .enqueue(now, key, Pending { enqueue }, options)
             .map_err(|rejected| {
@@ -590,6 +601,14 @@ impl Dispatcher {
             w.waiting = false;
             self.waiting.retain(|x| *x != worker);
             return;
+        }
+        // The worker's previous delivery is settled; the query it ran is now delivering.
+        if let Some(settled) = w.delivering.take() {
+            self.delivering.remove(&settled);
+        }
+        if let Some(key) = w.running {
+            w.delivering = Some(key);
+            self.delivering.insert(key, worker);
         }
         if let Some(key) = w.running.take()
             && let Some(r) = self.running.remove(&key)
@@ -725,6 +744,18 @@ impl Dispatcher {
             return;
         };
         self.waiting.retain(|x| *x != worker);
+        if let Some(key) = w.delivering
+            && self.delivering.remove(&key) == Some(worker)
+            && !matches!(self.phase, Phase::Closed)
+        {
+            // Its frontend ignores this if the result arrived.
+            debug!(querier = %w.querier, query = key.query, "querier worker gone while delivering a result");
+            self.query_error(
+                key,
+                QueryErrorKind::QuerierFailed,
+                format!("querier {} disconnected while delivering the result", w.querier),
+            );
+        }
         if let Some(key) = w.running {
             if let Some(r) = self.running.remove(&key) {
                 self.count_served_cost(r.tenant, r.cost);

@@ -243,6 +243,64 @@ fn a_worker_lost_mid_query_fails_the_query() {
 }
 
 #[test]
+fn a_worker_lost_while_its_result_is_delivered_fails_the_query_until_the_next_ready_settles_it() {
+    let mut h = harness();
+    h.enqueue(1);
+    let (w, _w_rx) = h.busy_worker();
+    // Query 1's result is handed to the querier's sender; the worker waits for work.
+    h.ready(w);
+    h.d.handle(Command::WorkerClosed { worker: w }, h.now);
+    assert!(matches!(
+        h.frame(),
+        Ok(SchedulerToFrontend::QueryError {
+            query_id: 1,
+            kind: QueryErrorKind::QuerierFailed,
+            ..
+        })
+    ));
+    // A worker's next `Ready` settles its previous delivery: losing it later says nothing
+    // about query 2, whose result was settled.
+    h.enqueue(2);
+    h.enqueue(3);
+    let (w, mut w_rx) = h.busy_worker();
+    h.ready(w); // query 2 delivering, query 3 dispatched
+    assert_eq!(dispatched_id(&mut w_rx), Some(3));
+    h.ready(w); // query 2 settled, query 3 delivering
+    h.d.handle(Command::WorkerClosed { worker: w }, h.now);
+    let failed: Vec<u64> = std::iter::from_fn(|| h.frame().ok())
+        .filter_map(|f| match f {
+            SchedulerToFrontend::QueryError { query_id, .. } => Some(query_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed, vec![3]);
+}
+
+#[test]
+fn a_query_placed_again_is_not_failed_by_its_earlier_delivery() {
+    let mut h = harness();
+    h.enqueue(1);
+    h.enqueue(2);
+    let (w, mut w_rx) = h.busy_worker();
+    h.ready(w); // query 1 delivering, query 2 running
+    assert_eq!(dispatched_id(&mut w_rx), Some(2));
+    // The frontend placed query 1 again (its earlier result never came); it is queued.
+    h.enqueue(1);
+    h.d.handle(Command::WorkerClosed { worker: w }, h.now);
+    let failed: Vec<u64> = std::iter::from_fn(|| h.frame().ok())
+        .filter_map(|f| match f {
+            SchedulerToFrontend::QueryError { query_id, .. } => Some(query_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        vec![2],
+        "only the running query fails; query 1's new placement stands"
+    );
+}
+
+#[test]
 fn worker_streams_closed_by_our_own_shutdown_do_not_fail_their_queries() {
     let mut h = harness();
     h.enqueue(1);
