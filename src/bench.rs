@@ -40,6 +40,46 @@ pub struct Target {
     /// Directory with the CA and the frontend and querier certificates (as `sluice certs
     /// init` or a development `sluice serve` writes them).
     pub certs: std::path::PathBuf,
+    /// Admin addresses of the driven schedulers: their CPU time is read from
+    /// `/metrics` before and after the load, and reported per query.
+    pub admin: Vec<SocketAddr>,
+}
+
+/// The `process_cpu_seconds_total` a scheduler's admin endpoint reports now.
+async fn scraped_cpu_seconds(admin: SocketAddr) -> Result<f64, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fail = |e: &dyn std::fmt::Display| format!("reading {admin}/metrics: {e}");
+    let fetch = async {
+        let mut socket = tokio::net::TcpStream::connect(admin).await.map_err(|e| fail(&e))?;
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+        socket.write_all(request.as_bytes()).await.map_err(|e| fail(&e))?;
+        let mut text = String::new();
+        socket.read_to_string(&mut text).await.map_err(|e| fail(&e))?;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(crate::metrics::PROCESS_CPU_SECONDS)?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .ok_or_else(|| fail(&"no process_cpu_seconds_total (is it a Linux scheduler?)"))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .map_err(|_| fail(&"timed out"))?
+}
+
+/// CPU seconds used by the driven schedulers together.
+async fn schedulers_cpu(c: &BenchConfig) -> Result<Option<f64>, String> {
+    let Some(t) = &c.target else { return Ok(None) };
+    if t.admin.is_empty() {
+        return Ok(None);
+    }
+    let mut total = 0.0;
+    for &a in &t.admin {
+        total += scraped_cpu_seconds(a).await?;
+    }
+    Ok(Some(total))
 }
 
 /// What to run.
@@ -281,6 +321,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
 
     let outcomes = Arc::new(Outcomes::default());
     let payload = bytes::Bytes::from(vec![b'q'; c.payload_bytes]);
+    let cpu_before = (crate::metrics::process_cpu_seconds(), schedulers_cpu(&c).await?);
     queue_times.lock().unwrap().clear(); // warm-up queries, if any
     component_times.lock().unwrap().clear();
     let started = Instant::now();
@@ -354,6 +395,12 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         let _ = task.await;
     }
     let elapsed = started.elapsed();
+    let cpu_after = (crate::metrics::process_cpu_seconds(), schedulers_cpu(&c).await?);
+    let cpu = Cpu {
+        own: cpu_before.0.zip(cpu_after.0).map(|(a, b)| b - a),
+        schedulers: cpu_before.1.zip(cpu_after.1).map(|(a, b)| b - a),
+        in_process: c.target.is_none(),
+    };
 
     for q in queriers {
         q.shutdown().await;
@@ -378,7 +425,35 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         &queue_times,
         &component_times,
         own.then_some(&counters[..]),
+        &cpu,
     ))
+}
+
+/// CPU seconds used during the load.
+struct Cpu {
+    /// By this process: frontends, queriers and the load generator (and the schedulers
+    /// when they run in it).
+    own: Option<f64>,
+    /// By the driven schedulers, read from their admin endpoints.
+    schedulers: Option<f64>,
+    in_process: bool,
+}
+
+impl Cpu {
+    fn report(&self, results: u64) -> Value {
+        let per_query = |s: Option<f64>| s.map(|s| s * 1e6 / results.max(1) as f64);
+        json!({
+            "this_process_seconds": self.own,
+            "this_process_us_per_query": per_query(self.own),
+            "this_process_holds": if self.in_process {
+                "schedulers, frontends, queriers and the load generator"
+            } else {
+                "frontends, queriers and the load generator"
+            },
+            "schedulers_seconds": self.schedulers,
+            "schedulers_us_per_query": per_query(self.schedulers),
+        })
+    }
 }
 
 /// p99 of the waits (µs) in each one-second bucket, in milliseconds.
@@ -501,6 +576,7 @@ fn report(
     component_times: &QueueTimes,
     // The schedulers' own counters, when they run in this process.
     counters: Option<&[crate::queue::Counters]>,
+    cpu: &Cpu,
 ) -> Value {
     let (submitted, results, rejected, errors) = (
         o.submitted.load(Ordering::Relaxed),
@@ -586,6 +662,7 @@ fn report(
             "dispatched_by_schedulers": dispatched,
             "error_kinds": *o.error_kinds.lock().unwrap(),
         },
+        "cpu": cpu.report(results),
         "fairness": { "jain_index_equal_tenants": jain, "noisy_tenant_share": noisy_share },
         "components": components,
         "tenants": tenants,

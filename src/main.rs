@@ -119,6 +119,10 @@ enum Command {
         /// and querier certificates and keys.
         #[arg(long, default_value = "sluice-data")]
         certs: PathBuf,
+        /// With --connect or --gossip-seeds: the driven schedulers' admin addresses
+        /// (comma-separated), to report their CPU time per query.
+        #[arg(long, value_delimiter = ',')]
+        admin: Vec<std::net::SocketAddr>,
     },
     /// Watch fairness happen: a scheduler, queriers and a frontend with one noisy tenant,
     /// in this process, with a live table. No files needed; Ctrl-C stops it.
@@ -303,7 +307,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             connect,
             gossip_seeds,
             certs,
+            admin,
         } => {
+            if !admin.is_empty() && connect.is_empty() && gossip_seeds.is_empty() {
+                anyhow::bail!(
+                    "--admin goes with --connect or --gossip-seeds (schedulers in this process are measured as part of it)"
+                );
+            }
             if !(noisy_factor.is_finite() && noisy_factor > 0.0) {
                 anyhow::bail!("--noisy-factor must be a positive number");
             }
@@ -323,12 +333,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     schedulers: Vec::new(),
                     gossip: Some(gossip),
                     certs,
+                    admin,
                 })
             } else if !connect.is_empty() {
                 Some(sluice::bench::Target {
                     schedulers: connect,
                     gossip: None,
                     certs,
+                    admin,
                 })
             } else {
                 None
@@ -371,6 +383,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
             }
             println!("{text}");
+            eprintln!("{}", bench_summary(&report));
         }
         Command::Simulate { seconds, seed } => simulate(Duration::from_secs(seconds), seed),
         Command::Info => {
@@ -384,6 +397,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One line for a person: throughput, latency and CPU per query.
+fn bench_summary(report: &serde_json::Value) -> String {
+    let f = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
+    format!(
+        "{:.0} queries/s, p99 {} ms; CPU per query: schedulers {} µs, this process {} µs ({})",
+        report["throughput_per_second"].as_f64().unwrap_or(0.0),
+        f(&report["latency_ms"]["p99"]),
+        f(&report["cpu"]["schedulers_us_per_query"]),
+        f(&report["cpu"]["this_process_us_per_query"]),
+        report["cpu"]["this_process_holds"].as_str().unwrap_or(""),
+    )
 }
 
 /// Flags over file over defaults, validated.

@@ -53,6 +53,13 @@ pub const GOSSIP_PACKETS: &str = "sluice_query_scheduler_gossip_packets_total";
 /// Querier workers connected and waiting for work (gauge).
 pub const IDLE_QUERIER_WORKERS: &str = "sluice_query_scheduler_idle_querier_workers";
 
+/// CPU time this process has used, user and system (seconds, only growing; exported as a
+/// gauge because `metrics` counters are integers; Linux only). The name is Prometheus's
+/// standard process metric.
+pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
+/// Resident memory of this process (gauge, bytes; Linux only).
+pub const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
+
 /// (name, help) of every metric, for `describe_*` and the docs.
 pub const ALL: &[(&str, &str)] = &[
     (QUEUE_LENGTH, "Requests queued, per tenant."),
@@ -93,7 +100,35 @@ pub const ALL: &[(&str, &str)] = &[
     (INFLIGHT_REQUESTS, "Queries dispatched and not yet finished."),
     (QUERIER_INFLIGHT_REQUESTS, "Queries running, per component."),
     (IDLE_QUERIER_WORKERS, "Querier workers waiting for work."),
+    (
+        PROCESS_CPU_SECONDS,
+        "User and system CPU time of this process, in seconds.",
+    ),
+    (PROCESS_RESIDENT_MEMORY, "Resident memory of this process, in bytes."),
 ];
+
+/// This process's CPU time so far (user + system), from `/proc/self/stat`; `None` where
+/// there is no procfs.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces, so split after its `)`):
+    // utime and stime are the 14th and 15th fields, in clock ticks of 1/100 s (USER_HZ,
+    // fixed at 100 in the procfs interface).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_ascii_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// This process's resident memory, from `/proc/self/status`; `None` where there is no
+/// procfs.
+pub fn process_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_ascii_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
 
 /// Seconds buckets for the duration histograms: 100 µs to 2 min.
 const BUCKETS: &[f64] = &[
@@ -139,8 +174,18 @@ impl Metrics {
         self.handle.run_upkeep();
     }
 
-    /// The Prometheus text exposition of every live series.
+    /// The Prometheus text exposition of every live series, with the process's CPU and
+    /// memory read now.
     pub fn render(&self) -> String {
+        self.record(|| {
+            if let Some(cpu) = process_cpu_seconds() {
+                // A gauge: `metrics` counters hold whole numbers.
+                metrics::gauge!(PROCESS_CPU_SECONDS).set(cpu);
+            }
+            if let Some(rss) = process_resident_bytes() {
+                metrics::gauge!(PROCESS_RESIDENT_MEMORY).set(rss as f64);
+            }
+        });
         self.handle.run_upkeep();
         self.handle.render()
     }

@@ -57,6 +57,18 @@ async fn metrics_ready_and_status_reflect_traffic() {
     ] {
         assert!(body.contains(needle), "missing {needle} in:\n{body}");
     }
+    if cfg!(target_os = "linux") {
+        // Read at scrape time, so load generators can take CPU per query from two scrapes.
+        let value = |name: &str| -> f64 {
+            let line = body
+                .lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name}"));
+            line[name.len()..].trim().parse().unwrap()
+        };
+        assert!(value("process_cpu_seconds_total") > 0.0);
+        assert!(value("process_resident_memory_bytes") > 1e6);
+    }
 
     let (code, json) = get(admin, "/status").await;
     assert_eq!(code, 200);

@@ -201,6 +201,7 @@ async fn bench_drives_a_running_scheduler() {
                 "2",
             ])
             .args(["--rate", "200", "--connect", &addr, "--certs", &certs])
+            .args(["--admin", &t.server.admin_addr().to_string()])
             .output(),
     )
     .await
@@ -211,6 +212,20 @@ async fn bench_drives_a_running_scheduler() {
     let o = &report["outcomes"];
     assert_eq!((o["lost"].as_u64(), o["errors"].as_u64()), (Some(0), Some(0)), "{o}");
     assert!(o["dispatched_by_schedulers"].is_null(), "{o}");
+    // CPU per query, of this process and of the driven scheduler (here: the test's
+    // process, read through its admin endpoint).
+    let cpu = &report["cpu"];
+    assert!(
+        cpu["this_process_us_per_query"].as_f64().is_some_and(|x| x > 0.0),
+        "{cpu}"
+    );
+    if cfg!(target_os = "linux") {
+        assert!(
+            cpu["schedulers_us_per_query"].as_f64().is_some_and(|x| x >= 0.0),
+            "{cpu}"
+        );
+    }
+    assert!(String::from_utf8_lossy(&out.stderr).contains("queries/s"));
     // The queries went through our scheduler: its own count has them (and the warm-up).
     let dispatched = t.server.status().await.unwrap().counters.dispatched;
     assert_eq!(dispatched, o["results"].as_u64().unwrap() + 2, "{o}");
