@@ -236,7 +236,7 @@ struct Ran {
 async fn run<H: Handler>(
     shared: &Arc<Shared>,
     handler: &Arc<H>,
-    d: Dispatch,
+    mut d: Dispatch,
     r: &mut FramedRead<quinn::RecvStream>,
 ) -> Ran {
     let cancelled = CancellationToken::new();
@@ -246,13 +246,14 @@ async fn run<H: Handler>(
     let request = Request {
         query_id: d.query_id,
         tenant: d.tenant.clone(),
-        actors: d.actors.clone(),
-        component: d.component.clone(),
-        metadata: d.metadata.clone(),
+        // Moved, not copied: the result needs only the ids, tenant and frontend.
+        actors: std::mem::take(&mut d.actors),
+        component: d.component.take(),
+        metadata: std::mem::take(&mut d.metadata),
         queue_time: Duration::from_micros(d.queue_time_us),
         timeout: d.timeout_ms.map(Duration::from_millis),
         attempt: d.attempt,
-        payload: d.payload.clone(),
+        payload: std::mem::take(&mut d.payload),
         cancelled: cancelled.clone(),
     };
     let h = handler.clone();
