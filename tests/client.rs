@@ -790,3 +790,60 @@ async fn a_result_stream_from_another_protocol_version_closes_the_querier_connec
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn connect_waits_for_its_readiness_and_says_what_was_missing() {
+    let t = start(|_| {}).await;
+    // A second scheduler address where nothing answers (held, so no one else takes it).
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let nobody = silent.local_addr().unwrap();
+    let config = |id: &str, schedulers: Vec<std::net::SocketAddr>, readiness| {
+        let mut c = FrontendConfig::new(id, t.certs.frontend.clone(), schedulers);
+        c.readiness = readiness;
+        c.enqueue_wait = Duration::from_millis(500);
+        c
+    };
+    let both = vec![t.server.quic_addr(), nobody];
+    match Frontend::connect(config("fe-all", both.clone(), Readiness::AllKnown)).await {
+        Err(ClientError::NotReady {
+            readiness: Readiness::AllKnown,
+            connected: 1,
+            known: 2,
+        }) => {}
+        other => panic!("{:?}", other.map(|fe| fe.connected_schedulers())),
+    }
+    let fe = Frontend::connect(config("fe-one", both, Readiness::AtLeastOne))
+        .await
+        .unwrap();
+    assert_eq!(fe.connected_schedulers(), 1);
+    assert_eq!(fe.ready(Readiness::AtLeastOne, WAIT).await.unwrap(), 1);
+    assert!(matches!(
+        fe.ready(Readiness::AllKnown, Duration::from_millis(200)).await,
+        Err(ClientError::NotReady {
+            connected: 1,
+            known: 2,
+            ..
+        })
+    ));
+    // `Nothing` returns at once, with no scheduler reachable at all; queries would wait.
+    let started = Instant::now();
+    let lone = Frontend::connect(config("fe-none", vec![nobody], Readiness::Nothing))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(lone.connected_schedulers(), 0);
+    assert!(matches!(
+        lone.ready(Readiness::AtLeastOne, Duration::from_millis(200)).await,
+        Err(ClientError::NotReady {
+            connected: 0,
+            known: 1,
+            ..
+        })
+    ));
+    lone.close().await;
+    fe.close().await;
+}

@@ -24,6 +24,16 @@ pub enum ClientError {
     /// A setting is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The frontend's readiness was not reached in time.
+    #[error("not ready ({readiness:?}): {connected} scheduler(s) connected and accepting work of {known} known")]
+    NotReady {
+        /// What was waited for.
+        readiness: crate::Readiness,
+        /// Schedulers connected and accepting work at the end of the wait.
+        connected: usize,
+        /// Schedulers discovery wanted used.
+        known: usize,
+    },
 }
 
 /// How a query ended without a result. [`is_retryable`](Self::is_retryable) says whether

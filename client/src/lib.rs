@@ -19,7 +19,9 @@ mod querier;
 pub mod tls;
 
 pub use error::{ClientError, QueryError};
-pub use frontend::{Body, Frontend, FrontendConfig, FrontendStats, QueryHandle, QueryRequest, QueryResponse};
+pub use frontend::{
+    Body, Frontend, FrontendConfig, FrontendStats, QueryHandle, QueryRequest, QueryResponse, Readiness,
+};
 pub use querier::{
     BodyClosed, BodySender, BodyStream, BoxedResponse, DynHandler, Handler, HandlerError, HandlerFn, Querier,
     QuerierConfig, Request, Response, ResponseBody, SchedulerWorkers, handler_fn,

@@ -58,8 +58,11 @@ pub struct FrontendConfig {
     /// TLS name queriers check this frontend's certificate against.
     pub result_server_name: String,
     /// How long a query may wait for a scheduler to take it (at `submit`, and again after
-    /// its scheduler handed it back or was lost), within its deadline.
+    /// its scheduler handed it back or was lost), within its deadline; also how long
+    /// [`Frontend::connect`] waits for `readiness`.
     pub enqueue_wait: Duration,
+    /// What [`Frontend::connect`] waits for before it returns.
+    pub readiness: Readiness,
     /// The deadline of a query whose request sets none: no query waits forever, even if
     /// its scheduler and its querier both vanish.
     pub default_timeout: Duration,
@@ -93,6 +96,7 @@ impl FrontendConfig {
             result_advertise: None,
             result_server_name: "localhost".into(),
             enqueue_wait: Duration::from_secs(5),
+            readiness: Readiness::AtLeastOne,
             default_timeout: Duration::from_secs(120),
             max_attempts: 2,
             confirm_grace: Duration::from_secs(2),
@@ -100,6 +104,19 @@ impl FrontendConfig {
             max_frame_len: Limits::default().max_frame_len,
         }
     }
+}
+
+/// What a frontend counts as ready: see [`Frontend::connect`] and [`Frontend::ready`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Readiness {
+    /// Nothing: return at once; queries wait (up to `enqueue_wait`) for a scheduler.
+    Nothing,
+    /// At least one scheduler connected and accepting work.
+    #[default]
+    AtLeastOne,
+    /// Every scheduler known now (the static list, or the gossip's members in use), and at
+    /// least one.
+    AllKnown,
 }
 
 /// One sub-query to run.
@@ -338,7 +355,9 @@ struct Shared {
 
 impl Frontend {
     /// Starts the result endpoint and the scheduler connections, and waits (up to
-    /// `enqueue_wait`) until at least one scheduler is connected.
+    /// `enqueue_wait`) for the configured [`Readiness`] (by default: one scheduler connected
+    /// and accepting work). Fails with [`ClientError::NotReady`] if it is not reached in
+    /// time; with [`Readiness::Nothing`] it returns at once.
     ///
     /// ```no_run
     /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
@@ -389,7 +408,7 @@ impl Frontend {
             address: config.result_advertise.clone().unwrap_or_else(|| bound.to_string()),
             server_name: config.result_server_name.clone(),
         };
-        let (available, mut ready) = watch::channel(0);
+        let (available, _) = watch::channel(0);
         let policy = Policy {
             placement_wait: config.enqueue_wait,
             max_attempts: config.max_attempts,
@@ -416,12 +435,51 @@ impl Frontend {
             let shared = shared.clone();
             discovery.follow(shared.stop.clone(), move |targets| shared.reconcile(targets))
         };
-        let wait = shared.config.enqueue_wait;
-        let _ = tokio::time::timeout(wait, ready.wait_for(|n| *n > 0)).await;
-        Ok(Frontend {
+        let frontend = Frontend {
             shared,
             background: Arc::new(Background { discovery, follower }),
-        })
+        };
+        let (readiness, wait) = (frontend.shared.config.readiness, frontend.shared.config.enqueue_wait);
+        if let Err(e) = frontend.ready(readiness, wait).await {
+            frontend.close().await;
+            return Err(e);
+        }
+        Ok(frontend)
+    }
+
+    /// Waits until `readiness` holds, at most `timeout`; returns the number of schedulers
+    /// connected and accepting work. [`ClientError::NotReady`] says how many were, and how
+    /// many are known, when it did not hold in time.
+    pub async fn ready(&self, readiness: Readiness, timeout: Duration) -> Result<usize, ClientError> {
+        let mut available = self.shared.available.subscribe();
+        let met = |connected: usize| match readiness {
+            Readiness::Nothing => true,
+            Readiness::AtLeastOne => connected >= 1,
+            Readiness::AllKnown => connected >= self.shared.known_schedulers().max(1),
+        };
+        let wait = async {
+            loop {
+                if met(*available.borrow_and_update()) {
+                    return;
+                }
+                // A scheduler that joins the known set without connecting changes nothing
+                // here; the next connection re-checks.
+                if available.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, wait).await;
+        let connected = *self.shared.available.borrow();
+        if met(connected) {
+            Ok(connected)
+        } else {
+            Err(ClientError::NotReady {
+                readiness,
+                connected,
+                known: self.shared.known_schedulers(),
+            })
+        }
     }
 
     /// Enqueues a query and returns once a scheduler accepted it. A scheduler that is full
@@ -673,6 +731,14 @@ impl Shared {
     /// Connects to the schedulers discovery wants (those in use, and leaving ones whose
     /// queued work may still run) and stops the links to the others; their queries that
     /// had not started are placed again elsewhere.
+    /// Schedulers discovery wants used now.
+    fn known_schedulers(&self) -> usize {
+        self.links()
+            .iter()
+            .filter(|l| !l.stop.is_cancelled() && l.in_use.load(Ordering::Relaxed))
+            .count()
+    }
+
     fn reconcile(self: &Arc<Self>, targets: &[Target]) {
         let wanted = |t: &&Target| t.in_use || t.leaving;
         let mut changed = Vec::new();
