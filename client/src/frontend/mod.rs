@@ -179,9 +179,16 @@ pub struct Body {
 impl Body {
     /// The next chunk; `None` once the body is complete. After an error, `None`.
     pub async fn chunk(&mut self) -> Option<Result<Bytes, QueryError>> {
-        match self.rx.recv().await {
-            Some(bytes) => Some(Ok(bytes)),
-            None => self.failure.lock().unwrap().take().map(Err),
+        std::future::poll_fn(|cx| self.poll_chunk(cx)).await
+    }
+
+    /// The next chunk, polled: what [`chunk`](Self::chunk) returns, for the
+    /// [`Stream`](futures_core::Stream) implementation.
+    fn poll_chunk(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<Bytes, QueryError>>> {
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(Some(bytes)) => std::task::Poll::Ready(Some(Ok(bytes))),
+            std::task::Poll::Ready(None) => std::task::Poll::Ready(self.failure.lock().unwrap().take().map(Err)),
+            std::task::Poll::Pending => std::task::Poll::Pending,
         }
     }
 
@@ -192,6 +199,19 @@ impl Body {
             out.extend_from_slice(&chunk?);
         }
         Ok(out)
+    }
+}
+
+/// The body as a stream of chunks (`futures::StreamExt` and friends work on it): the same
+/// items as [`Body::chunk`], ending after the error if the body broke.
+impl futures_core::Stream for Body {
+    type Item = Result<Bytes, QueryError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.poll_chunk(cx)
     }
 }
 
@@ -792,4 +812,36 @@ fn enqueue_frame(id: QueryId, e: &Entry, timeout: Option<Duration>, attempt: u32
         metadata: r.metadata.clone(),
         payload: r.payload.clone(),
     })
+}
+
+#[cfg(test)]
+mod body_tests {
+    use super::*;
+    use futures_core::Stream;
+
+    #[tokio::test]
+    async fn a_body_streams_its_chunks_then_the_error_it_broke_with_then_ends() {
+        let (tx, rx) = mpsc::channel(4);
+        let failure = Arc::new(Mutex::new(None));
+        let mut body = Body {
+            rx,
+            failure: failure.clone(),
+        };
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        tx.send(Bytes::from_static(b"b")).await.unwrap();
+        *failure.lock().unwrap() = Some(QueryError::Failed("disk gone".into()));
+        drop(tx);
+        let mut items = Vec::new();
+        while let Some(item) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_next(cx)).await {
+            items.push(item);
+        }
+        assert_eq!(
+            items,
+            vec![
+                Ok(Bytes::from_static(b"a")),
+                Ok(Bytes::from_static(b"b")),
+                Err(QueryError::Failed("disk gone".into()))
+            ]
+        );
+    }
 }
