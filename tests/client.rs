@@ -847,3 +847,45 @@ async fn connect_waits_for_its_readiness_and_says_what_was_missing() {
     lone.close().await;
     fe.close().await;
 }
+
+#[tokio::test]
+async fn a_handle_shows_where_its_query_is_and_the_handler_sees_which_scheduler_dispatched_it() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let handle = fe.submit(QueryRequest::new("t", "q")).await.unwrap();
+    // No querier yet: queued at the one scheduler, first run.
+    let placement = handle.placement().unwrap();
+    assert_eq!(placement.stage, Stage::Queued);
+    assert_eq!(placement.scheduler, Some(t.server.quic_addr()));
+    assert_eq!(placement.attempt, 1);
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let handler = handler_fn(move |request: Request| {
+        let (seen_tx, mut release) = (seen_tx.clone(), release.clone());
+        async move {
+            let _ = seen_tx.send((request.scheduler, request.attempt));
+            let _ = release.wait_for(|go| *go).await;
+            Ok(Response::ok(request.payload))
+        }
+    });
+    let mut config = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+    config.concurrency = 1;
+    let q = Querier::start(config, handler).unwrap();
+    assert_eq!(wait("the handler", seen.recv()).await, Some((t.server.quic_addr(), 1)));
+    // Running: dispatched (or already confirmed by its querier), by the same scheduler.
+    wait("the dispatch note", async {
+        while handle.placement().unwrap().stage == Stage::Queued {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let placement = handle.placement().unwrap();
+    assert!(
+        matches!(placement.stage, Stage::Dispatched | Stage::Started),
+        "{placement:?}"
+    );
+    assert_eq!(placement.scheduler, Some(t.server.quic_addr()));
+    release_tx.send(true).unwrap();
+    assert_eq!(body_of(handle).await.unwrap(), b"q");
+    q.shutdown().await;
+}

@@ -20,7 +20,8 @@ pub mod tls;
 
 pub use error::{ClientError, QueryError};
 pub use frontend::{
-    Body, Frontend, FrontendConfig, FrontendStats, QueryHandle, QueryRequest, QueryResponse, Readiness,
+    Body, Frontend, FrontendConfig, FrontendStats, Placement, QueryHandle, QueryRequest, QueryResponse, Readiness,
+    Stage,
 };
 pub use querier::{
     BodyClosed, BodySender, BodyStream, BoxedResponse, DynHandler, Handler, HandlerError, HandlerFn, Querier,

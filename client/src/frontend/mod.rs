@@ -30,7 +30,7 @@ use tracing::debug;
 use crate::discovery::{Discovery, Target};
 use crate::error::{ClientError, QueryError};
 use crate::gossip::{GossipConfig, MemberRole};
-use crate::lifecycle::{Action, Event, Policy, QueryTable, SchedulerIx};
+use crate::lifecycle::{Action, Event, Policy, QueryTable, SchedulerIx, State};
 use crate::tls::{self, Identity};
 
 /// Settings of a [`Frontend`].
@@ -202,6 +202,37 @@ impl Body {
     }
 }
 
+/// Where a query is now, as its frontend knows it ([`QueryHandle::placement`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Placement {
+    /// What the query waits for.
+    pub stage: Stage,
+    /// The scheduler that holds it or dispatched it; `None` while it waits for one, and
+    /// once its result streams in.
+    pub scheduler: Option<SocketAddr>,
+    /// Which run this is: 1, more after its querier died and it was redelivered.
+    pub attempt: u32,
+}
+
+/// The stages of [`Placement`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Stage {
+    /// No scheduler accepts work now; it waits (up to `enqueue_wait`) for one.
+    WaitingForScheduler,
+    /// Sent to a scheduler, not yet accepted.
+    Placing,
+    /// Queued at a scheduler.
+    Queued,
+    /// Handed to a querier worker.
+    Dispatched,
+    /// Its querier confirmed that it runs.
+    Started,
+    /// Its result is streaming in.
+    Receiving,
+}
+
 /// The body as a stream of chunks (`futures::StreamExt` and friends work on it): the same
 /// items as [`Body::chunk`], ending after the error if the body broke.
 impl futures_core::Stream for Body {
@@ -230,6 +261,25 @@ impl QueryHandle {
     /// This query's id at this frontend.
     pub fn id(&self) -> QueryId {
         self.id
+    }
+
+    /// Where the query is now; `None` once it has ended (answered, failed or cancelled).
+    pub fn placement(&self) -> Option<Placement> {
+        let (state, holder, attempt) = self.shared.inner.lock().unwrap().table.placement(self.id)?;
+        let stage = match state {
+            State::Waiting => Stage::WaitingForScheduler,
+            State::Placing(_) => Stage::Placing,
+            State::Queued(_) => Stage::Queued,
+            State::Dispatched(_) => Stage::Dispatched,
+            State::Started => Stage::Started,
+            State::Receiving => Stage::Receiving,
+        };
+        let scheduler = holder.map(|s| self.shared.link(s).addr);
+        Some(Placement {
+            stage,
+            scheduler,
+            attempt,
+        })
     }
 
     /// Waits for the result to start (or for the query to fail). Bounded by the query's

@@ -262,6 +262,12 @@ impl QueryTable {
         self.queries.get(&id).map(|q| q.attempt)
     }
 
+    /// Where `id` is now: its state, the scheduler that holds or dispatched it, its run.
+    pub(crate) fn placement(&self, id: QueryId) -> Option<(State, Option<SchedulerIx>, u32)> {
+        let q = self.queries.get(&id)?;
+        Some((q.state, q.holder().or(q.dispatched_by), q.attempt))
+    }
+
     pub(crate) fn counters(&self) -> Counters {
         self.counters
     }

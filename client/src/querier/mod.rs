@@ -118,6 +118,8 @@ pub struct Request {
     /// Which run of the query this is: 1, or more when a retriable query is redelivered
     /// after its querier died.
     pub attempt: u32,
+    /// The QUIC address of the scheduler that dispatched it.
+    pub scheduler: SocketAddr,
     /// The opaque request to execute.
     pub payload: Bytes,
     /// Fires when the frontend cancels the query or its deadline passes: stop work and

@@ -177,7 +177,7 @@ async fn serve<H: Handler>(
             }
         };
         let (frontend_id, query_id) = (dispatch.frontend.id.clone(), dispatch.query_id);
-        let ran = run(shared, handler, dispatch, &mut r).await;
+        let ran = run(shared, handler, dispatch, link.addr, &mut r).await;
         // At most one delivery in flight besides the new one: the previous result is
         // settled before `Ready` reports this one (the scheduler counts on it).
         if let Some(previous) = std::mem::replace(pending, ran.delivery) {
@@ -237,6 +237,7 @@ async fn run<H: Handler>(
     shared: &Arc<Shared>,
     handler: &Arc<H>,
     mut d: Dispatch,
+    scheduler: SocketAddr,
     r: &mut FramedRead<quinn::RecvStream>,
 ) -> Ran {
     let cancelled = CancellationToken::new();
@@ -253,6 +254,7 @@ async fn run<H: Handler>(
         queue_time: Duration::from_micros(d.queue_time_us),
         timeout: d.timeout_ms.map(Duration::from_millis),
         attempt: d.attempt,
+        scheduler,
         payload: std::mem::take(&mut d.payload),
         cancelled: cancelled.clone(),
     };
