@@ -889,3 +889,49 @@ async fn a_handle_shows_where_its_query_is_and_the_handler_sees_which_scheduler_
     assert_eq!(body_of(handle).await.unwrap(), b"q");
     q.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_query_carries_its_trace_context_to_the_handler_one_hop_further_each_time() {
+    use sluice_client::trace::TraceParent;
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let handler = handler_fn(move |request: Request| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            let _ = seen_tx.send(TraceParent::of(&request.metadata));
+            Ok(Response::ok(request.payload))
+        }
+    });
+    let q = Querier::start(
+        QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()]),
+        handler,
+    )
+    .unwrap();
+    // The caller's trace continues: same trace id, a new parent at every hop.
+    let caller = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+    let mut request = QueryRequest::new("t", "q");
+    caller.set(&mut request.metadata);
+    let handle = fe.submit(request).await.unwrap();
+    let at_frontend = handle.trace();
+    assert_eq!(at_frontend.trace_id, caller.trace_id);
+    assert_ne!(at_frontend.parent_id, caller.parent_id);
+    body_of(handle).await.unwrap();
+    let at_handler = wait("the handler", seen.recv())
+        .await
+        .unwrap()
+        .expect("a trace context");
+    assert_eq!(at_handler.trace_id, caller.trace_id);
+    assert!(![caller.parent_id, at_frontend.parent_id].contains(&at_handler.parent_id));
+    // A request without one gets a new trace, the same at the frontend and the handler.
+    let handle = fe.submit(QueryRequest::new("t", "q")).await.unwrap();
+    let started = handle.trace();
+    assert_ne!(started.trace_id, caller.trace_id);
+    body_of(handle).await.unwrap();
+    let at_handler = wait("the handler", seen.recv())
+        .await
+        .unwrap()
+        .expect("a trace context");
+    assert_eq!(at_handler.trace_id, started.trace_id);
+    q.shutdown().await;
+}

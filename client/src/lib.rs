@@ -17,6 +17,7 @@ pub mod gossip;
 mod lifecycle;
 mod querier;
 pub mod tls;
+pub mod trace;
 
 pub use error::{ClientError, QueryError};
 pub use frontend::{

@@ -27,6 +27,8 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::trace::TraceParent;
+
 use crate::discovery::{Discovery, Target};
 use crate::error::{ClientError, QueryError};
 use crate::gossip::{GossipConfig, MemberRole};
@@ -255,6 +257,9 @@ pub struct QueryHandle {
     rx: Option<oneshot::Receiver<Result<QueryResponse, QueryError>>>,
     /// Whether dropping the handle cancels the query (until it is answered).
     armed: bool,
+    /// The query's span (debug level), with its trace id.
+    span: tracing::Span,
+    trace: TraceParent,
 }
 
 impl QueryHandle {
@@ -291,7 +296,17 @@ impl QueryHandle {
             .unwrap_or_else(|_| Err(QueryError::Cancelled("the frontend client stopped".into())));
         // Answered: nothing left to cancel.
         self.armed = false;
+        self.span.in_scope(|| match &outcome {
+            Ok(r) => debug!(status = r.status, "answered"),
+            Err(e) => debug!(error = %e, "failed"),
+        });
         outcome
+    }
+
+    /// The W3C trace context the query travels with (from the request's `traceparent`, or
+    /// started by this frontend): its trace id finds it in every process's log.
+    pub fn trace(&self) -> TraceParent {
+        self.trace
     }
 }
 
@@ -556,8 +571,15 @@ impl Frontend {
     /// for the tenant or shutting down is skipped for another; the error is returned only
     /// when every scheduler refused, or none could be reached within `enqueue_wait`.
     /// Dropping the returned future withdraws the query.
-    pub async fn submit(&self, request: QueryRequest) -> Result<QueryHandle, QueryError> {
+    pub async fn submit(&self, mut request: QueryRequest) -> Result<QueryHandle, QueryError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        // Continue the caller's trace (or start one), with this frontend as the parent of
+        // the scheduler's and querier's hops.
+        let trace = TraceParent::of(&request.metadata).map_or_else(TraceParent::root, |t| t.child());
+        trace.set(&mut request.metadata);
+        let span =
+            tracing::debug_span!("query", query = id, tenant = %request.tenant, trace_id = %trace.trace_id_hex());
+        span.in_scope(|| debug!("submitted"));
         let timeout = request.timeout.unwrap_or(self.shared.config.default_timeout);
         let deadline = Instant::now().checked_add(timeout);
         let (placed, placed_rx) = oneshot::channel();
@@ -583,6 +605,8 @@ impl Frontend {
             shared: self.shared.clone(),
             rx: Some(rx),
             armed: true,
+            span,
+            trace,
         };
         self.shared.event_with(event, Some((id, entry)));
         match placed_rx.await {

@@ -11,7 +11,9 @@ use sluice_protocol::{
     QuerierToScheduler, Role, SchedulerToQuerier, StreamKind,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
+
+use crate::trace::TraceParent;
 
 use super::deliver::{self, Delivery};
 use super::{Counted, Handler, HandlerError, Link, Request, Shared};
@@ -241,6 +243,13 @@ async fn run<H: Handler>(
     r: &mut FramedRead<quinn::RecvStream>,
 ) -> Ran {
     let cancelled = CancellationToken::new();
+    // The handler runs in a `query` span with the query's trace id, and sees a trace
+    // context naming this hop.
+    let span = tracing::debug_span!("query", query = d.query_id, tenant = %d.tenant, trace_id = tracing::field::Empty);
+    if let Some(trace) = TraceParent::of(&d.metadata) {
+        span.record("trace_id", trace.trace_id_hex());
+        trace.child().set(&mut d.metadata);
+    }
     let deadline = d
         .timeout_ms
         .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
@@ -261,7 +270,7 @@ async fn run<H: Handler>(
     let h = handler.clone();
     // A task of its own, so a panic becomes an error result instead of a dead worker, and
     // a handler that ignores its cancel can be aborted.
-    let mut task = tokio::spawn(async move { h.handle(request).await });
+    let mut task = tokio::spawn(async move { h.handle(request).await }.instrument(span));
     let mut stream = StreamAfter::Open;
     // When the handler is aborted if it has not returned (set once cancelled).
     let mut abort_at: Option<tokio::time::Instant> = None;

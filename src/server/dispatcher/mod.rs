@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram};
 
+use sluice_client::trace::TraceParent;
 use sluice_protocol::{
     Dispatch, Enqueue, EnqueueStatus, Finished, FrontendAddress, Limits, LoadHint, MAX_ID_LEN, QueryErrorKind, QueryId,
     SchedulerToFrontend, SchedulerToQuerier,
@@ -259,6 +260,11 @@ pub(crate) struct Dispatcher {
     ticks: u64,
 }
 
+/// A frontend's name, for logs.
+fn f_name(frontends: &HashMap<u64, Frontend>, id: u64) -> &str {
+    frontends.get(&id).map_or("?", |f| f.name.as_str())
+}
+
 /// The `tenant` label of refusals for tenants with nothing queued.
 pub(crate) const OTHER_TENANT: &str = "__other__";
 
@@ -466,7 +472,14 @@ impl Dispatcher {
         };
         let query_id = enqueue.query_id;
         let has_address = f.address.is_some();
+        // The query's trace id in the scheduler's log (only looked up when logging it).
+        let trace = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| TraceParent::of(&enqueue.metadata).map(|t| t.trace_id_hex()))
+            .flatten();
         let outcome = self.admit(now, frontend, enqueue, received, has_address);
+        if let Some(trace_id) = trace {
+            debug!(query = query_id, frontend = %f_name(&self.frontends, frontend), %trace_id, accepted = outcome.is_ok(), "enqueue");
+        }
         let status = match &outcome {
             Ok(()) => EnqueueStatus::Accepted,
             Err((status, _)) => status.clone(),
@@ -665,6 +678,11 @@ impl Dispatcher {
                 continue;
             };
             let e = *d.request.enqueue;
+            if tracing::enabled!(tracing::Level::DEBUG)
+                && let Some(t) = TraceParent::of(&e.metadata)
+            {
+                debug!(query = e.query_id, tenant = %e.tenant, querier = %self.workers[&worker].querier, trace_id = %t.trace_id_hex(), queue_time = ?d.queue_time, "dispatch");
+            }
             let (tenant, component) = (e.tenant.clone(), e.component.clone());
             let cost = e.cost_hint.unwrap_or(1).max(1);
             self.metrics.record(|| {

@@ -1,0 +1,143 @@
+//! W3C trace context for one query across frontend, scheduler and querier.
+//!
+//! A query carries a `traceparent` entry in its metadata (the [W3C Trace Context] header,
+//! `00-<trace id>-<parent id>-<flags>`). The frontend keeps the caller's trace id or starts
+//! a trace, and sends its own span id as the parent; the scheduler logs the trace id with
+//! the query's enqueue and dispatch (at debug level); the querier runs the handler in a
+//! `query` span carrying the trace id, and hands the handler a `traceparent` naming the
+//! querier's span, for the calls the handler makes. So one query can be followed through
+//! the three processes' logs, or linked in any tracing backend fed from them.
+//!
+//! [W3C Trace Context]: https://www.w3.org/TR/trace-context/
+
+use sluice_protocol::Metadata;
+
+/// The metadata key of the trace context.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// A parsed `traceparent` (version 00).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    /// The trace every hop of the query shares.
+    pub trace_id: u128,
+    /// The span of the hop that sent it.
+    pub parent_id: u64,
+    /// Trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+impl TraceParent {
+    /// A new trace, sampled.
+    pub fn root() -> Self {
+        TraceParent {
+            trace_id: nonzero(rand::random()),
+            parent_id: nonzero(rand::random()),
+            flags: 1,
+        }
+    }
+
+    /// The same trace, with a new span of ours as the parent of what follows.
+    pub fn child(&self) -> Self {
+        TraceParent {
+            parent_id: nonzero(rand::random()),
+            ..*self
+        }
+    }
+
+    /// Parses a `traceparent` header value; `None` unless it is well formed (version 00,
+    /// lowercase hex, ids not all zero).
+    pub fn parse(value: &str) -> Option<Self> {
+        let mut parts = value.split('-');
+        let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex =
+            |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if parts.next().is_some() || version != "00" || !hex(trace, 32) || !hex(parent, 16) || !hex(flags, 2) {
+            return None;
+        }
+        let tp = TraceParent {
+            trace_id: u128::from_str_radix(trace, 16).ok()?,
+            parent_id: u64::from_str_radix(parent, 16).ok()?,
+            flags: u8::from_str_radix(flags, 16).ok()?,
+        };
+        (tp.trace_id != 0 && tp.parent_id != 0).then_some(tp)
+    }
+
+    /// The trace context in `metadata`, if there is a well-formed one.
+    pub fn of(metadata: &Metadata) -> Option<Self> {
+        metadata
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(TRACEPARENT))
+            .and_then(|(_, v)| Self::parse(v))
+    }
+
+    /// Sets `metadata`'s trace context to this one (replacing any other).
+    pub fn set(&self, metadata: &mut Metadata) {
+        metadata.retain(|(k, _)| !k.eq_ignore_ascii_case(TRACEPARENT));
+        metadata.push((TRACEPARENT.to_string(), self.to_string()));
+    }
+
+    /// The trace id as 32 hex digits, as logged.
+    pub fn trace_id_hex(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+}
+
+impl std::fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, self.parent_id, self.flags
+        )
+    }
+}
+
+fn nonzero<T: PartialEq + From<u8>>(x: T) -> T {
+    if x == T::from(0) { T::from(1) } else { x }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_w3c_example_parses_and_prints_back() {
+        let value = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let tp = TraceParent::parse(value).unwrap();
+        assert_eq!(tp.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(tp.parent_id, 0x00f067aa0ba902b7);
+        assert_eq!(tp.flags, 1);
+        assert_eq!(tp.to_string(), value);
+        let child = tp.child();
+        assert_eq!(child.trace_id, tp.trace_id);
+        assert_ne!(child.parent_id, tp.parent_id);
+    }
+
+    #[test]
+    fn malformed_values_are_ignored() {
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn setting_replaces_any_earlier_context() {
+        let mut metadata = vec![
+            ("Traceparent".to_string(), "junk".to_string()),
+            ("user".to_string(), "ann".to_string()),
+        ];
+        let tp = TraceParent::root();
+        tp.set(&mut metadata);
+        assert_eq!(TraceParent::of(&metadata), Some(tp));
+        assert_eq!(metadata.len(), 2);
+    }
+}
