@@ -1,0 +1,276 @@
+//! The frontend's public types: its configuration and readiness, a query's request,
+//! response and streamed body, where a query is, and the frontend's counters.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sluice_protocol::{Limits, Metadata};
+use tokio::sync::mpsc;
+
+use crate::error::QueryError;
+use crate::gossip::GossipConfig;
+use crate::tls::Identity;
+
+/// Settings of a [`Frontend`](super::Frontend).
+#[derive(Debug, Clone)]
+pub struct FrontendConfig {
+    /// This frontend's id, unique among frontends.
+    pub id: String,
+    /// Its certificate (role `frontend`), key, and the CA.
+    pub identity: Identity,
+    /// Scheduler QUIC addresses (a static list; leave it empty when `gossip` is set).
+    pub schedulers: Vec<SocketAddr>,
+    /// Learn the live schedulers by joining their gossip (as a `frontend` member) instead
+    /// of a static list: schedulers that die or leave stop being used, new or restarted
+    /// ones are used as they appear.
+    pub gossip: Option<GossipConfig>,
+    /// Use only the first N active schedulers, in a stable order (by scheduler id), as
+    /// Mimir's `max_used_instances`; 0: all. Applies to gossip discovery.
+    pub max_used_instances: usize,
+    /// TLS name the schedulers' certificates are checked against.
+    pub scheduler_server_name: String,
+    /// Where the result endpoint listens.
+    pub result_listen: SocketAddr,
+    /// `host:port` queriers dial for results; defaults to the bound address.
+    pub result_advertise: Option<String>,
+    /// TLS name queriers check this frontend's certificate against.
+    pub result_server_name: String,
+    /// How long a query may wait for a scheduler to take it (at `submit`, and again after
+    /// its scheduler handed it back or was lost), within its deadline; also how long
+    /// [`Frontend::connect`](super::Frontend::connect) waits for `readiness`.
+    pub enqueue_wait: Duration,
+    /// What [`Frontend::connect`](super::Frontend::connect) waits for before it returns.
+    pub readiness: Readiness,
+    /// The deadline of a query whose request sets none: no query waits forever, even if
+    /// its scheduler and its querier both vanish.
+    pub default_timeout: Duration,
+    /// How many times a [`QueryRequest::retriable`] query may run when its querier dies
+    /// mid-query (at least 1; 1 turns redelivery off).
+    pub max_attempts: u32,
+    /// When a scheduler is lost right after dispatching a query, how long to wait for the
+    /// querier to confirm it (queriers confirm within their `confirm_after`) before taking
+    /// the dispatch as lost with the scheduler and placing the query again.
+    pub confirm_grace: Duration,
+    /// A scheduler silent for this long is taken as gone (its queued queries go
+    /// elsewhere). Pings go out every fifth of it.
+    pub idle_timeout: Duration,
+    /// Largest frame sent or accepted.
+    pub max_frame_len: u32,
+}
+
+impl FrontendConfig {
+    /// Defaults for a frontend on this host: result endpoint on 127.0.0.1 (any port),
+    /// TLS names `localhost` (as in the development certificates), queries time out
+    /// after 2 minutes unless they say otherwise, retriable queries run at most twice.
+    pub fn new(id: impl Into<String>, identity: Identity, schedulers: Vec<SocketAddr>) -> Self {
+        FrontendConfig {
+            id: id.into(),
+            identity,
+            schedulers,
+            gossip: None,
+            max_used_instances: 0,
+            scheduler_server_name: "localhost".into(),
+            result_listen: "127.0.0.1:0".parse().expect("valid address"),
+            result_advertise: None,
+            result_server_name: "localhost".into(),
+            enqueue_wait: Duration::from_secs(5),
+            readiness: Readiness::AtLeastOne,
+            default_timeout: Duration::from_secs(120),
+            max_attempts: 2,
+            confirm_grace: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(5),
+            max_frame_len: Limits::default().max_frame_len,
+        }
+    }
+}
+
+/// What a frontend counts as ready: see [`Frontend::connect`](super::Frontend::connect) and [`Frontend::ready`](super::Frontend::ready).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Readiness {
+    /// Nothing: return at once; queries wait (up to `enqueue_wait`) for a scheduler.
+    Nothing,
+    /// At least one scheduler connected and accepting work.
+    #[default]
+    AtLeastOne,
+    /// Every scheduler known now (the static list, or the gossip's members in use), and at
+    /// least one.
+    AllKnown,
+}
+
+/// One sub-query to run.
+#[derive(Debug, Clone, Default)]
+pub struct QueryRequest {
+    /// The tenant the query runs for.
+    pub tenant: String,
+    /// Actor path below the tenant (user, dashboard…), outermost first.
+    pub actors: Vec<String>,
+    /// The backend the query hits, if known.
+    pub component: Option<String>,
+    /// Priority class; higher is served first (`None`: the tenant's default).
+    pub priority: Option<u8>,
+    /// Expected cost in arbitrary units, for cost-aware fairness.
+    pub cost_hint: Option<u32>,
+    /// Time the query may take from `submit`, wherever it is by then (queued, running,
+    /// or streaming its result); `None`: the frontend's `default_timeout`.
+    pub timeout: Option<Duration>,
+    /// The query may run again if its querier dies mid-query (read-only sub-queries may),
+    /// up to the frontend's `max_attempts`.
+    pub retriable: bool,
+    /// Tracing headers and other key/value pairs passed to the querier.
+    pub metadata: Metadata,
+    /// The opaque request the querier executes.
+    pub payload: Bytes,
+}
+
+impl QueryRequest {
+    /// A request for `tenant` with `payload` and nothing else set.
+    pub fn new(tenant: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        QueryRequest {
+            tenant: tenant.into(),
+            payload: payload.into(),
+            ..QueryRequest::default()
+        }
+    }
+}
+
+/// A result as it starts to arrive: status and metadata now, the body as it streams.
+#[derive(Debug)]
+pub struct QueryResponse {
+    /// The querier's status, HTTP style (200 = success).
+    pub status: u16,
+    /// The querier's metadata.
+    pub metadata: Metadata,
+    /// The result body, streaming in.
+    pub body: Body,
+}
+
+/// A result body, received chunk by chunk (never all held in memory by the client). A
+/// body that failed midway (the querier's producer gave up, the stream broke, or the
+/// deadline passed) ends with an error, never as a shorter success.
+#[derive(Debug)]
+pub struct Body {
+    pub(super) rx: mpsc::Receiver<Bytes>,
+    /// Set before the sender goes when the body did not end cleanly.
+    pub(super) failure: Arc<Mutex<Option<QueryError>>>,
+}
+
+impl Body {
+    /// The next chunk; `None` once the body is complete. After an error, `None`.
+    pub async fn chunk(&mut self) -> Option<Result<Bytes, QueryError>> {
+        std::future::poll_fn(|cx| self.poll_chunk(cx)).await
+    }
+
+    /// The next chunk, polled: what [`chunk`](Self::chunk) returns, for the
+    /// [`Stream`](futures_core::Stream) implementation.
+    fn poll_chunk(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<Bytes, QueryError>>> {
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(Some(bytes)) => std::task::Poll::Ready(Some(Ok(bytes))),
+            std::task::Poll::Ready(None) => std::task::Poll::Ready(self.failure.lock().unwrap().take().map(Err)),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    /// The whole body in one buffer.
+    pub async fn collect(mut self) -> Result<Vec<u8>, QueryError> {
+        let mut out = Vec::new();
+        while let Some(chunk) = self.chunk().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+}
+
+/// Where a query is now, as its frontend knows it ([`QueryHandle::placement`](super::QueryHandle::placement)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Placement {
+    /// What the query waits for.
+    pub stage: Stage,
+    /// The scheduler that holds it or dispatched it; `None` while it waits for one, and
+    /// once its result streams in.
+    pub scheduler: Option<SocketAddr>,
+    /// Which run this is: 1, more after its querier died and it was redelivered.
+    pub attempt: u32,
+}
+
+/// The stages of [`Placement`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Stage {
+    /// No scheduler accepts work now; it waits (up to `enqueue_wait`) for one.
+    WaitingForScheduler,
+    /// Sent to a scheduler, not yet accepted.
+    Placing,
+    /// Queued at a scheduler.
+    Queued,
+    /// Handed to a querier worker.
+    Dispatched,
+    /// Its querier confirmed that it runs.
+    Started,
+    /// Its result is streaming in.
+    Receiving,
+}
+
+/// The body as a stream of chunks (`futures::StreamExt` and friends work on it): the same
+/// items as [`Body::chunk`], ending after the error if the body broke.
+impl futures_core::Stream for Body {
+    type Item = Result<Bytes, QueryError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.poll_chunk(cx)
+    }
+}
+
+/// Counters of what the frontend decided about its queries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrontendStats {
+    /// Results for a query that already had one (ignored).
+    pub duplicate_results: u64,
+    /// Results for queries this frontend does not have outstanding.
+    pub unknown_results: u64,
+    /// Results refused for not carrying their query's capability (from a querier the query
+    /// was not dispatched to).
+    pub forged_results: u64,
+    /// Queries placed again, on another scheduler or the same one restarted, after theirs
+    /// handed them back or was lost before dispatching them.
+    pub requeued: u64,
+    /// Retriable queries run again after their querier died mid-query.
+    pub redelivered: u64,
+}
+
+#[cfg(test)]
+mod body_tests {
+    use super::*;
+    use futures_core::Stream;
+
+    #[tokio::test]
+    async fn a_body_streams_its_chunks_then_the_error_it_broke_with_then_ends() {
+        let (tx, rx) = mpsc::channel(4);
+        let failure = Arc::new(Mutex::new(None));
+        let mut body = Body {
+            rx,
+            failure: failure.clone(),
+        };
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        tx.send(Bytes::from_static(b"b")).await.unwrap();
+        *failure.lock().unwrap() = Some(QueryError::Failed("disk gone".into()));
+        drop(tx);
+        let mut items = Vec::new();
+        while let Some(item) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_next(cx)).await {
+            items.push(item);
+        }
+        assert_eq!(
+            items,
+            vec![
+                Ok(Bytes::from_static(b"a")),
+                Ok(Bytes::from_static(b"b")),
+                Err(QueryError::Failed("disk gone".into()))
+            ]
+        );
+    }
+}
