@@ -256,20 +256,25 @@ async fn frontends_use_the_first_max_used_instances_and_queriers_keep_one_worker
     let seed = gossip_addr(&a);
     let b = gossiping(&dir, "b", &[seed], KEY).await;
     let c = gossiping(&dir, "c", &[seed], KEY).await;
+    // The clients join once the seed knows every scheduler, so that their first view has
+    // all three: a querier keeps the workers it gave a scheduler that later drops out of
+    // use, so a partial first view (c before a or b) would legitimately give c four.
+    a.status_until("a to see b and c", |s| active_schedulers(s).len() == 2)
+        .await;
     let mut fc = FrontendConfig::new("frontend-1", a.certs.frontend.clone(), vec![]);
     fc.gossip = Some(client_gossip(seed));
     fc.max_used_instances = 2;
     let frontend = Frontend::connect(fc).await.unwrap();
-    let mut qc = QuerierConfig::new("querier-1", a.certs.querier.clone(), vec![]);
-    qc.gossip = Some(client_gossip(seed));
-    qc.max_used_instances = 2;
-    let querier = Querier::start(qc, Slow).unwrap();
     let mut first_two = vec![a.server.quic_addr(), b.server.quic_addr()];
     first_two.sort();
     until("the frontend to use a and b", async || {
         (frontend.scheduler_addresses() == first_two).then_some(())
     })
     .await;
+    let mut qc = QuerierConfig::new("querier-1", a.certs.querier.clone(), vec![]);
+    qc.gossip = Some(client_gossip(seed));
+    qc.max_used_instances = 2;
+    let querier = Querier::start(qc, Slow).unwrap();
     let mut want = vec![
         (a.server.quic_addr(), 4),
         (b.server.quic_addr(), 4),
