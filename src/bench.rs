@@ -238,8 +238,8 @@ pub(crate) async fn one_query(frontend: &Frontend, request: QueryRequest) -> Res
 }
 
 fn request(c: &BenchConfig, tenant: usize, n: u64, payload: &bytes::Bytes) -> QueryRequest {
-    let mut r = QueryRequest::new(format!("tenant-{tenant}"), payload.clone());
-    r.actors = vec![format!("user-{}", n % c.users.max(1) as u64)];
+    let mut r = QueryRequest::new(format!("tenant-{tenant}"), payload.clone())
+        .with_actors([format!("user-{}", n % c.users.max(1) as u64)]);
     if c.slow_share > 0.0 {
         // Spread deterministically: query n of a tenant is slow when its fractional
         // position falls under the share.

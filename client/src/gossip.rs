@@ -134,6 +134,7 @@ impl fmt::Debug for GossipKey {
 
 /// How to take part in the gossip.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct GossipConfig {
     /// UDP address to bind.
     pub bind: SocketAddr,

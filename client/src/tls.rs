@@ -179,7 +179,7 @@ pub fn peer_role(conn: &quinn::Connection) -> Result<Role, TlsError> {
 /// Checks that the peer of an outgoing connection holds a certificate of `expected` role
 /// (a frontend certificate cannot pose as a scheduler, nor a querier as a frontend);
 /// closes the connection and says why otherwise.
-pub fn expect_peer_role(conn: &quinn::Connection, expected: Role) -> Result<(), String> {
+pub(crate) fn expect_peer_role(conn: &quinn::Connection, expected: Role) -> Result<(), String> {
     match peer_role(conn) {
         Ok(role) if role == expected => Ok(()),
         other => {

@@ -15,6 +15,7 @@ use crate::tls::Identity;
 
 /// Settings of a [`Frontend`](super::Frontend).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct FrontendConfig {
     /// This frontend's id, unique among frontends.
     pub id: String,
@@ -61,6 +62,31 @@ pub struct FrontendConfig {
 }
 
 impl FrontendConfig {
+    /// Follows the schedulers' gossip instead of a static list.
+    pub fn with_gossip(mut self, gossip: GossipConfig) -> Self {
+        self.gossip = Some(gossip);
+        self
+    }
+
+    /// Sets what [`Frontend::connect`](super::Frontend::connect) waits for.
+    pub fn with_readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = readiness;
+        self
+    }
+
+    /// Sets the deadline of queries whose request sets none.
+    pub fn with_default_timeout(mut self, timeout: Duration) -> Self {
+        self.default_timeout = timeout;
+        self
+    }
+
+    /// Sets where the result endpoint listens and the address queriers are told.
+    pub fn with_result_endpoint(mut self, listen: SocketAddr, advertise: Option<String>) -> Self {
+        self.result_listen = listen;
+        self.result_advertise = advertise;
+        self
+    }
+
     /// Defaults for a frontend on this host: result endpoint on 127.0.0.1 (any port),
     /// TLS names `localhost` (as in the development certificates), queries time out
     /// after 2 minutes unless they say otherwise, retriable queries run at most twice.
@@ -101,6 +127,7 @@ pub enum Readiness {
 
 /// One sub-query to run.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct QueryRequest {
     /// The tenant the query runs for.
     pub tenant: String,
@@ -125,13 +152,72 @@ pub struct QueryRequest {
 }
 
 impl QueryRequest {
-    /// A request for `tenant` with `payload` and nothing else set.
+    /// A request for `tenant` with `payload` and nothing else set; the `with_` methods set
+    /// the rest:
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sluice_client::QueryRequest;
+    ///
+    /// let request = QueryRequest::new("tenant-a", "sum(rate(x[5m]))")
+    ///     .with_actors(["dashboard-7"])
+    ///     .with_component("store-gateway")
+    ///     .with_priority(2)
+    ///     .with_cost_hint(40)
+    ///     .with_timeout(Duration::from_secs(30))
+    ///     .with_metadata("request-id", "r-1234")
+    ///     .retriable();
+    /// assert_eq!(request.actors, ["dashboard-7"]);
+    /// assert!(request.retriable);
+    /// ```
     pub fn new(tenant: impl Into<String>, payload: impl Into<Bytes>) -> Self {
         QueryRequest {
             tenant: tenant.into(),
             payload: payload.into(),
             ..QueryRequest::default()
         }
+    }
+
+    /// Sets the actor path below the tenant, outermost first.
+    pub fn with_actors<S: Into<String>>(mut self, actors: impl IntoIterator<Item = S>) -> Self {
+        self.actors = actors.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets the backend the query hits.
+    pub fn with_component(mut self, component: impl Into<String>) -> Self {
+        self.component = Some(component.into());
+        self
+    }
+
+    /// Sets the priority class (higher first).
+    pub fn with_priority(mut self, priority: u8) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+
+    /// Sets the expected cost, for cost-aware fairness.
+    pub fn with_cost_hint(mut self, cost: u32) -> Self {
+        self.cost_hint = Some(cost);
+        self
+    }
+
+    /// Sets the time the query may take from `submit`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Adds a metadata entry (a caller's correlation id, say), passed to the querier.
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.push((key.into(), value.into()));
+        self
+    }
+
+    /// Lets the query run again if its querier dies mid-query.
+    pub fn retriable(mut self) -> Self {
+        self.retriable = true;
+        self
     }
 }
 

@@ -38,6 +38,7 @@ use crate::tls::{self, Identity};
 
 /// Settings of a [`Querier`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct QuerierConfig {
     /// This querier's id: stable across restarts, so its shuffle shards are kept.
     pub id: String,
@@ -76,6 +77,18 @@ pub struct QuerierConfig {
 }
 
 impl QuerierConfig {
+    /// Sets the worker loops per scheduler.
+    pub fn with_concurrency(mut self, workers: usize) -> Self {
+        self.concurrency = workers;
+        self
+    }
+
+    /// Follows the schedulers' gossip instead of a static list.
+    pub fn with_gossip(mut self, gossip: GossipConfig) -> Self {
+        self.gossip = Some(gossip);
+        self
+    }
+
     /// Defaults: 4 workers per scheduler, 256 KiB chunks, 3 delivery attempts, 1 s grace
     /// after a cancel, TLS name `localhost` (as in the development certificates).
     pub fn new(id: impl Into<String>, identity: Identity, schedulers: Vec<SocketAddr>) -> Self {
