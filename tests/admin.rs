@@ -102,3 +102,29 @@ async fn ready_turns_503_while_draining() {
     fe.send(&FrontendToScheduler::Cancel { query_id: 1 }).await;
     tokio::time::timeout(WAIT, shutdown).await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn status_names_the_queriers_in_each_sharded_tenants_shard() {
+    let t = start(|s| s.max_queriers_per_tenant = Some(1)).await;
+    let admin = t.server.admin_addr();
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    // Two queriers connected (not asking for work), one tenant with work queued.
+    let mut workers = Vec::new();
+    for id in ["querier-a", "querier-b"] {
+        let conn = t.connect(&t.certs.querier).await.unwrap();
+        workers.push((worker(&conn, id).await, conn));
+    }
+    t.status_until("two queriers", |s| s.queriers.len() == 2).await;
+    accepted(&mut fe, 1, "acme").await;
+    let (code, json) = get(admin, "/status").await;
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let tenant = &v["tenants"][0];
+    assert_eq!(tenant["shard_size"], 1);
+    let shard: Vec<String> = serde_json::from_value(tenant["shard"].clone()).unwrap();
+    assert_eq!(shard.len(), 1);
+    assert!(["querier-a", "querier-b"].contains(&shard[0].as_str()), "{shard:?}");
+    let (_, html) = get(admin, "/").await;
+    assert!(html.contains(&format!("<td>{}</td>", shard[0])), "{html}");
+}

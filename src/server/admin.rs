@@ -175,6 +175,7 @@ pub(crate) fn to_json(s: &Status) -> serde_json::Value {
             "peak": t.peak,
             "oldest_seconds": t.oldest.as_secs_f64(),
             "shard_size": t.shard_size,
+            "shard": s.shards.get(&t.tenant),
             "weight": t.weight,
             "priority": t.priority,
             "balance": t.balance,
@@ -256,7 +257,10 @@ pub(crate) fn to_html(s: &Status) -> String {
          <th>oldest (s)</th><th>shard</th><th>weight</th><th>priority</th><th>balance</th></tr>",
     );
     for t in &s.tenants {
-        let shard = t.shard_size.map_or("all".to_string(), |n| n.to_string());
+        let shard = match s.shards.get(&t.tenant) {
+            Some(ids) => escape(&ids.join(", ")),
+            None => "all".to_string(),
+        };
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{shard}</td><td>{}</td>\

@@ -21,6 +21,9 @@ pub struct Status {
     pub running: usize,
     pub counters: Counters,
     pub tenants: Vec<TenantStats>,
+    /// The queriers in each sharded tenant's shard, by id (tenants that may use every
+    /// querier are not listed).
+    pub shards: std::collections::BTreeMap<String, Vec<String>>,
     pub components: Vec<(String, u32)>,
     /// Requests queued per priority class, highest first.
     pub classes: Vec<(u8, u32)>,

@@ -938,6 +938,12 @@ impl Dispatcher {
         workers.sort_by(|a, b| (&a.querier, a.slot).cmp(&(&b.querier, b.slot)));
         let mut frontends: Vec<String> = self.frontends.values().map(|f| f.name.clone()).collect();
         frontends.sort();
+        let tenants = self.queue.tenant_stats(now);
+        let shards = tenants
+            .iter()
+            .filter(|t| t.shard_size.is_some())
+            .filter_map(|t| Some((t.tenant.clone(), self.queue.tenant_shard(&t.tenant)?)))
+            .collect();
         Status {
             scheduler_id: self.scheduler_id.clone(),
             uptime: now.saturating_duration_since(self.started),
@@ -946,7 +952,8 @@ impl Dispatcher {
             queued_bytes: self.queue.queued_bytes(),
             running: self.running.len(),
             counters: self.queue.counters(),
-            tenants: self.queue.tenant_stats(now),
+            tenants,
+            shards,
             components: self.queue.component_lengths(),
             classes: self.queue.class_lengths(),
             queriers: self.queue.querier_stats(now),
