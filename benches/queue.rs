@@ -237,9 +237,24 @@ fn memory_report() {
     }
 }
 
+/// The operators' dump (`/explain`) with the admin endpoint's bounds (2 000 nodes, 1 000
+/// requests), over queues of 100 000 requests: the dispatcher runs it between commands.
+fn explain(c: &mut Criterion) {
+    let mut group = c.benchmark_group("explain");
+    for (tenants, depth) in [(1_000, 2), (100_000, 0)] {
+        let s = setup(tenants, depth, false, Policies::Off);
+        group.bench_function(
+            format!("queued={}/tenants={tenants}/depth={depth}", s.queue.len()),
+            |b| b.iter(|| black_box(s.queue.explain(s.now, 2_000, 1_000))),
+        );
+    }
+    group.finish();
+}
+
 fn main() {
     memory_report();
     let mut c = Criterion::default().configure_from_args();
     enqueue_dequeue(&mut c);
+    explain(&mut c);
     c.final_summary();
 }

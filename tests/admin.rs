@@ -128,3 +128,33 @@ async fn status_names_the_queriers_in_each_sharded_tenants_shard() {
     let (_, html) = get(admin, "/").await;
     assert!(html.contains(&format!("<td>{}</td>", shard[0])), "{html}");
 }
+
+#[tokio::test]
+async fn explain_dumps_the_queue_tree_with_paths_ages_and_balances() {
+    let t = start(|_| {}).await;
+    let admin = t.server.admin_addr();
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    let FrontendToScheduler::Enqueue(mut e) = enqueue(7, "acme") else {
+        unreachable!()
+    };
+    e.actors = vec!["ann".into()];
+    e.timeout_ms = Some(60_000);
+    fe.send(&FrontendToScheduler::Enqueue(e)).await;
+    assert_eq!(status_of(&mut fe, 7).await, EnqueueStatus::Accepted);
+    let (code, json) = get(admin, "/explain").await;
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!((v["queued"].as_u64(), v["truncated"].as_bool()), (Some(1), Some(false)));
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{json}");
+    assert_eq!(nodes[0]["path"], serde_json::json!(["", "acme"]));
+    assert_eq!(nodes[0]["tenant"]["weight"], 1);
+    assert_eq!(nodes[1]["path"], serde_json::json!(["", "acme", "ann"]));
+    assert_eq!(nodes[1]["own"], 1);
+    let request = &v["requests"][0];
+    assert_eq!(request["query"], 7);
+    assert_eq!(request["path"], serde_json::json!(["", "acme", "ann"]));
+    let left = request["deadline_in_ms"].as_f64().unwrap();
+    assert!(left > 50_000.0 && left <= 60_000.0, "{left}");
+}

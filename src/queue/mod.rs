@@ -37,6 +37,7 @@
 //! (see [`Counters`]); one that is refused at enqueue is returned to the caller.
 
 mod config;
+mod explain;
 mod queriers;
 mod shard;
 mod slab;
@@ -55,6 +56,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 pub use config::{ConfigError, QueueConfig, TenantOverrides};
+pub use explain::{Explain, ExplainNode, ExplainRequest, TenantPolicy};
 pub use queriers::WorkerId;
 pub(crate) use shard::mix as mix64;
 

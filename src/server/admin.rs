@@ -51,6 +51,7 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, state: AdminState, 
         .route("/metrics", get(metrics))
         .route("/ready", get(ready))
         .route("/status", get(status_json))
+        .route("/explain", get(explain))
         .route("/", get(status_html))
         .with_state(state);
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
@@ -130,6 +131,45 @@ async fn snapshot(s: &AdminState) -> Option<Status> {
     let mut status = rx.await.ok()?;
     status.gossip = s.gossip.as_ref().map(GossipView::snapshot);
     Some(status)
+}
+
+/// The queue tree as JSON: nodes (path, length, own FIFO, oldest age; a tenant's class,
+/// weight, balance and shard size on its roots) and waiting requests (path, age, cost,
+/// deadline), bounded; `truncated` says whether more exist.
+async fn explain(State(s): State<AdminState>) -> Response {
+    let (reply, rx) = oneshot::channel();
+    if s.commands.send(Command::Explain { reply }).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response();
+    }
+    let Ok(e) = rx.await else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response();
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let body = json!({
+        "queued": e.queued,
+        "truncated": e.truncated,
+        "nodes": (0..e.nodes.len()).map(|i| {
+            let n = &e.nodes[i];
+            json!({
+                "path": e.path(i),
+                "queued": n.queued,
+                "own": n.local,
+                "oldest_ms": n.oldest.map(ms),
+                "tenant": n.tenant.map(|t| json!({
+                    "priority": t.priority, "weight": t.weight, "balance": t.balance, "shard_size": t.shard_size,
+                })),
+            })
+        }).collect::<Vec<_>>(),
+        "requests": e.requests.iter().map(|r| json!({
+            "path": e.path(r.node),
+            "frontend": r.key.frontend,
+            "query": r.key.query,
+            "age_ms": ms(r.age),
+            "cost": r.cost,
+            "deadline_in_ms": r.deadline_in.map(ms),
+        })).collect::<Vec<_>>(),
+    });
+    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
 async fn status_json(State(s): State<AdminState>) -> Response {

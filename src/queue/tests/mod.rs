@@ -1,6 +1,7 @@
 //! Tests of the queue core, all driven by a fake clock (`t0 + offsets`).
 
 mod anchors;
+mod explain;
 mod policies;
 mod props;
 
