@@ -935,3 +935,33 @@ async fn a_query_carries_its_trace_context_to_the_handler_one_hop_further_each_t
     assert_eq!(at_handler.trace_id, started.trace_id);
     q.shutdown().await;
 }
+
+#[tokio::test]
+async fn cancel_returns_once_the_scheduler_acted_on_it_queued_or_running() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    // Queued (no querier yet): acknowledged, and by then it is out of the queue.
+    let queued = fe.submit(QueryRequest::new("t", "q")).await.unwrap();
+    assert_eq!(wait("the cancel", queued.cancel()).await, CancelOutcome::Acknowledged);
+    let s = t.server.status().await.unwrap();
+    assert_eq!((s.queued, s.counters.cancelled), (0, 1));
+    // Running: acknowledged once the querier was told; the handler sees its cancel.
+    let (h, mut events) = handler(Duration::ZERO);
+    let q = querier_for("querier-1", &[&t], 1, h);
+    let running = fe.submit(QueryRequest::new("t", "hang")).await.unwrap();
+    let id = running.id();
+    assert_eq!(wait("the handler", events.started.recv()).await, Some(id));
+    assert_eq!(wait("the cancel", running.cancel()).await, CancelOutcome::Acknowledged);
+    assert_eq!(wait("the handler's cancel", events.cancelled.recv()).await, Some(id));
+    // Answered but not read: nothing left to cancel.
+    let done = fe.submit(QueryRequest::new("t", "fast")).await.unwrap();
+    wait("the answer", async {
+        while done.placement().is_some() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(done.cancel().await, CancelOutcome::AlreadyEnded);
+    assert_eq!(fe.outstanding(), 0);
+    q.shutdown().await;
+}

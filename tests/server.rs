@@ -69,8 +69,13 @@ async fn cancel_removes_a_queued_query() {
     let mut fe = frontend(&fe_conn, "fe-1").await;
     accepted(&mut fe, 1, "t").await;
     fe.send(&FrontendToScheduler::Cancel { query_id: 1 }).await;
-    t.status_until("the cancel", |s| s.counters.cancelled == 1 && s.queued == 0)
-        .await;
+    // Acknowledged once done: by then it is out of the queue.
+    assert_eq!(
+        fe.next_from_scheduler().await,
+        SchedulerToFrontend::Cancelled { query_id: 1 }
+    );
+    let s = t.server.status().await.unwrap();
+    assert_eq!((s.counters.cancelled, s.queued), (1, 0));
     accepted(&mut fe, 2, "t").await;
     let mut w = worker(&q_conn, "q").await;
     w.send(&QuerierToScheduler::Ready { finished: None }).await;
@@ -91,6 +96,10 @@ async fn cancel_in_flight_tells_the_querier_and_keeps_its_stream() {
     assert_eq!(
         w.recv::<SchedulerToQuerier>().await,
         SchedulerToQuerier::Cancel { query_id: 1 }
+    );
+    assert_eq!(
+        fe.next_from_scheduler().await,
+        SchedulerToFrontend::Cancelled { query_id: 1 }
     );
     // Same stream, next query.
     w.send(&QuerierToScheduler::Ready { finished: None }).await;

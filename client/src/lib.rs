@@ -21,8 +21,8 @@ pub mod trace;
 
 pub use error::{ClientError, QueryError};
 pub use frontend::{
-    Body, Frontend, FrontendConfig, FrontendStats, Placement, QueryHandle, QueryRequest, QueryResponse, Readiness,
-    Stage,
+    Body, CancelOutcome, Frontend, FrontendConfig, FrontendStats, Placement, QueryHandle, QueryRequest, QueryResponse,
+    Readiness, Stage,
 };
 pub use querier::{
     BodyClosed, BodySender, BodyStream, BoxedResponse, DynHandler, Handler, HandlerError, HandlerFn, Querier,

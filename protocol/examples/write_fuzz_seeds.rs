@@ -96,6 +96,7 @@ fn main() {
         SchedulerToFrontend::Dispatched {
             query_ids: vec![40, 41, 42],
         },
+        SchedulerToFrontend::Cancelled { query_id: 42 },
     ]);
     write(stream_dir, "to-frontend", 1 | (3 << 3), &sf);
     let mut q = frames(&[hello(Role::Querier, StreamKind::DequeueLoop)]);

@@ -15,6 +15,7 @@
 //!                              ◄─ SchedulerToFrontend::EnqueueStatus   (exactly one per Enqueue)
 //!                              ◄─ SchedulerToFrontend::Dispatched      (batched: these queries were handed to queriers)
 //!   FrontendToScheduler::Cancel  ─►
+//!                              ◄─ SchedulerToFrontend::Cancelled       (exactly one per Cancel, once acted on)
 //!                              ◄─ SchedulerToFrontend::QueryError      (querier died, deadline, shutdown…)
 //!                              ◄─ SchedulerToFrontend::ShuttingDown
 //!
@@ -212,6 +213,10 @@ pub enum SchedulerToFrontend {
         #[serde(deserialize_with = "crate::bounded::seq::<_, _, { crate::bounded::HARD_MAX_DISPATCHED_IDS }>")]
         query_ids: Vec<QueryId>,
     },
+    /// The answer to one [`FrontendToScheduler::Cancel`], once the scheduler acted on it:
+    /// the query was removed from the queue, its querier was told to stop, or the scheduler
+    /// no longer had it.
+    Cancelled { query_id: QueryId },
 }
 
 /// The outcome of one [`Enqueue`].

@@ -141,6 +141,7 @@ fn scheduler_to_frontend() -> impl Strategy<Value = SchedulerToFrontend> {
         }),
         Just(SchedulerToFrontend::ShuttingDown),
         vec(any::<u64>(), 0..40).prop_map(|query_ids| SchedulerToFrontend::Dispatched { query_ids }),
+        any::<u64>().prop_map(|query_id| SchedulerToFrontend::Cancelled { query_id }),
     ]
 }
 

@@ -91,7 +91,10 @@ async fn serve_scheduler(
     let result = loop {
         tokio::select! {
             msg = reader.next::<SchedulerToFrontend>() => match msg {
-                Ok(Some(m)) => shared.event(event_of(s, m)),
+                Ok(Some(m)) => match event_of(s, m) {
+                    Ok(event) => shared.event(event),
+                    Err(cancelled) => shared.cancel_acknowledged(cancelled),
+                },
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e.to_string()),
             },
@@ -109,9 +112,10 @@ async fn serve_scheduler(
     result
 }
 
-/// The table's event for a frame from scheduler `s`.
-fn event_of(s: SchedulerIx, msg: SchedulerToFrontend) -> Event {
-    match msg {
+/// The table's event for a frame from scheduler `s`, or the query whose cancel it
+/// acknowledges (which only wakes a waiting `QueryHandle::cancel`).
+fn event_of(s: SchedulerIx, msg: SchedulerToFrontend) -> Result<Event, sluice_protocol::QueryId> {
+    Ok(match msg {
         SchedulerToFrontend::EnqueueStatus { query_id, status, load } => Event::Status {
             scheduler: s,
             id: query_id,
@@ -133,5 +137,6 @@ fn event_of(s: SchedulerIx, msg: SchedulerToFrontend) -> Event {
             scheduler: s,
             ids: query_ids,
         },
-    }
+        SchedulerToFrontend::Cancelled { query_id } => return Err(query_id),
+    })
 }

@@ -14,7 +14,9 @@ mod link;
 mod results;
 mod types;
 
-pub use types::{Body, FrontendConfig, FrontendStats, Placement, QueryRequest, QueryResponse, Readiness, Stage};
+pub use types::{
+    Body, CancelOutcome, FrontendConfig, FrontendStats, Placement, QueryRequest, QueryResponse, Readiness, Stage,
+};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -87,6 +89,36 @@ impl QueryHandle {
             Ok(r) => debug!(status = r.status, "answered"),
             Err(e) => debug!(error = %e, "failed"),
         });
+        outcome
+    }
+
+    /// Cancels the query and returns once it is nowhere any more: at once if no
+    /// scheduler holds it (it waited for one, or its result was streaming), otherwise when
+    /// the scheduler that held it acknowledges (it removed the query from its queue or
+    /// told the querier running it to stop). [`CancelOutcome::Unacknowledged`] if that
+    /// scheduler did not answer within the frontend's `idle_timeout` (it is then taken as
+    /// gone; the query is cancelled here either way). Dropping the handle cancels too,
+    /// without waiting.
+    pub async fn cancel(mut self) -> CancelOutcome {
+        self.armed = false;
+        let Some(placement) = self.placement() else {
+            return CancelOutcome::AlreadyEnded;
+        };
+        let held = placement.scheduler.is_some() && placement.stage != Stage::Receiving;
+        let ack = held.then(|| {
+            let (tx, rx) = oneshot::channel();
+            self.shared.cancels.lock().unwrap().insert(self.id, tx);
+            rx
+        });
+        self.shared.event(Event::Cancel { id: self.id });
+        let Some(ack) = ack else {
+            return CancelOutcome::Cancelled;
+        };
+        let outcome = match tokio::time::timeout(self.shared.config.idle_timeout, ack).await {
+            Ok(Ok(())) => CancelOutcome::Acknowledged,
+            _ => CancelOutcome::Unacknowledged,
+        };
+        self.shared.cancels.lock().unwrap().remove(&self.id);
         outcome
     }
 
@@ -206,6 +238,8 @@ struct Shared {
     timer: Notify,
     stop: CancellationToken,
     result_endpoint: quinn::Endpoint,
+    /// `QueryHandle::cancel` calls waiting for their scheduler's acknowledgement.
+    cancels: Mutex<HashMap<QueryId, oneshot::Sender<()>>>,
 }
 
 impl Frontend {
@@ -283,6 +317,7 @@ impl Frontend {
             timer: Notify::new(),
             stop: CancellationToken::new(),
             result_endpoint: result_endpoint.clone(),
+            cancels: Mutex::new(HashMap::new()),
         });
         tokio::spawn(results::endpoint_loop(shared.clone(), result_endpoint.clone()));
         tokio::spawn(timer_loop(shared.clone()));
@@ -595,6 +630,13 @@ impl Shared {
     /// Connects to the schedulers discovery wants (those in use, and leaving ones whose
     /// queued work may still run) and stops the links to the others; their queries that
     /// had not started are placed again elsewhere.
+    /// A scheduler acknowledged the cancel of `id`.
+    fn cancel_acknowledged(&self, id: QueryId) {
+        if let Some(waiter) = self.cancels.lock().unwrap().remove(&id) {
+            let _ = waiter.send(());
+        }
+    }
+
     /// Schedulers discovery wants used now.
     fn known_schedulers(&self) -> usize {
         self.links()

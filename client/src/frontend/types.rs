@@ -329,6 +329,20 @@ pub struct FrontendStats {
     pub redelivered: u64,
 }
 
+/// How [`QueryHandle::cancel`](super::QueryHandle::cancel) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The scheduler holding the query acted on the cancel.
+    Acknowledged,
+    /// No scheduler held the query (it waited for one, or its result was streaming in):
+    /// cancelled here.
+    Cancelled,
+    /// The query had already ended (answered, failed or cancelled).
+    AlreadyEnded,
+    /// The scheduler holding it did not answer in time (it is taken as gone).
+    Unacknowledged,
+}
+
 #[cfg(test)]
 mod body_tests {
     use super::*;

@@ -398,6 +398,7 @@ impl Dispatcher {
             } => self.enqueue(now, frontend, enqueue, received),
             Command::Cancel { frontend, query } => {
                 self.cancel(QueryKey { frontend, query });
+                self.tell_frontend(frontend, SchedulerToFrontend::Cancelled { query_id: query });
                 self.serve_waiting(now);
             }
             Command::FrontendClosed { frontend, graceful } => self.frontend_closed(now, frontend, graceful),
