@@ -6,6 +6,26 @@
 //!   with your [`Handler`], and send results straight to the frontend that asked.
 //! - [`gossip`]: SWIM membership of schedulers; either client can follow the live schedulers
 //!   through it (`gossip` in its config) instead of a static list.
+//!
+//! # A query's life, as a caller sees it
+//!
+//! [`Frontend::connect`] returns once its [`Readiness`] holds (by default one scheduler
+//! connected), or fails with [`ClientError::NotReady`]. [`Frontend::submit`] returns a
+//! [`QueryHandle`] once a scheduler accepted the [`QueryRequest`] (built with its `with_`
+//! methods); [`QueryHandle::placement`] says where it is, [`QueryHandle::response`] waits for
+//! the [`QueryResponse`] whose [`Body`] streams in (also as a `futures` `Stream`), and
+//! [`QueryHandle::cancel`] (or dropping the handle) cancels it. Every query ends exactly once,
+//! by its deadline at the latest: with its result or a typed [`QueryError`], whose
+//! [`is_retryable`](QueryError::is_retryable) says whether submitting it again may help.
+//!
+//! On the querier side, a [`Handler`] (or [`handler_fn`]) gets each [`Request`] with its
+//! tenant, path, deadline, the scheduler that dispatched it and a [`CancellationToken`]
+//! that fires on a cancel or at the deadline; it answers with a [`Response`], whole or
+//! streamed through a [`BodySender`].
+//!
+//! Each query carries a W3C `traceparent` in its metadata ([`trace`]): the caller's,
+//! continued, or one the frontend starts; the querier runs the handler in a `query` span
+//! with its trace id.
 
 #![warn(missing_docs)]
 
@@ -29,3 +49,5 @@ pub use querier::{
     QuerierConfig, Request, Response, ResponseBody, SchedulerWorkers, handler_fn,
 };
 pub use sluice_protocol::{FrontendAddress, Metadata, QueryId, Role};
+/// The token in [`Request::cancelled`] (from `tokio-util`).
+pub use tokio_util::sync::CancellationToken;
