@@ -15,8 +15,7 @@ use sluice_protocol::{
 };
 use tokio::sync::Mutex;
 
-use super::worker::Stream;
-use super::{HandlerError, Response, ResponseBody, Shared};
+use super::{HandlerError, Response, ResponseBody, Shared, Stream};
 
 /// Frontend addresses kept before closed connections are swept from the cache.
 const SWEEP_ABOVE: usize = 64;

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sluice_protocol::{Limits, Metadata, close_code};
+use sluice_protocol::{FramedRead, FramedWrite, Limits, Metadata, close_code};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,10 @@ use crate::discovery::{Discovery, Target};
 use crate::error::ClientError;
 use crate::gossip::{GossipConfig, MemberRole};
 use crate::tls::{self, Identity};
+
+/// A bidirectional stream with its framing: a worker's dequeue loop, a shutdown notice,
+/// or a result stream.
+type Stream = (FramedWrite<quinn::SendStream>, FramedRead<quinn::RecvStream>);
 
 /// Settings of a [`Querier`].
 #[derive(Debug, Clone)]

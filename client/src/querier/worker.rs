@@ -16,11 +16,9 @@ use tracing::{Instrument, debug, warn};
 use crate::trace::TraceParent;
 
 use super::deliver::{self, Delivery};
-use super::{Counted, Handler, HandlerError, Link, Request, Shared};
+use super::{Counted, Handler, HandlerError, Link, Request, Shared, Stream};
 use crate::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
-
-pub(super) type Stream = (FramedWrite<quinn::SendStream>, FramedRead<quinn::RecvStream>);
 
 /// Why a dequeue loop on one stream ended.
 enum Ended {
