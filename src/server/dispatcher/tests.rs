@@ -100,6 +100,16 @@ impl Harness {
         (id.try_recv().unwrap(), rx, cut)
     }
 
+    /// The queries the frontend has been told failed, in order, from the frames waiting.
+    fn failed_queries(&mut self) -> Vec<u64> {
+        std::iter::from_fn(|| self.frame().ok())
+            .filter_map(|f| match f {
+                SchedulerToFrontend::QueryError { query_id, .. } => Some(query_id),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn ready(&mut self, worker: WorkerId) {
         self.d.handle(Command::Ready { worker, finished: None }, self.now);
     }
@@ -267,12 +277,7 @@ fn a_worker_lost_while_its_result_is_delivered_fails_the_query_until_the_next_re
     assert_eq!(dispatched_id(&mut w_rx), Some(3));
     h.ready(w); // query 2 settled, query 3 delivering
     h.d.handle(Command::WorkerClosed { worker: w }, h.now);
-    let failed: Vec<u64> = std::iter::from_fn(|| h.frame().ok())
-        .filter_map(|f| match f {
-            SchedulerToFrontend::QueryError { query_id, .. } => Some(query_id),
-            _ => None,
-        })
-        .collect();
+    let failed = h.failed_queries();
     assert_eq!(failed, vec![3]);
 }
 
@@ -287,12 +292,7 @@ fn a_query_placed_again_is_not_failed_by_its_earlier_delivery() {
     // The frontend placed query 1 again (its earlier result never came); it is queued.
     h.enqueue(1);
     h.d.handle(Command::WorkerClosed { worker: w }, h.now);
-    let failed: Vec<u64> = std::iter::from_fn(|| h.frame().ok())
-        .filter_map(|f| match f {
-            SchedulerToFrontend::QueryError { query_id, .. } => Some(query_id),
-            _ => None,
-        })
-        .collect();
+    let failed = h.failed_queries();
     assert_eq!(
         failed,
         vec![2],
