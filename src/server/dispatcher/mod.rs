@@ -629,7 +629,11 @@ impl Dispatcher {
             return;
         }
         // The worker's previous delivery is settled; the query it ran is now delivering.
-        if let Some(settled) = w.delivering.take() {
+        // (The map's entry goes only if it is still this worker's: the key may have been
+        // placed again and be delivering through another worker now.)
+        if let Some(settled) = w.delivering.take()
+            && self.delivering.get(&settled) == Some(&worker)
+        {
             self.delivering.remove(&settled);
         }
         if let Some(key) = w.running {

@@ -301,6 +301,27 @@ fn a_query_placed_again_is_not_failed_by_its_earlier_delivery() {
 }
 
 #[test]
+fn a_settled_delivery_does_not_forget_the_same_query_delivering_through_another_worker() {
+    let mut h = harness();
+    h.enqueue(1);
+    h.enqueue(2);
+    let (first, mut first_rx) = h.busy_worker();
+    h.ready(first); // query 1 delivering through `first`, which runs query 2
+    assert_eq!(dispatched_id(&mut first_rx), Some(2));
+    // The frontend placed query 1 again; another worker runs it and hands its result over.
+    h.enqueue(1);
+    let (second, _second_rx) = h.busy_worker();
+    h.ready(second); // query 1 delivering through `second`
+    h.ready(first); // `first`'s delivery of query 1 is settled
+    h.d.handle(Command::WorkerClosed { worker: second }, h.now);
+    assert_eq!(
+        h.failed_queries(),
+        vec![1],
+        "the second delivery of query 1 is still the second worker's"
+    );
+}
+
+#[test]
 fn worker_streams_closed_by_our_own_shutdown_do_not_fail_their_queries() {
     let mut h = harness();
     h.enqueue(1);
