@@ -39,7 +39,11 @@ async fn metrics_ready_and_status_reflect_traffic() {
         EnqueueStatus::TooManyOutstanding { limit: 2 }
     );
     let mut w = worker(&q_conn, "querier-1").await;
-    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    w.send(&QuerierToScheduler::Ready {
+        worker: 0,
+        finished: None,
+    })
+    .await;
     dispatched(&mut w).await;
 
     assert_eq!(get(admin, "/ready").await, (200, "ready\n".into()));
@@ -109,14 +113,23 @@ async fn status_names_the_queriers_in_each_sharded_tenants_shard() {
     let admin = t.server.admin_addr();
     let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe-1").await;
-    // Two queriers connected (not asking for work), one tenant with work queued.
+    // Two queriers with one worker each; the tenant's one querier runs query 1 and query 2
+    // waits for it (the other querier is outside the shard).
     let mut workers = Vec::new();
     for id in ["querier-a", "querier-b"] {
         let conn = t.connect(&t.certs.querier).await.unwrap();
-        workers.push((worker(&conn, id).await, conn));
+        let mut w = worker(&conn, id).await;
+        w.send(&QuerierToScheduler::Ready {
+            worker: 0,
+            finished: None,
+        })
+        .await;
+        workers.push((w, conn));
     }
     t.status_until("two queriers", |s| s.queriers.len() == 2).await;
     accepted(&mut fe, 1, "acme").await;
+    accepted(&mut fe, 2, "acme").await;
+    t.status_until("query 2 queued", |s| s.queued == 1).await;
     let (code, json) = get(admin, "/status").await;
     assert_eq!(code, 200);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();

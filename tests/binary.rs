@@ -20,7 +20,11 @@ async fn serve_needs_no_files_and_stops_cleanly_on_sigterm() {
     let mut fe = frontend(&fe_conn, "fe").await;
     let mut w = worker(&q_conn, "q").await;
     accepted(&mut fe, 1, "t").await;
-    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    w.send(&QuerierToScheduler::Ready {
+        worker: 0,
+        finished: None,
+    })
+    .await;
     assert_eq!(dispatched(&mut w).await.query_id, 1);
 
     signal(&s.child, "TERM").await;

@@ -126,7 +126,11 @@ async fn raw_querier_process() {
     };
     let conn = connect(addr.parse().unwrap(), &id).await.unwrap();
     let mut w = worker(&conn, "raw-querier").await;
-    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    w.send(&QuerierToScheduler::Ready {
+        worker: 0,
+        finished: None,
+    })
+    .await;
     let d = dispatched(&mut w).await;
     println!("DISPATCHED {}", d.query_id);
     tokio::time::sleep(Duration::from_secs(600)).await;

@@ -16,7 +16,11 @@ async fn enqueue_dispatch_ready_cycle() {
     let mut w = worker(&q_conn, "querier-1").await;
 
     accepted(&mut fe, 1, "tenant-a").await;
-    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    w.send(&QuerierToScheduler::Ready {
+        worker: 0,
+        finished: None,
+    })
+    .await;
     let d = dispatched(&mut w).await;
     assert_eq!((d.query_id, d.tenant.as_str()), (1, "tenant-a"));
     assert_eq!(d.frontend.id, "fe-1");
@@ -27,6 +31,7 @@ async fn enqueue_dispatch_ready_cycle() {
 
     // The worker waits for more; an enqueue now reaches it at once.
     w.send(&QuerierToScheduler::Ready {
+        worker: 0,
         finished: Some(Finished {
             frontend_id: "fe-1".into(),
             query_id: 1,
@@ -55,7 +60,11 @@ async fn tenants_take_turns_across_the_network() {
     let mut w = worker(&q_conn, "querier-1").await;
     let mut order = Vec::new();
     for _ in 0..3 {
-        w.send(&QuerierToScheduler::Ready { finished: None }).await;
+        w.send(&QuerierToScheduler::Ready {
+            worker: 0,
+            finished: None,
+        })
+        .await;
         order.push(dispatched(&mut w).await.tenant);
     }
     assert_eq!(order, ["noisy", "quiet", "noisy"]);
@@ -78,7 +87,11 @@ async fn cancel_removes_a_queued_query() {
     assert_eq!((s.counters.cancelled, s.queued), (1, 0));
     accepted(&mut fe, 2, "t").await;
     let mut w = worker(&q_conn, "q").await;
-    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    w.send(&QuerierToScheduler::Ready {
+        worker: 0,
+        finished: None,
+    })
+    .await;
     assert_eq!(dispatched(&mut w).await.query_id, 2, "the cancelled query is never run");
 }
 
@@ -90,19 +103,27 @@ async fn cancel_in_flight_tells_the_querier_and_keeps_its_stream() {
     let mut fe = frontend(&fe_conn, "fe-1").await;
     let mut w = worker(&q_conn, "q").await;
     accepted(&mut fe, 1, "t").await;
-    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    w.send(&QuerierToScheduler::Ready {
+        worker: 0,
+        finished: None,
+    })
+    .await;
     assert_eq!(dispatched(&mut w).await.query_id, 1);
     fe.send(&FrontendToScheduler::Cancel { query_id: 1 }).await;
     assert_eq!(
         w.recv::<SchedulerToQuerier>().await,
-        SchedulerToQuerier::Cancel { query_id: 1 }
+        SchedulerToQuerier::Cancel { worker: 0, query_id: 1 }
     );
     assert_eq!(
         fe.next_from_scheduler().await,
         SchedulerToFrontend::Cancelled { query_id: 1 }
     );
     // Same stream, next query.
-    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    w.send(&QuerierToScheduler::Ready {
+        worker: 0,
+        finished: None,
+    })
+    .await;
     accepted(&mut fe, 2, "t").await;
     assert_eq!(dispatched(&mut w).await.query_id, 2);
 }
@@ -122,7 +143,11 @@ async fn one_running(t: &TestServer, querier: &str) -> OneRunning {
     let mut fe = frontend(&fe_conn, "fe-1").await;
     let mut w = worker(&q_conn, querier).await;
     accepted(&mut fe, 1, "t").await;
-    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    w.send(&QuerierToScheduler::Ready {
+        worker: 0,
+        finished: None,
+    })
+    .await;
     assert_eq!(dispatched(&mut w).await.query_id, 1);
     OneRunning {
         _fe_conn: fe_conn,
@@ -286,7 +311,11 @@ async fn shutdown_drains_then_hands_back_what_is_left() {
     fe.send(&enqueue(9, "t")).await;
     assert_eq!(status_of(&mut fe, 9).await, EnqueueStatus::ShuttingDown);
     // …queued work still dispatches during the drain…
-    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    w.send(&QuerierToScheduler::Ready {
+        worker: 0,
+        finished: None,
+    })
+    .await;
     assert_eq!(dispatched(&mut w).await.query_id, 0);
     // …and what is left is handed back, each query explicitly.
     let mut handed_back = Vec::new();
@@ -310,7 +339,11 @@ async fn querier_shutdown_notice_stops_its_workers() {
     let t = start(|_| {}).await;
     let q_conn = t.connect(&t.certs.querier).await.unwrap();
     let mut w = worker(&q_conn, "q-1").await;
-    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    w.send(&QuerierToScheduler::Ready {
+        worker: 0,
+        finished: None,
+    })
+    .await;
     t.status_until("worker waiting", |s| s.workers.len() == 1).await;
     let mut notice = open(&q_conn, Hello::new(Role::Querier, "q-1", StreamKind::ShutdownNotice))
         .await
@@ -481,8 +514,18 @@ async fn a_ready_out_of_turn_closes_the_querier_connection_and_fails_its_running
     } = one_running(&t, "querier-7").await;
     // Another worker of the same querier says Ready twice without being given anything.
     let mut rogue = worker(&q_conn, "querier-7").await;
-    rogue.send(&QuerierToScheduler::Ready { finished: None }).await;
-    rogue.send(&QuerierToScheduler::Ready { finished: None }).await;
+    rogue
+        .send(&QuerierToScheduler::Ready {
+            worker: 0,
+            finished: None,
+        })
+        .await;
+    rogue
+        .send(&QuerierToScheduler::Ready {
+            worker: 0,
+            finished: None,
+        })
+        .await;
     let reason = tokio::time::timeout(WAIT, q_conn.closed())
         .await
         .expect("the connection is closed");
@@ -513,7 +556,11 @@ async fn running_queries_are_cancelled_only_when_their_frontend_closes_on_purpos
     let t = start(|_| {}).await;
     let q_conn = t.connect(&t.certs.querier).await.unwrap();
     let mut w = worker(&q_conn, "q").await;
-    w.send(&QuerierToScheduler::Ready { finished: None }).await;
+    w.send(&QuerierToScheduler::Ready {
+        worker: 0,
+        finished: None,
+    })
+    .await;
     let mut next_query = 1;
     for (code, cancelled) in [(close_code::PROTOCOL_ERROR, false), (close_code::DONE, true)] {
         let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
@@ -528,15 +575,26 @@ async fn running_queries_are_cancelled_only_when_their_frontend_closes_on_purpos
         if cancelled {
             assert_eq!(
                 w.recv::<SchedulerToQuerier>().await,
-                SchedulerToQuerier::Cancel { query_id: running }
+                SchedulerToQuerier::Cancel {
+                    worker: 0,
+                    query_id: running
+                }
             );
         }
-        w.send(&QuerierToScheduler::Ready { finished: None }).await;
+        w.send(&QuerierToScheduler::Ready {
+            worker: 0,
+            finished: None,
+        })
+        .await;
         let other = t.connect(&t.certs.frontend).await.unwrap();
         let mut fe2 = frontend(&other, "fe-2").await;
         accepted(&mut fe2, running + 1, "t").await;
         assert_eq!(dispatched(&mut w).await.query_id, running + 1, "close code {code}");
-        w.send(&QuerierToScheduler::Ready { finished: None }).await;
+        w.send(&QuerierToScheduler::Ready {
+            worker: 0,
+            finished: None,
+        })
+        .await;
         other.close(close_code::DONE.into(), b"bye");
         t.status_until("the second frontend gone", |s| s.frontends.is_empty())
             .await;

@@ -73,22 +73,41 @@ impl TraceParent {
     /// Sets `metadata`'s trace context to this one (replacing any other).
     pub fn set(&self, metadata: &mut Metadata) {
         metadata.retain(|(k, _)| !k.eq_ignore_ascii_case(TRACEPARENT));
-        metadata.push((TRACEPARENT.to_string(), self.to_string()));
+        metadata.push((TRACEPARENT.to_string(), self.header()));
     }
 
     /// The trace id as 32 hex digits, as logged.
     pub fn trace_id_hex(&self) -> String {
-        format!("{:032x}", self.trace_id)
+        let mut out = String::with_capacity(32);
+        push_hex(&mut out, &self.trace_id.to_be_bytes());
+        out
+    }
+
+    /// The `traceparent` header value (written by hand: it is made for every query, and
+    /// the formatting machinery costs several times more).
+    fn header(&self) -> String {
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        push_hex(&mut out, &self.trace_id.to_be_bytes());
+        out.push('-');
+        push_hex(&mut out, &self.parent_id.to_be_bytes());
+        out.push('-');
+        push_hex(&mut out, &[self.flags]);
+        out
+    }
+}
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
     }
 }
 
 impl std::fmt::Display for TraceParent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id, self.parent_id, self.flags
-        )
+        f.write_str(&self.header())
     }
 }
 

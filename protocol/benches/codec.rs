@@ -68,7 +68,14 @@ where
 
 fn codec(c: &mut Criterion) {
     bench_frame(c, "enqueue_1KiB", enqueue_1k());
-    bench_frame(c, "ready", QuerierToScheduler::Ready { finished: None });
+    bench_frame(
+        c,
+        "ready",
+        QuerierToScheduler::Ready {
+            worker: 0,
+            finished: None,
+        },
+    );
 }
 
 criterion_group!(benches, codec);

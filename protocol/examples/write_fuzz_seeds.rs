@@ -101,6 +101,7 @@ fn main() {
     write(stream_dir, "to-frontend", 1 | (3 << 3), &sf);
     let mut q = frames(&[hello(Role::Querier, StreamKind::DequeueLoop)]);
     q.extend_from_slice(&frames(&[QuerierToScheduler::Ready {
+        worker: 3,
         finished: Some(Finished {
             frontend_id: "fe-1".into(),
             query_id: 41,
@@ -109,8 +110,14 @@ fn main() {
     }]));
     write(stream_dir, "querier", 2, &q);
     let sq = frames(&[
-        SchedulerToQuerier::Dispatch(Box::new(dispatch.clone())),
-        SchedulerToQuerier::Cancel { query_id: 42 },
+        SchedulerToQuerier::Dispatch {
+            worker: 3,
+            dispatch: Box::new(dispatch.clone()),
+        },
+        SchedulerToQuerier::Cancel {
+            worker: 3,
+            query_id: 42,
+        },
         SchedulerToQuerier::ShuttingDown,
     ]);
     write(stream_dir, "to-querier", 3 | (15 << 3), &sq);
@@ -153,7 +160,10 @@ fn main() {
         rt_dir,
         "dispatch",
         5,
-        &body(&SchedulerToQuerier::Dispatch(Box::new(dispatch.clone()))),
+        &body(&SchedulerToQuerier::Dispatch {
+            worker: 0,
+            dispatch: Box::new(dispatch.clone()),
+        }),
     );
 
     // decode_amplification: selector % 8 picks the type; lists near their hard maximum.
@@ -175,7 +185,10 @@ fn main() {
         amp_dir,
         "dispatch",
         4,
-        &body(&SchedulerToQuerier::Dispatch(Box::new(dispatch))),
+        &body(&SchedulerToQuerier::Dispatch {
+            worker: u16::MAX,
+            dispatch: Box::new(dispatch),
+        }),
     );
     write(
         rt_dir,

@@ -19,15 +19,18 @@
 //!                              ◄─ SchedulerToFrontend::QueryError      (querier died, deadline, shutdown…)
 //!                              ◄─ SchedulerToFrontend::ShuttingDown
 //!
-//! querier worker ──(bi stream, one per worker)── scheduler               StreamKind::DequeueLoop
+//! querier ──(bi stream, one per connection, all its workers)── scheduler  StreamKind::DequeueLoop
 //!   Hello                      ─►
 //!                              ◄─ HelloReply::Welcome
 //!                              ◄─ SchedulerToQuerier::Lifeline         (once: how to tie this process to the scheduler)
-//!   QuerierToScheduler::Ready    ─►                                     ("give me work"; also "previous one handed to its sender")
-//!                              ◄─ SchedulerToQuerier::Dispatch
-//!                              ◄─ SchedulerToQuerier::Cancel           (stop the in-flight query; stream stays)
-//!   QuerierToScheduler::Ready    ─►
-//!                              ◄─ SchedulerToQuerier::ShuttingDown
+//!   QuerierToScheduler::Ready { worker } ─►                             ("give me work"; also "previous one handed to its sender")
+//!                              ◄─ SchedulerToQuerier::Dispatch { worker }
+//!                              ◄─ SchedulerToQuerier::Cancel { worker } (stop that worker's in-flight query)
+//!   QuerierToScheduler::Ready { worker } ─►
+//!                              ◄─ SchedulerToQuerier::ShuttingDown     (no more work on this stream)
+//!
+//!   Each worker takes turns on its own: Ready, then Dispatch, then Ready again. The
+//!   workers' frames interleave freely; a worker's first Ready registers it.
 //!
 //! querier ──(bi stream, short)── scheduler                               StreamKind::ShutdownNotice
 //!   Hello, Notice::QuerierShuttingDown ─►
@@ -50,7 +53,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks. A peer with another version is refused in
 /// the [`HelloReply`]; the version is the first field of [`Hello`] so it can always be read.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// A frontend-chosen query identifier, unique among that frontend's outstanding queries.
 pub type QueryId = u64;
@@ -78,7 +81,8 @@ pub enum Role {
 pub enum StreamKind {
     /// Frontend → scheduler: [`FrontendToScheduler`] / [`SchedulerToFrontend`].
     FrontendLoop,
-    /// Querier worker → scheduler: [`QuerierToScheduler`] / [`SchedulerToQuerier`].
+    /// Querier → scheduler, one per connection, shared by all its workers:
+    /// [`QuerierToScheduler`] / [`SchedulerToQuerier`].
     DequeueLoop,
     /// Querier → scheduler: one [`Notice`] answered by one [`NoticeReply`].
     ShutdownNotice,
@@ -266,17 +270,24 @@ pub enum QueryErrorKind {
 // Dequeue loop
 // ---------------------------------------------------------------------------
 
-/// Querier worker → scheduler on the dequeue loop.
+/// A worker's number on its querier's dequeue stream, chosen by the querier: below
+/// [`MAX_WORKERS_PER_STREAM`](crate::MAX_WORKERS_PER_STREAM).
+pub type WorkerSlot = u16;
+
+/// Querier → scheduler on the dequeue loop.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QuerierToScheduler {
-    /// The worker is free. If it was running a query, its handler is done and its result
+    /// Worker `worker` is free (its first `Ready` registers it). If it was running a query, its handler is done and its result
     /// is handed to the querier's sender: `finished` names it and may report its measured
     /// cost. The delivery goes on while the worker takes its next query; a worker keeps at
     /// most one delivery in flight, so its next `Ready` also says that the previous one is
     /// settled. Until then the scheduler keeps the query as the worker's: if the worker's
     /// stream ends first, the frontend hears that its querier failed (and ignores it if the
     /// result came).
-    Ready { finished: Option<Finished> },
+    Ready {
+        worker: WorkerSlot,
+        finished: Option<Finished>,
+    },
 }
 
 /// The query a worker just finished, reported with its next [`QuerierToScheduler::Ready`].
@@ -290,15 +301,21 @@ pub struct Finished {
     pub measured_cost: Option<u32>,
 }
 
-/// Scheduler → querier worker on the dequeue loop.
+/// Scheduler → querier on the dequeue loop.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SchedulerToQuerier {
-    /// Run this query and send the result to the frontend's result endpoint.
-    Dispatch(Box<Dispatch>),
-    /// Stop running the in-flight query; the worker then says `Ready` as usual.
-    Cancel { query_id: QueryId },
-    /// The worker's querier (or the scheduler) is shutting down: no more work on this
-    /// stream; the worker should close it.
+    /// Worker `worker` (which said `Ready`) runs this query and sends the result to the
+    /// frontend's result endpoint.
+    Dispatch {
+        worker: WorkerSlot,
+        dispatch: Box<Dispatch>,
+    },
+    /// Worker `worker` stops running its in-flight query `query_id` (ignored if it has
+    /// finished it); it then says `Ready` as usual.
+    Cancel { worker: WorkerSlot, query_id: QueryId },
+    /// The querier (or the scheduler) is shutting down: no more work on this stream; the
+    /// querier lets its running queries finish, reports them with a last `Ready` each and
+    /// closes the stream. May come more than once.
     ShuttingDown,
     /// Sent right after the hello reply: the querier should open a TCP connection to `port`
     /// on the scheduler's host and send [`LIFELINE_MAGIC`] followed by `token` (16 bytes,

@@ -285,7 +285,11 @@ mod tests {
                 .await
                 .unwrap();
             for _ in 0..3 {
-                w.buffer(&QuerierToScheduler::Ready { finished: None }).unwrap();
+                w.buffer(&QuerierToScheduler::Ready {
+                    worker: 0,
+                    finished: None,
+                })
+                .unwrap();
             }
             w.flush().await.unwrap();
         });
@@ -294,7 +298,10 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(
                 r.next::<QuerierToScheduler>().await.unwrap(),
-                Some(QuerierToScheduler::Ready { finished: None })
+                Some(QuerierToScheduler::Ready {
+                    worker: 0,
+                    finished: None
+                })
             );
         }
         writer.await.unwrap();

@@ -12,13 +12,13 @@
 //! let limits = Limits::default();
 //! let mut wire = BytesMut::new();
 //! encode(&Hello::new(Role::Querier, "querier-1", StreamKind::DequeueLoop), &mut wire, limits.max_frame_len)?;
-//! encode(&QuerierToScheduler::Ready { finished: None }, &mut wire, limits.max_frame_len)?;
+//! encode(&QuerierToScheduler::Ready { worker: 0, finished: None }, &mut wire, limits.max_frame_len)?;
 //!
 //! let decoder = FrameDecoder::new(limits.max_frame_len);
 //! let hello = decoder.decode_hello(&mut wire)?.expect("a whole frame");
 //! assert_eq!(hello.id, "querier-1");
 //! let ready: Option<QuerierToScheduler> = decoder.decode(&mut wire)?;
-//! assert_eq!(ready, Some(QuerierToScheduler::Ready { finished: None }));
+//! assert_eq!(ready, Some(QuerierToScheduler::Ready { worker: 0, finished: None }));
 //! assert_eq!(decoder.decode::<QuerierToScheduler>(&mut wire)?, None); // need more bytes
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -38,4 +38,4 @@ pub use error::{DecodeError, EncodeError, InvalidRequest};
 pub use frame::*;
 #[cfg(feature = "tokio")]
 pub use io::{FramedRead, FramedWrite, ReadError, ReceiveBudget, WriteError};
-pub use limits::{HARD_MAX_FRAME_LEN, Limits, MAX_ID_LEN};
+pub use limits::{HARD_MAX_FRAME_LEN, Limits, MAX_ID_LEN, MAX_WORKERS_PER_STREAM};

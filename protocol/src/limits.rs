@@ -6,6 +6,10 @@ use crate::{Enqueue, InvalidRequest};
 /// announce, in bytes.
 pub const MAX_ID_LEN: usize = 256;
 
+/// Most workers one querier runs on one dequeue stream; a `Ready` naming a worker at or
+/// above it closes the connection.
+pub const MAX_WORKERS_PER_STREAM: u16 = 1024;
+
 /// The largest frame any peer may be configured to accept: 64 MiB.
 pub const HARD_MAX_FRAME_LEN: u32 = 64 * 1024 * 1024;
 

@@ -105,7 +105,10 @@ fn truncated_message_inside_a_complete_frame() {
 
 #[test]
 fn trailing_bytes_inside_a_frame() {
-    let mut body = body_of(&QuerierToScheduler::Ready { finished: None });
+    let mut body = body_of(&QuerierToScheduler::Ready {
+        worker: 0,
+        finished: None,
+    });
     body.extend_from_slice(&[1, 2, 3]);
     let d = FrameDecoder::new(MAX);
     assert_eq!(
@@ -147,9 +150,9 @@ fn malformed_varint_and_option_tag() {
         d.decode::<SchedulerToQuerier>(&mut frame(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x01])),
         Err(DecodeError::Malformed("bad varint"))
     );
-    // Ready { finished: Option<_> } with option tag 7.
+    // Ready { worker: 0, finished: Option<_> } with option tag 7.
     assert_eq!(
-        d.decode::<QuerierToScheduler>(&mut frame(&[0, 7])),
+        d.decode::<QuerierToScheduler>(&mut frame(&[0, 0, 7])),
         Err(DecodeError::Malformed("bad option tag"))
     );
 }

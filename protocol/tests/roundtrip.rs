@@ -146,13 +146,18 @@ fn scheduler_to_frontend() -> impl Strategy<Value = SchedulerToFrontend> {
 }
 
 fn querier_to_scheduler() -> impl Strategy<Value = QuerierToScheduler> {
-    option::of((text(), any::<u64>(), option::of(any::<u32>()))).prop_map(|finished| QuerierToScheduler::Ready {
-        finished: finished.map(|(frontend_id, query_id, measured_cost)| Finished {
-            frontend_id,
-            query_id,
-            measured_cost,
-        }),
-    })
+    (
+        any::<u16>(),
+        option::of((text(), any::<u64>(), option::of(any::<u32>()))),
+    )
+        .prop_map(|(worker, finished)| QuerierToScheduler::Ready {
+            worker,
+            finished: finished.map(|(frontend_id, query_id, measured_cost)| Finished {
+                frontend_id,
+                query_id,
+                measured_cost,
+            }),
+        })
 }
 
 fn dispatch() -> impl Strategy<Value = Dispatch> {
@@ -202,8 +207,11 @@ fn dispatch() -> impl Strategy<Value = Dispatch> {
 
 fn scheduler_to_querier() -> impl Strategy<Value = SchedulerToQuerier> {
     prop_oneof![
-        dispatch().prop_map(|d| SchedulerToQuerier::Dispatch(Box::new(d))),
-        any::<u64>().prop_map(|query_id| SchedulerToQuerier::Cancel { query_id }),
+        (any::<u16>(), dispatch()).prop_map(|(worker, d)| SchedulerToQuerier::Dispatch {
+            worker,
+            dispatch: Box::new(d)
+        }),
+        (any::<u16>(), any::<u64>()).prop_map(|(worker, query_id)| SchedulerToQuerier::Cancel { worker, query_id }),
         Just(SchedulerToQuerier::ShuttingDown),
         (any::<u16>(), any::<u128>()).prop_map(|(port, token)| SchedulerToQuerier::Lifeline { port, token }),
     ]

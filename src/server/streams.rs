@@ -1,4 +1,4 @@
-//! One task per stream: the hello, then the frontend loop, a worker's dequeue loop, or a
+//! One task per stream: the hello, then the frontend loop, a querier's dequeue loop, or a
 //! querier's shutdown notice. Each loop has a reader (frames → dispatcher commands) and
 //! a writer task (dispatcher messages → frames, batched into one write when several wait).
 
@@ -288,9 +288,13 @@ async fn worker_loop(s: Opened) {
     conversation(
         s,
         "dequeue loop",
-        |tx, reply| Command::WorkerOpened { querier, tx, reply },
-        |worker, QuerierToScheduler::Ready { finished }| Command::Ready { worker, finished },
-        |worker, _| Command::WorkerClosed { worker },
+        |tx, reply| Command::DequeueOpened { querier, tx, reply },
+        |stream, QuerierToScheduler::Ready { worker, finished }| Command::Ready {
+            stream,
+            worker,
+            finished,
+        },
+        |stream, _| Command::DequeueClosed { stream },
     )
     .await
 }

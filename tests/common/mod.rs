@@ -217,7 +217,7 @@ pub async fn accepted(frontend: &mut Peer, query_id: u64, tenant: &str) {
 /// Expects a dispatch on a worker stream.
 pub async fn dispatched(worker: &mut Peer) -> Dispatch {
     match worker.recv::<SchedulerToQuerier>().await {
-        SchedulerToQuerier::Dispatch(d) => *d,
+        SchedulerToQuerier::Dispatch { dispatch, .. } => *dispatch,
         other => panic!("expected a dispatch, got {other:?}"),
     }
 }

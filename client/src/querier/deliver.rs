@@ -98,24 +98,22 @@ pub(super) fn confirm(shared: &Arc<Shared>, d: &Dispatch) -> Early {
     })
 }
 
-/// A result handed to its sender task; dropping it stops the sending (the querier aborts).
-pub(super) type Delivery = tokio_util::task::AbortOnDropHandle<()>;
-
-/// Hands a result to a sender task of its own, so the worker can take its next query
-/// while the result travels and its receipt comes back.
+/// The sending of one result, to run as a task of its own (the dequeue driver spawns it
+/// and aborts it if the querier is aborted), so the worker can take its next query while
+/// the result travels and its receipt comes back.
 pub(super) fn hand_off(
     shared: &Arc<Shared>,
     d: Dispatch,
     outcome: Result<Response, HandlerError>,
     deadline: Option<tokio::time::Instant>,
     early: Option<Early>,
-) -> Delivery {
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let shared = shared.clone();
-    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+    async move {
         if let Err(e) = deliver(&shared, &d, outcome, deadline, early).await {
             tracing::warn!(query = d.query_id, frontend = %d.frontend.address, error = %e, "result not delivered");
         }
-    }))
+    }
 }
 
 /// Sends a result to its frontend (on the early stream if one was opened), retrying

@@ -15,7 +15,8 @@
 //! scheduler stop them.
 
 mod deliver;
-mod worker;
+mod dequeue;
+mod slots;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -36,8 +37,8 @@ use crate::error::ClientError;
 use crate::gossip::{GossipConfig, MemberRole};
 use crate::tls::{self, Identity};
 
-/// A bidirectional stream with its framing: a worker's dequeue loop, a shutdown notice,
-/// or a result stream.
+/// A bidirectional stream with its framing: a dequeue loop, a shutdown notice, or a
+/// result stream.
 type Stream = (FramedWrite<quinn::SendStream>, FramedRead<quinn::RecvStream>);
 
 /// Settings of a [`Querier`].
@@ -336,56 +337,29 @@ pub struct Querier {
     follower: JoinHandle<()>,
 }
 
-/// One scheduler this querier serves. Links are only appended; one no longer wanted (its
-/// scheduler left or died) is stopped, and a scheduler that comes back gets a new one.
+/// One scheduler this querier serves, by one task and one dequeue stream for all its
+/// workers. Links are only appended; one no longer wanted (its scheduler left or died) is
+/// stopped, and a scheduler that comes back gets a new one.
 struct Link {
     addr: SocketAddr,
     conn: Mutex<Option<quinn::Connection>>,
-    /// Worker loops running against it (kept by [`Counted`] guards).
-    workers: Arc<AtomicUsize>,
-    /// Of those, the ones registered with the scheduler now.
-    connected: Arc<AtomicUsize>,
+    /// Workers wanted against it (only ever raised).
+    wanted: watch::Sender<usize>,
+    /// Of those, the ones on an open dequeue stream now.
+    connected: AtomicUsize,
     stop: CancellationToken,
-}
-
-/// Adds one to a count for as long as it lives, so counts stay true however a task ends.
-struct Counted {
-    count: Arc<AtomicUsize>,
-    changed: Option<watch::Sender<()>>,
-}
-
-impl Counted {
-    fn new(count: &Arc<AtomicUsize>, changed: Option<&watch::Sender<()>>) -> Counted {
-        count.fetch_add(1, Ordering::Relaxed);
-        if let Some(c) = changed {
-            c.send_replace(());
-        }
-        Counted {
-            count: count.clone(),
-            changed: changed.cloned(),
-        }
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::Relaxed);
-        if let Some(c) = &self.changed {
-            c.send_replace(());
-        }
-    }
 }
 
 struct Shared {
     config: QuerierConfig,
     endpoint: quinn::Endpoint,
     links: std::sync::Mutex<Vec<Arc<Link>>>,
-    /// Every worker loop started, for the shutdown to wait on.
+    /// Every link's task, for the shutdown to wait on.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     frontends: deliver::Connections,
     /// TCP lifelines to schedulers, by token; held until the querier stops.
     lifelines: Mutex<HashMap<u128, JoinHandle<()>>>,
-    /// Told whenever a worker registers with a scheduler or loses its stream.
+    /// Told whenever a link's dequeue stream opens, grows or is lost.
     registration: watch::Sender<()>,
     /// Stop asking for work (graceful shutdown: after the current query).
     stopping: CancellationToken,
@@ -396,14 +370,14 @@ struct Shared {
 pub struct SchedulerWorkers {
     /// The scheduler's QUIC address.
     pub scheduler: SocketAddr,
-    /// Worker loops running against it (connected or reconnecting).
+    /// Workers serving it (connected or reconnecting).
     pub workers: usize,
     /// Of those, the ones registered with it now.
     pub connected: usize,
 }
 
 impl Querier {
-    /// Starts `concurrency` worker loops against every scheduler.
+    /// Starts `concurrency` workers against every scheduler.
     ///
     /// ```no_run
     /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
@@ -432,6 +406,13 @@ impl Querier {
             return Err(ClientError::Config(
                 "concurrency, chunk_size and delivery_attempts must be at least 1".into(),
             ));
+        }
+        let max = usize::from(sluice_protocol::MAX_WORKERS_PER_STREAM);
+        if config.concurrency > max {
+            return Err(ClientError::Config(format!(
+                "concurrency is {}; at most {max} workers per scheduler",
+                config.concurrency
+            )));
         }
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|error| ClientError::Bind { addr: bind, error })?;
@@ -484,7 +465,7 @@ impl Querier {
             .iter()
             .map(|l| SchedulerWorkers {
                 scheduler: l.addr,
-                workers: l.workers.load(Ordering::Relaxed),
+                workers: *l.wanted.borrow(),
                 connected: l.connected.load(Ordering::Relaxed),
             })
             .collect();
@@ -518,7 +499,7 @@ impl Querier {
             // A scheduler that is gone cannot be told; wait no longer than it takes to
             // notice that.
             let addr = link.addr;
-            match tokio::time::timeout(bound, worker::notify_shutdown(&self.shared, &link)).await {
+            match tokio::time::timeout(bound, dequeue::notify_shutdown(&self.shared, &link)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(scheduler = %addr, error = %e, "shutdown notice not delivered"),
                 Err(_) => debug!(scheduler = %addr, "shutdown notice timed out"),
@@ -582,11 +563,18 @@ impl Shared {
                     let link = Arc::new(Link {
                         addr: t.addr,
                         conn: Mutex::new(None),
-                        workers: Arc::new(AtomicUsize::new(0)),
-                        connected: Arc::new(AtomicUsize::new(0)),
+                        wanted: watch::channel(0).0,
+                        connected: AtomicUsize::new(0),
                         stop: CancellationToken::new(),
                     });
                     links.push(link.clone());
+                    let seed = tasks.len() as u64;
+                    tasks.push(tokio::spawn(dequeue::link_loop(
+                        self.clone(),
+                        link.clone(),
+                        handler.clone(),
+                        seed,
+                    )));
                     link
                 }
             };
@@ -595,18 +583,13 @@ impl Shared {
             } else {
                 1
             };
-            while link.workers.load(Ordering::Relaxed) < wanted {
-                // Counted here, before the task runs, so this loop sees it at once.
-                let guard = Counted::new(&link.workers, None);
-                let seed = tasks.len() as u64;
-                tasks.push(tokio::spawn(worker::worker_loop(
-                    self.clone(),
-                    link.clone(),
-                    handler.clone(),
-                    guard,
-                    seed,
-                )));
-            }
+            link.wanted.send_if_modified(|n| {
+                let raise = wanted > *n;
+                if raise {
+                    *n = wanted;
+                }
+                raise
+            });
         }
     }
 }

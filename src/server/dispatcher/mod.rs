@@ -16,8 +16,8 @@ use metrics::{counter, gauge, histogram};
 
 use sluice_client::trace::TraceParent;
 use sluice_protocol::{
-    Dispatch, Enqueue, EnqueueStatus, Finished, FrontendAddress, Limits, LoadHint, MAX_ID_LEN, QueryErrorKind, QueryId,
-    SchedulerToFrontend, SchedulerToQuerier,
+    Dispatch, Enqueue, EnqueueStatus, Finished, FrontendAddress, Limits, LoadHint, MAX_ID_LEN, MAX_WORKERS_PER_STREAM,
+    QueryErrorKind, QueryId, SchedulerToFrontend, SchedulerToQuerier, WorkerSlot,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +50,15 @@ pub(crate) struct Cut {
 /// Messages an outbox holds before its peer counts as not reading.
 pub(crate) const OUTBOX_CAPACITY: usize = 16 * 1024;
 
+impl<T> Clone for Outbox<T> {
+    fn clone(&self) -> Self {
+        Outbox {
+            tx: self.tx.clone(),
+            cut: self.cut.clone(),
+        }
+    }
+}
+
 impl<T> Outbox<T> {
     /// An outbox, the receiver its writer drains, and the tokens that cut the connection.
     pub(crate) fn new(capacity: usize) -> (Self, mpsc::Receiver<T>, Cut) {
@@ -79,7 +88,7 @@ impl<T> Outbox<T> {
 
 /// Outbound messages to one frontend connection.
 pub(crate) type FrontendTx = Outbox<SchedulerToFrontend>;
-/// Outbound messages to one querier worker stream.
+/// Outbound messages to one querier connection's dequeue stream (all its workers).
 pub(crate) type WorkerTx = Outbox<SchedulerToQuerier>;
 
 /// What connection tasks ask of the dispatcher.
@@ -110,17 +119,21 @@ pub(crate) enum Command {
         frontend: u64,
         graceful: bool,
     },
-    WorkerOpened {
+    /// A querier opened its dequeue stream; the reply names the stream. Its workers
+    /// register with their first `Ready`.
+    DequeueOpened {
         querier: String,
         tx: WorkerTx,
-        reply: oneshot::Sender<WorkerId>,
+        reply: oneshot::Sender<u64>,
     },
     Ready {
-        worker: WorkerId,
+        stream: u64,
+        worker: WorkerSlot,
         finished: Option<Finished>,
     },
-    WorkerClosed {
-        worker: WorkerId,
+    /// A dequeue stream ended: every worker on it is gone.
+    DequeueClosed {
+        stream: u64,
     },
     QuerierShuttingDown {
         querier: String,
@@ -199,9 +212,19 @@ struct Frontend {
     address: Option<FrontendAddress>,
 }
 
-struct Worker {
+/// A querier connection's dequeue stream: its workers, by the slot the querier numbered
+/// each with.
+struct DequeueStream {
     querier: String,
     tx: WorkerTx,
+    workers: HashMap<WorkerSlot, WorkerId>,
+}
+
+struct Worker {
+    querier: String,
+    /// Its stream's outbox, and its number on that stream.
+    tx: WorkerTx,
+    slot: WorkerSlot,
     /// The query this worker runs, until its next `Ready`.
     running: Option<QueryKey>,
     /// The query whose result this worker's querier is delivering (it said `Ready` once
@@ -242,6 +265,8 @@ pub(crate) struct Dispatcher {
     limits: Limits,
     frontends: HashMap<u64, Frontend>,
     next_frontend: u64,
+    streams: HashMap<u64, DequeueStream>,
+    next_stream: u64,
     workers: HashMap<WorkerId, Worker>,
     /// Workers that asked for work and got none, longest waiting first.
     waiting: VecDeque<WorkerId>,
@@ -293,6 +318,8 @@ impl Dispatcher {
             limits,
             frontends: HashMap::new(),
             next_frontend: 1,
+            streams: HashMap::new(),
+            next_stream: 1,
             workers: HashMap::new(),
             waiting: VecDeque::new(),
             running: HashMap::new(),
@@ -402,26 +429,40 @@ impl Dispatcher {
                 self.serve_waiting(now);
             }
             Command::FrontendClosed { frontend, graceful } => self.frontend_closed(now, frontend, graceful),
-            Command::WorkerOpened { querier, tx, reply } => {
-                let id = self.queue.register_worker(now, &querier);
-                // A worker that joins during the drain helps empty the queue.
+            Command::DequeueOpened { querier, tx, reply } => {
+                let id = self.next_stream;
+                self.next_stream += 1;
+                // A querier that joins during the drain helps empty the queue.
                 if matches!(self.phase, Phase::Closed) {
                     let _ = tx.send(SchedulerToQuerier::ShuttingDown);
                 }
-                self.workers.insert(
+                self.streams.insert(
                     id,
-                    Worker {
+                    DequeueStream {
                         querier,
                         tx,
-                        running: None,
-                        delivering: None,
-                        waiting: false,
+                        workers: HashMap::new(),
                     },
                 );
                 let _ = reply.send(id);
             }
-            Command::Ready { worker, finished } => self.ready(now, worker, finished),
-            Command::WorkerClosed { worker } => self.worker_closed(now, worker),
+            Command::Ready {
+                stream,
+                worker,
+                finished,
+            } => {
+                if let Some(worker) = self.worker_of(now, stream, worker) {
+                    self.ready(now, worker, finished);
+                }
+            }
+            Command::DequeueClosed { stream } => {
+                let Some(s) = self.streams.remove(&stream) else { return };
+                let mut workers: Vec<(WorkerSlot, WorkerId)> = s.workers.into_iter().collect();
+                workers.sort_unstable_by_key(|(slot, _)| *slot);
+                for (_, worker) in workers {
+                    self.worker_closed(now, worker);
+                }
+            }
             Command::QuerierShuttingDown { querier, reply } => {
                 self.queue.notify_querier_shutdown(now, &querier);
                 let workers = &mut self.workers;
@@ -430,9 +471,12 @@ impl Dispatcher {
                         return true;
                     };
                     x.waiting = false;
-                    let _ = x.tx.send(SchedulerToQuerier::ShuttingDown);
                     false
                 });
+                // Its running workers finish and report; none of them gets more.
+                for s in self.streams.values().filter(|s| s.querier == querier) {
+                    let _ = s.tx.send(SchedulerToQuerier::ShuttingDown);
+                }
                 info!(%querier, "querier announced shutdown");
                 let _ = reply.send(());
                 // Its shards went to other queriers: their waiting workers may take more.
@@ -470,6 +514,7 @@ impl Dispatcher {
                 self.end_batch();
                 self.phase = Phase::Closed;
                 self.frontends.clear();
+                self.streams.clear();
                 self.workers.clear();
                 self.waiting.clear();
                 self.running.clear();
@@ -577,7 +622,10 @@ impl Dispatcher {
             p.enqueue.tenant
         } else if let Some(r) = self.running.get(&key) {
             if let Some(w) = self.workers.get(&r.worker) {
-                let _ = w.tx.send(SchedulerToQuerier::Cancel { query_id: key.query });
+                let _ = w.tx.send(SchedulerToQuerier::Cancel {
+                    worker: w.slot,
+                    query_id: key.query,
+                });
             }
             r.tenant.clone()
         } else {
@@ -614,6 +662,33 @@ impl Dispatcher {
         }
         // Cancelled work may have held back a tenant's limit or a priority class.
         self.serve_waiting(now);
+    }
+
+    /// The worker numbered `slot` on dequeue stream `stream`, registered with the queue
+    /// at its first `Ready`. None if the stream is gone, or the slot is out of bounds (the
+    /// querier's connection is then closed).
+    fn worker_of(&mut self, now: Instant, stream: u64, slot: WorkerSlot) -> Option<WorkerId> {
+        let s = self.streams.get_mut(&stream)?;
+        if let Some(id) = s.workers.get(&slot) {
+            return Some(*id);
+        }
+        if slot >= MAX_WORKERS_PER_STREAM {
+            warn!(querier = %s.querier, slot, max = MAX_WORKERS_PER_STREAM, "worker slot out of bounds; closing the connection");
+            s.tx.protocol_violation();
+            return None;
+        }
+        let id = self.queue.register_worker(now, &s.querier);
+        s.workers.insert(slot, id);
+        let worker = Worker {
+            querier: s.querier.clone(),
+            tx: s.tx.clone(),
+            slot,
+            running: None,
+            delivering: None,
+            waiting: false,
+        };
+        self.workers.insert(id, worker);
+        Some(id)
     }
 
     fn ready(&mut self, now: Instant, worker: WorkerId, finished: Option<Finished>) {
@@ -724,7 +799,11 @@ impl Dispatcher {
                 payload: e.payload,
             };
             let w = self.workers.get_mut(&worker).expect("checked above");
-            if w.tx.send(SchedulerToQuerier::Dispatch(Box::new(dispatch))) {
+            let msg = SchedulerToQuerier::Dispatch {
+                worker: w.slot,
+                dispatch: Box::new(dispatch),
+            };
+            if w.tx.send(msg) {
                 w.running = Some(d.key);
                 w.waiting = false;
                 self.running.insert(
@@ -870,7 +949,9 @@ impl Dispatcher {
             }
             for w in self.workers.values_mut() {
                 w.waiting = false;
-                let _ = w.tx.send(SchedulerToQuerier::ShuttingDown);
+            }
+            for s in self.streams.values() {
+                let _ = s.tx.send(SchedulerToQuerier::ShuttingDown);
             }
             self.waiting.clear();
             if let Phase::Draining { done, .. } = std::mem::replace(&mut self.phase, Phase::Closed) {

@@ -67,30 +67,32 @@ impl Harness {
     }
 
     /// A worker that asked for work and was handed the queued query.
-    fn busy_worker(&mut self) -> (WorkerId, mpsc::Receiver<SchedulerToQuerier>) {
+    fn busy_worker(&mut self) -> (u64, mpsc::Receiver<SchedulerToQuerier>) {
         let (w, mut rx) = self.worker();
         self.d.handle(
             Command::Ready {
-                worker: w,
+                stream: w,
+                worker: 0,
                 finished: None,
             },
             self.now,
         );
-        assert!(matches!(rx.try_recv(), Ok(SchedulerToQuerier::Dispatch(_))));
+        assert!(matches!(rx.try_recv(), Ok(SchedulerToQuerier::Dispatch { .. })));
         (w, rx)
     }
 
-    fn worker(&mut self) -> (WorkerId, mpsc::Receiver<SchedulerToQuerier>) {
+    fn worker(&mut self) -> (u64, mpsc::Receiver<SchedulerToQuerier>) {
         let (w, rx, _) = self.worker_of("q");
         (w, rx)
     }
 
-    /// A worker of `querier`, with the tokens that would close its connection.
-    fn worker_of(&mut self, querier: &str) -> (WorkerId, mpsc::Receiver<SchedulerToQuerier>, Cut) {
+    /// The one worker (slot 0) on a new dequeue stream of `querier`, named by the stream,
+    /// with the tokens that would close its connection.
+    fn worker_of(&mut self, querier: &str) -> (u64, mpsc::Receiver<SchedulerToQuerier>, Cut) {
         let (tx, rx, cut) = Outbox::new(64);
         let (reply, mut id) = oneshot::channel();
         self.d.handle(
-            Command::WorkerOpened {
+            Command::DequeueOpened {
                 querier: querier.into(),
                 tx,
                 reply,
@@ -110,8 +112,15 @@ impl Harness {
             .collect()
     }
 
-    fn ready(&mut self, worker: WorkerId) {
-        self.d.handle(Command::Ready { worker, finished: None }, self.now);
+    fn ready(&mut self, worker: u64) {
+        self.d.handle(
+            Command::Ready {
+                stream: worker,
+                worker: 0,
+                finished: None,
+            },
+            self.now,
+        );
     }
 
     fn enqueue_status(&mut self, query_id: u64) -> EnqueueStatus {
@@ -150,21 +159,23 @@ impl Harness {
 
 fn dispatched_id(rx: &mut mpsc::Receiver<SchedulerToQuerier>) -> Option<u64> {
     match rx.try_recv() {
-        Ok(SchedulerToQuerier::Dispatch(d)) => Some(d.query_id),
+        Ok(SchedulerToQuerier::Dispatch { dispatch: d, .. }) => Some(d.query_id),
         _ => None,
     }
 }
 
 /// The next query `w` is handed after saying Ready with `finished`.
-fn next_after(
-    h: &mut Harness,
-    w: WorkerId,
-    rx: &mut mpsc::Receiver<SchedulerToQuerier>,
-    finished: Option<Finished>,
-) -> u64 {
-    h.d.handle(Command::Ready { worker: w, finished }, h.now);
+fn next_after(h: &mut Harness, w: u64, rx: &mut mpsc::Receiver<SchedulerToQuerier>, finished: Option<Finished>) -> u64 {
+    h.d.handle(
+        Command::Ready {
+            stream: w,
+            worker: 0,
+            finished,
+        },
+        h.now,
+    );
     match rx.try_recv() {
-        Ok(SchedulerToQuerier::Dispatch(d)) => d.query_id,
+        Ok(SchedulerToQuerier::Dispatch { dispatch: d, .. }) => d.query_id,
         other => panic!("expected a dispatch, got {other:?}"),
     }
 }
@@ -207,7 +218,8 @@ fn waiting_workers_are_served_longest_waiting_first() {
     for (w, _) in &workers {
         h.d.handle(
             Command::Ready {
-                worker: *w,
+                stream: *w,
+                worker: 0,
                 finished: None,
             },
             h.now,
@@ -217,7 +229,7 @@ fn waiting_workers_are_served_longest_waiting_first() {
     for (i, query) in [(0usize, 1u64), (1, 2), (2, 3)] {
         h.enqueue(query);
         match rxs[i].try_recv() {
-            Ok(SchedulerToQuerier::Dispatch(d)) => assert_eq!(d.query_id, query),
+            Ok(SchedulerToQuerier::Dispatch { dispatch: d, .. }) => assert_eq!(d.query_id, query),
             other => panic!("worker {i} expected query {query}, got {other:?}"),
         }
         for (j, rx) in rxs.iter_mut().enumerate() {
@@ -241,7 +253,7 @@ fn a_worker_lost_mid_query_fails_the_query() {
     let mut h = harness();
     h.enqueue(1);
     let (w, _w_rx) = h.busy_worker();
-    h.d.handle(Command::WorkerClosed { worker: w }, h.now);
+    h.d.handle(Command::DequeueClosed { stream: w }, h.now);
     assert!(matches!(
         h.frame(),
         Ok(SchedulerToFrontend::QueryError {
@@ -259,7 +271,7 @@ fn a_worker_lost_while_its_result_is_delivered_fails_the_query_until_the_next_re
     let (w, _w_rx) = h.busy_worker();
     // Query 1's result is handed to the querier's sender; the worker waits for work.
     h.ready(w);
-    h.d.handle(Command::WorkerClosed { worker: w }, h.now);
+    h.d.handle(Command::DequeueClosed { stream: w }, h.now);
     assert!(matches!(
         h.frame(),
         Ok(SchedulerToFrontend::QueryError {
@@ -276,7 +288,7 @@ fn a_worker_lost_while_its_result_is_delivered_fails_the_query_until_the_next_re
     h.ready(w); // query 2 delivering, query 3 dispatched
     assert_eq!(dispatched_id(&mut w_rx), Some(3));
     h.ready(w); // query 2 settled, query 3 delivering
-    h.d.handle(Command::WorkerClosed { worker: w }, h.now);
+    h.d.handle(Command::DequeueClosed { stream: w }, h.now);
     let failed = h.failed_queries();
     assert_eq!(failed, vec![3]);
 }
@@ -291,7 +303,7 @@ fn a_query_placed_again_is_not_failed_by_its_earlier_delivery() {
     assert_eq!(dispatched_id(&mut w_rx), Some(2));
     // The frontend placed query 1 again (its earlier result never came); it is queued.
     h.enqueue(1);
-    h.d.handle(Command::WorkerClosed { worker: w }, h.now);
+    h.d.handle(Command::DequeueClosed { stream: w }, h.now);
     let failed = h.failed_queries();
     assert_eq!(
         failed,
@@ -313,7 +325,7 @@ fn a_settled_delivery_does_not_forget_the_same_query_delivering_through_another_
     let (second, _second_rx) = h.busy_worker();
     h.ready(second); // query 1 delivering through `second`
     h.ready(first); // `first`'s delivery of query 1 is settled
-    h.d.handle(Command::WorkerClosed { worker: second }, h.now);
+    h.d.handle(Command::DequeueClosed { stream: second }, h.now);
     assert_eq!(
         h.failed_queries(),
         vec![1],
@@ -338,7 +350,7 @@ fn worker_streams_closed_by_our_own_shutdown_do_not_fail_their_queries() {
     assert!(drained.try_recv().is_ok(), "nothing queued: the drain ends at once");
     // The server now closes every connection; the querier is still running query 1
     // and will deliver its result to the frontend directly.
-    h.d.handle(Command::WorkerClosed { worker: w }, h.now);
+    h.d.handle(Command::DequeueClosed { stream: w }, h.now);
     assert!(h.frame().is_err(), "no error may be reported for query 1");
 }
 
@@ -420,7 +432,7 @@ fn a_frontend_hears_that_a_query_was_dispatched_before_anything_else_about_it() 
     h.enqueue(1);
     let (w, _rx) = h.busy_worker();
     // Same batch: the worker goes before the batch ends.
-    h.d.handle(Command::WorkerClosed { worker: w }, h.now);
+    h.d.handle(Command::DequeueClosed { stream: w }, h.now);
     assert_eq!(
         h.fe_rx.try_recv().ok(),
         Some(SchedulerToFrontend::Dispatched { query_ids: vec![1] })
@@ -449,13 +461,7 @@ fn a_frontend_hears_that_a_query_was_dispatched_before_anything_else_about_it() 
 /// Two queriers, each with one waiting worker, tenant `t` sharded to one of them, whose
 /// worker is busy with query 1 while query 2 waits: the other querier's worker may not take
 /// it. Returns (in-shard querier and worker, the other worker and its outbox).
-fn sharded() -> (
-    Harness,
-    &'static str,
-    WorkerId,
-    WorkerId,
-    mpsc::Receiver<SchedulerToQuerier>,
-) {
+fn sharded() -> (Harness, &'static str, u64, u64, mpsc::Receiver<SchedulerToQuerier>) {
     let mut h = harness_with(QueueConfig {
         max_queriers_per_tenant: 1,
         querier_forget_delay: Duration::from_secs(10),
@@ -480,7 +486,7 @@ fn sharded() -> (
 #[test]
 fn a_forgotten_querier_offers_queued_work_to_waiting_workers_at_once() {
     let (mut h, _, inside_w, _, mut other_rx) = sharded();
-    h.d.handle(Command::WorkerClosed { worker: inside_w }, h.now);
+    h.d.handle(Command::DequeueClosed { stream: inside_w }, h.now);
     h.d.tick(h.now + Duration::from_secs(5));
     assert_eq!(
         dispatched_id(&mut other_rx),
@@ -517,7 +523,7 @@ fn the_last_worker_of_a_querier_that_said_goodbye_hands_its_shard_on_at_once() {
         h.now,
     );
     assert_eq!(dispatched_id(&mut other_rx), None);
-    h.d.handle(Command::WorkerClosed { worker: inside_w }, h.now);
+    h.d.handle(Command::DequeueClosed { stream: inside_w }, h.now);
     assert_eq!(dispatched_id(&mut other_rx), Some(2));
 }
 

@@ -1,0 +1,491 @@
+//! One querier–scheduler link: a single dequeue stream carries every worker's `Ready`,
+//! `Dispatch` and `Cancel` (one reader and one writer for all of them, so the frames of
+//! several workers share wake-ups and writes). The link reconnects with backoff after any
+//! loss until the querier stops or the scheduler is no longer served; running queries go
+//! on across a loss and their results still reach their frontends. Which worker may do
+//! what is decided by [`Slots`]; this file carries it out.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sluice_protocol::{
+    Dispatch, FramedRead, FramedWrite, Hello, HelloReply, LIFELINE_MAGIC, Notice, NoticeReply, ReadError, Role,
+    SchedulerToQuerier, StreamKind, WorkerSlot,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, warn};
+
+use super::slots::{Action, Slots, Stream as SlotStream};
+use super::{Handler, HandlerError, Link, Request, Response, Shared, Stream, deliver};
+use crate::backoff::Backoff;
+use crate::trace::TraceParent;
+
+/// A query a worker runs: what its result needs, and its handler.
+struct Active {
+    dispatch: Dispatch,
+    deadline: Option<Instant>,
+    cancelled: CancellationToken,
+    task: AbortHandle,
+    early: Option<deliver::Early>,
+}
+
+/// The open dequeue stream.
+struct Session {
+    conn: quinn::Connection,
+    w: FramedWrite<quinn::SendStream>,
+    r: FramedRead<quinn::RecvStream>,
+}
+
+/// What a handler's task yields: its worker and the handler's outcome.
+type HandlerJoin = Result<(tokio::task::Id, (WorkerSlot, Result<Response, HandlerError>)), tokio::task::JoinError>;
+
+type Connecting = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Session, String>> + Send>>;
+
+/// One link's workers against its scheduler, until the querier stops or the scheduler
+/// is no longer served, and every result handed over has been delivered.
+pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, handler: Arc<H>, seed: u64) {
+    let mut wanted = link.wanted.subscribe();
+    let mut d = Driver {
+        slots: Slots::new(shared.config.cancel_grace, shared.config.confirm_after),
+        active: Vec::new(),
+        handlers: JoinSet::new(),
+        deliveries: JoinSet::new(),
+        delivery_ids: std::collections::HashMap::new(),
+        next_delivery: 0,
+        session: None,
+        out: Vec::new(),
+        shared,
+        link,
+        handler,
+    };
+    let mut backoff = Backoff::new(seed ^ u64::from(d.link.addr.port()) << 16);
+    let mut connecting: Option<Connecting> = None;
+    let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    let mut timer_at: Option<Instant> = None;
+    d.grow(*wanted.borrow_and_update());
+    loop {
+        d.carry_out().await;
+        let stopping = d.shared.stopping.is_cancelled() || d.link.stop.is_cancelled();
+        // A link that stops asks for nothing more; its running queries are reported.
+        if d.link.stop.is_cancelled() && d.slots.stream() == SlotStream::Open {
+            d.slots.draining();
+            continue;
+        }
+        // A draining stream ends once every query on it is reported; when this querier
+        // stops, also once their results have arrived (the scheduler would otherwise tell
+        // their frontends that the querier failed while delivering them).
+        if d.slots.stream() == SlotStream::Draining && !d.slots.busy() && !(stopping && d.slots.delivering()) {
+            if let Some(mut s) = d.end_session() {
+                // The last `Ready`s must reach the scheduler before the connection may
+                // close (a querier that stops closes it next): finish the stream and wait
+                // (bounded) for the scheduler to acknowledge it.
+                let stream = s.w.get_mut();
+                if stream.finish().is_ok() {
+                    let _ = tokio::time::timeout(d.shared.config.idle_timeout, stream.stopped()).await;
+                }
+                drop_connection(&d.link, &s.conn).await;
+            }
+            if !stopping {
+                debug!(scheduler = %d.link.addr, "the scheduler is draining; reconnecting once it is back");
+                retry = Some(Box::pin(tokio::time::sleep(backoff.next_delay())));
+            }
+        }
+        if d.session.is_none() {
+            if stopping {
+                connecting = None;
+                retry = None;
+                if !d.slots.busy() && !d.slots.delivering() {
+                    return;
+                }
+            } else if connecting.is_none() && retry.is_none() {
+                connecting = Some(Box::pin(connect(d.shared.clone(), d.link.clone())));
+            }
+        }
+        // One timer for every running query's next moment (confirm, deadline, abort):
+        // moved earlier when needed; a timer that fires early finds nothing to do.
+        if let Some(next) = d.slots.next_moment()
+            && timer_at.is_none_or(|at| next < at)
+        {
+            timer.as_mut().reset(next);
+            timer_at = Some(next);
+        }
+        tokio::select! {
+            biased;
+            Some(joined) = d.handlers.join_next_with_id() => d.handler_done(joined),
+            Some(settled) = d.deliveries.join_next_with_id() => d.settled(settled),
+            next = read(&mut d.session) => d.frame(next).await,
+            opened = poll_opt(&mut connecting) => {
+                connecting = None;
+                match opened {
+                    Ok(session) => {
+                        backoff.reset();
+                        d.session = Some(session);
+                        d.slots.opened(&mut d.out);
+                        d.count_connected();
+                    }
+                    Err(e) => {
+                        debug!(scheduler = %d.link.addr, error = %e, "dequeue stream not opened; retrying");
+                        retry = Some(Box::pin(tokio::time::sleep(backoff.next_delay())));
+                    }
+                }
+            }
+            _ = poll_opt(&mut retry) => retry = None,
+            _ = &mut timer, if timer_at.is_some() => {
+                timer_at = None;
+                d.slots.tick(Instant::now(), &mut d.out);
+            }
+            Ok(()) = wanted.changed() => {
+                let n = *wanted.borrow_and_update();
+                d.grow(n);
+            }
+            _ = d.link.stop.cancelled(), if !d.link.stop.is_cancelled() => {}
+            _ = d.shared.stopping.cancelled(), if !d.shared.stopping.is_cancelled() => {}
+        }
+    }
+}
+
+struct Driver<H: Handler> {
+    shared: Arc<Shared>,
+    link: Arc<Link>,
+    slots: Slots,
+    /// Per worker, the query it runs.
+    active: Vec<Option<Active>>,
+    handlers: JoinSet<(WorkerSlot, Result<Response, HandlerError>)>,
+    deliveries: JoinSet<(WorkerSlot, u64)>,
+    /// A delivery task's worker and number, for a task that panicked.
+    delivery_ids: std::collections::HashMap<tokio::task::Id, (WorkerSlot, u64)>,
+    next_delivery: u64,
+    session: Option<Session>,
+    /// What `slots` asked for and is not done yet.
+    out: Vec<Action>,
+    handler: Arc<H>,
+}
+
+/// Opens the link's connection (or reuses it) and its dequeue stream.
+async fn connect(shared: Arc<Shared>, link: Arc<Link>) -> Result<Session, String> {
+    let conn = scheduler_connection(&shared, &link).await?;
+    let (w, r) = open(&shared, &conn, StreamKind::DequeueLoop).await?;
+    Ok(Session { conn, w, r })
+}
+
+async fn read(session: &mut Option<Session>) -> Result<Option<SchedulerToQuerier>, ReadError> {
+    match session {
+        Some(s) => s.r.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_opt<F: std::future::Future + Unpin>(f: &mut Option<F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+impl<H: Handler> Driver<H> {
+    fn grow(&mut self, n: usize) {
+        let n = n.min(usize::from(sluice_protocol::MAX_WORKERS_PER_STREAM));
+        while self.active.len() < n {
+            self.active.push(None);
+        }
+        self.slots.grow(n, &mut self.out);
+        self.count_connected();
+    }
+
+    fn count_connected(&self) {
+        let n = if self.session.is_some() { self.slots.len() } else { 0 };
+        if self.link.connected.swap(n, Ordering::Relaxed) != n {
+            self.shared.registration.send_replace(());
+        }
+    }
+
+    /// The stream ends (lost, or the scheduler drained): waiting workers wait no more.
+    fn end_session(&mut self) -> Option<Session> {
+        self.slots.closed();
+        let session = self.session.take();
+        self.count_connected();
+        session
+    }
+
+    fn lost(&mut self, why: &str) {
+        debug!(scheduler = %self.link.addr, %why, "dequeue stream lost; reconnecting");
+        self.end_session();
+    }
+
+    /// Does what the slots asked for: frames into the stream's buffer (written at once,
+    /// all together), cancels, aborts and confirmations.
+    async fn carry_out(&mut self) {
+        for action in std::mem::take(&mut self.out) {
+            match action {
+                Action::Send(frame) => {
+                    if let Some(s) = &mut self.session
+                        && let Err(e) = s.w.buffer(&frame)
+                    {
+                        warn!(error = %e, "a Ready frame could not be encoded");
+                    }
+                }
+                Action::Cancel(slot) => {
+                    if let Some(a) = &self.active[usize::from(slot)] {
+                        a.cancelled.cancel();
+                    }
+                }
+                Action::Abort(slot) => {
+                    if let Some(a) = &self.active[usize::from(slot)] {
+                        warn!(query = a.dispatch.query_id, grace = ?self.shared.config.cancel_grace, "handler ignored its cancel; aborting it");
+                        a.task.abort();
+                    }
+                }
+                Action::Confirm(slot) => {
+                    if let Some(a) = &mut self.active[usize::from(slot)] {
+                        a.early = Some(deliver::confirm(&self.shared, &a.dispatch));
+                    }
+                }
+            }
+        }
+        if let Some(s) = &mut self.session
+            && s.w.buffered() > 0
+            && let Err(e) = s.w.flush().await
+        {
+            self.lost(&e.to_string());
+        }
+    }
+
+    async fn frame(&mut self, next: Result<Option<SchedulerToQuerier>, ReadError>) {
+        let msg = match next {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return self.lost("the scheduler closed the stream"),
+            Err(e) => return self.lost(&e.to_string()),
+        };
+        match msg {
+            SchedulerToQuerier::Dispatch { worker, dispatch } => {
+                let timeout = dispatch.timeout_ms.map(Duration::from_millis);
+                let now = Instant::now();
+                match self
+                    .slots
+                    .dispatched(worker, dispatch.query_id, &dispatch.frontend.id, timeout, now)
+                {
+                    Ok(()) => self.start(worker, *dispatch, now),
+                    Err(e) => {
+                        warn!(scheduler = %self.link.addr, error = %e, "the scheduler broke the dequeue protocol");
+                        self.lost(&e);
+                    }
+                }
+            }
+            SchedulerToQuerier::Cancel { worker, query_id } => {
+                self.slots.cancel(worker, query_id, Instant::now(), &mut self.out)
+            }
+            SchedulerToQuerier::Lifeline { port, token } => hold_lifeline(&self.shared, &self.link, port, token).await,
+            SchedulerToQuerier::ShuttingDown => self.slots.draining(),
+        }
+    }
+
+    /// Runs a dispatched query's handler in a task of its own (so a panic becomes an error
+    /// result, and a handler that ignores its cancel can be aborted).
+    fn start(&mut self, slot: WorkerSlot, mut d: Dispatch, now: Instant) {
+        let cancelled = CancellationToken::new();
+        // The handler runs in a `query` span with the query's trace id, and sees a trace
+        // context naming this hop.
+        let span =
+            tracing::debug_span!("query", query = d.query_id, tenant = %d.tenant, trace_id = tracing::field::Empty);
+        if let Some(trace) = TraceParent::of(&d.metadata) {
+            if !span.is_disabled() {
+                span.record("trace_id", trace.trace_id_hex());
+            }
+            trace.child().set(&mut d.metadata);
+        }
+        let request = Request {
+            query_id: d.query_id,
+            tenant: d.tenant.clone(),
+            // Moved, not copied: the result needs only the ids, tenant and frontend.
+            actors: std::mem::take(&mut d.actors),
+            component: d.component.take(),
+            metadata: std::mem::take(&mut d.metadata),
+            queue_time: Duration::from_micros(d.queue_time_us),
+            timeout: d.timeout_ms.map(Duration::from_millis),
+            attempt: d.attempt,
+            scheduler: self.link.addr,
+            payload: std::mem::take(&mut d.payload),
+            cancelled: cancelled.clone(),
+        };
+        let h = self.handler.clone();
+        let task = self
+            .handlers
+            .spawn(async move { (slot, h.handle(request).await) }.instrument(span));
+        self.active[usize::from(slot)] = Some(Active {
+            deadline: d.timeout_ms.map(|ms| now + Duration::from_millis(ms)),
+            dispatch: d,
+            cancelled,
+            task,
+            early: None,
+        });
+    }
+
+    /// A handler returned, panicked or was aborted: its result goes to a sender task and
+    /// the worker is reported free once its previous delivery is settled.
+    fn handler_done(&mut self, joined: HandlerJoin) {
+        let (slot, outcome) = match joined {
+            Ok((_, (slot, outcome))) => (slot, Some(outcome)),
+            Err(e) => {
+                let id = e.id();
+                let Some(slot) = self
+                    .active
+                    .iter()
+                    .position(|a| a.as_ref().is_some_and(|a| a.task.id() == id))
+                else {
+                    return;
+                };
+                let outcome = e
+                    .is_panic()
+                    .then(|| Err(HandlerError(format!("handler panicked: {}", panic_message(e)))));
+                (WorkerSlot::try_from(slot).expect("bounded"), outcome)
+            }
+        };
+        let Some(active) = self.active[usize::from(slot)].take() else {
+            return;
+        };
+        let measured_cost = outcome
+            .as_ref()
+            .and_then(|o| o.as_ref().ok())
+            .and_then(|r| r.measured_cost);
+        let delivery = match outcome {
+            // Cancelled (by the frontend, or its deadline, at which the frontend fails the
+            // query itself): nothing to send; an early stream is dropped (reset).
+            _ if self.slots.is_cancelled(slot) => {
+                if let Some(task) = active.early {
+                    task.abort();
+                }
+                debug!(query = active.dispatch.query_id, "cancelled; no result sent");
+                None
+            }
+            None => None,
+            Some(outcome) => {
+                let number = self.next_delivery;
+                self.next_delivery += 1;
+                let send = deliver::hand_off(&self.shared, active.dispatch, outcome, active.deadline, active.early);
+                let task = self.deliveries.spawn(async move {
+                    send.await;
+                    (slot, number)
+                });
+                self.delivery_ids.insert(task.id(), (slot, number));
+                Some(number)
+            }
+        };
+        self.slots.done(slot, delivery, measured_cost, &mut self.out);
+    }
+
+    fn settled(&mut self, joined: Result<(tokio::task::Id, (WorkerSlot, u64)), tokio::task::JoinError>) {
+        let id = match &joined {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        if let Some((slot, number)) = self.delivery_ids.remove(&id) {
+            self.slots.settled(slot, number, &mut self.out);
+        }
+    }
+}
+
+async fn scheduler_connection(shared: &Shared, link: &Link) -> Result<quinn::Connection, String> {
+    let mut slot = link.conn.lock().await;
+    if let Some(c) = slot.as_ref()
+        && c.close_reason().is_none()
+    {
+        return Ok(c.clone());
+    }
+    let conn = shared
+        .endpoint
+        .connect(link.addr, &shared.config.scheduler_server_name)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    crate::tls::expect_peer_role(&conn, Role::Scheduler)?;
+    *slot = Some(conn.clone());
+    Ok(conn)
+}
+
+/// Forgets `conn` as the link's connection if it still is, so the next worker dials anew
+/// (the scheduler behind it is draining).
+async fn drop_connection(link: &Link, conn: &quinn::Connection) {
+    let mut slot = link.conn.lock().await;
+    if slot.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+        *slot = None;
+    }
+}
+
+/// Opens a stream of `kind` and says hello, waiting for the answer no longer than the
+/// idle timeout.
+pub(super) async fn open(shared: &Shared, conn: &quinn::Connection, kind: StreamKind) -> Result<Stream, String> {
+    let setup = async {
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let max = shared.config.max_frame_len;
+        let (mut w, mut r) = (FramedWrite::new(send, max), FramedRead::new(recv, max));
+        w.send(&Hello::new(Role::Querier, &shared.config.id, kind))
+            .await
+            .map_err(|e| e.to_string())?;
+        match r.next::<HelloReply>().await.map_err(|e| e.to_string())? {
+            Some(HelloReply::Welcome { .. }) => Ok((w, r)),
+            Some(HelloReply::Rejected { code, message }) => Err(format!("refused ({code:?}): {message}")),
+            None => Err("closed before the hello reply".into()),
+        }
+    };
+    tokio::time::timeout(shared.config.idle_timeout, setup)
+        .await
+        .map_err(|_| "no hello reply in time".to_string())?
+}
+
+pub(super) async fn notify_shutdown(shared: &Shared, link: &Link) -> Result<(), String> {
+    let conn = link.conn.lock().await.clone().ok_or("not connected")?;
+    let (mut w, mut r) = open(shared, &conn, StreamKind::ShutdownNotice).await?;
+    w.send(&Notice::QuerierShuttingDown).await.map_err(|e| e.to_string())?;
+    match r.next::<NoticeReply>().await.map_err(|e| e.to_string())? {
+        Some(NoticeReply::Acknowledged) => Ok(()),
+        None => Err("closed before acknowledging".into()),
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Opens (once per token) the TCP lifeline the scheduler asked for and holds it, so that
+/// if this process dies the kernel's closing of the socket tells the scheduler at once.
+async fn hold_lifeline(shared: &Shared, link: &Link, port: u16, token: u128) {
+    let mut lifelines = shared.lifelines.lock().await;
+    lifelines.retain(|_, task| !task.is_finished());
+    if lifelines.contains_key(&token) {
+        return;
+    }
+    let addr = SocketAddr::new(link.addr.ip(), port);
+    let timeout = shared.config.idle_timeout;
+    let task = tokio::spawn(async move {
+        let mut socket = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(socket)) => socket,
+            Ok(Err(e)) => return warn!(%addr, error = %e, "no lifeline to the scheduler"),
+            Err(_) => return warn!(%addr, "no lifeline to the scheduler: connect timed out"),
+        };
+        let mut preamble = LIFELINE_MAGIC.to_vec();
+        preamble.extend_from_slice(&token.to_be_bytes());
+        if socket.write_all(&preamble).await.is_err() {
+            return;
+        }
+        // Nothing comes back; the scheduler closes it when the QUIC connection ends.
+        let mut scratch = [0u8; 64];
+        while let Ok(n) = socket.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    lifelines.insert(token, task);
+}

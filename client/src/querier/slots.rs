@@ -1,0 +1,451 @@
+//! The workers of one querier–scheduler link as a state machine, without I/O: which worker
+//! may ask for work, which one runs what, when a running query is confirmed, cancelled or
+//! aborted, and when a finished one may be reported. The dequeue driver
+//! ([`super::dequeue`]) feeds it events (stream opened, dispatch, cancel, handler done,
+//! delivery settled, time) and carries out what it answers.
+//!
+//! A worker's life: `Idle` → (stream open) `Waiting` → (dispatch) `Running` → (handler
+//! done) `Settling` while its previous result's delivery is still in flight → `Waiting`
+//! again with its `Ready`, which reports the finished query. The scheduler counts on that
+//! order: a worker's `Ready` also says that its previous delivery is settled, so at most
+//! one delivery per worker is in flight besides the newest.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use sluice_protocol::{Finished, QuerierToScheduler, QueryId, WorkerSlot};
+use tokio::time::Instant;
+
+/// What one worker is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum State {
+    /// Free, and has not asked for work on the current stream (or there is none).
+    Idle,
+    /// Asked for work on the current stream.
+    Waiting,
+    /// Runs a query.
+    Running(Run),
+    /// Its handler is done; its `Ready` waits until no delivery but this query's own
+    /// (`delivery`, if its result was handed over) is in flight.
+    Settling { finished: Finished, delivery: Option<u64> },
+}
+
+/// A running query's clocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Run {
+    pub(super) query_id: QueryId,
+    pub(super) frontend_id: String,
+    /// When its handler is told to stop (its deadline), until it is.
+    pub(super) deadline: Option<Instant>,
+    /// When it is confirmed to its frontend, until it is.
+    pub(super) confirm_at: Option<Instant>,
+    /// Set once cancelled: when the handler is aborted if it has not returned.
+    pub(super) abort_at: Option<Instant>,
+}
+
+impl Run {
+    pub(super) fn cancelled(&self) -> bool {
+        self.abort_at.is_some()
+    }
+
+    fn next_moment(&self) -> Option<Instant> {
+        let deadline = self.deadline.filter(|_| !self.cancelled());
+        [deadline, self.confirm_at, self.abort_at].into_iter().flatten().min()
+    }
+}
+
+/// The stream the workers ask for work on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stream {
+    /// None now (connecting, or stopped).
+    None,
+    Open,
+    /// The scheduler said `ShuttingDown`: running queries are reported, nothing more is
+    /// asked for.
+    Draining,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Action {
+    /// Write this frame on the dequeue stream.
+    Send(QuerierToScheduler),
+    /// Tell the worker's handler to stop (cancel or deadline).
+    Cancel(WorkerSlot),
+    /// Abort the worker's handler: it ignored its cancel for the whole grace.
+    Abort(WorkerSlot),
+    /// Confirm the worker's query to its frontend (open its result stream early).
+    Confirm(WorkerSlot),
+}
+
+/// The workers of one link.
+#[derive(Debug)]
+pub(super) struct Slots {
+    states: Vec<State>,
+    /// Per worker, the deliveries in flight (their numbers), oldest first.
+    in_flight: Vec<VecDeque<u64>>,
+    stream: Stream,
+    cancel_grace: Duration,
+    confirm_after: Duration,
+}
+
+impl Slots {
+    pub(super) fn new(cancel_grace: Duration, confirm_after: Duration) -> Self {
+        Slots {
+            states: Vec::new(),
+            in_flight: Vec::new(),
+            stream: Stream::None,
+            cancel_grace,
+            confirm_after,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    pub(super) fn state(&self, slot: WorkerSlot) -> Option<&State> {
+        self.states.get(usize::from(slot))
+    }
+
+    pub(super) fn stream(&self) -> Stream {
+        self.stream
+    }
+
+    /// Grows to `n` workers; new ones ask for work at once if a stream is open.
+    pub(super) fn grow(&mut self, n: usize, out: &mut Vec<Action>) {
+        while self.states.len() < n {
+            let slot = self.states.len();
+            self.states.push(State::Idle);
+            self.in_flight.push(VecDeque::new());
+            if self.stream == Stream::Open {
+                self.ask(slot, None, out);
+            }
+        }
+    }
+
+    /// A dequeue stream was opened: every free worker asks for work on it.
+    pub(super) fn opened(&mut self, out: &mut Vec<Action>) {
+        self.stream = Stream::Open;
+        for slot in 0..self.states.len() {
+            if matches!(self.states[slot], State::Idle | State::Waiting) {
+                self.ask(slot, None, out);
+            }
+        }
+    }
+
+    /// The stream ended (lost, or closed by us): waiting workers wait no more. Running
+    /// queries go on and their results are delivered; the scheduler is not told.
+    pub(super) fn closed(&mut self) {
+        self.stream = Stream::None;
+        for s in &mut self.states {
+            if *s == State::Waiting {
+                *s = State::Idle;
+            }
+        }
+    }
+
+    /// The scheduler said `ShuttingDown`: nothing more is asked for on this stream.
+    pub(super) fn draining(&mut self) {
+        if self.stream == Stream::Open {
+            self.stream = Stream::Draining;
+        }
+        for s in &mut self.states {
+            if *s == State::Waiting {
+                *s = State::Idle;
+            }
+        }
+    }
+
+    /// Whether any worker runs a query or waits to report one.
+    pub(super) fn busy(&self) -> bool {
+        self.states
+            .iter()
+            .any(|s| matches!(s, State::Running(_) | State::Settling { .. }))
+    }
+
+    /// Whether any result is still being delivered.
+    pub(super) fn delivering(&self) -> bool {
+        self.in_flight.iter().any(|d| !d.is_empty())
+    }
+
+    /// The scheduler dispatched `query_id` to `slot`. Err: the slot did not ask for work
+    /// (the scheduler broke the protocol).
+    pub(super) fn dispatched(
+        &mut self,
+        slot: WorkerSlot,
+        query_id: QueryId,
+        frontend_id: &str,
+        timeout: Option<Duration>,
+        now: Instant,
+    ) -> Result<(), String> {
+        let Some(state) = self.states.get_mut(usize::from(slot)) else {
+            return Err(format!("a dispatch for worker {slot}, which does not exist"));
+        };
+        if *state != State::Waiting {
+            return Err(format!("a dispatch for worker {slot}, which did not ask for work"));
+        }
+        *state = State::Running(Run {
+            query_id,
+            frontend_id: frontend_id.to_string(),
+            deadline: timeout.map(|t| now + t),
+            confirm_at: Some(now + self.confirm_after),
+            abort_at: None,
+        });
+        Ok(())
+    }
+
+    /// The scheduler cancelled `query_id` on `slot` (ignored if that worker no longer
+    /// runs it).
+    pub(super) fn cancel(&mut self, slot: WorkerSlot, query_id: QueryId, now: Instant, out: &mut Vec<Action>) {
+        if let Some(State::Running(run)) = self.states.get_mut(usize::from(slot))
+            && run.query_id == query_id
+            && !run.cancelled()
+        {
+            run.abort_at = Some(now + self.cancel_grace);
+            out.push(Action::Cancel(slot));
+        }
+    }
+
+    /// The earliest moment at which [`tick`](Self::tick) has something to do.
+    pub(super) fn next_moment(&self) -> Option<Instant> {
+        self.states
+            .iter()
+            .filter_map(|s| match s {
+                State::Running(run) => run.next_moment(),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Confirms, cancels at their deadline and aborts after their grace the running
+    /// queries whose moment has come.
+    pub(super) fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
+        for (slot, state) in self.states.iter_mut().enumerate() {
+            let State::Running(run) = state else { continue };
+            let slot = slot_of(slot);
+            if run.abort_at.is_some_and(|at| at <= now) {
+                run.abort_at = Some(now + Duration::from_secs(86_400 * 365)); // once
+                out.push(Action::Abort(slot));
+            } else if !run.cancelled() && run.deadline.is_some_and(|at| at <= now) {
+                run.abort_at = Some(now + self.cancel_grace);
+                out.push(Action::Cancel(slot));
+            }
+            if run.confirm_at.is_some_and(|at| at <= now) {
+                run.confirm_at = None;
+                if !run.cancelled() {
+                    out.push(Action::Confirm(slot));
+                }
+            }
+        }
+    }
+
+    /// `slot`'s handler returned (or was aborted); `delivery` numbers its result's
+    /// delivery if one was handed to a sender, and `measured_cost` is reported with the
+    /// worker's next `Ready`, sent once its previous delivery is settled.
+    pub(super) fn done(
+        &mut self,
+        slot: WorkerSlot,
+        delivery: Option<u64>,
+        measured_cost: Option<u32>,
+        out: &mut Vec<Action>,
+    ) {
+        let i = usize::from(slot);
+        let Some(State::Running(run)) = self.states.get(i) else {
+            return;
+        };
+        let finished = Finished {
+            frontend_id: run.frontend_id.clone(),
+            query_id: run.query_id,
+            measured_cost,
+        };
+        if let Some(d) = delivery {
+            self.in_flight[i].push_back(d);
+        }
+        self.states[i] = State::Settling { finished, delivery };
+        self.report_if_settled(i, out);
+    }
+
+    /// Delivery `delivery` of `slot` is settled (arrived, or given up).
+    pub(super) fn settled(&mut self, slot: WorkerSlot, delivery: u64, out: &mut Vec<Action>) {
+        let i = usize::from(slot);
+        if let Some(d) = self.in_flight.get_mut(i) {
+            d.retain(|x| *x != delivery);
+            self.report_if_settled(i, out);
+        }
+    }
+
+    /// Whether `slot`'s query is cancelled (its result is then not sent).
+    pub(super) fn is_cancelled(&self, slot: WorkerSlot) -> bool {
+        matches!(self.state(slot), Some(State::Running(run)) if run.cancelled())
+    }
+
+    /// A settling worker reports its query once no delivery older than its own is in
+    /// flight.
+    fn report_if_settled(&mut self, i: usize, out: &mut Vec<Action>) {
+        let State::Settling { delivery, .. } = &self.states[i] else {
+            return;
+        };
+        if self.in_flight[i].iter().any(|d| Some(*d) != *delivery) {
+            return;
+        }
+        let State::Settling { finished, .. } = std::mem::replace(&mut self.states[i], State::Idle) else {
+            unreachable!("checked above");
+        };
+        match self.stream {
+            Stream::Open => self.ask(i, Some(finished), out),
+            // The last word on a draining stream: the scheduler learns the query ended.
+            Stream::Draining => out.push(Action::Send(QuerierToScheduler::Ready {
+                worker: slot_of(i),
+                finished: Some(finished),
+            })),
+            Stream::None => {}
+        }
+    }
+
+    fn ask(&mut self, i: usize, finished: Option<Finished>, out: &mut Vec<Action>) {
+        self.states[i] = State::Waiting;
+        out.push(Action::Send(QuerierToScheduler::Ready {
+            worker: slot_of(i),
+            finished,
+        }));
+    }
+}
+
+fn slot_of(i: usize) -> WorkerSlot {
+    WorkerSlot::try_from(i).expect("worker counts are bounded by MAX_WORKERS_PER_STREAM")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(1);
+    const CONFIRM: Duration = Duration::from_millis(100);
+
+    fn ready(worker: WorkerSlot, finished: Option<QueryId>) -> Action {
+        Action::Send(QuerierToScheduler::Ready {
+            worker,
+            finished: finished.map(|query_id| Finished {
+                frontend_id: "fe".into(),
+                query_id,
+                measured_cost: None,
+            }),
+        })
+    }
+
+    fn open(n: usize) -> (Slots, Vec<Action>) {
+        let mut s = Slots::new(GRACE, CONFIRM);
+        let mut out = Vec::new();
+        s.grow(n, &mut out);
+        assert!(out.is_empty(), "no stream: nobody asks");
+        s.opened(&mut out);
+        (s, out)
+    }
+
+    #[test]
+    fn every_free_worker_asks_once_a_stream_opens_and_new_workers_ask_at_once() {
+        let (mut s, out) = open(2);
+        assert_eq!(out, vec![ready(0, None), ready(1, None)]);
+        let mut out = Vec::new();
+        s.grow(3, &mut out);
+        assert_eq!(out, vec![ready(2, None)]);
+    }
+
+    #[test]
+    fn a_dispatch_to_a_worker_that_did_not_ask_is_refused() {
+        let (mut s, _) = open(1);
+        let now = Instant::now();
+        s.dispatched(0, 1, "fe", None, now).unwrap();
+        assert!(s.dispatched(0, 2, "fe", None, now).is_err(), "busy");
+        assert!(s.dispatched(7, 2, "fe", None, now).is_err(), "no such worker");
+    }
+
+    #[test]
+    fn a_finished_query_is_reported_only_once_its_previous_delivery_is_settled() {
+        let (mut s, _) = open(1);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        s.dispatched(0, 1, "fe", None, now).unwrap();
+        s.done(0, Some(10), None, &mut out);
+        assert_eq!(out, vec![ready(0, Some(1))], "only the newest delivery in flight");
+        out.clear();
+        s.dispatched(0, 2, "fe", None, now).unwrap();
+        s.done(0, Some(11), None, &mut out);
+        assert!(out.is_empty(), "delivery 10 is still in flight");
+        assert!(matches!(s.state(0), Some(State::Settling { .. })));
+        s.settled(0, 11, &mut out);
+        assert!(out.is_empty(), "the newer settling first is not enough");
+        s.settled(0, 10, &mut out);
+        assert_eq!(out, vec![ready(0, Some(2))]);
+        assert!(!s.delivering());
+    }
+
+    #[test]
+    fn deadline_cancels_then_the_grace_aborts_and_confirmation_comes_once() {
+        let (mut s, _) = open(1);
+        let t0 = Instant::now();
+        s.dispatched(0, 1, "fe", Some(Duration::from_millis(500)), t0).unwrap();
+        assert_eq!(s.next_moment(), Some(t0 + CONFIRM));
+        let mut out = Vec::new();
+        s.tick(t0 + CONFIRM, &mut out);
+        assert_eq!(out, vec![Action::Confirm(0)]);
+        out.clear();
+        s.tick(t0 + CONFIRM, &mut out);
+        assert!(out.is_empty(), "confirmed once");
+        assert_eq!(s.next_moment(), Some(t0 + Duration::from_millis(500)));
+        s.tick(t0 + Duration::from_millis(500), &mut out);
+        assert_eq!(out, vec![Action::Cancel(0)]);
+        assert!(s.is_cancelled(0));
+        out.clear();
+        s.tick(t0 + Duration::from_millis(500) + GRACE, &mut out);
+        assert_eq!(out, vec![Action::Abort(0)]);
+        out.clear();
+        s.tick(t0 + Duration::from_millis(500) + GRACE * 2, &mut out);
+        assert!(out.is_empty(), "aborted once");
+    }
+
+    #[test]
+    fn a_cancel_for_another_query_or_a_free_worker_is_ignored() {
+        let (mut s, _) = open(2);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        s.dispatched(0, 1, "fe", None, now).unwrap();
+        s.cancel(0, 9, now, &mut out);
+        s.cancel(1, 1, now, &mut out);
+        assert!(out.is_empty());
+        s.cancel(0, 1, now, &mut out);
+        s.cancel(0, 1, now, &mut out);
+        assert_eq!(out, vec![Action::Cancel(0)], "once");
+    }
+
+    #[test]
+    fn a_draining_stream_gets_one_last_ready_per_running_query_and_no_more_asks() {
+        let (mut s, _) = open(3);
+        let now = Instant::now();
+        s.dispatched(0, 1, "fe", None, now).unwrap();
+        s.dispatched(1, 2, "fe", None, now).unwrap();
+        s.draining();
+        assert_eq!(s.state(2), Some(&State::Idle));
+        let mut out = Vec::new();
+        s.done(0, Some(1), None, &mut out);
+        s.done(1, None, None, &mut out);
+        assert_eq!(out, vec![ready(0, Some(1)), ready(1, Some(2))]);
+        assert!(!s.busy());
+        assert!(s.delivering(), "delivery 1 goes on");
+    }
+
+    #[test]
+    fn queries_run_on_across_a_lost_stream_and_their_workers_ask_on_the_next() {
+        let (mut s, _) = open(2);
+        let now = Instant::now();
+        s.dispatched(0, 1, "fe", None, now).unwrap();
+        s.closed();
+        assert_eq!(s.state(1), Some(&State::Idle));
+        let mut out = Vec::new();
+        s.done(0, Some(5), None, &mut out);
+        assert!(out.is_empty(), "no stream to report on");
+        s.opened(&mut out);
+        assert_eq!(out, vec![ready(0, None), ready(1, None)]);
+    }
+}
