@@ -969,3 +969,34 @@ async fn cancel_returns_once_the_scheduler_acted_on_it_queued_or_running() {
     assert_eq!(fe.outstanding(), 0);
     q.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_querier_with_more_workers_than_a_stream_carries_is_refused_at_start() {
+    let t = start(|_| {}).await;
+    let (h, _events) = handler(Duration::ZERO);
+    let config = QuerierConfig::new("q", t.certs.querier.clone(), vec![t.server.quic_addr()])
+        .with_concurrency(usize::from(sluice_protocol::MAX_WORKERS_PER_STREAM) + 1);
+    match Querier::start(config, h) {
+        Err(ClientError::Config(message)) => assert!(message.contains("at most 1024"), "{message}"),
+        Err(other) => panic!("expected a config error, got {other}"),
+        Ok(_) => panic!("started with too many workers"),
+    }
+}
+
+#[tokio::test]
+async fn the_largest_querier_serves_with_every_worker_on_one_stream() {
+    let t = start(|_| {}).await;
+    let (h, _events) = handler(Duration::ZERO);
+    let max = usize::from(sluice_protocol::MAX_WORKERS_PER_STREAM);
+    let q = querier_for("q", &[&t], max, h);
+    assert!(q.wait_connected(max, WAIT).await);
+    let s = t
+        .status_until("every worker registered", |s| s.workers.len() == max)
+        .await;
+    assert!(s.workers.iter().all(|w| w.querier == "q" && !w.busy));
+    let fe = frontend_for(&[&t]).await;
+    wait_connected(&fe, 1).await;
+    let handle = fe.submit(QueryRequest::new("t", "x")).await.unwrap();
+    assert_eq!(body_of(handle).await.unwrap(), b"x".as_slice());
+    q.shutdown().await;
+}

@@ -601,3 +601,79 @@ async fn running_queries_are_cancelled_only_when_their_frontend_closes_on_purpos
         next_query += 2;
     }
 }
+
+#[tokio::test]
+async fn workers_share_one_dequeue_stream_each_taking_its_own_turns() {
+    let t = start(|_| {}).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    let mut w = worker(&q_conn, "querier-1").await;
+    for worker in [3, 0] {
+        w.send(&QuerierToScheduler::Ready { worker, finished: None }).await;
+    }
+    t.status_until("two workers", |s| s.workers.len() == 2).await;
+    accepted(&mut fe, 1, "t").await;
+    accepted(&mut fe, 2, "t").await;
+    // Longest waiting first: worker 3 asked first.
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        match w.recv::<SchedulerToQuerier>().await {
+            SchedulerToQuerier::Dispatch { worker, dispatch } => got.push((worker, dispatch.query_id)),
+            other => panic!("expected a dispatch, got {other:?}"),
+        }
+    }
+    assert_eq!(got, [(3, 1), (0, 2)]);
+    // A cancel names the worker that runs the query.
+    fe.send(&FrontendToScheduler::Cancel { query_id: 2 }).await;
+    assert_eq!(
+        w.recv::<SchedulerToQuerier>().await,
+        SchedulerToQuerier::Cancel { worker: 0, query_id: 2 }
+    );
+    assert_eq!(
+        fe.next_from_scheduler().await,
+        SchedulerToFrontend::Cancelled { query_id: 2 }
+    );
+    // Worker 0 reports and asks again; worker 3 still runs query 1.
+    w.send(&QuerierToScheduler::Ready {
+        worker: 0,
+        finished: None,
+    })
+    .await;
+    accepted(&mut fe, 3, "t").await;
+    assert_eq!(dispatched(&mut w).await.query_id, 3);
+    let s = t.status_until("two running", |s| s.running == 2).await;
+    assert_eq!(s.workers.iter().filter(|w| w.busy).count(), 2);
+    // The stream ends: both its workers' queries fail at their frontend.
+    drop(w);
+    q_conn.close(0u32.into(), b"");
+    // (Query 2 is reported too: the scheduler cannot know that its worker sent nothing
+    // after the cancel; the frontend, done with it, ignores the report.)
+    let mut failed = std::collections::BTreeSet::new();
+    while !(failed.contains(&1) && failed.contains(&3)) {
+        if let SchedulerToFrontend::QueryError { query_id, kind, .. } = fe.recv::<SchedulerToFrontend>().await {
+            assert_eq!(kind, QueryErrorKind::QuerierFailed);
+            failed.insert(query_id);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_worker_numbered_beyond_the_bound_closes_the_querier_connection() {
+    let t = start(|_| {}).await;
+    let q_conn = t.connect(&t.certs.querier).await.unwrap();
+    let mut w = worker(&q_conn, "querier-1").await;
+    w.send(&QuerierToScheduler::Ready {
+        worker: MAX_WORKERS_PER_STREAM,
+        finished: None,
+    })
+    .await;
+    match tokio::time::timeout(WAIT, q_conn.closed()).await.expect("closed") {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, close_code::PROTOCOL_ERROR.into())
+        }
+        other => panic!("expected a protocol-error close, got {other:?}"),
+    }
+    let s = t.server.status().await.unwrap();
+    assert!(s.workers.is_empty(), "nothing registered: {:?}", s.workers);
+}
