@@ -269,12 +269,77 @@ impl<W: AsyncWrite + Unpin> FramedWrite<W> {
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.inner
     }
+
+    /// A writer task's loop: writes what `source` yields until every sender is gone, each
+    /// write carrying the message waited for and every message already waiting behind it
+    /// (one wake-up and one write for a burst). Err: the stream failed, or a message could
+    /// not be encoded.
+    pub async fn pump<T: Serialize, S: FrameSource<T>>(&mut self, source: &mut S) -> Result<(), WriteError> {
+        while let Some(first) = source.next().await {
+            self.buffer(&first)?;
+            while let Some(m) = source.ready() {
+                self.buffer(&m)?;
+            }
+            self.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a writer task takes its messages from: a tokio channel, bounded or not.
+pub trait FrameSource<T> {
+    /// Waits for the next message; `None` once every sender is gone.
+    fn next(&mut self) -> impl std::future::Future<Output = Option<T>> + Send;
+    /// A message already waiting, if any.
+    fn ready(&mut self) -> Option<T>;
+}
+
+impl<T: Send> FrameSource<T> for tokio::sync::mpsc::Receiver<T> {
+    fn next(&mut self) -> impl std::future::Future<Output = Option<T>> + Send {
+        self.recv()
+    }
+
+    fn ready(&mut self) -> Option<T> {
+        self.try_recv().ok()
+    }
+}
+
+impl<T: Send> FrameSource<T> for tokio::sync::mpsc::UnboundedReceiver<T> {
+    fn next(&mut self) -> impl std::future::Future<Output = Option<T>> + Send {
+        self.recv()
+    }
+
+    fn ready(&mut self) -> Option<T> {
+        self.try_recv().ok()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{NoticeReply, QuerierToScheduler, Role, StreamKind, encode_to_vec};
+
+    #[tokio::test]
+    async fn a_pump_writes_a_burst_at_once_and_ends_with_its_senders() {
+        let (a, b) = tokio::io::duplex(4096);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for worker in 0..3 {
+            tx.send(QuerierToScheduler::Ready { worker, finished: None }).unwrap();
+        }
+        drop(tx);
+        let mut w = FramedWrite::new(a, 1024);
+        w.pump(&mut rx).await.unwrap();
+        assert_eq!(w.buffered(), 0, "everything written");
+        drop(w);
+        let mut r = FramedRead::new(b, 1024);
+        for worker in 0..3 {
+            assert_eq!(
+                r.next::<QuerierToScheduler>().await.unwrap(),
+                Some(QuerierToScheduler::Ready { worker, finished: None })
+            );
+        }
+        assert!(r.next::<QuerierToScheduler>().await.unwrap().is_none());
+    }
 
     #[tokio::test]
     async fn frames_cross_a_pipe_in_order_and_the_end_is_clean() {

@@ -37,5 +37,5 @@ pub use codec::{
 pub use error::{DecodeError, EncodeError, InvalidRequest};
 pub use frame::*;
 #[cfg(feature = "tokio")]
-pub use io::{FramedRead, FramedWrite, ReadError, ReceiveBudget, WriteError};
+pub use io::{FrameSource, FramedRead, FramedWrite, ReadError, ReceiveBudget, WriteError};
 pub use limits::{HARD_MAX_FRAME_LEN, Limits, MAX_ID_LEN, MAX_WORKERS_PER_STREAM};

@@ -35,12 +35,22 @@
 //!
 //! Every request leaves exactly once, as dispatched, cancelled, expired or handed back
 //! (see [`Counters`]); one that is refused at enqueue is returned to the caller.
+//!
+//! This file holds the API and [`TreeQueue::dequeue`], the walk that composes the levels;
+//! each level's policy has a file of its own: `classes.rs` (priority, reserved workers,
+//! starvation guard), `components.rs` (spreading workers over backends), `tenants.rs`
+//! (the rotation, shuffle shards, deficit round robin) and `tree.rs` (actors). `stats.rs`
+//! holds the figures the status page and metrics read.
 
+mod classes;
+mod components;
 mod config;
 mod explain;
 mod queriers;
 mod shard;
 mod slab;
+mod stats;
+mod tenants;
 mod tree;
 
 #[cfg(test)]
@@ -50,7 +60,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// The hash map used on hot paths: foldhash, seeded per map.
 pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -60,8 +69,13 @@ pub use explain::{Explain, ExplainNode, ExplainRequest, TenantPolicy};
 pub use queriers::WorkerId;
 pub(crate) use shard::mix as mix64;
 
+pub use stats::{QuerierStats, TenantStats};
+
+use classes::Class;
+use components::Component;
 use queriers::{Membership, Queriers};
 use slab::{Handle, Slab};
+use tenants::{MAX_SKIPS, Tenant, activate, deactivate};
 use tree::Nodes;
 
 /// Identifies a queued request: the frontend connection that sent it and its id there.
@@ -163,37 +177,6 @@ pub struct Counters {
     pub rejected: u64,
 }
 
-/// What the status page and metrics show per tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TenantStats {
-    pub tenant: String,
-    pub queued: u32,
-    pub queued_bytes: u64,
-    /// Most requests queued at once since the tenant last had none.
-    pub peak: u32,
-    /// Age of its oldest queued request.
-    pub oldest: Duration,
-    /// Queriers in its shard; `None`: every querier.
-    pub shard_size: Option<usize>,
-    /// Share of service relative to other tenants when all are backlogged.
-    pub weight: u32,
-    /// Priority class of its requests that name none.
-    pub priority: u8,
-    /// Its deficit-round-robin balance in cost units: positive, credit left in the
-    /// current visit; negative, cost served beyond its share, repaid over later visits.
-    pub balance: i64,
-}
-
-/// What the status page shows per querier.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QuerierStats {
-    pub querier: String,
-    pub workers: u32,
-    pub shutting_down: bool,
-    /// How long it has had no worker, if it has none (it is forgotten after the delay).
-    pub disconnected_for: Option<Duration>,
-}
-
 /// Deadlines are indexed in buckets of this many nanoseconds.
 const DEADLINE_BUCKET_NS: u64 = 100_000_000;
 
@@ -212,130 +195,8 @@ struct Entry<R> {
     cost: u32,
 }
 
-struct Tenant {
-    name: Box<str>,
-    hash: u64,
-    queued: u32,
-    bytes: u64,
-    peak: u32,
-    max_outstanding: u32,
-    max_queriers: u32,
-    /// Credit per visit, in multiples of the cost quantum.
-    weight: u32,
-    /// Class of its requests that name none.
-    priority: u8,
-    /// Deficit-round-robin balance in cost units (see [`TenantStats::balance`]).
-    balance: i64,
-    /// Querier indexes allowed to serve it; `None`: all.
-    shard: Option<Vec<u32>>,
-    /// Its root node in each component where it has (or had) work: (component, root). A
-    /// root that empties is parked (kept, out of the rotation sets) until the tenant goes,
-    /// so a class or component that drains and refills per request allocates nothing.
-    roots: Vec<(u32, Handle)>,
-}
-
-impl Tenant {
-    /// Its credit per visit: `weight × quantum` (at most 1000 × u32::MAX, so it fits).
-    fn quantum(&self, quantum: u32) -> u64 {
-        u64::from(self.weight) * u64::from(quantum)
-    }
-}
-
-struct Component {
-    name: Box<str>,
-    /// The priority class it belongs to: the same backend in two classes is two components.
-    priority: u8,
-    queued: u32,
-    /// Tenants' parked roots here: the component is not freed while any remain.
-    parked_roots: u32,
-    /// Tenant slots with work here that every querier may serve.
-    unsharded: BTreeSet<u32>,
-    /// Tenant slots with work here, per querier index in their shard.
-    by_querier: Vec<BTreeSet<u32>>,
-    /// Each querier's position in the tenant rotation: the tenant it is visiting (served
-    /// last). The visit goes on while that tenant's balance is positive.
-    cursors: Vec<Option<u32>>,
-}
-
-/// One priority class with work: its components, and how long it has been passed over.
-struct Class {
-    priority: u8,
-    /// Its components with work, in name order: the order workers are spread over.
-    order: Vec<u32>,
-    by_name: FastMap<Box<str>, u32>,
-    /// Dispatches by unreserved workers that went to a higher class since this class was
-    /// last served.
-    passed: u32,
-}
-
 /// Emptied actor nodes listed for the sweep before one runs without waiting for `expire`.
 const PARKED_NODES_SWEEP: usize = 4096;
-
-/// Tenants a worker may skip (for want of balance) in one dequeue before the rounds are
-/// fast-forwarded; bounds the work of a dequeue when many tenants are in debt.
-const MAX_SKIPS: usize = 32;
-
-impl Component {
-    /// The first tenant slot after the querier's position (wrapping) that it may serve.
-    fn next_tenant(&self, querier: u32) -> Option<u32> {
-        let q = querier as usize;
-        let cursor = self.cursors.get(q).copied().flatten();
-        let sharded = self.by_querier.get(q);
-        let after = |set: &BTreeSet<u32>| match cursor {
-            Some(c) => set.range((Bound::Excluded(c), Bound::Unbounded)).next().copied(),
-            None => set.first().copied(),
-        };
-        let first = |set: &BTreeSet<u32>| set.first().copied();
-        min_some(after(&self.unsharded), sharded.and_then(after))
-            .or_else(|| min_some(first(&self.unsharded), sharded.and_then(first)))
-    }
-
-    /// Whether the querier may be served tenant `t` here (it has work and the querier is
-    /// in its shard).
-    fn eligible(&self, querier: u32, t: u32) -> bool {
-        self.unsharded.contains(&t) || self.by_querier.get(querier as usize).is_some_and(|s| s.contains(&t))
-    }
-}
-
-fn min_some(a: Option<u32>, b: Option<u32>) -> Option<u32> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(x.min(y)),
-        (x, y) => x.or(y),
-    }
-}
-
-/// Puts tenant `t` into the rotation sets of component `comp` for its shard.
-fn activate(comp: &mut Component, t: u32, shard: &Option<Vec<u32>>) {
-    match shard {
-        None => {
-            comp.unsharded.insert(t);
-        }
-        Some(queriers) => {
-            for &q in queriers {
-                let q = q as usize;
-                if comp.by_querier.len() <= q {
-                    comp.by_querier.resize_with(q + 1, BTreeSet::new);
-                }
-                comp.by_querier[q].insert(t);
-            }
-        }
-    }
-}
-
-fn deactivate(comp: &mut Component, t: u32, shard: &Option<Vec<u32>>) {
-    match shard {
-        None => {
-            comp.unsharded.remove(&t);
-        }
-        Some(queriers) => {
-            for &q in queriers {
-                if let Some(set) = comp.by_querier.get_mut(q as usize) {
-                    set.remove(&t);
-                }
-            }
-        }
-    }
-}
 
 /// The fair tree queue. `R` is the caller's request type.
 pub struct TreeQueue<R> {
@@ -499,129 +360,6 @@ impl<R: Queued> TreeQueue<R> {
         }
     }
 
-    /// The tenant's slot, creating the tenant (in the lowest free slot) if it is new.
-    fn tenant_slot(&mut self, name: &str) -> u32 {
-        if let Some(&t) = self.tenant_by_name.get(name) {
-            return t;
-        }
-        let hash = shard::stable_hash(name);
-        let max_queriers = self.config.max_queriers(name);
-        let tenant = Tenant {
-            name: name.into(),
-            hash,
-            queued: 0,
-            bytes: 0,
-            peak: 0,
-            max_outstanding: self.config.max_outstanding(name),
-            max_queriers,
-            weight: self.config.weight(name),
-            priority: self.config.priority(name),
-            balance: 0,
-            shard: shard::select(hash, max_queriers, &self.shard_candidates),
-            roots: Vec::new(),
-        };
-        let t = match self.free_tenant_slots.pop_first() {
-            Some(t) => {
-                self.tenants[t as usize] = Some(tenant);
-                t
-            }
-            None => {
-                self.tenants.push(Some(tenant));
-                (self.tenants.len() - 1) as u32
-            }
-        };
-        self.tenant_by_name.insert(name.into(), t);
-        t
-    }
-
-    /// The component `name` of class `priority`, creating both if needed, and in its
-    /// class's rotation (a parked one is put back).
-    fn component_slot(&mut self, priority: u8, name: &str) -> u32 {
-        let k = match self.classes.iter().position(|k| k.priority <= priority) {
-            Some(k) if self.classes[k].priority == priority => k,
-            at => {
-                let k = at.unwrap_or(self.classes.len());
-                self.classes.insert(
-                    k,
-                    Class {
-                        priority,
-                        order: Vec::new(),
-                        by_name: FastMap::default(),
-                        passed: 0,
-                    },
-                );
-                k
-            }
-        };
-        let c = match self.classes[k].by_name.get(name) {
-            Some(&c)
-                if self.components[c as usize]
-                    .as_ref()
-                    .expect("named component is live")
-                    .queued
-                    > 0 =>
-            {
-                return c;
-            }
-            Some(&c) => c, // parked
-            None => {
-                let comp = Component {
-                    name: name.into(),
-                    priority,
-                    queued: 0,
-                    parked_roots: 0,
-                    unsharded: BTreeSet::new(),
-                    by_querier: Vec::new(),
-                    cursors: Vec::new(),
-                };
-                let c = match self.components.iter().position(Option::is_none) {
-                    Some(i) => {
-                        self.components[i] = Some(comp);
-                        i as u32
-                    }
-                    None => {
-                        self.components.push(Some(comp));
-                        (self.components.len() - 1) as u32
-                    }
-                };
-                self.classes[k].by_name.insert(name.into(), c);
-                c
-            }
-        };
-        let components = &self.components;
-        let class = &mut self.classes[k];
-        let at = class.order.partition_point(|&o| {
-            components[o as usize]
-                .as_ref()
-                .expect("ordered component is live")
-                .name
-                .as_ref()
-                < name
-        });
-        class.order.insert(at, c);
-        c
-    }
-
-    /// Frees the components that emptied (parked, so that a component that empties and
-    /// refills request by request costs no allocation) and the classes left with none.
-    fn sweep_parked(&mut self) {
-        for slot in &mut self.components {
-            if slot
-                .as_ref()
-                .is_some_and(|comp| comp.queued == 0 && comp.parked_roots == 0)
-            {
-                let comp = slot.take().expect("checked above");
-                let class = self
-                    .classes
-                    .iter_mut()
-                    .find(|k| k.priority == comp.priority)
-                    .expect("component's class is live");
-                class.by_name.remove(&comp.name);
-            }
-        }
-        self.classes.retain(|k| !k.by_name.is_empty());
-    }
-
     /// The tenant's root node in component `c`, creating it (or unparking it) and entering
     /// the tenant into the component's rotation if needed.
     fn tenant_root(&mut self, c: u32, t: u32) -> Handle {
@@ -700,63 +438,6 @@ impl<R: Queued> TreeQueue<R> {
         e
     }
 
-    /// Picks the (component, tenant) a worker of querier index `q` with slot `slot` is
-    /// served from next within class `k`, and whether that continues the querier's visit
-    /// to the tenant.
-    fn select_in(&self, k: usize, q: u32, slot: u32) -> Option<(u32, u32, bool)> {
-        let order = &self.classes[k].order;
-        let n = order.len();
-        if n == 0 {
-            return None;
-        }
-        let start = slot as usize % n;
-        (0..n).find_map(|i| {
-            let c = order[(start + i) % n];
-            let comp = self.components[c as usize].as_ref().expect("ordered component is live");
-            if let Some(t) = comp.cursors.get(q as usize).copied().flatten()
-                && comp.eligible(q, t)
-                && self.tenants[t as usize].as_ref().is_some_and(|t| t.balance > 0)
-            {
-                return Some((c, t, true));
-            }
-            comp.next_tenant(q).map(|t| (c, t, false))
-        })
-    }
-
-    /// Picks the class a worker is served from: the highest it may serve that has work
-    /// for it, unless a lower one it may serve has been passed over too often (the lowest
-    /// index, i.e. highest priority, of those wins). Returns the class index and the pick
-    /// in it.
-    fn select(&self, q: u32, slot: u32, reserved: bool) -> Option<(usize, (u32, u32, bool))> {
-        let floor = if reserved { self.config.reserved_min_priority } else { 0 };
-        let allowed = self.classes.iter().take_while(|k| k.priority >= floor).count();
-        let (first, pick) = (0..allowed).find_map(|k| self.select_in(k, q, slot).map(|p| (k, p)))?;
-        if !reserved {
-            let limit = self.config.max_priority_skips;
-            for k in first + 1..allowed {
-                if self.classes[k].passed >= limit
-                    && let Some(p) = self.select_in(k, q, slot)
-                {
-                    return Some((k, p));
-                }
-            }
-        }
-        Some((first, pick))
-    }
-
-    /// Whether `worker` is one of its querier's workers reserved for high priorities: the
-    /// lowest-numbered `reserved_workers_percent` of its connected workers, rounded down.
-    fn is_reserved(&self, worker: WorkerId) -> bool {
-        let pct = u32::from(self.config.reserved_workers_percent);
-        if pct == 0 {
-            return false;
-        }
-        let q = &self.queriers.slab[worker.querier];
-        let reserved = q.connected * pct / 100;
-        let rank = q.workers[..worker.slot as usize].iter().filter(|&&used| used).count() as u32;
-        rank < reserved
-    }
-
     /// Hands `worker` its next request: fairly chosen, within its querier's shards, never
     /// one past its deadline (those go to [`poll_expired`](Self::poll_expired)).
     pub fn dequeue(&mut self, now: Instant, worker: WorkerId) -> Dequeue<R> {
@@ -827,79 +508,6 @@ impl<R: Queued> TreeQueue<R> {
                 deadline: (e.deadline != 0).then(|| self.instant(e.deadline)),
             });
         }
-    }
-
-    /// A weight-1 tenant's credit per visit, in cost units: the configured quantum, or the
-    /// largest cost now queued if that is more.
-    fn quantum(&self) -> u32 {
-        let largest = self.queued_costs.last_key_value().map_or(1, |(cost, _)| *cost);
-        self.config.cost_quantum.max(largest)
-    }
-
-    fn set_cursor(&mut self, c: u32, q: u32, t: u32) {
-        let comp = self.components[c as usize]
-            .as_mut()
-            .expect("selected component is live");
-        if comp.cursors.len() <= q as usize {
-            comp.cursors.resize(q as usize + 1, None);
-        }
-        comp.cursors[q as usize] = Some(t);
-    }
-
-    /// Every tenant a worker skipped is in debt: plays the rounds of visits, in the order
-    /// they were skipped, until one is back in credit, crediting each tenant its quantum
-    /// per visit as deficit round robin would; returns that one. The tenants after it in
-    /// the order have had one visit fewer when it comes round.
-    fn fast_forward(&mut self, skipped: &[(u32, u32)]) -> (u32, u32) {
-        let quantum = self.quantum();
-        let needs: Vec<u64> = skipped
-            .iter()
-            .map(|&(_, t)| {
-                let tenant = self.tenants[t as usize].as_ref().expect("skipped tenant is live");
-                // A skipped tenant's balance is at most 0, so the debt is at least 1.
-                let debt = 1u64.saturating_add(tenant.balance.unsigned_abs());
-                debt.div_ceil(tenant.quantum(quantum))
-            })
-            .collect();
-        let rounds = *needs.iter().min().expect("a fast-forward follows a skip");
-        let winner = needs.iter().position(|&n| n == rounds).expect("the minimum is there");
-        for (i, &(_, t)) in skipped.iter().enumerate() {
-            let visits = if i <= winner { rounds } else { rounds - 1 };
-            let tenant = self.tenants[t as usize].as_mut().expect("skipped tenant is live");
-            let credit = visits.saturating_mul(tenant.quantum(quantum));
-            tenant.balance = tenant.balance.saturating_add(i64::try_from(credit).unwrap_or(i64::MAX));
-        }
-        skipped[winner]
-    }
-
-    /// Bookkeeping of the starvation guard after a dispatch from class `priority` (which
-    /// may have emptied and gone since).
-    fn note_served(&mut self, priority: u8, reserved: bool) {
-        for class in &mut self.classes {
-            if class.priority == priority {
-                class.passed = 0;
-            } else if class.priority < priority && !reserved && !class.order.is_empty() {
-                class.passed = class.passed.saturating_add(1);
-            }
-        }
-    }
-
-    /// Corrects a tenant's balance once a query's real cost is known: `delta` is the
-    /// measured cost minus the cost debited at dispatch. A positive delta is repaid over
-    /// the tenant's next visits; a refund never lifts the balance above one visit's
-    /// credit. Returns false if the tenant has nothing queued (its balance, like deficit
-    /// round robin's, started afresh when it emptied).
-    pub fn charge(&mut self, tenant: &str, delta: i64) -> bool {
-        let Some(&t) = self.tenant_by_name.get(tenant) else {
-            return false;
-        };
-        let quantum = self.quantum();
-        let max = i64::from(self.config.max_cost);
-        let delta = delta.clamp(-max, max);
-        let tenant = self.tenants[t as usize].as_mut().expect("tenant slot is live");
-        let cap = tenant.quantum(quantum) as i64;
-        tenant.balance = tenant.balance.saturating_sub(delta).min(cap.max(tenant.balance));
-        true
     }
 
     /// Moves every queued request whose deadline is at or before `now` to the expired
@@ -1069,117 +677,6 @@ impl<R: Queued> TreeQueue<R> {
     /// How requests have left the queue so far.
     pub fn counters(&self) -> Counters {
         self.counters
-    }
-
-    /// Tenants with queued requests.
-    pub fn tenant_count(&self) -> usize {
-        self.tenant_by_name.len()
-    }
-
-    /// Whether `tenant` has requests queued.
-    pub fn has_tenant(&self, tenant: &str) -> bool {
-        self.tenant_by_name.contains_key(tenant)
-    }
-
-    /// Known queriers (connected, or disconnected inside the forget delay).
-    pub fn querier_count(&self) -> usize {
-        self.queriers.by_id.len()
-    }
-
-    /// The queriers in `tenant`'s shard, by id; `None` if it may use every querier or
-    /// has nothing queued.
-    pub fn tenant_shard(&self, tenant: &str) -> Option<Vec<String>> {
-        let &t = self.tenant_by_name.get(tenant)?;
-        let shard = self.tenants[t as usize].as_ref()?.shard.as_ref()?;
-        let mut ids: Vec<String> = self
-            .queriers
-            .slab
-            .iter()
-            .filter(|(h, _)| shard.contains(&h.idx))
-            .map(|(_, q)| q.id.to_string())
-            .collect();
-        ids.sort();
-        Some(ids)
-    }
-
-    /// Per-tenant figures, sorted by tenant. Costs O(nodes) for the oldest ages.
-    pub fn tenant_stats(&self, now: Instant) -> Vec<TenantStats> {
-        let now_ns = self.nanos(now);
-        let mut out: Vec<TenantStats> = self
-            .tenants
-            .iter()
-            .filter_map(|slot| {
-                let tenant = slot.as_ref()?;
-                let oldest = tenant
-                    .roots
-                    .iter()
-                    .filter_map(|&(_, root)| {
-                        tree::oldest(&self.nodes, root, |h| self.requests.get(h).map(|e| e.enqueued_at))
-                    })
-                    .min()
-                    .unwrap_or(now_ns);
-                Some(TenantStats {
-                    tenant: tenant.name.to_string(),
-                    queued: tenant.queued,
-                    queued_bytes: tenant.bytes,
-                    peak: tenant.peak,
-                    oldest: Duration::from_nanos(now_ns.saturating_sub(oldest)),
-                    shard_size: tenant.shard.as_ref().map(Vec::len),
-                    weight: tenant.weight,
-                    priority: tenant.priority,
-                    balance: tenant.balance,
-                })
-            })
-            .collect();
-        out.sort_by(|a, b| a.tenant.cmp(&b.tenant));
-        out
-    }
-
-    /// Per-querier figures, sorted by querier id.
-    pub fn querier_stats(&self, now: Instant) -> Vec<QuerierStats> {
-        let now_ns = self.nanos(now);
-        let mut out: Vec<QuerierStats> = self
-            .queriers
-            .slab
-            .iter()
-            .map(|(_, q)| QuerierStats {
-                querier: q.id.to_string(),
-                workers: q.connected,
-                shutting_down: q.shutting_down,
-                disconnected_for: q
-                    .disconnected_at
-                    .map(|t| Duration::from_nanos(now_ns.saturating_sub(t))),
-            })
-            .collect();
-        out.sort_by(|a, b| a.querier.cmp(&b.querier));
-        out
-    }
-
-    /// Requests queued per component (summed over priority classes), by name; the
-    /// unnamed component is `""`.
-    pub fn component_lengths(&self) -> Vec<(String, u32)> {
-        let mut by_name: BTreeMap<&str, u32> = BTreeMap::new();
-        for comp in self.components.iter().flatten().filter(|comp| comp.queued > 0) {
-            *by_name.entry(&comp.name).or_default() += comp.queued;
-        }
-        by_name.into_iter().map(|(name, n)| (name.to_string(), n)).collect()
-    }
-
-    /// Requests queued per priority class, highest first.
-    pub fn class_lengths(&self) -> Vec<(u8, u32)> {
-        self.classes
-            .iter()
-            .filter(|k| !k.order.is_empty())
-            .map(|k| {
-                let n = k
-                    .order
-                    .iter()
-                    .filter_map(|&c| self.components[c as usize].as_ref())
-                    .map(|comp| comp.queued)
-                    .sum();
-                (k.priority, n)
-            })
-            .collect()
     }
 
     /// Checks every internal invariant, walking the whole structure (O(size)); for tests

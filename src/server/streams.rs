@@ -145,16 +145,8 @@ fn spawn_writer<T: Serialize + Send + 'static>(
     mut rx: mpsc::Receiver<T>,
 ) -> tokio::task::JoinHandle<()> {
     writers.spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut batch = Some(first);
-            while let Some(m) = batch.take().or_else(|| rx.try_recv().ok()) {
-                if writer.buffer(&m).is_err() {
-                    return;
-                }
-            }
-            if writer.flush().await.is_err() {
-                return;
-            }
+        if writer.pump(&mut rx).await.is_err() {
+            return;
         }
         let stream = writer.get_mut();
         if stream.finish().is_ok() {

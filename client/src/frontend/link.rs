@@ -76,17 +76,7 @@ async fn serve_scheduler(
         in_use: link.in_use.load(Ordering::Relaxed),
     });
     let writer_task = tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut next = Some(first);
-            while let Some(m) = next.take().or_else(|| rx.try_recv().ok()) {
-                if writer.buffer(&m).is_err() {
-                    return;
-                }
-            }
-            if writer.flush().await.is_err() {
-                return;
-            }
-        }
+        let _ = writer.pump(&mut rx).await;
     });
     let result = loop {
         tokio::select! {

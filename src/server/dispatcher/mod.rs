@@ -12,199 +12,28 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, histogram};
 
 use sluice_client::trace::TraceParent;
 use sluice_protocol::{
-    Dispatch, Enqueue, EnqueueStatus, Finished, FrontendAddress, Limits, LoadHint, MAX_ID_LEN, MAX_WORKERS_PER_STREAM,
-    QueryErrorKind, QueryId, SchedulerToFrontend, SchedulerToQuerier, WorkerSlot,
+    Dispatch, Finished, FrontendAddress, Limits, LoadHint, MAX_ID_LEN, MAX_WORKERS_PER_STREAM, QueryErrorKind, QueryId,
+    SchedulerToFrontend, SchedulerToQuerier, WorkerSlot,
 };
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::queue::{
-    Dequeue, EnqueueOptions, QueryKey, QueueConfig, QueuePath, Queued, RejectReason, TreeQueue, WorkerId,
-};
+mod admission;
+mod command;
+mod outbox;
+mod report;
 
-use super::status::{Status, WorkerStatus};
+use admission::Pending;
+pub(crate) use command::Command;
+pub(crate) use outbox::{FrontendTx, OUTBOX_CAPACITY, Outbox, WorkerTx};
+
+use crate::queue::{Dequeue, QueryKey, QueueConfig, TreeQueue, WorkerId};
+
 use crate::metrics::{self as m, Metrics};
-
-/// Messages waiting for one connection's writer: bounded, so that a peer that stops
-/// reading is cut off (its connection closed) instead of growing the scheduler's memory.
-#[derive(Debug)]
-pub(crate) struct Outbox<T> {
-    tx: mpsc::Sender<T>,
-    cut: Cut,
-}
-
-/// Why a connection must be closed, as its stream task watches for it.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Cut {
-    /// The peer stopped reading: its outbox is full.
-    pub(crate) overflow: CancellationToken,
-    /// The peer broke the protocol's turn-taking (a querier's second `Ready` while waiting).
-    pub(crate) violation: CancellationToken,
-}
-
-/// Messages an outbox holds before its peer counts as not reading.
-pub(crate) const OUTBOX_CAPACITY: usize = 16 * 1024;
-
-impl<T> Clone for Outbox<T> {
-    fn clone(&self) -> Self {
-        Outbox {
-            tx: self.tx.clone(),
-            cut: self.cut.clone(),
-        }
-    }
-}
-
-impl<T> Outbox<T> {
-    /// An outbox, the receiver its writer drains, and the tokens that cut the connection.
-    pub(crate) fn new(capacity: usize) -> (Self, mpsc::Receiver<T>, Cut) {
-        let (tx, rx) = mpsc::channel(capacity);
-        let cut = Cut::default();
-        (Outbox { tx, cut: cut.clone() }, rx, cut)
-    }
-
-    /// Has the peer's connection closed for breaking the protocol.
-    pub(crate) fn protocol_violation(&self) {
-        self.cut.violation.cancel();
-    }
-
-    /// Queues `msg`; false if the connection is gone or has stopped reading (it is then
-    /// cut off).
-    pub(crate) fn send(&self, msg: T) -> bool {
-        match self.tx.try_send(msg) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.cut.overflow.cancel();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-}
-
-/// Outbound messages to one frontend connection.
-pub(crate) type FrontendTx = Outbox<SchedulerToFrontend>;
-/// Outbound messages to one querier connection's dequeue stream (all its workers).
-pub(crate) type WorkerTx = Outbox<SchedulerToQuerier>;
-
-/// What connection tasks ask of the dispatcher.
-#[derive(Debug)]
-pub(crate) enum Command {
-    FrontendOpened {
-        name: String,
-        tx: FrontendTx,
-        reply: oneshot::Sender<u64>,
-    },
-    ResultEndpoint {
-        frontend: u64,
-        address: FrontendAddress,
-    },
-    Enqueue {
-        frontend: u64,
-        enqueue: Box<Enqueue>,
-        received: Instant,
-    },
-    Cancel {
-        frontend: u64,
-        query: QueryId,
-    },
-    /// A frontend loop ended; `graceful`: the frontend finished or closed it itself (its
-    /// running queries are then cancelled; after a lost connection they still run, as the
-    /// frontend keeps waiting for their results).
-    FrontendClosed {
-        frontend: u64,
-        graceful: bool,
-    },
-    /// A querier opened its dequeue stream; the reply names the stream. Its workers
-    /// register with their first `Ready`.
-    DequeueOpened {
-        querier: String,
-        tx: WorkerTx,
-        reply: oneshot::Sender<u64>,
-    },
-    Ready {
-        stream: u64,
-        worker: WorkerSlot,
-        finished: Option<Finished>,
-    },
-    /// A dequeue stream ended: every worker on it is gone.
-    DequeueClosed {
-        stream: u64,
-    },
-    QuerierShuttingDown {
-        querier: String,
-        reply: oneshot::Sender<()>,
-    },
-    SetQueueConfig {
-        config: QueueConfig,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-    Status {
-        reply: oneshot::Sender<Status>,
-    },
-    /// The queue tree, bounded (`/explain`).
-    Explain {
-        reply: oneshot::Sender<crate::queue::Explain>,
-    },
-    /// Stop taking enqueues, keep dispatching for `drain_timeout`, then hand back the rest.
-    /// `done` fires when the queue is empty.
-    Shutdown {
-        drain_timeout: Duration,
-        done: oneshot::Sender<()>,
-    },
-    /// After the drain: let go of every outbox, so each connection's writer sends what is
-    /// left and finishes its stream.
-    Close {
-        done: oneshot::Sender<()>,
-    },
-}
-
-/// Bytes a queued request costs beyond its fields: its queue entry, the boxed frame, the
-/// key index, its place in a leaf FIFO and a deadline bucket (an estimate, rounded up).
-pub(crate) const REQUEST_OVERHEAD: usize = 512;
-/// Bytes one actor level may cost in the tree: the node, its rotation and child index.
-pub(crate) const NODE_OVERHEAD: usize = 256;
-/// Bytes a `String` costs beyond its text.
-const STRING_OVERHEAD: usize = 24;
-
-/// A queued query, as the queue core holds it.
-struct Pending {
-    enqueue: Box<Enqueue>,
-}
-
-impl Queued for Pending {
-    fn path(&self) -> QueuePath<'_> {
-        QueuePath {
-            component: self.enqueue.component.as_deref(),
-            tenant: &self.enqueue.tenant,
-            actors: &self.enqueue.actors,
-        }
-    }
-
-    /// What the request costs in memory while queued, as `max_queued_bytes` counts it:
-    /// payload, metadata and names (actor names twice: in the request and in the tree
-    /// node each level may need), plus fixed estimates for the request's bookkeeping and
-    /// each tree level.
-    fn size_bytes(&self) -> u64 {
-        let e = &self.enqueue;
-        let meta: usize = e
-            .metadata
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + STRING_OVERHEAD * 2)
-            .sum();
-        let actors: usize = e
-            .actors
-            .iter()
-            .map(|a| 2 * a.len() + STRING_OVERHEAD + NODE_OVERHEAD)
-            .sum();
-        let names = e.tenant.len() + e.component.as_ref().map_or(0, String::len);
-        (e.payload.len() + meta + actors + names + REQUEST_OVERHEAD) as u64
-    }
-}
 
 struct Frontend {
     name: String,
@@ -522,98 +351,6 @@ impl Dispatcher {
                 let _ = done.send(());
             }
         }
-    }
-
-    fn enqueue(&mut self, now: Instant, frontend: u64, enqueue: Box<Enqueue>, received: Instant) {
-        let Some(f) = self.frontends.get(&frontend) else {
-            return; // its connection already closed
-        };
-        let query_id = enqueue.query_id;
-        let has_address = f.address.is_some();
-        // The query's trace id in the scheduler's log (only looked up when logging it).
-        let trace = tracing::enabled!(tracing::Level::DEBUG)
-            .then(|| TraceParent::of(&enqueue.metadata).map(|t| t.trace_id_hex()))
-            .flatten();
-        let outcome = self.admit(now, frontend, enqueue, received, has_address);
-        if let Some(trace_id) = trace {
-            debug!(query = query_id, frontend = %f_name(&self.frontends, frontend), %trace_id, accepted = outcome.is_ok(), "enqueue");
-        }
-        let status = match &outcome {
-            Ok(()) => EnqueueStatus::Accepted,
-            Err((status, _)) => status.clone(),
-        };
-        self.metrics.record(|| {
-            histogram!(m::ENQUEUE_DURATION).record(now.saturating_duration_since(received).as_secs_f64());
-            if let Err((status, tenant)) = outcome {
-                // Refused input never becomes a label: only a tenant that has queries
-                // queued (so passed validation) is named.
-                let tenant = if self.queue.has_tenant(&tenant) {
-                    tenant
-                } else {
-                    OTHER_TENANT.to_string()
-                };
-                let reason = match status {
-                    EnqueueStatus::TooManyOutstanding { .. } => "too_many_outstanding",
-                    EnqueueStatus::QueueFull => "queue_full",
-                    EnqueueStatus::ShuttingDown => "shutting_down",
-                    _ => "invalid",
-                };
-                counter!(m::DISCARDED_REQUESTS, "tenant" => tenant, "reason" => reason).increment(1);
-            }
-        });
-        let accepted = status == EnqueueStatus::Accepted;
-        let load = self.load();
-        self.tell_frontend(frontend, SchedulerToFrontend::EnqueueStatus { query_id, status, load });
-        if accepted {
-            self.serve_waiting(now);
-        }
-    }
-
-    /// Queues an enqueue, or says why not together with its tenant (moved out of the
-    /// refused request, so an accepted enqueue costs no copy of it).
-    fn admit(
-        &mut self,
-        now: Instant,
-        frontend: u64,
-        enqueue: Box<Enqueue>,
-        received: Instant,
-        has_address: bool,
-    ) -> Result<(), (EnqueueStatus, String)> {
-        if !self.serving() {
-            return Err((EnqueueStatus::ShuttingDown, enqueue.tenant));
-        }
-        if !has_address {
-            let reason = "the result endpoint must be announced before the first enqueue".into();
-            return Err((EnqueueStatus::Invalid { reason }, enqueue.tenant));
-        }
-        if let Err(e) = enqueue.validate(&self.limits) {
-            return Err((EnqueueStatus::Invalid { reason: e.to_string() }, enqueue.tenant));
-        }
-        let options = EnqueueOptions {
-            deadline: enqueue.timeout_ms.map(|ms| received + Duration::from_millis(ms)),
-            priority: enqueue.priority,
-            cost: enqueue.cost_hint.unwrap_or(1),
-        };
-        let query = enqueue.query_id;
-        let key = QueryKey { frontend, query };
-        if self.running.contains_key(&key) {
-            let reason = format!("query {query} is already running");
-            return Err((EnqueueStatus::Invalid { reason }, enqueue.tenant));
-        }
-        // Placed again: a failure of its earlier delivery is no longer news.
-        self.delivering.remove(&key);
-        self.queue
-            .enqueue(now, key, Pending { enqueue }, options)
-            .map_err(|rejected| {
-                let status = match rejected.reason {
-                    RejectReason::TooManyOutstanding { limit } => EnqueueStatus::TooManyOutstanding { limit },
-                    RejectReason::QueueFull { .. } | RejectReason::QueueBytesFull { .. } => EnqueueStatus::QueueFull,
-                    RejectReason::Duplicate => EnqueueStatus::Invalid {
-                        reason: format!("query {query} is already queued"),
-                    },
-                };
-                (status, rejected.request.enqueue.tenant)
-            })
     }
 
     fn cancel(&mut self, key: QueryKey) {
@@ -964,100 +701,6 @@ impl Dispatcher {
             // Histogram samples are buffered until upkeep: without a scraper they would
             // pile up for as long as nobody reads /metrics.
             self.metrics.upkeep();
-        }
-    }
-
-    /// Sets every gauge from the queue's current figures (once a second).
-    fn export_gauges(&mut self, now: Instant) {
-        let tenants = self.queue.tenant_stats(now);
-        let counters = self.queue.counters();
-        let mut by_component: HashMap<&str, usize> = HashMap::new();
-        for r in self.running.values() {
-            *by_component
-                .entry(r.component.as_deref().unwrap_or("unknown"))
-                .or_default() += 1;
-        }
-        let current: BTreeSet<String> = tenants.iter().map(|t| t.tenant.clone()).collect();
-        let gone: Vec<String> = self.reported_tenants.difference(&current).cloned().collect();
-        self.metrics.record(|| {
-            for t in &tenants {
-                let tenant = t.tenant.clone();
-                gauge!(m::QUEUE_LENGTH, "tenant" => tenant.clone()).set(f64::from(t.queued));
-                gauge!(m::OLDEST_QUEUED_AGE, "tenant" => tenant.clone()).set(t.oldest.as_secs_f64());
-                gauge!(m::PEAK_QUEUE_LENGTH, "tenant" => tenant.clone()).set(f64::from(t.peak));
-                gauge!(m::TENANT_BALANCE, "tenant" => tenant).set(t.balance as f64);
-            }
-            // Zeroed once; the recorder drops them after its idle timeout.
-            for tenant in gone {
-                gauge!(m::QUEUE_LENGTH, "tenant" => tenant.clone()).set(0.0);
-                gauge!(m::OLDEST_QUEUED_AGE, "tenant" => tenant.clone()).set(0.0);
-                gauge!(m::TENANT_BALANCE, "tenant" => tenant).set(0.0);
-            }
-            let classes = self.queue.class_lengths();
-            for priority in self.reported_classes.difference(&classes.iter().map(|c| c.0).collect()) {
-                gauge!(m::CLASS_QUEUE_LENGTH, "priority" => priority.to_string()).set(0.0);
-            }
-            for (priority, n) in &classes {
-                gauge!(m::CLASS_QUEUE_LENGTH, "priority" => priority.to_string()).set(f64::from(*n));
-            }
-            gauge!(m::CONNECTED_QUERIER_WORKERS).set(self.workers.len() as f64);
-            gauge!(m::CONNECTED_QUERIERS).set(self.queue.querier_count() as f64);
-            gauge!(m::CONNECTED_FRONTENDS).set(self.frontends.len() as f64);
-            gauge!(m::INFLIGHT_REQUESTS).set(self.running.len() as f64);
-            gauge!(m::IDLE_QUERIER_WORKERS).set(self.waiting.len() as f64);
-            for (component, n) in &by_component {
-                gauge!(m::QUERIER_INFLIGHT_REQUESTS, "component" => component.to_string()).set(*n as f64);
-            }
-            for (outcome, v) in [
-                ("enqueued", counters.enqueued),
-                ("dispatched", counters.dispatched),
-                ("cancelled", counters.cancelled),
-                ("expired", counters.expired),
-                ("handed_back", counters.handed_back),
-                ("rejected", counters.rejected),
-            ] {
-                counter!(m::REQUESTS, "outcome" => outcome).absolute(v);
-            }
-        });
-        self.reported_tenants = current;
-        self.reported_classes = self.queue.class_lengths().into_iter().map(|c| c.0).collect();
-    }
-
-    fn status(&self, now: Instant) -> Status {
-        let mut workers: Vec<WorkerStatus> = self
-            .workers
-            .iter()
-            .map(|(id, w)| WorkerStatus {
-                querier: w.querier.clone(),
-                slot: id.slot,
-                busy: w.running.is_some(),
-            })
-            .collect();
-        workers.sort_by(|a, b| (&a.querier, a.slot).cmp(&(&b.querier, b.slot)));
-        let mut frontends: Vec<String> = self.frontends.values().map(|f| f.name.clone()).collect();
-        frontends.sort();
-        let tenants = self.queue.tenant_stats(now);
-        let shards = tenants
-            .iter()
-            .filter(|t| t.shard_size.is_some())
-            .filter_map(|t| Some((t.tenant.clone(), self.queue.tenant_shard(&t.tenant)?)))
-            .collect();
-        Status {
-            scheduler_id: self.scheduler_id.clone(),
-            uptime: now.saturating_duration_since(self.started),
-            draining: !self.serving(),
-            queued: self.queue.len(),
-            queued_bytes: self.queue.queued_bytes(),
-            running: self.running.len(),
-            counters: self.queue.counters(),
-            tenants,
-            shards,
-            components: self.queue.component_lengths(),
-            classes: self.queue.class_lengths(),
-            queriers: self.queue.querier_stats(now),
-            workers,
-            frontends,
-            gossip: None,
         }
     }
 }

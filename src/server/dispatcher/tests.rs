@@ -1,7 +1,10 @@
 //! The dispatcher without a network: commands in, channel messages out, explicit time.
 
+use super::admission::{NODE_OVERHEAD, REQUEST_OVERHEAD};
+use super::outbox::Cut;
 use super::*;
 use bytes::Bytes;
+use sluice_protocol::{Enqueue, EnqueueStatus};
 
 struct Harness {
     d: Dispatcher,

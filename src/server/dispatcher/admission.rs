@@ -1,0 +1,153 @@
+//! Admission: an enqueue checked (phase, limits, fields, memory) and queued, answered with
+//! exactly one status; what a queued query costs in memory.
+
+use std::time::{Duration, Instant};
+
+use metrics::{counter, histogram};
+use sluice_client::trace::TraceParent;
+use sluice_protocol::{Enqueue, EnqueueStatus, SchedulerToFrontend};
+use tracing::debug;
+
+use super::{Dispatcher, OTHER_TENANT, f_name};
+use crate::metrics as m;
+use crate::queue::{EnqueueOptions, QueryKey, QueuePath, Queued, RejectReason};
+
+/// Bytes a queued request costs beyond its fields: its queue entry, the boxed frame, the
+/// key index, its place in a leaf FIFO and a deadline bucket (an estimate, rounded up).
+pub(crate) const REQUEST_OVERHEAD: usize = 512;
+
+/// Bytes one actor level may cost in the tree: the node, its rotation and child index.
+pub(crate) const NODE_OVERHEAD: usize = 256;
+
+/// Bytes a `String` costs beyond its text.
+const STRING_OVERHEAD: usize = 24;
+
+/// A queued query, as the queue core holds it.
+/// A queued query, as the queue core holds it.
+pub(super) struct Pending {
+    pub(super) enqueue: Box<Enqueue>,
+}
+
+impl Queued for Pending {
+    fn path(&self) -> QueuePath<'_> {
+        QueuePath {
+            component: self.enqueue.component.as_deref(),
+            tenant: &self.enqueue.tenant,
+            actors: &self.enqueue.actors,
+        }
+    }
+
+    /// What the request costs in memory while queued, as `max_queued_bytes` counts it:
+    /// payload, metadata and names (actor names twice: in the request and in the tree
+    /// node each level may need), plus fixed estimates for the request's bookkeeping and
+    /// each tree level.
+    fn size_bytes(&self) -> u64 {
+        let e = &self.enqueue;
+        let meta: usize = e
+            .metadata
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + STRING_OVERHEAD * 2)
+            .sum();
+        let actors: usize = e
+            .actors
+            .iter()
+            .map(|a| 2 * a.len() + STRING_OVERHEAD + NODE_OVERHEAD)
+            .sum();
+        let names = e.tenant.len() + e.component.as_ref().map_or(0, String::len);
+        (e.payload.len() + meta + actors + names + REQUEST_OVERHEAD) as u64
+    }
+}
+
+impl Dispatcher {
+    pub(super) fn enqueue(&mut self, now: Instant, frontend: u64, enqueue: Box<Enqueue>, received: Instant) {
+        let Some(f) = self.frontends.get(&frontend) else {
+            return; // its connection already closed
+        };
+        let query_id = enqueue.query_id;
+        let has_address = f.address.is_some();
+        // The query's trace id in the scheduler's log (only looked up when logging it).
+        let trace = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| TraceParent::of(&enqueue.metadata).map(|t| t.trace_id_hex()))
+            .flatten();
+        let outcome = self.admit(now, frontend, enqueue, received, has_address);
+        if let Some(trace_id) = trace {
+            debug!(query = query_id, frontend = %f_name(&self.frontends, frontend), %trace_id, accepted = outcome.is_ok(), "enqueue");
+        }
+        let status = match &outcome {
+            Ok(()) => EnqueueStatus::Accepted,
+            Err((status, _)) => status.clone(),
+        };
+        self.metrics.record(|| {
+            histogram!(m::ENQUEUE_DURATION).record(now.saturating_duration_since(received).as_secs_f64());
+            if let Err((status, tenant)) = outcome {
+                // Refused input never becomes a label: only a tenant that has queries
+                // queued (so passed validation) is named.
+                let tenant = if self.queue.has_tenant(&tenant) {
+                    tenant
+                } else {
+                    OTHER_TENANT.to_string()
+                };
+                let reason = match status {
+                    EnqueueStatus::TooManyOutstanding { .. } => "too_many_outstanding",
+                    EnqueueStatus::QueueFull => "queue_full",
+                    EnqueueStatus::ShuttingDown => "shutting_down",
+                    _ => "invalid",
+                };
+                counter!(m::DISCARDED_REQUESTS, "tenant" => tenant, "reason" => reason).increment(1);
+            }
+        });
+        let accepted = status == EnqueueStatus::Accepted;
+        let load = self.load();
+        self.tell_frontend(frontend, SchedulerToFrontend::EnqueueStatus { query_id, status, load });
+        if accepted {
+            self.serve_waiting(now);
+        }
+    }
+
+    /// Queues an enqueue, or says why not together with its tenant (moved out of the
+    /// refused request, so an accepted enqueue costs no copy of it).
+    fn admit(
+        &mut self,
+        now: Instant,
+        frontend: u64,
+        enqueue: Box<Enqueue>,
+        received: Instant,
+        has_address: bool,
+    ) -> Result<(), (EnqueueStatus, String)> {
+        if !self.serving() {
+            return Err((EnqueueStatus::ShuttingDown, enqueue.tenant));
+        }
+        if !has_address {
+            let reason = "the result endpoint must be announced before the first enqueue".into();
+            return Err((EnqueueStatus::Invalid { reason }, enqueue.tenant));
+        }
+        if let Err(e) = enqueue.validate(&self.limits) {
+            return Err((EnqueueStatus::Invalid { reason: e.to_string() }, enqueue.tenant));
+        }
+        let options = EnqueueOptions {
+            deadline: enqueue.timeout_ms.map(|ms| received + Duration::from_millis(ms)),
+            priority: enqueue.priority,
+            cost: enqueue.cost_hint.unwrap_or(1),
+        };
+        let query = enqueue.query_id;
+        let key = QueryKey { frontend, query };
+        if self.running.contains_key(&key) {
+            let reason = format!("query {query} is already running");
+            return Err((EnqueueStatus::Invalid { reason }, enqueue.tenant));
+        }
+        // Placed again: a failure of its earlier delivery is no longer news.
+        self.delivering.remove(&key);
+        self.queue
+            .enqueue(now, key, Pending { enqueue }, options)
+            .map_err(|rejected| {
+                let status = match rejected.reason {
+                    RejectReason::TooManyOutstanding { limit } => EnqueueStatus::TooManyOutstanding { limit },
+                    RejectReason::QueueFull { .. } | RejectReason::QueueBytesFull { .. } => EnqueueStatus::QueueFull,
+                    RejectReason::Duplicate => EnqueueStatus::Invalid {
+                        reason: format!("query {query} is already queued"),
+                    },
+                };
+                (status, rejected.request.enqueue.tenant)
+            })
+    }
+}
