@@ -117,6 +117,10 @@ pub struct Settings {
     /// The lowest priority that reserved workers serve.
     #[arg(long, env = "SLUICE_RESERVED_MIN_PRIORITY")]
     pub reserved_min_priority: Option<u8>,
+    /// Reserved workers with nothing to do take lower-priority requests costing at most
+    /// this (0: never).
+    #[arg(long, env = "SLUICE_LEND_MAX_COST")]
+    pub lend_max_cost: Option<u32>,
     /// A priority class with work is passed over at most this many times in a row.
     #[arg(long, env = "SLUICE_MAX_PRIORITY_SKIPS")]
     pub max_priority_skips: Option<u32>,
@@ -237,6 +241,7 @@ impl Settings {
             max_cost_hint,
             reserved_workers_percent,
             reserved_min_priority,
+            lend_max_cost,
             max_priority_skips,
             max_frame_len,
             max_connections,
@@ -285,6 +290,7 @@ impl Settings {
                 .reserved_workers_percent
                 .unwrap_or(defaults.reserved_workers_percent),
             reserved_min_priority: self.reserved_min_priority.unwrap_or(defaults.reserved_min_priority),
+            lend_max_cost: self.lend_max_cost.unwrap_or(defaults.lend_max_cost),
             max_priority_skips: self.max_priority_skips.unwrap_or(defaults.max_priority_skips),
             tenants: self.tenants.into_iter().collect::<HashMap<_, _>>(),
         };
@@ -433,6 +439,16 @@ mod tests {
         assert_eq!(c.queue.max_outstanding_per_tenant, 7);
         assert_eq!(c.queue.max_queriers_per_tenant, 3);
         assert_eq!(c.queue.max_outstanding("big"), 50);
+    }
+
+    #[test]
+    fn reserved_capacity_is_lent_only_when_asked() {
+        let c = parse("reserved_workers_percent = 25\nlend_max_cost = 10\n")
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!((c.queue.reserved_workers_percent, c.queue.lend_max_cost), (25, 10));
+        assert_eq!(Settings::default().resolve().unwrap().queue.lend_max_cost, 0);
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct Scenario {
     pub cost_aware: bool,
     /// Share of each querier's workers reserved for priority 1 and above.
     pub reserved_workers_percent: u8,
+    /// Reserved workers with nothing of priority 1 or above take priority-0 requests
+    /// costing at most this (0: never).
+    pub lend_max_cost: u32,
     pub seed: u64,
 }
 
@@ -70,6 +73,8 @@ pub struct SimReport {
     pub rejected: u64,
     /// Still queued when arrivals stopped and the run was cut off.
     pub left_queued: u64,
+    /// Share of the workers' time spent serving while arrivals went on.
+    pub utilisation: f64,
 }
 
 impl SimReport {
@@ -146,6 +151,7 @@ pub fn run(s: &Scenario) -> SimReport {
         querier_forget_delay: Duration::ZERO,
         reserved_workers_percent: s.reserved_workers_percent,
         reserved_min_priority: 1,
+        lend_max_cost: s.lend_max_cost,
         ..QueueConfig::default()
     };
     let mut queue: TreeQueue<SimRequest> = TreeQueue::new(config, t0).expect("valid simulation config");
@@ -198,6 +204,8 @@ pub fn run(s: &Scenario) -> SimReport {
     let mut waits_by_tenant: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let mut waits_by_component: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let (mut arrived, mut rejected, mut next_key) = (0u64, 0u64, 0u64);
+    // Worker time spent serving inside the arrival window.
+    let mut busy_ns = 0u64;
 
     while let Some(Reverse((now_ns, _, event))) = events.pop() {
         if now_ns > stop_ns {
@@ -258,11 +266,9 @@ pub fn run(s: &Scenario) -> SimReport {
                     let wait = d.queue_time.as_nanos() as u64;
                     waits_by_tenant.entry(d.request.tenant.clone()).or_default().push(wait);
                     waits_by_component.entry(d.request.kind.clone()).or_default().push(wait);
-                    push(
-                        &mut events,
-                        now_ns + service(&d.request.kind),
-                        Event::WorkerFree { worker: w },
-                    );
+                    let done = now_ns + service(&d.request.kind);
+                    busy_ns += done.min(end_ns).saturating_sub(now_ns);
+                    push(&mut events, done, Event::WorkerFree { worker: w });
                 }
                 _ => still_idle.push_back(w),
             }
@@ -278,6 +284,7 @@ pub fn run(s: &Scenario) -> SimReport {
         dispatched,
         rejected,
         left_queued: queue.len() as u64,
+        utilisation: busy_ns as f64 / (workers.len() as f64 * end_ns as f64),
     }
 }
 
@@ -354,6 +361,7 @@ pub fn slow_component(
         max_queriers_per_tenant: 3,
         cost_aware: false,
         reserved_workers_percent: 0,
+        lend_max_cost: 0,
         seed,
     }
 }
@@ -403,6 +411,7 @@ pub fn noisy_neighbour(noisy: bool, factor: f64, quiet_utilisation: f64, seed: u
         max_queriers_per_tenant: 0,
         cost_aware: false,
         reserved_workers_percent: 0,
+        lend_max_cost: 0,
         seed,
     }
 }
@@ -447,6 +456,61 @@ pub fn long_and_short(policy: LongShortPolicy, seed: u64) -> Scenario {
         max_queriers_per_tenant: 0,
         cost_aware: policy != LongShortPolicy::RoundRobin,
         reserved_workers_percent: if reserved { 25 } else { 0 },
+        lend_max_cost: 0,
+        seed,
+    }
+}
+
+/// Reserved capacity under a low-priority flood: 2 queriers × 8 workers, a quarter of
+/// them reserved for priority 1. Ten `bulk` tenants at priority 0 offer 1.5 × what all
+/// 16 workers can serve, in 10 ms requests (cost hint 10), or with `long_share` of them
+/// 200 ms (cost 200); an `urgent` tenant at priority 1 sends 10 ms requests at
+/// `urgent_rate` per second. Reserved workers are lent requests costing at most 10 when
+/// `lend` is set. One minute of arrivals.
+pub fn reserved_capacity(lend: bool, long_share: f64, urgent_rate: f64, seed: u64) -> Scenario {
+    let mut mix = vec![("short".to_string(), 1.0 - long_share)];
+    if long_share > 0.0 {
+        mix.push(("long".into(), long_share));
+    }
+    // Mean service per bulk request, and the rate that is 1.5 × the 16 workers' capacity.
+    let mean_ms = 10.0 * (1.0 - long_share) + 200.0 * long_share;
+    let bulk_rate = 1.5 * 16.0 * 1000.0 / mean_ms / 10.0;
+    let mut tenants: Vec<TenantLoad> = (0..10)
+        .map(|i| TenantLoad {
+            name: format!("bulk-{i}"),
+            rate: bulk_rate,
+            actors: 0,
+            mix: mix.clone(),
+            priority: 0,
+        })
+        .collect();
+    tenants.push(TenantLoad {
+        name: "urgent".into(),
+        rate: urgent_rate,
+        actors: 0,
+        mix: vec![("short".into(), 1.0)],
+        priority: 1,
+    });
+    Scenario {
+        label: format!(
+            "reserved capacity, {}lent, {:.0}% long bulk requests",
+            if lend { "" } else { "not " },
+            long_share * 100.0
+        ),
+        queriers: 2,
+        workers_per_querier: 8,
+        service: vec![
+            ("short".into(), Duration::from_millis(10)),
+            ("long".into(), Duration::from_millis(200)),
+        ],
+        default_service: Duration::from_millis(10),
+        tenants,
+        duration: Duration::from_secs(60),
+        component_aware: false,
+        max_queriers_per_tenant: 0,
+        cost_aware: true,
+        reserved_workers_percent: 25,
+        lend_max_cost: if lend { 10 } else { 0 },
         seed,
     }
 }

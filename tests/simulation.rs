@@ -89,3 +89,28 @@ fn cost_aware_fairness_keeps_short_queries_short() {
     let long = |r: &SimReport| r.tenant("long").unwrap().served;
     assert_eq!(long(&runs[1]), long(&runs[0]));
 }
+
+/// A quarter of the workers reserved for priority 1 beside a priority-0 flood of short
+/// requests: not lent, they idle (utilisation 75%); lent, the workers are all busy and an
+/// urgent request still waits at most one short request (10 ms). With a fifth of the
+/// flood ten times longer than the loan limit, lending still adds most of the idle share
+/// and never makes an urgent request wait a long one.
+#[test]
+fn lent_reserved_workers_never_idle_beside_a_backlog_and_urgent_work_waits_one_short_request() {
+    use sluice::sim::reserved_capacity;
+    let short = Duration::from_millis(10);
+    let not_lent = run(&reserved_capacity(false, 0.0, 5.0, 5));
+    let lent = run(&reserved_capacity(true, 0.0, 5.0, 5));
+    assert!(not_lent.utilisation < 0.80, "{}", not_lent.utilisation);
+    assert!(lent.utilisation >= 0.98, "{}", lent.utilisation);
+    let urgent = lent.tenant("urgent").unwrap();
+    assert!(urgent.served > 200, "{urgent:?}");
+    assert!(urgent.p99 <= short, "{urgent:?}");
+    let mixed = run(&reserved_capacity(true, 0.2, 5.0, 5));
+    assert!(mixed.utilisation > not_lent.utilisation + 0.1, "{}", mixed.utilisation);
+    assert!(
+        mixed.tenant("urgent").unwrap().max <= short,
+        "{:?}",
+        mixed.tenant("urgent")
+    );
+}

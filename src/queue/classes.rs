@@ -19,15 +19,24 @@ impl<R: Queued> TreeQueue<R> {
     /// for it, unless a lower one it may serve has been passed over too often (the lowest
     /// index, i.e. highest priority, of those wins). Returns the class index and the pick
     /// in it.
+    ///
+    /// A reserved worker with nothing it is reserved for may be lent to the lower classes,
+    /// highest first, for requests costing at most `lend_max_cost`.
     pub(super) fn select(&self, q: u32, slot: u32, reserved: bool) -> Option<(usize, (u32, u32, bool))> {
         let floor = if reserved { self.config.reserved_min_priority } else { 0 };
         let allowed = self.classes.iter().take_while(|k| k.priority >= floor).count();
-        let (first, pick) = (0..allowed).find_map(|k| self.select_in(k, q, slot).map(|p| (k, p)))?;
+        let Some((first, pick)) = (0..allowed).find_map(|k| self.select_in(k, q, slot, None).map(|p| (k, p))) else {
+            let lend = self.config.lend_max_cost;
+            if !reserved || lend == 0 {
+                return None;
+            }
+            return (allowed..self.classes.len()).find_map(|k| self.select_in(k, q, slot, Some(lend)).map(|p| (k, p)));
+        };
         if !reserved {
             let limit = self.config.max_priority_skips;
             for k in first + 1..allowed {
                 if self.classes[k].passed >= limit
-                    && let Some(p) = self.select_in(k, q, slot)
+                    && let Some(p) = self.select_in(k, q, slot, None)
                 {
                     return Some((k, p));
                 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::classes::Class;
-use super::{FastMap, Queued, TreeQueue};
+use super::{FastMap, Queued, TreeQueue, tree};
 
 pub(super) struct Component {
     pub(super) name: Box<str>,
@@ -115,13 +115,18 @@ impl<R: Queued> TreeQueue<R> {
     /// Picks the (component, tenant) a worker of querier index `q` with slot `slot` is
     /// served from next within class `k`, and whether that continues the querier's visit
     /// to the tenant.
-    pub(super) fn select_in(&self, k: usize, q: u32, slot: u32) -> Option<(u32, u32, bool)> {
+    ///
+    /// `max_cost`: only a pick whose next request costs at most this (a reserved worker
+    /// lent to a lower class); the tenant the rotation names is then taken or passed, never
+    /// replaced by another, so lending changes no tenant's turn.
+    pub(super) fn select_in(&self, k: usize, q: u32, slot: u32, max_cost: Option<u32>) -> Option<(u32, u32, bool)> {
         let order = &self.classes[k].order;
         let n = order.len();
         if n == 0 {
             return None;
         }
         let start = slot as usize % n;
+        let cheap_enough = |c: u32, t: u32| max_cost.is_none_or(|max| self.next_cost(c, t).is_some_and(|x| x <= max));
         (0..n).find_map(|i| {
             let c = order[(start + i) % n];
             let comp = self.components[c as usize].as_ref().expect("ordered component is live");
@@ -129,10 +134,20 @@ impl<R: Queued> TreeQueue<R> {
                 && comp.eligible(q, t)
                 && self.tenants[t as usize].as_ref().is_some_and(|t| t.balance > 0)
             {
-                return Some((c, t, true));
+                return cheap_enough(c, t).then_some((c, t, true));
             }
-            comp.next_tenant(q).map(|t| (c, t, false))
+            comp.next_tenant(q)
+                .filter(|&t| cheap_enough(c, t))
+                .map(|t| (c, t, false))
         })
+    }
+
+    /// The cost of the request tenant `t` would be served next in component `c`.
+    fn next_cost(&self, c: u32, t: u32) -> Option<u32> {
+        let tenant = self.tenants[t as usize].as_ref()?;
+        let &(_, root) = tenant.roots.iter().find(|(x, _)| *x == c)?;
+        let h = tree::peek(&self.nodes, root, |h| self.requests.contains(h))?;
+        self.requests.get(h).map(|e| e.cost)
     }
 
     /// Requests queued per component (summed over priority classes), by name; the

@@ -32,6 +32,11 @@ pub struct QueueConfig {
     pub reserved_workers_percent: u8,
     /// The lowest priority reserved workers serve.
     pub reserved_min_priority: u8,
+    /// Reserved capacity lent out: a reserved worker with no work of priority
+    /// `reserved_min_priority` or higher for it takes a lower-priority request whose cost
+    /// (hint, default 1) is at most this, so that it never idles beside a backlog while a
+    /// high-priority arrival waits at most one such short request. 0: never lent.
+    pub lend_max_cost: u32,
     /// Starvation guard: a priority class with work is passed over by at most this many
     /// dispatches of unreserved workers in a row (plus one per other starving class)
     /// before a worker that may serve it takes from it. At least 1.
@@ -67,6 +72,7 @@ impl Default for QueueConfig {
             max_cost: 1000,
             reserved_workers_percent: 0,
             reserved_min_priority: 1,
+            lend_max_cost: 0,
             max_priority_skips: 10,
             tenants: HashMap::new(),
         }

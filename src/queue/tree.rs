@@ -254,6 +254,28 @@ pub(crate) fn pop(nodes: &mut Nodes, root: Handle, is_queued: impl Fn(Handle) ->
     Some(request)
 }
 
+/// The request [`pop`] would take next under `root`, without taking it (stale entries
+/// are looked past, as `pop` would drop them). O(depth + stale entries at the front).
+pub(crate) fn peek(nodes: &Nodes, root: Handle, is_queued: impl Fn(Handle) -> bool) -> Option<Handle> {
+    let mut cur = root;
+    'descend: loop {
+        let node = nodes.get(cur).filter(|n| n.live > 0)?;
+        for member in &node.rotation {
+            match *member {
+                Member::Local if node.live_local > 0 => {
+                    return node.fifo.iter().copied().find(|&h| is_queued(h));
+                }
+                Member::Child(c) if nodes.get(c).is_some_and(|n| n.live > 0) => {
+                    cur = c;
+                    continue 'descend;
+                }
+                _ => {} // stale: `pop` would drop it and look at the next
+            }
+        }
+        return None;
+    }
+}
+
 /// Whether the members on a path took their turn (and go to the back of their
 /// parent's rotation) or keep their place.
 #[derive(PartialEq, Eq)]

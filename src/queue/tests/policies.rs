@@ -188,6 +188,54 @@ fn reserved_workers_take_only_high_priorities() {
     f.assert_ok();
 }
 
+/// A request of `tenant` at `priority` costing `cost`, labelled `priority/cost`.
+fn priced(tenant: &str, priority: u8, cost: u32) -> Req {
+    Req {
+        priority: Some(priority),
+        cost,
+        ..req(tenant, &[], &format!("{priority}/{cost}"))
+    }
+}
+
+#[test]
+fn reserved_workers_are_lent_short_lower_priority_work_and_keep_their_first_call() {
+    let mut f = Fixture::new(QueueConfig {
+        reserved_workers_percent: 50,
+        reserved_min_priority: 2,
+        lend_max_cost: 5,
+        ..config()
+    });
+    let ws: Vec<WorkerId> = (0..4).map(|_| f.worker("q")).collect();
+    f.push(priced("bulk", 0, 20));
+    f.push(priced("bulk", 0, 3));
+    // The bulk tenant's next request costs 20: not lent (its turn is not skipped for the
+    // cheap one behind it); an unreserved worker takes it, and then the cheap one is lent.
+    assert_eq!(f.next(ws[0]), None);
+    assert_eq!(f.next(ws[2]).as_deref(), Some("0/20"));
+    assert_eq!(f.next(ws[0]).as_deref(), Some("0/3"));
+    // Priority 1 is lent too (below the floor of 2), higher classes first.
+    f.push(priced("bulk", 0, 1));
+    f.push(priced("mid", 1, 1));
+    assert_eq!(f.next(ws[1]).as_deref(), Some("1/1"));
+    // Work the reserved workers are for comes before any lending.
+    f.push(priced("alerts", 2, 50));
+    assert_eq!(f.next(ws[1]).as_deref(), Some("2/50"));
+    assert_eq!(f.next(ws[0]).as_deref(), Some("0/1"));
+    f.assert_ok();
+}
+
+#[test]
+fn without_lend_max_cost_reserved_workers_are_never_lent() {
+    let mut f = Fixture::new(QueueConfig {
+        reserved_workers_percent: 50,
+        ..config()
+    });
+    let ws: Vec<WorkerId> = (0..2).map(|_| f.worker("q")).collect();
+    f.push(priced("bulk", 0, 1));
+    assert_eq!(f.next(ws[0]), None, "the default lends nothing");
+    assert_eq!(f.next(ws[1]).as_deref(), Some("0/1"));
+}
+
 #[test]
 fn a_querier_with_one_worker_has_none_reserved() {
     let mut f = Fixture::new(QueueConfig {

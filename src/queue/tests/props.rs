@@ -441,6 +441,39 @@ proptest! {
         f.assert_ok();
     }
 
+    /// With lending, reserved workers run lower-priority work only when it costs at most
+    /// `lend_max_cost`, whatever arrives and in whatever order workers ask.
+    #[test]
+    fn lent_reserved_workers_only_run_short_lower_priority_work(
+        workers in 2u32..9,
+        percent in 1u8..100,
+        lend in 1u32..6,
+        ops in prop::collection::vec((0u8..4, 0u8..3, 0u32..16, 1u32..10), 1..300),
+    ) {
+        let mut f = Fixture::new(QueueConfig {
+            reserved_workers_percent: percent,
+            reserved_min_priority: 2,
+            lend_max_cost: lend,
+            max_outstanding_per_tenant: 1000,
+            ..no_forget()
+        });
+        let ws: Vec<WorkerId> = (0..workers).map(|_| f.worker("q")).collect();
+        let reserved = (workers * u32::from(percent) / 100) as usize;
+        for (kind, priority, pick, cost) in ops {
+            let i = (pick % workers) as usize;
+            match kind {
+                0 => { f.push(Req { priority: Some(priority), cost, ..req("t", &[], "") }); }
+                _ => if let Some(r) = f.take(ws[i])
+                    && i < reserved
+                    && r.priority.expect("set") < 2
+                {
+                    prop_assert!(r.cost <= lend, "lent a request costing {} (max {lend})", r.cost);
+                },
+            }
+        }
+        f.assert_ok();
+    }
+
     /// Under strict priority every backlogged class is still served: between two of its
     /// dispatches, at most `max_priority_skips + classes - 1` go to other classes.
     #[test]
