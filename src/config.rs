@@ -121,6 +121,10 @@ pub struct Settings {
     /// this (0: never).
     #[arg(long, env = "SLUICE_LEND_MAX_COST")]
     pub lend_max_cost: Option<u32>,
+    /// Refuse at enqueue a query whose estimated wait would pass its deadline (default
+    /// true).
+    #[arg(long, env = "SLUICE_DEADLINE_ADMISSION")]
+    pub deadline_admission: Option<bool>,
     /// A priority class with work is passed over at most this many times in a row.
     #[arg(long, env = "SLUICE_MAX_PRIORITY_SKIPS")]
     pub max_priority_skips: Option<u32>,
@@ -242,6 +246,7 @@ impl Settings {
             reserved_workers_percent,
             reserved_min_priority,
             lend_max_cost,
+            deadline_admission,
             max_priority_skips,
             max_frame_len,
             max_connections,
@@ -291,6 +296,7 @@ impl Settings {
                 .unwrap_or(defaults.reserved_workers_percent),
             reserved_min_priority: self.reserved_min_priority.unwrap_or(defaults.reserved_min_priority),
             lend_max_cost: self.lend_max_cost.unwrap_or(defaults.lend_max_cost),
+            deadline_admission: self.deadline_admission.unwrap_or(defaults.deadline_admission),
             max_priority_skips: self.max_priority_skips.unwrap_or(defaults.max_priority_skips),
             tenants: self.tenants.into_iter().collect::<HashMap<_, _>>(),
         };

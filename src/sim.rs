@@ -48,6 +48,10 @@ pub struct Scenario {
     /// Reserved workers with nothing of priority 1 or above take priority-0 requests
     /// costing at most this (0: never).
     pub lend_max_cost: u32,
+    /// Each request's deadline after its arrival (queue wait plus service), if any.
+    pub deadline: Option<Duration>,
+    /// Refuse at enqueue what the queue expects to miss its deadline.
+    pub deadline_admission: bool,
     pub seed: u64,
 }
 
@@ -75,6 +79,12 @@ pub struct SimReport {
     pub left_queued: u64,
     /// Share of the workers' time spent serving while arrivals went on.
     pub utilisation: f64,
+    /// Refused at enqueue because they would have missed their deadline.
+    pub refused_for_deadline: u64,
+    /// Expired in the queue (never dispatched).
+    pub expired: u64,
+    /// Dispatched and served before their deadline (all dispatched ones when there is none).
+    pub within_deadline: u64,
 }
 
 impl SimReport {
@@ -152,6 +162,7 @@ pub fn run(s: &Scenario) -> SimReport {
         reserved_workers_percent: s.reserved_workers_percent,
         reserved_min_priority: 1,
         lend_max_cost: s.lend_max_cost,
+        deadline_admission: s.deadline_admission,
         ..QueueConfig::default()
     };
     let mut queue: TreeQueue<SimRequest> = TreeQueue::new(config, t0).expect("valid simulation config");
@@ -206,6 +217,9 @@ pub fn run(s: &Scenario) -> SimReport {
     let (mut arrived, mut rejected, mut next_key) = (0u64, 0u64, 0u64);
     // Worker time spent serving inside the arrival window.
     let mut busy_ns = 0u64;
+    let (mut refused_for_deadline, mut expired, mut within_deadline) = (0u64, 0u64, 0u64);
+    // What each worker serves: (component, class, dispatched at), to report its service time.
+    let mut serving: Vec<Option<(String, u8, u64)>> = vec![None; workers.len()];
 
     while let Some(Reverse((now_ns, _, event))) = events.pop() {
         if now_ns > stop_ns {
@@ -235,7 +249,7 @@ pub fn run(s: &Scenario) -> SimReport {
                     query: next_key,
                 };
                 let options = EnqueueOptions {
-                    deadline: None,
+                    deadline: s.deadline.map(|d| now + d),
                     priority: Some(load.priority),
                     cost: if s.cost_aware {
                         u32::try_from(service(&r.kind) / 1_000_000).unwrap_or(u32::MAX)
@@ -243,15 +257,24 @@ pub fn run(s: &Scenario) -> SimReport {
                         1
                     },
                 };
-                if queue.enqueue(now, key, r, options).is_err() {
+                if let Err(e) = queue.enqueue(now, key, r, options) {
                     rejected += 1;
+                    if matches!(e.reason, crate::queue::RejectReason::WouldMissDeadline { .. }) {
+                        refused_for_deadline += 1;
+                    }
                 }
                 let next = now_ns + rng.exp_ns(load.rate);
                 if next <= end_ns {
                     push(&mut events, next, Event::Arrival { tenant });
                 }
             }
-            Event::WorkerFree { worker } => idle.push_back(worker),
+            Event::WorkerFree { worker } => {
+                if let Some((kind, priority, since)) = serving[worker].take() {
+                    let component = s.component_aware.then_some(kind.as_str());
+                    queue.record_service(component, priority, Duration::from_nanos(now_ns - since));
+                }
+                idle.push_back(worker);
+            }
         }
         // Hand work to idle workers, longest idle first; one that finds nothing it may
         // take (sharding) stays idle.
@@ -268,12 +291,21 @@ pub fn run(s: &Scenario) -> SimReport {
                     waits_by_component.entry(d.request.kind.clone()).or_default().push(wait);
                     let done = now_ns + service(&d.request.kind);
                     busy_ns += done.min(end_ns).saturating_sub(now_ns);
+                    if s.deadline
+                        .is_none_or(|dl| d.queue_time + Duration::from_nanos(done - now_ns) <= dl)
+                    {
+                        within_deadline += 1;
+                    }
+                    serving[w] = Some((d.request.kind.clone(), d.priority, now_ns));
                     push(&mut events, done, Event::WorkerFree { worker: w });
                 }
                 _ => still_idle.push_back(w),
             }
         }
         idle = still_idle;
+        while queue.poll_expired().is_some() {
+            expired += 1;
+        }
     }
     let dispatched = waits_by_tenant.values().map(|v| v.len() as u64).sum();
     SimReport {
@@ -285,6 +317,9 @@ pub fn run(s: &Scenario) -> SimReport {
         rejected,
         left_queued: queue.len() as u64,
         utilisation: busy_ns as f64 / (workers.len() as f64 * end_ns as f64),
+        refused_for_deadline,
+        expired,
+        within_deadline,
     }
 }
 
@@ -362,6 +397,8 @@ pub fn slow_component(
         cost_aware: false,
         reserved_workers_percent: 0,
         lend_max_cost: 0,
+        deadline: None,
+        deadline_admission: false,
         seed,
     }
 }
@@ -412,6 +449,8 @@ pub fn noisy_neighbour(noisy: bool, factor: f64, quiet_utilisation: f64, seed: u
         cost_aware: false,
         reserved_workers_percent: 0,
         lend_max_cost: 0,
+        deadline: None,
+        deadline_admission: false,
         seed,
     }
 }
@@ -457,6 +496,8 @@ pub fn long_and_short(policy: LongShortPolicy, seed: u64) -> Scenario {
         cost_aware: policy != LongShortPolicy::RoundRobin,
         reserved_workers_percent: if reserved { 25 } else { 0 },
         lend_max_cost: 0,
+        deadline: None,
+        deadline_admission: false,
         seed,
     }
 }
@@ -511,6 +552,44 @@ pub fn reserved_capacity(lend: bool, long_share: f64, urgent_rate: f64, seed: u6
         cost_aware: true,
         reserved_workers_percent: 25,
         lend_max_cost: if lend { 10 } else { 0 },
+        deadline: None,
+        deadline_admission: false,
+        seed,
+    }
+}
+
+/// Twice as much work as the workers can do, every request with a deadline: 2 queriers ×
+/// 8 workers, one component of 10 ms requests, ten tenants offering together 2 × the
+/// 1 600/s the workers serve, each request due 500 ms after it arrives; 30 s of arrivals.
+/// With `admission` the queue refuses at enqueue what it expects to miss its deadline.
+pub fn deadline_overload(admission: bool, seed: u64) -> Scenario {
+    let tenants = (0..10)
+        .map(|i| TenantLoad {
+            name: format!("t{i}"),
+            rate: 320.0,
+            actors: 0,
+            mix: vec![("q".into(), 1.0)],
+            priority: 0,
+        })
+        .collect();
+    Scenario {
+        label: format!(
+            "2x overload with deadlines, admission {}",
+            if admission { "on" } else { "off" }
+        ),
+        queriers: 2,
+        workers_per_querier: 8,
+        service: vec![("q".into(), Duration::from_millis(10))],
+        default_service: Duration::from_millis(10),
+        tenants,
+        duration: Duration::from_secs(30),
+        component_aware: false,
+        max_queriers_per_tenant: 0,
+        cost_aware: false,
+        reserved_workers_percent: 0,
+        lend_max_cost: 0,
+        deadline: Some(Duration::from_millis(500)),
+        deadline_admission: admission,
         seed,
     }
 }

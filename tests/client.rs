@@ -627,6 +627,7 @@ async fn a_result_that_overtakes_its_enqueue_ack_is_delivered() {
             query_id: e.query_id,
             status: EnqueueStatus::Accepted,
             load: LoadHint::default(),
+            estimated_wait_ms: None,
         })
         .await;
         // Keep the connection until the test is done.
@@ -998,5 +999,44 @@ async fn the_largest_querier_serves_with_every_worker_on_one_stream() {
     wait_connected(&fe, 1).await;
     let handle = fe.submit(QueryRequest::new("t", "x")).await.unwrap();
     assert_eq!(body_of(handle).await.unwrap(), b"x".as_slice());
+    q.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_query_the_scheduler_expects_to_miss_its_deadline_is_refused_at_once() {
+    let t = start(|s| s.max_outstanding_per_tenant = Some(1000)).await;
+    let fe = frontend_for(&[&t]).await;
+    let (h, _events) = handler(Duration::from_millis(20));
+    let q = querier_for("q", &[&t], 2, h);
+    assert!(q.wait_connected(2, WAIT).await);
+    // A backlog of about two seconds: 200 queries of 20 ms on 2 workers.
+    let mut backlog = Vec::new();
+    for i in 0..200 {
+        let query = QueryRequest::new("t", format!("q{i}")).with_timeout(Duration::from_secs(30));
+        backlog.push(fe.submit(query).await.unwrap());
+    }
+    // Once the scheduler has measured the backlog's rate (half a second of it), a query
+    // due in 100 ms is refused at enqueue with the estimate, instead of expiring queued.
+    let refused = wait("a refusal", async {
+        loop {
+            let probe = QueryRequest::new("t", "probe").with_timeout(Duration::from_millis(100));
+            let started = Instant::now();
+            let outcome = match fe.submit(probe).await {
+                Ok(handle) => body_of(handle).await,
+                Err(refused) => Err(refused),
+            };
+            match outcome {
+                Err(QueryError::WouldMissDeadline { estimated_wait }) => break (estimated_wait, started.elapsed()),
+                Err(QueryError::DeadlineExceeded(_)) => {} // not measured yet: queued, expired
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(refused.0 > Duration::from_millis(100), "{refused:?}");
+    assert!(refused.1 < Duration::from_millis(100), "refused at once: {refused:?}");
+    for (i, handle) in backlog.into_iter().enumerate() {
+        assert_eq!(body_of(handle).await.unwrap(), format!("q{i}").as_bytes());
+    }
     q.shutdown().await;
 }

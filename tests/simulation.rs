@@ -114,3 +114,25 @@ fn lent_reserved_workers_never_idle_beside_a_backlog_and_urgent_work_waits_one_s
         mixed.tenant("urgent")
     );
 }
+
+/// Twice the work the workers can do, every request due 500 ms after arrival: without
+/// admission most of the queue expires and most of what is served is served late; with
+/// it, what cannot make it is refused at once, nearly everything served is in time, and
+/// the workers serve as much.
+#[test]
+fn deadline_aware_admission_keeps_served_work_within_its_deadline_under_2x_overload() {
+    use sluice::sim::deadline_overload;
+    let off = run(&deadline_overload(false, 3));
+    let on = run(&deadline_overload(true, 3));
+    let share = |r: &SimReport| r.within_deadline as f64 / r.dispatched as f64;
+    assert!(share(&off) < 0.5, "{}", share(&off));
+    assert!(share(&on) >= 0.9, "{}", share(&on));
+    assert!(on.refused_for_deadline > on.arrived / 3, "{}", on.refused_for_deadline);
+    assert!(on.expired * 100 < on.arrived, "{} expired", on.expired);
+    assert!(
+        on.dispatched * 100 >= off.dispatched * 99,
+        "{} vs {}",
+        on.dispatched,
+        off.dispatched
+    );
+}

@@ -49,6 +49,13 @@ pub enum QueryError {
     /// Every scheduler tried is full.
     #[error("every scheduler's queue is full")]
     QueueFull,
+    /// Every scheduler tried expects the query to wait past its deadline (the last one's
+    /// estimate is given): refused at once instead of failing at the deadline.
+    #[error("the query would wait about {estimated_wait:?} for a querier, past its deadline")]
+    WouldMissDeadline {
+        /// The last scheduler's estimate of the wait.
+        estimated_wait: std::time::Duration,
+    },
     /// The request breaks a limit; retrying will not help.
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -89,6 +96,7 @@ impl QueryError {
             self,
             QueryError::TooManyOutstanding { .. }
                 | QueryError::QueueFull
+                | QueryError::WouldMissDeadline { .. }
                 | QueryError::NoScheduler
                 | QueryError::QuerierFailed(_)
         )
@@ -104,6 +112,9 @@ mod tests {
         let retryable = [
             QueryError::TooManyOutstanding { limit: 1 },
             QueryError::QueueFull,
+            QueryError::WouldMissDeadline {
+                estimated_wait: std::time::Duration::from_secs(1),
+            },
             QueryError::NoScheduler,
             QueryError::QuerierFailed("gone".into()),
         ];

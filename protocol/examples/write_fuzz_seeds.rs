@@ -87,6 +87,7 @@ fn main() {
                 queued: 12,
                 idle_workers: 3,
             },
+            estimated_wait_ms: Some(u64::MAX),
         },
         SchedulerToFrontend::QueryError {
             query_id: 42,

@@ -199,6 +199,9 @@ pub enum SchedulerToFrontend {
         query_id: QueryId,
         status: EnqueueStatus,
         load: LoadHint,
+        /// How long the scheduler expects an accepted query to wait before dispatch, when
+        /// it can tell (its component has been backlogged long enough to measure).
+        estimated_wait_ms: Option<u64>,
     },
     /// A query that was accepted will not produce a result: the frontend should stop
     /// waiting for it (and may retry it, see [`QueryErrorKind`]).
@@ -232,6 +235,9 @@ pub enum EnqueueStatus {
     TooManyOutstanding { limit: u32 },
     /// The scheduler's global queue bound (requests or bytes) is reached.
     QueueFull,
+    /// By the scheduler's estimate the query would wait this long, past its deadline: it
+    /// was refused rather than queued to expire. Another scheduler may be less loaded.
+    WouldMissDeadline { estimated_wait_ms: u64 },
     /// The scheduler is shutting down; enqueue on another scheduler.
     ShuttingDown,
     /// The request breaks a protocol limit (too long a tenant, too deep a path…).

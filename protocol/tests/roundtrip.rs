@@ -109,6 +109,7 @@ fn enqueue_status() -> impl Strategy<Value = EnqueueStatus> {
         Just(EnqueueStatus::Accepted),
         any::<u32>().prop_map(|limit| EnqueueStatus::TooManyOutstanding { limit }),
         Just(EnqueueStatus::QueueFull),
+        any::<u64>().prop_map(|estimated_wait_ms| EnqueueStatus::WouldMissDeadline { estimated_wait_ms }),
         Just(EnqueueStatus::ShuttingDown),
         text().prop_map(|reason| EnqueueStatus::Invalid { reason }),
         text().prop_map(|message| EnqueueStatus::Error { message }),
@@ -127,13 +128,20 @@ fn error_kind() -> impl Strategy<Value = QueryErrorKind> {
 
 fn scheduler_to_frontend() -> impl Strategy<Value = SchedulerToFrontend> {
     prop_oneof![
-        (any::<u64>(), enqueue_status(), any::<(u32, u32)>()).prop_map(|(query_id, status, (queued, idle_workers))| {
-            SchedulerToFrontend::EnqueueStatus {
-                query_id,
-                status,
-                load: LoadHint { queued, idle_workers },
-            }
-        }),
+        (
+            any::<u64>(),
+            enqueue_status(),
+            any::<(u32, u32)>(),
+            option::of(any::<u64>())
+        )
+            .prop_map(|(query_id, status, (queued, idle_workers), estimated_wait_ms)| {
+                SchedulerToFrontend::EnqueueStatus {
+                    query_id,
+                    status,
+                    load: LoadHint { queued, idle_workers },
+                    estimated_wait_ms,
+                }
+            }),
         (any::<u64>(), error_kind(), text()).prop_map(|(query_id, kind, message)| SchedulerToFrontend::QueryError {
             query_id,
             kind,

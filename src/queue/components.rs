@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::classes::Class;
+use super::wait::DispatchRate;
 use super::{FastMap, Queued, TreeQueue, tree};
 
 pub(super) struct Component {
@@ -21,6 +22,10 @@ pub(super) struct Component {
     /// Each querier's position in the tenant rotation: the tenant it is visiting (served
     /// last). The visit goes on while that tenant's balance is positive.
     pub(super) cursors: Vec<Option<u32>>,
+    /// Tenants with work here.
+    pub(super) active: u32,
+    /// Dispatches per second while backlogged (the wait estimate's rate).
+    pub(super) rate: DispatchRate,
 }
 
 impl<R: Queued> TreeQueue<R> {
@@ -63,6 +68,8 @@ impl<R: Queued> TreeQueue<R> {
                     unsharded: BTreeSet::new(),
                     by_querier: Vec::new(),
                     cursors: Vec::new(),
+                    active: 0,
+                    rate: DispatchRate::default(),
                 };
                 let c = match self.components.iter().position(Option::is_none) {
                     Some(i) => {

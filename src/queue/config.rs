@@ -37,6 +37,10 @@ pub struct QueueConfig {
     /// (hint, default 1) is at most this, so that it never idles beside a backlog while a
     /// high-priority arrival waits at most one such short request. 0: never lent.
     pub lend_max_cost: u32,
+    /// Refuse at enqueue a request whose deadline its estimated wait would pass
+    /// (`RejectReason::WouldMissDeadline`), instead of queueing it to expire. The estimate
+    /// exists only for components that have been backlogged for a while.
+    pub deadline_admission: bool,
     /// Starvation guard: a priority class with work is passed over by at most this many
     /// dispatches of unreserved workers in a row (plus one per other starving class)
     /// before a worker that may serve it takes from it. At least 1.
@@ -73,6 +77,7 @@ impl Default for QueueConfig {
             reserved_workers_percent: 0,
             reserved_min_priority: 1,
             lend_max_cost: 0,
+            deadline_admission: true,
             max_priority_skips: 10,
             tenants: HashMap::new(),
         }

@@ -145,7 +145,9 @@ pub(super) fn check<R: Queued>(q: &TreeQueue<R>) -> Result<(), String> {
                 // A parked root is in no rotation set.
                 (q.nodes.get(root)?.live > 0).then_some((t as u32, tenant, root))
             });
+            let mut active = 0;
             for (t, tenant, root) in roots {
+                active += 1;
                 match &tenant.shard {
                     None => {
                         expected_unsharded.insert(t);
@@ -155,6 +157,12 @@ pub(super) fn check<R: Queued>(q: &TreeQueue<R>) -> Result<(), String> {
                 live_sum += check_subtree(q, root)?;
             }
             ensure!(live_sum == comp.queued, "component {} node counts", comp.name);
+            ensure!(
+                active == comp.active,
+                "component {} counts {} active tenants, not {active}",
+                comp.name,
+                comp.active
+            );
             ensure!(
                 expected_unsharded == comp.unsharded,
                 "component {} unsharded set",

@@ -52,6 +52,7 @@ mod slab;
 mod stats;
 mod tenants;
 mod tree;
+mod wait;
 
 #[cfg(test)]
 mod tests;
@@ -124,6 +125,9 @@ pub enum RejectReason {
     QueueBytesFull { limit: u64 },
     #[error("a request with this key is already queued")]
     Duplicate,
+    /// Its deadline would pass before it is dispatched, by the queue's estimate.
+    #[error("it would wait about {estimated_wait:?}, past its deadline")]
+    WouldMissDeadline { estimated_wait: Duration },
 }
 
 /// A refused request, handed back with the reason so it is never lost.
@@ -154,6 +158,9 @@ pub struct Dispatched<R> {
     /// Time from enqueue to this dispatch.
     pub queue_time: Duration,
     pub deadline: Option<Instant>,
+    /// The priority class it was queued in (report its service time with it, see
+    /// [`TreeQueue::record_service`]).
+    pub priority: u8,
 }
 
 /// A request whose deadline passed while it was queued; its frontend must be told.
@@ -288,7 +295,12 @@ impl<R: Queued> TreeQueue<R> {
         request: R,
         options: EnqueueOptions,
     ) -> Result<(), Rejected<R>> {
-        if let Err(reason) = self.admit(key, &request) {
+        let missed = self.would_miss(now, request.path(), options.priority, options.deadline);
+        let admitted = match missed {
+            Some(estimated_wait) => Err(RejectReason::WouldMissDeadline { estimated_wait }),
+            None => self.admit(key, &request),
+        };
+        if let Err(reason) = admitted {
             self.counters.rejected += 1;
             return Err(Rejected { reason, request });
         }
@@ -326,7 +338,11 @@ impl<R: Queued> TreeQueue<R> {
         tenant.queued += 1;
         tenant.bytes += bytes;
         tenant.peak = tenant.peak.max(tenant.queued);
-        self.components[c as usize].as_mut().expect("component is live").queued += 1;
+        let comp = self.components[c as usize].as_mut().expect("component is live");
+        if comp.queued == 0 {
+            comp.rate.backlog_starts(enqueued_at);
+        }
+        comp.queued += 1;
         self.queued_bytes += bytes;
         self.counters.enqueued += 1;
         Ok(())
@@ -499,6 +515,10 @@ impl<R: Queued> TreeQueue<R> {
             if let Some(tenant) = self.tenants[t as usize].as_mut() {
                 tenant.balance = tenant.balance.saturating_sub(i64::from(e.cost));
             }
+            if let Some(comp) = self.components[c as usize].as_mut() {
+                let left = comp.queued;
+                comp.rate.dispatched(now_ns, left);
+            }
             self.note_served(priority, reserved);
             self.counters.dispatched += 1;
             return Dequeue::Dispatch(Dispatched {
@@ -506,6 +526,7 @@ impl<R: Queued> TreeQueue<R> {
                 request: e.request,
                 queue_time,
                 deadline: (e.deadline != 0).then(|| self.instant(e.deadline)),
+                priority,
             });
         }
     }

@@ -66,6 +66,7 @@ impl Component {
 
 /// Puts tenant `t` into the rotation sets of component `comp` for its shard.
 pub(super) fn activate(comp: &mut Component, t: u32, shard: &Option<Vec<u32>>) {
+    comp.active += 1;
     match shard {
         None => {
             comp.unsharded.insert(t);
@@ -83,6 +84,7 @@ pub(super) fn activate(comp: &mut Component, t: u32, shard: &Option<Vec<u32>>) {
 }
 
 pub(super) fn deactivate(comp: &mut Component, t: u32, shard: &Option<Vec<u32>>) {
+    comp.active -= 1;
     match shard {
         None => {
             comp.unsharded.remove(&t);

@@ -296,6 +296,12 @@ impl Server {
         self.admin_addr
     }
 
+    /// Whether the querier lifeline listener is up (it takes the QUIC port number over TCP;
+    /// without it a killed querier is noticed only at the idle timeout).
+    pub fn has_lifeline(&self) -> bool {
+        self.lifeline_task.is_some()
+    }
+
     /// The scheduler's own TLS files.
     pub fn identity(&self) -> &Identity {
         &self.identity

@@ -106,7 +106,9 @@ async fn serve_scheduler(
 /// acknowledges (which only wakes a waiting `QueryHandle::cancel`).
 fn event_of(s: SchedulerIx, msg: SchedulerToFrontend) -> Result<Event, sluice_protocol::QueryId> {
     Ok(match msg {
-        SchedulerToFrontend::EnqueueStatus { query_id, status, load } => Event::Status {
+        SchedulerToFrontend::EnqueueStatus {
+            query_id, status, load, ..
+        } => Event::Status {
             scheduler: s,
             id: query_id,
             status,

@@ -517,6 +517,9 @@ impl QueryTable {
             }
             EnqueueStatus::TooManyOutstanding { limit } => Some(QueryError::TooManyOutstanding { limit }),
             EnqueueStatus::QueueFull => Some(QueryError::QueueFull),
+            EnqueueStatus::WouldMissDeadline { estimated_wait_ms } => Some(QueryError::WouldMissDeadline {
+                estimated_wait: Duration::from_millis(estimated_wait_ms),
+            }),
             EnqueueStatus::Error { message } => Some(QueryError::Protocol(message)),
         };
         let q = self.queries.get_mut(&id).expect("checked above");

@@ -283,6 +283,41 @@ fn refusals_are_tried_elsewhere_then_the_last_is_returned() {
 }
 
 #[test]
+fn a_query_every_scheduler_expects_to_miss_its_deadline_fails_at_once_with_the_estimate() {
+    let mut t = T::new(&[S0, S1]);
+    let out = t.submit(1, Some(Duration::from_secs(1)), false);
+    let first = enqueued_at(&out, 1).unwrap();
+    let out = t.on(Event::Status {
+        scheduler: first,
+        id: 1,
+        status: EnqueueStatus::WouldMissDeadline {
+            estimated_wait_ms: 4_000,
+        },
+        queued: 0,
+    });
+    // Another scheduler may be less loaded: it is asked next.
+    let second = enqueued_at(&out, 1).unwrap();
+    assert_ne!(first, second);
+    let out = t.on(Event::Status {
+        scheduler: second,
+        id: 1,
+        status: EnqueueStatus::WouldMissDeadline {
+            estimated_wait_ms: 3_000,
+        },
+        queued: 0,
+    });
+    assert_eq!(
+        out,
+        [Action::Fail {
+            id: 1,
+            error: QueryError::WouldMissDeadline {
+                estimated_wait: Duration::from_secs(3)
+            }
+        }]
+    );
+}
+
+#[test]
 fn with_no_scheduler_a_query_waits_then_gives_up() {
     let mut t = T::new(&[]);
     assert_eq!(t.submit(1, None, false), []);

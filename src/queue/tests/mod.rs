@@ -96,11 +96,20 @@ impl Fixture {
     }
 
     fn push_until(&mut self, r: Req, deadline: Option<Instant>) -> QueryKey {
+        self.try_push_until(r, deadline).expect("accepted")
+    }
+
+    /// Enqueues with a deadline `after` from now; the reason if refused.
+    pub fn try_push_with_deadline(&mut self, r: Req, after: Duration) -> Result<QueryKey, RejectReason> {
+        let deadline = self.now + after;
+        self.try_push_until(r, Some(deadline))
+    }
+
+    fn try_push_until(&mut self, r: Req, deadline: Option<Instant>) -> Result<QueryKey, RejectReason> {
         let key = self.key();
         let options = options_of(&r, deadline);
         let now = self.now;
-        self.q.enqueue(now, key, r, options).expect("accepted");
-        key
+        self.q.enqueue(now, key, r, options).map(|()| key).map_err(|e| e.reason)
     }
 
     pub fn worker(&mut self, querier: &str) -> WorkerId {

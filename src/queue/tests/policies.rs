@@ -301,3 +301,80 @@ fn one_huge_cost_hint_weighs_on_the_others_only_while_it_waits_and_only_up_to_th
     assert!(next.windows(2).all(|p| p[0] != p[1]), "back to alternation: {next:?}");
     f.assert_ok();
 }
+
+/// A backlogged component drained at a steady 100 dispatches a second (10 ms apart) for
+/// one second; `n` tenants' requests queued besides.
+fn measured_backlog(config: QueueConfig) -> (Fixture, WorkerId) {
+    let mut f = Fixture::new(config);
+    let w = f.worker("q");
+    for _ in 0..300 {
+        f.push(req("busy", &[], ""));
+    }
+    for _ in 0..100 {
+        assert!(f.take(w).is_some());
+        f.advance(Duration::from_millis(10));
+    }
+    (f, w)
+}
+
+#[test]
+fn the_wait_is_estimated_from_the_backlogged_rate_and_the_tenants_place() {
+    let mut f = Fixture::new(config());
+    let w = f.worker("q");
+    f.push(req("busy", &[], ""));
+    assert_eq!(
+        f.q.estimated_wait(req("new", &[], "").path(), None),
+        None,
+        "no backlogged window measured yet"
+    );
+    assert!(f.take(w).is_some());
+    assert_eq!(
+        f.q.estimated_wait(req("new", &[], "").path(), None),
+        Some(Duration::ZERO),
+        "nothing queued: no wait"
+    );
+    let (f, _) = measured_backlog(config());
+    // 200 of `busy` queued at 100/s. A new tenant is served every other dispatch: two
+    // dispatches (its own and one of `busy`'s), 20 ms; `busy` itself waits for all 200.
+    let new = f.q.estimated_wait(req("new", &[], "").path(), None).unwrap();
+    let busy = f.q.estimated_wait(req("busy", &[], "").path(), None).unwrap();
+    assert!((new.as_secs_f64() - 0.02).abs() < 0.002, "{new:?}");
+    assert!((busy.as_secs_f64() - 2.01).abs() < 0.05, "{busy:?}");
+    f.assert_ok();
+}
+
+#[test]
+fn a_request_that_would_miss_its_deadline_is_refused_at_enqueue_with_the_estimate() {
+    let (mut f, _) = measured_backlog(config());
+    match f.try_push_with_deadline(req("busy", &[], ""), Duration::from_secs(1)) {
+        Err(RejectReason::WouldMissDeadline { estimated_wait }) => {
+            assert!(estimated_wait > Duration::from_millis(1900), "{estimated_wait:?}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Room enough: accepted. So is another tenant's, served in turn.
+    assert!(
+        f.try_push_with_deadline(req("busy", &[], ""), Duration::from_secs(3))
+            .is_ok()
+    );
+    assert!(
+        f.try_push_with_deadline(req("other", &[], ""), Duration::from_millis(100))
+            .is_ok()
+    );
+    // Without a deadline nothing is refused.
+    f.push(req("busy", &[], ""));
+    assert_eq!(f.q.counters().rejected, 1);
+    f.assert_ok();
+}
+
+#[test]
+fn deadline_admission_can_be_turned_off() {
+    let (mut f, _) = measured_backlog(QueueConfig {
+        deadline_admission: false,
+        ..config()
+    });
+    assert!(
+        f.try_push_with_deadline(req("busy", &[], ""), Duration::from_millis(1))
+            .is_ok()
+    );
+}

@@ -73,10 +73,11 @@ impl Dispatcher {
         if let Some(trace_id) = trace {
             debug!(query = query_id, frontend = %f_name(&self.frontends, frontend), %trace_id, accepted = outcome.is_ok(), "enqueue");
         }
-        let status = match &outcome {
-            Ok(()) => EnqueueStatus::Accepted,
-            Err((status, _)) => status.clone(),
+        let (status, estimated_wait) = match &outcome {
+            Ok(wait) => (EnqueueStatus::Accepted, *wait),
+            Err((status, _)) => (status.clone(), None),
         };
+        let estimated_wait_ms = estimated_wait.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX));
         self.metrics.record(|| {
             histogram!(m::ENQUEUE_DURATION).record(now.saturating_duration_since(received).as_secs_f64());
             if let Err((status, tenant)) = outcome {
@@ -91,6 +92,7 @@ impl Dispatcher {
                     EnqueueStatus::TooManyOutstanding { .. } => "too_many_outstanding",
                     EnqueueStatus::QueueFull => "queue_full",
                     EnqueueStatus::ShuttingDown => "shutting_down",
+                    EnqueueStatus::WouldMissDeadline { .. } => "would_miss_deadline",
                     _ => "invalid",
                 };
                 counter!(m::DISCARDED_REQUESTS, "tenant" => tenant, "reason" => reason).increment(1);
@@ -98,14 +100,21 @@ impl Dispatcher {
         });
         let accepted = status == EnqueueStatus::Accepted;
         let load = self.load();
-        self.tell_frontend(frontend, SchedulerToFrontend::EnqueueStatus { query_id, status, load });
+        let status = SchedulerToFrontend::EnqueueStatus {
+            query_id,
+            status,
+            load,
+            estimated_wait_ms,
+        };
+        self.tell_frontend(frontend, status);
         if accepted {
             self.serve_waiting(now);
         }
     }
 
-    /// Queues an enqueue, or says why not together with its tenant (moved out of the
-    /// refused request, so an accepted enqueue costs no copy of it).
+    /// Queues an enqueue (with its estimated wait, if the queue has one), or says why not
+    /// together with its tenant (moved out of the refused request, so an accepted enqueue
+    /// costs no copy of it).
     fn admit(
         &mut self,
         now: Instant,
@@ -113,7 +122,7 @@ impl Dispatcher {
         enqueue: Box<Enqueue>,
         received: Instant,
         has_address: bool,
-    ) -> Result<(), (EnqueueStatus, String)> {
+    ) -> Result<Option<Duration>, (EnqueueStatus, String)> {
         if !self.serving() {
             return Err((EnqueueStatus::ShuttingDown, enqueue.tenant));
         }
@@ -137,14 +146,24 @@ impl Dispatcher {
         }
         // Placed again: a failure of its earlier delivery is no longer news.
         self.delivering.remove(&key);
+        let path = QueuePath {
+            component: enqueue.component.as_deref(),
+            tenant: &enqueue.tenant,
+            actors: &enqueue.actors,
+        };
+        let estimate = self.queue.estimated_wait(path, enqueue.priority);
         self.queue
             .enqueue(now, key, Pending { enqueue }, options)
+            .map(|()| estimate)
             .map_err(|rejected| {
                 let status = match rejected.reason {
                     RejectReason::TooManyOutstanding { limit } => EnqueueStatus::TooManyOutstanding { limit },
                     RejectReason::QueueFull { .. } | RejectReason::QueueBytesFull { .. } => EnqueueStatus::QueueFull,
                     RejectReason::Duplicate => EnqueueStatus::Invalid {
                         reason: format!("query {query} is already queued"),
+                    },
+                    RejectReason::WouldMissDeadline { estimated_wait } => EnqueueStatus::WouldMissDeadline {
+                        estimated_wait_ms: u64::try_from(estimated_wait.as_millis()).unwrap_or(u64::MAX),
                     },
                 };
                 (status, rejected.request.enqueue.tenant)

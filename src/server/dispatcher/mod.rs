@@ -70,6 +70,9 @@ struct Running {
     component: Option<String>,
     /// The cost debited from the tenant at dispatch (the hint, default 1).
     cost: u32,
+    /// Its class and when it was dispatched, for the service time admission adds.
+    priority: u8,
+    since: Instant,
 }
 
 /// Where the scheduler is in its life; admission is open only while `Serving`, and never
@@ -461,6 +464,8 @@ impl Dispatcher {
             if let Some(measured) = measured {
                 self.queue.charge(&r.tenant, i64::from(measured) - i64::from(r.cost));
             }
+            let took = now.saturating_duration_since(r.since);
+            self.queue.record_service(r.component.as_deref(), r.priority, took);
             self.count_served_cost(r.tenant, measured.unwrap_or(r.cost));
         }
         if !self.try_dispatch(now, worker) {
@@ -550,6 +555,8 @@ impl Dispatcher {
                         tenant,
                         component,
                         cost,
+                        priority: d.priority,
+                        since: now,
                     },
                 );
                 self.notes.entry(d.key.frontend).or_default().push(d.key.query);
