@@ -483,12 +483,6 @@ async fn too_many_connections_are_refused() {
 async fn a_lifeline_with_an_unknown_token_is_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let t = start(|_| {}).await;
-    if !t.server.has_lifeline() {
-        // Another process holds the port number over TCP (tests run side by side): what
-        // answers there is not ours.
-        eprintln!("no lifeline listener: its TCP port is taken; nothing to test");
-        return;
-    }
     let mut socket = tokio::net::TcpStream::connect(t.server.quic_addr()).await.unwrap();
     let mut preamble = LIFELINE_MAGIC.to_vec();
     preamble.extend_from_slice(&42u128.to_be_bytes());

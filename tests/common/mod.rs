@@ -41,7 +41,17 @@ pub async fn start_in(dir: Arc<tempfile::TempDir>, tweak: impl FnOnce(&mut Setti
         ..Settings::default()
     };
     tweak(&mut settings);
-    let server = Server::start(settings.resolve().unwrap()).await.unwrap();
+    // The lifeline takes the QUIC port number over TCP; when the system gave that number
+    // to another process's TCP socket (tests run side by side), start again on another.
+    let mut server = Server::start(settings.clone().resolve().unwrap()).await.unwrap();
+    for _ in 0..10 {
+        if server.has_lifeline() {
+            break;
+        }
+        server.abort();
+        server = Server::start(settings.clone().resolve().unwrap()).await.unwrap();
+    }
+    assert!(server.has_lifeline(), "no free TCP port for the lifeline in ten tries");
     let certs = server.dev_certs().unwrap().clone();
     TestServer {
         server,
