@@ -1035,6 +1035,12 @@ async fn a_query_the_scheduler_expects_to_miss_its_deadline_is_refused_at_once()
     .await;
     assert!(refused.0 > Duration::from_millis(100), "{refused:?}");
     assert!(refused.1 < Duration::from_millis(100), "refused at once: {refused:?}");
+    // One with time enough is accepted and told how long it should wait.
+    let patient = QueryRequest::new("t", "patient").with_timeout(Duration::from_secs(30));
+    let handle = fe.submit(patient).await.unwrap();
+    let estimate = handle.placement().and_then(|p| p.estimated_wait);
+    assert!(estimate.is_some_and(|w| w > Duration::from_millis(100)), "{estimate:?}");
+    assert_eq!(body_of(handle).await.unwrap(), b"patient".as_slice());
     for (i, handle) in backlog.into_iter().enumerate() {
         assert_eq!(body_of(handle).await.unwrap(), format!("q{i}").as_bytes());
     }

@@ -107,12 +107,16 @@ async fn serve_scheduler(
 fn event_of(s: SchedulerIx, msg: SchedulerToFrontend) -> Result<Event, sluice_protocol::QueryId> {
     Ok(match msg {
         SchedulerToFrontend::EnqueueStatus {
-            query_id, status, load, ..
+            query_id,
+            status,
+            load,
+            estimated_wait_ms,
         } => Event::Status {
             scheduler: s,
             id: query_id,
             status,
             queued: load.queued,
+            estimated_wait: estimated_wait_ms.map(std::time::Duration::from_millis),
         },
         SchedulerToFrontend::QueryError {
             query_id,

@@ -59,7 +59,7 @@ impl QueryHandle {
 
     /// Where the query is now; `None` once it has ended (answered, failed or cancelled).
     pub fn placement(&self) -> Option<Placement> {
-        let (state, holder, attempt) = self.shared.inner.lock().unwrap().table.placement(self.id)?;
+        let (state, holder, attempt, estimated_wait) = self.shared.inner.lock().unwrap().table.placement(self.id)?;
         let stage = match state {
             State::Waiting => Stage::WaitingForScheduler,
             State::Placing(_) => Stage::Placing,
@@ -73,6 +73,7 @@ impl QueryHandle {
             stage,
             scheduler,
             attempt,
+            estimated_wait,
         })
     }
 

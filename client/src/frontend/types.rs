@@ -279,6 +279,9 @@ pub struct Placement {
     pub scheduler: Option<SocketAddr>,
     /// Which run this is: 1, more after its querier died and it was redelivered.
     pub attempt: u32,
+    /// How long the scheduler that accepted it expected it to wait before dispatch, when
+    /// it could tell (its backend's queue had been backlogged long enough to measure).
+    pub estimated_wait: Option<std::time::Duration>,
 }
 
 /// The stages of [`Placement`].

@@ -69,6 +69,8 @@ pub(crate) enum Event {
         id: QueryId,
         status: EnqueueStatus,
         queued: u32,
+        /// The scheduler's estimate of the wait before dispatch, when it can tell.
+        estimated_wait: Option<Duration>,
     },
     /// A scheduler handed these queries to queriers.
     Dispatched { scheduler: SchedulerIx, ids: Vec<QueryId> },
@@ -185,6 +187,8 @@ struct Query {
     placed: bool,
     /// The scheduler of its last dispatch (its querier failures still count once started).
     dispatched_by: Option<SchedulerIx>,
+    /// The accepting scheduler's estimate of the wait before dispatch.
+    estimated_wait: Option<Duration>,
     /// While `Dispatched` by a scheduler that was lost: when the dispatch counts as never
     /// received unless a querier confirms it first.
     orphaned_until: Option<Instant>,
@@ -263,9 +267,9 @@ impl QueryTable {
     }
 
     /// Where `id` is now: its state, the scheduler that holds or dispatched it, its run.
-    pub(crate) fn placement(&self, id: QueryId) -> Option<(State, Option<SchedulerIx>, u32)> {
+    pub(crate) fn placement(&self, id: QueryId) -> Option<(State, Option<SchedulerIx>, u32, Option<Duration>)> {
         let q = self.queries.get(&id)?;
-        Some((q.state, q.holder().or(q.dispatched_by), q.attempt))
+        Some((q.state, q.holder().or(q.dispatched_by), q.attempt, q.estimated_wait))
     }
 
     pub(crate) fn counters(&self) -> Counters {
@@ -311,6 +315,7 @@ impl QueryTable {
                         attempt: 0,
                         placed: false,
                         dispatched_by: None,
+                        estimated_wait: None,
                         orphaned_until: None,
                         refused: HashSet::new(),
                         last_refusal: None,
@@ -323,8 +328,15 @@ impl QueryTable {
                 id,
                 status,
                 queued,
+                estimated_wait,
             } => {
                 self.view(scheduler).queued = queued;
+                if status == EnqueueStatus::Accepted
+                    && let Some(q) = self.queries.get_mut(&id)
+                    && q.state == State::Placing(scheduler)
+                {
+                    q.estimated_wait = estimated_wait;
+                }
                 self.on_status(scheduler, id, status, now, out);
             }
             Event::Dispatched { scheduler, ids } => {

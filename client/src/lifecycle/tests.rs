@@ -80,6 +80,7 @@ fn accepted(scheduler: SchedulerIx, id: QueryId) -> Event {
         id,
         status: EnqueueStatus::Accepted,
         queued: 0,
+        estimated_wait: None,
     }
 }
 
@@ -264,6 +265,7 @@ fn refusals_are_tried_elsewhere_then_the_last_is_returned() {
         id: 1,
         status: EnqueueStatus::TooManyOutstanding { limit: 3 },
         queued: 0,
+        estimated_wait: None,
     });
     let second = enqueued_at(&out, 1).unwrap();
     assert_ne!(first, second);
@@ -272,6 +274,7 @@ fn refusals_are_tried_elsewhere_then_the_last_is_returned() {
         id: 1,
         status: EnqueueStatus::QueueFull,
         queued: 0,
+        estimated_wait: None,
     });
     assert_eq!(
         out,
@@ -294,6 +297,7 @@ fn a_query_every_scheduler_expects_to_miss_its_deadline_fails_at_once_with_the_e
             estimated_wait_ms: 4_000,
         },
         queued: 0,
+        estimated_wait: None,
     });
     // Another scheduler may be less loaded: it is asked next.
     let second = enqueued_at(&out, 1).unwrap();
@@ -305,6 +309,7 @@ fn a_query_every_scheduler_expects_to_miss_its_deadline_fails_at_once_with_the_e
             estimated_wait_ms: 3_000,
         },
         queued: 0,
+        estimated_wait: None,
     });
     assert_eq!(
         out,
@@ -583,6 +588,7 @@ proptest! {
                                 _ => EnqueueStatus::QueueFull,
                             },
                             queued: 0,
+                            estimated_wait: None,
                         },
                         Step::Dispatched { s, .. } => Event::Dispatched { scheduler: s, ids: vec![id] },
                         Step::Error { s, kind, .. } => {
