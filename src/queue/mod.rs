@@ -287,7 +287,7 @@ impl<R: Queued> TreeQueue<R> {
     }
 
     /// Queues `request` under its path, or refuses it (handing it back) if a limit is
-    /// reached or its key is already queued.
+    /// reached, its key is already queued, or it would miss its deadline.
     pub fn enqueue(
         &mut self,
         now: Instant,
@@ -295,15 +295,42 @@ impl<R: Queued> TreeQueue<R> {
         request: R,
         options: EnqueueOptions,
     ) -> Result<(), Rejected<R>> {
-        let missed = self.would_miss(now, request.path(), options.priority, options.deadline);
-        let admitted = match missed {
-            Some(estimated_wait) => Err(RejectReason::WouldMissDeadline { estimated_wait }),
-            None => self.admit(key, &request),
+        self.enqueue_inner(now, key, request, options, false).map(|_| ())
+    }
+
+    /// As [`enqueue`](Self::enqueue), and returns the wait the request can expect before
+    /// dispatch, when its component's rate is known (see [`estimated_wait`](Self::estimated_wait)).
+    pub fn enqueue_estimated(
+        &mut self,
+        now: Instant,
+        key: QueryKey,
+        request: R,
+        options: EnqueueOptions,
+    ) -> Result<Option<Duration>, Rejected<R>> {
+        self.enqueue_inner(now, key, request, options, true)
+    }
+
+    /// `estimate`: the caller wants the estimated wait (otherwise it is looked up only
+    /// for deadline admission).
+    fn enqueue_inner(
+        &mut self,
+        now: Instant,
+        key: QueryKey,
+        request: R,
+        options: EnqueueOptions,
+        estimate: bool,
+    ) -> Result<Option<Duration>, Rejected<R>> {
+        let admitted = self
+            .admit_deadline(now, request.path(), options.priority, options.deadline, estimate)
+            .map_err(|estimated_wait| RejectReason::WouldMissDeadline { estimated_wait })
+            .and_then(|estimate| self.admit(key, &request).map(|()| estimate));
+        let estimate = match admitted {
+            Ok(estimate) => estimate,
+            Err(reason) => {
+                self.counters.rejected += 1;
+                return Err(Rejected { reason, request });
+            }
         };
-        if let Err(reason) = admitted {
-            self.counters.rejected += 1;
-            return Err(Rejected { reason, request });
-        }
         let bytes = request.size_bytes();
         let path = request.path();
         let t = self.tenant_slot(path.tenant);
@@ -345,7 +372,7 @@ impl<R: Queued> TreeQueue<R> {
         comp.queued += 1;
         self.queued_bytes += bytes;
         self.counters.enqueued += 1;
-        Ok(())
+        Ok(estimate)
     }
 
     fn admit(&self, key: QueryKey, request: &R) -> Result<(), RejectReason> {

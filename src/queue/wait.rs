@@ -86,16 +86,25 @@ impl<R: Queued> TreeQueue<R> {
     /// would wait before dispatch, if its component's rate is known; `Some(ZERO)` when
     /// nothing is queued ahead of it.
     pub fn estimated_wait(&self, path: QueuePath<'_>, priority: Option<u8>) -> Option<Duration> {
-        let t = self.tenant_by_name.get(path.tenant).copied();
-        let tenant = t.and_then(|t| self.tenants[t as usize].as_ref());
+        self.wait_and_service(path, priority).map(|(wait, _)| wait)
+    }
+
+    /// The estimated wait (as [`estimated_wait`](Self::estimated_wait)) and the mean
+    /// service time of the request's component (zero until one was reported): one lookup
+    /// for both, as admission needs them.
+    pub(super) fn wait_and_service(&self, path: QueuePath<'_>, priority: Option<u8>) -> Option<(Duration, Duration)> {
+        let tenant = self
+            .tenant_by_name
+            .get(path.tenant)
+            .and_then(|&t| self.tenants[t as usize].as_ref());
         let priority = priority
             .or_else(|| tenant.map(|x| x.priority))
             .unwrap_or_else(|| self.config.priority(path.tenant));
-        let class = self.classes.iter().find(|k| k.priority == priority)?;
-        let &c = class.by_name.get(path.component.unwrap_or(""))?;
+        let c = self.component_of(path.component, priority)?;
         let comp = self.components[c as usize].as_ref()?;
+        let service = Duration::from_secs_f64(comp.rate.service);
         if comp.queued == 0 {
-            return Some(Duration::ZERO);
+            return Some((Duration::ZERO, service));
         }
         let rate = comp.rate.per_sec()?;
         let (mine, active) = match tenant.and_then(|x| x.roots.iter().find(|(x, _)| *x == c)) {
@@ -103,7 +112,13 @@ impl<R: Queued> TreeQueue<R> {
             _ => (0, comp.active + 1),
         };
         let ahead = (u64::from(comp.queued) + 1).min((u64::from(mine) + 1) * u64::from(active));
-        Some(Duration::from_secs_f64(ahead as f64 / rate))
+        Some((Duration::from_secs_f64(ahead as f64 / rate), service))
+    }
+
+    /// The slot of component `name` (`None`: the unnamed one) in class `priority`.
+    fn component_of(&self, name: Option<&str>, priority: u8) -> Option<u32> {
+        let class = self.classes.iter().find(|k| k.priority == priority)?;
+        class.by_name.get(name.unwrap_or("")).copied()
     }
 
     /// A dispatched request of `component` (at `priority`, as [`Dispatched::priority`]
@@ -112,42 +127,34 @@ impl<R: Queued> TreeQueue<R> {
     ///
     /// [`Dispatched::priority`]: super::Dispatched::priority
     pub fn record_service(&mut self, component: Option<&str>, priority: u8, took: Duration) {
-        let Some(class) = self.classes.iter().find(|k| k.priority == priority) else {
-            return;
-        };
-        let Some(&c) = class.by_name.get(component.unwrap_or("")) else {
-            return;
-        };
-        if let Some(comp) = self.components[c as usize].as_mut() {
+        if let Some(c) = self.component_of(component, priority)
+            && let Some(comp) = self.components[c as usize].as_mut()
+        {
             comp.rate.served(took);
         }
     }
 
-    /// Whether admission refuses a request with `deadline` enqueued at `now`: the
-    /// estimated wait, if it and the mean service time would reach past the deadline.
-    pub(super) fn would_miss(
+    /// Admission's verdict on a request with `deadline` enqueued at `now`: `Err` with the
+    /// estimated wait if it and the mean service time would reach past the deadline, else
+    /// the estimate if `estimate` asks for it (nothing is looked up when neither needs it).
+    pub(super) fn admit_deadline(
         &self,
         now: Instant,
         path: QueuePath<'_>,
         priority: Option<u8>,
         deadline: Option<Instant>,
-    ) -> Option<Duration> {
-        let deadline = deadline.filter(|_| self.config.deadline_admission)?;
-        let wait = self.estimated_wait(path, priority)?;
-        let service = self.service_time(path, priority).unwrap_or_default();
-        (now + wait.mul_f64(WAIT_MARGIN) + service > deadline).then_some(wait)
-    }
-
-    fn service_time(&self, path: QueuePath<'_>, priority: Option<u8>) -> Option<Duration> {
-        let priority = priority.unwrap_or_else(|| {
-            self.tenant_by_name
-                .get(path.tenant)
-                .and_then(|&t| self.tenants[t as usize].as_ref())
-                .map_or_else(|| self.config.priority(path.tenant), |t| t.priority)
-        });
-        let class = self.classes.iter().find(|k| k.priority == priority)?;
-        let &c = class.by_name.get(path.component.unwrap_or(""))?;
-        let s = self.components[c as usize].as_ref()?.rate.service;
-        (s > 0.0).then(|| Duration::from_secs_f64(s))
+        estimate: bool,
+    ) -> Result<Option<Duration>, Duration> {
+        let deadline = deadline.filter(|_| self.config.deadline_admission);
+        if deadline.is_none() && !estimate {
+            return Ok(None);
+        }
+        let Some((wait, service)) = self.wait_and_service(path, priority) else {
+            return Ok(None);
+        };
+        match deadline {
+            Some(deadline) if now + wait.mul_f64(WAIT_MARGIN) + service > deadline => Err(wait),
+            _ => Ok(Some(wait)),
+        }
     }
 }

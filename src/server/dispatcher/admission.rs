@@ -146,15 +146,8 @@ impl Dispatcher {
         }
         // Placed again: a failure of its earlier delivery is no longer news.
         self.delivering.remove(&key);
-        let path = QueuePath {
-            component: enqueue.component.as_deref(),
-            tenant: &enqueue.tenant,
-            actors: &enqueue.actors,
-        };
-        let estimate = self.queue.estimated_wait(path, enqueue.priority);
         self.queue
-            .enqueue(now, key, Pending { enqueue }, options)
-            .map(|()| estimate)
+            .enqueue_estimated(now, key, Pending { enqueue }, options)
             .map_err(|rejected| {
                 let status = match rejected.reason {
                     RejectReason::TooManyOutstanding { limit } => EnqueueStatus::TooManyOutstanding { limit },
