@@ -109,8 +109,15 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
             }
         }
         // One timer for every running query's next moment (confirm, deadline, abort):
-        // moved earlier when needed; a timer that fires early finds nothing to do.
-        if let Some(next) = d.slots.next_moment()
+        // moved earlier when a new moment is earlier; looked for among all workers only
+        // once it fired. A timer that fires early finds nothing to do.
+        let fresh = d.slots.take_fresh();
+        let next = if timer_at.is_none() {
+            d.slots.next_moment()
+        } else {
+            fresh
+        };
+        if let Some(next) = next
             && timer_at.is_none_or(|at| next < at)
         {
             timer.as_mut().reset(next);

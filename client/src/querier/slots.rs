@@ -87,6 +87,8 @@ pub(super) struct Slots {
     stream: Stream,
     cancel_grace: Duration,
     confirm_after: Duration,
+    /// The earliest moment set since [`take_fresh`](Self::take_fresh) last asked.
+    fresh: Option<Instant>,
 }
 
 impl Slots {
@@ -97,7 +99,19 @@ impl Slots {
             stream: Stream::None,
             cancel_grace,
             confirm_after,
+            fresh: None,
         }
+    }
+
+    /// The earliest moment set since the last call (a dispatch, a cancel or a deadline
+    /// gave a running query a new one): what a timer already set must be moved to, if
+    /// earlier. Cheaper than [`next_moment`](Self::next_moment), which looks at every worker.
+    pub(super) fn take_fresh(&mut self) -> Option<Instant> {
+        self.fresh.take()
+    }
+
+    fn set_moment(&mut self, at: Instant) {
+        self.fresh = Some(self.fresh.map_or(at, |f| f.min(at)));
     }
 
     pub(super) fn len(&self) -> usize {
@@ -185,13 +199,18 @@ impl Slots {
         if *state != State::Waiting {
             return Err(format!("a dispatch for worker {slot}, which did not ask for work"));
         }
-        *state = State::Running(Run {
+        let run = Run {
             query_id,
             frontend_id: frontend_id.to_string(),
             deadline: timeout.map(|t| now + t),
             confirm_at: Some(now + self.confirm_after),
             abort_at: None,
-        });
+        };
+        let next = run.next_moment();
+        *state = State::Running(run);
+        if let Some(at) = next {
+            self.set_moment(at);
+        }
         Ok(())
     }
 
@@ -204,6 +223,7 @@ impl Slots {
         {
             run.abort_at = Some(now + self.cancel_grace);
             out.push(Action::Cancel(slot));
+            self.set_moment(now + self.cancel_grace);
         }
     }
 
@@ -403,6 +423,24 @@ mod tests {
         out.clear();
         s.tick(t0 + Duration::from_millis(500) + GRACE * 2, &mut out);
         assert!(out.is_empty(), "aborted once");
+    }
+
+    #[test]
+    fn new_moments_are_handed_out_once_earliest_first() {
+        let (mut s, _) = open(2);
+        let t0 = Instant::now();
+        assert_eq!(s.take_fresh(), None);
+        s.dispatched(0, 1, "fe", Some(Duration::from_millis(30)), t0).unwrap();
+        s.dispatched(1, 2, "fe", None, t0).unwrap();
+        assert_eq!(
+            s.take_fresh(),
+            Some(t0 + Duration::from_millis(30)),
+            "the deadline, before confirmation"
+        );
+        assert_eq!(s.take_fresh(), None, "taken");
+        let mut out = Vec::new();
+        s.cancel(1, 2, t0, &mut out);
+        assert_eq!(s.take_fresh(), Some(t0 + GRACE));
     }
 
     #[test]
