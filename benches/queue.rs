@@ -105,6 +105,7 @@ fn options(policies: Policies, key: u64) -> EnqueueOptions {
         deadline: None,
         priority: Some(priority),
         cost: 1 + (mix % 100) as u32,
+        allowance: None,
     }
 }
 

@@ -256,6 +256,7 @@ pub fn run(s: &Scenario) -> SimReport {
                     } else {
                         1
                     },
+                    allowance: None,
                 };
                 if let Err(e) = queue.enqueue(now, key, r, options) {
                     rejected += 1;

@@ -9,6 +9,12 @@
 //! queue (timers fire in the order they were scheduled) and the foca instance. Every
 //! packet carries an HMAC-SHA256 tag over its bytes under the cluster's shared key; a
 //! packet whose tag does not verify is counted and dropped before foca parses anything.
+//!
+//! Beside the membership, a member can publish a *report* (bytes it chooses, one packet at
+//! most): the socket sends it straight to every scheduler member when it changes and every
+//! [`RESEND_EVERY`], outside foca's dissemination (which would delay it by rounds). Reports
+//! are tagged under a key derived from the cluster's, so neither kind of packet can pass
+//! for the other. Schedulers share their tenants' queued counts this way.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -226,10 +232,41 @@ enum Command {
     Leave(oneshot::Sender<()>),
 }
 
+/// How often the latest report is sent again when it does not change.
+pub const RESEND_EVERY: Duration = Duration::from_millis(100);
+
+/// Largest report, in bytes: one packet with its tag.
+pub const MAX_REPORT_LEN: usize = MAX_PACKET - TAG_LEN;
+
+/// Reports received and not yet taken are dropped past this many (the next resend brings
+/// the sender's latest again).
+const REPORTS_QUEUED: usize = 256;
+
+/// Publishes this member's report (see the module's documentation). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Reporter(Arc<watch::Sender<Option<Arc<[u8]>>>>);
+
+impl Reporter {
+    /// Replaces the report: sent to every scheduler at once and every [`RESEND_EVERY`]
+    /// after. A report longer than [`MAX_REPORT_LEN`] is refused (and the last one stays).
+    pub fn publish(&self, report: Vec<u8>) -> Result<(), ClientError> {
+        if report.len() > MAX_REPORT_LEN {
+            return Err(ClientError::Config(format!(
+                "a gossip report of {} bytes is over the {MAX_REPORT_LEN}-byte packet",
+                report.len()
+            )));
+        }
+        self.0.send_replace(Some(report.into()));
+        Ok(())
+    }
+}
+
 /// A running gossip member.
 pub struct Gossip {
     commands: mpsc::Sender<Command>,
     members: watch::Receiver<Vec<Member>>,
+    reporter: Reporter,
+    reports: Option<mpsc::Receiver<Vec<u8>>>,
     stats: Arc<GossipStats>,
     local: SocketAddr,
     task: JoinHandle<()>,
@@ -294,11 +331,16 @@ impl Gossip {
         let (commands, rx) = mpsc::channel(16);
         let (publish, members) = watch::channel(Vec::new());
         let stats = Arc::new(GossipStats::default());
+        let (reporter, report) = watch::channel(None);
+        let (reports_tx, reports) = mpsc::channel(REPORTS_QUEUED);
         let agent = Agent {
             foca,
             runtime: AccumulatingRuntime::new(),
             socket,
             key: hmac::Key::new(hmac::HMAC_SHA256, &config.key.0),
+            report_key: report_key(&config.key),
+            report,
+            reports: reports_tx,
             seeds: config.seeds,
             timers: BinaryHeap::new(),
             timer_seq: 0,
@@ -310,6 +352,8 @@ impl Gossip {
         Ok(Gossip {
             commands,
             members,
+            reporter: Reporter(Arc::new(reporter)),
+            reports: Some(reports),
             stats,
             local: bound,
             task,
@@ -320,6 +364,17 @@ impl Gossip {
     /// as they change.
     pub fn members(&self) -> watch::Receiver<Vec<Member>> {
         self.members.clone()
+    }
+
+    /// Publishes this member's report to the schedulers.
+    pub fn reporter(&self) -> Reporter {
+        self.reporter.clone()
+    }
+
+    /// The reports other members send, each as its bytes (the first call takes them;
+    /// later calls get `None`). Nobody taking them costs nothing: they are dropped.
+    pub fn take_reports(&mut self) -> Option<mpsc::Receiver<Vec<u8>>> {
+        self.reports.take()
     }
 
     /// The bound UDP address.
@@ -368,6 +423,11 @@ struct Agent {
     runtime: Runtime,
     socket: UdpSocket,
     key: hmac::Key,
+    /// Tags reports (derived from the cluster key; see [`report_key`]).
+    report_key: hmac::Key,
+    /// This member's report, as last published.
+    report: watch::Receiver<Option<Arc<[u8]>>>,
+    reports: mpsc::Sender<Vec<u8>>,
     seeds: Vec<SocketAddr>,
     /// Timers by (due, order of scheduling): equal deadlines fire in submission order.
     timers: BinaryHeap<Reverse<(Instant, u64, TimerSlot)>>,
@@ -396,6 +456,13 @@ impl Ord for TimerSlot {
     }
 }
 
+/// The key reports are tagged with: the cluster key's tag over a fixed label, so that a
+/// report is never taken for a membership packet nor the other way round.
+fn report_key(key: &GossipKey) -> hmac::Key {
+    let derived = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key.0), b"sluice gossip reports");
+    hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref())
+}
+
 /// A seed as foca sees it before it answers: only its address matters.
 fn placeholder(addr: SocketAddr) -> Member {
     Member {
@@ -414,6 +481,8 @@ impl Agent {
         let mut announce = tokio::time::interval(Duration::from_secs(1));
         announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks = 0u64;
+        let mut resend = tokio::time::interval(RESEND_EVERY);
+        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
             tokio::select! {
@@ -447,6 +516,8 @@ impl Agent {
                     }
                     ticks += 1;
                 }
+                Ok(()) = self.report.changed() => self.send_report().await,
+                _ = resend.tick() => self.send_report().await,
                 cmd = commands.recv() => match cmd {
                     Some(Command::SetState(state, done)) => {
                         let me = self.foca.identity().clone();
@@ -473,15 +544,54 @@ impl Agent {
         }
     }
 
-    /// Checks the tag and hands the packet to foca; drops it unread if the tag is wrong.
+    /// Sends this member's report, if it has one, to every other scheduler member.
+    async fn send_report(&mut self) {
+        let Some(report) = self.report.borrow_and_update().clone() else {
+            return;
+        };
+        let tag = hmac::sign(&self.report_key, &report);
+        let mut packet = Vec::with_capacity(TAG_LEN + report.len());
+        packet.extend_from_slice(tag.as_ref());
+        packet.extend_from_slice(&report);
+        let me = self.foca.identity().gossip;
+        let to: Vec<SocketAddr> = self
+            .foca
+            .iter_members()
+            .map(|m| m.id())
+            .filter(|m| m.role == MemberRole::Scheduler && m.gossip != me)
+            .map(|m| m.gossip)
+            .collect();
+        for addr in to {
+            match self.socket.send_to(&packet, addr).await {
+                Ok(_) => {
+                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => debug!(to = %addr, error = %e, "gossip report not sent"),
+            }
+        }
+    }
+
+    /// Checks the tag and hands the packet to foca (or, tagged as a report, to whoever
+    /// takes reports); drops it unread if neither tag verifies.
     fn receive(&mut self, packet: &[u8], from: SocketAddr) {
-        if packet.len() <= TAG_LEN || hmac::verify(&self.key, &packet[TAG_LEN..], &packet[..TAG_LEN]).is_err() {
+        if packet.len() <= TAG_LEN {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let (tag, data) = packet.split_at(TAG_LEN);
+        if hmac::verify(&self.key, data, tag).is_err() {
+            if hmac::verify(&self.report_key, data, tag).is_ok() {
+                self.stats.received.fetch_add(1, Ordering::Relaxed);
+                // Full or nobody listening: dropped; the sender resends its latest.
+                let _ = self.reports.try_send(data.to_vec());
+                return;
+            }
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             debug!(%from, len = packet.len(), "gossip packet with a bad tag dropped");
             return;
         }
         self.stats.received.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.foca.handle_data(&packet[TAG_LEN..], &mut self.runtime) {
+        if let Err(e) = self.foca.handle_data(data, &mut self.runtime) {
             debug!(%from, error = %e, "gossip packet refused");
         }
     }

@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use sluice_client::gossip::{Gossip, GossipConfig, GossipKey, Member, MemberRole, MemberState};
+use sluice_client::gossip::{
+    Gossip, GossipConfig, GossipKey, MAX_REPORT_LEN, Member, MemberRole, MemberState, RESEND_EVERY,
+};
 use tokio::sync::watch;
 
 fn key(k: &str) -> GossipKey {
@@ -81,4 +83,55 @@ async fn a_member_with_the_wrong_key_is_never_admitted() {
 #[test]
 fn short_keys_are_refused() {
     assert!(GossipKey::new(b"short".to_vec()).is_err());
+}
+
+#[tokio::test]
+async fn reports_reach_the_schedulers_at_once_and_again_and_forged_ones_do_not() {
+    let mut a = member("a", vec![], "the report test key").await;
+    let b = member("b", vec![a.local_addr()], "the report test key").await;
+    let mut on_b = b.members();
+    until(&mut on_b, Duration::from_secs(10), |m| ids(m) == ["a"]).await;
+    let mut reports = a.take_reports().expect("taken once");
+    assert!(a.take_reports().is_none());
+
+    b.reporter().publish(b"first".to_vec()).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(1), reports.recv())
+        .await
+        .unwrap();
+    assert_eq!(got.as_deref(), Some(&b"first"[..]));
+    // Unchanged, it comes again (the resend keeps the receivers' view fresh).
+    let again = tokio::time::timeout(RESEND_EVERY * 3, reports.recv()).await.unwrap();
+    assert_eq!(again.as_deref(), Some(&b"first"[..]));
+    b.reporter().publish(b"second".to_vec()).unwrap();
+    let start = Instant::now();
+    loop {
+        let got = tokio::time::timeout(Duration::from_secs(1), reports.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if got == b"second" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(1), "the change never came");
+    }
+    // One packet at most.
+    assert!(b.reporter().publish(vec![0; MAX_REPORT_LEN + 1]).is_err());
+
+    // A packet under no key (a forged tag) is dropped unread, not taken for a report.
+    let forger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let rejected = a.stats().rejected();
+    let mut forged = vec![7u8; 32];
+    forged.extend_from_slice(b"forged");
+    forger.send_to(&forged, a.local_addr()).unwrap();
+    let start = Instant::now();
+    while a.stats().rejected() == rejected {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the forged packet never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    while let Ok(got) = reports.try_recv() {
+        assert_ne!(got, b"forged");
+    }
 }

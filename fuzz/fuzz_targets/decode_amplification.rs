@@ -54,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, body)) = data.split_first() else {
         return;
     };
-    match selector % 8 {
+    match selector % 9 {
         0 => check::<Hello>(body),
         1 => check::<FrontendToScheduler>(body),
         2 => check::<SchedulerToFrontend>(body),
@@ -62,6 +62,7 @@ fuzz_target!(|data: &[u8]| {
         4 => check::<SchedulerToQuerier>(body),
         5 => check::<ResultFrame>(body),
         6 => check::<ResultReceipt>(body),
-        _ => check::<HelloReply>(body),
+        7 => check::<HelloReply>(body),
+        _ => check::<LoadReport>(body),
     }
 });

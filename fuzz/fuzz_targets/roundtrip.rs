@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, body)) = data.split_first() else {
         return;
     };
-    match selector % 10 {
+    match selector % 11 {
         0 => roundtrip::<Hello>(body),
         1 => roundtrip::<HelloReply>(body),
         2 => roundtrip::<FrontendToScheduler>(body),
@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
         6 => roundtrip::<ResultFrame>(body),
         7 => roundtrip::<ResultReceipt>(body),
         8 => roundtrip::<Notice>(body),
-        _ => roundtrip::<NoticeReply>(body),
+        9 => roundtrip::<NoticeReply>(body),
+        _ => roundtrip::<LoadReport>(body),
     }
 });

@@ -144,7 +144,7 @@ fn main() {
     ]));
     write(stream_dir, "result", 4 | (1 << 3), &r);
 
-    // roundtrip: selector % 10 picks the type; the rest is one message body.
+    // roundtrip: selector % 11 picks the type; the rest is one message body.
     write(
         rt_dir,
         "hello",
@@ -167,7 +167,7 @@ fn main() {
         }),
     );
 
-    // decode_amplification: selector % 8 picks the type; lists near their hard maximum.
+    // decode_amplification: selector % 9 picks the type; lists near their hard maximum.
     let amp_dir = Path::new("fuzz/corpus/decode_amplification");
     fs::create_dir_all(amp_dir).unwrap();
     let mut wide = enqueue;
@@ -202,5 +202,15 @@ fn main() {
             message: "handler panicked".into(),
         }),
     );
+    // A scheduler's load report (gossip), with many tenants and acknowledgements.
+    let report = LoadReport {
+        scheduler: "scheduler-1".into(),
+        seq: u64::MAX,
+        version: u64::MAX - 1,
+        tenants: (0..40).map(|i| (format!("tenant-{i}"), u32::MAX - i)).collect(),
+        seen: vec![("scheduler-2".into(), u64::MAX)],
+    };
+    write(rt_dir, "load-report", 10, &report.encode());
+    write(amp_dir, "load-report", 8, &report.encode());
     println!("seeds written under fuzz/corpus/");
 }

@@ -19,6 +19,8 @@ pub const HARD_MAX_ACTORS: usize = 64;
 pub const HARD_MAX_METADATA: usize = 256;
 /// Most query ids one `Dispatched` note may carry.
 pub const HARD_MAX_DISPATCHED_IDS: usize = 4096;
+/// Most tenants one scheduler's load report may list (it fits one datagram).
+pub const HARD_MAX_REPORTED_TENANTS: usize = 1024;
 
 thread_local! {
     /// The last list refused on this thread, for the error: postcard reports serde's

@@ -463,6 +463,41 @@ pub enum RefuseReason {
     Malformed,
 }
 
+/// Between schedulers, over the gossip's socket (not a QUIC stream): what a scheduler
+/// holds of the tenants nearest their `max_outstanding`, so that the limit holds for the
+/// cluster. Sent within a few milliseconds of a change and every 100 ms; a report replaces
+/// the sender's previous one. Encoded with [`LoadReport::encode`], at most one UDP packet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// The sender's scheduler id.
+    pub scheduler: String,
+    /// Increases with every report of one sender's life (a restart starts from its start time).
+    pub seq: u64,
+    /// Increases whenever `tenants` changes; what the receivers acknowledge.
+    pub version: u64,
+    /// (tenant, requests queued there), nearest the limit first; a tenant not listed has
+    /// nothing queued there, or little.
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, { crate::bounded::HARD_MAX_REPORTED_TENANTS }>")]
+    pub tenants: Vec<(String, u32)>,
+    /// (scheduler, version of its report the sender has seen): the sender's
+    /// acknowledgements, so that each scheduler knows which of its admissions the others
+    /// have counted.
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, { crate::bounded::HARD_MAX_REPORTED_TENANTS }>")]
+    pub seen: Vec<(String, u64)>,
+}
+
+impl LoadReport {
+    /// The report's bytes (postcard, no length prefix: the datagram delimits it).
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("a report always encodes")
+    }
+
+    /// A report from a datagram's bytes; trailing bytes are refused.
+    pub fn decode(bytes: &[u8]) -> Result<LoadReport, crate::DecodeError> {
+        crate::decode_body(bytes)
+    }
+}
+
 /// QUIC application error codes used when a stream is reset or a connection closed. The
 /// reason text says more.
 pub mod close_code {

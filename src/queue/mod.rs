@@ -43,6 +43,7 @@
 //! holds the figures the status page and metrics read.
 
 mod classes;
+pub mod cluster;
 mod components;
 mod config;
 mod explain;
@@ -112,6 +113,9 @@ pub struct EnqueueOptions {
     /// Expected cost in the operator's units, debited from the tenant's balance at
     /// dispatch; 0 counts as 1.
     pub cost: u32,
+    /// The most of this request's tenant this queue may hold, below its limit when other
+    /// schedulers hold part of that limit (see [`cluster`]); `None`: the limit alone.
+    pub allowance: Option<u32>,
 }
 
 /// Why an enqueue was refused. Nothing was queued.
@@ -323,7 +327,7 @@ impl<R: Queued> TreeQueue<R> {
         let admitted = self
             .admit_deadline(now, request.path(), options.priority, options.deadline, estimate)
             .map_err(|estimated_wait| RejectReason::WouldMissDeadline { estimated_wait })
-            .and_then(|estimate| self.admit(key, &request).map(|()| estimate));
+            .and_then(|estimate| self.admit(key, &request, options.allowance).map(|()| estimate));
         let estimate = match admitted {
             Ok(estimate) => estimate,
             Err(reason) => {
@@ -375,7 +379,7 @@ impl<R: Queued> TreeQueue<R> {
         Ok(estimate)
     }
 
-    fn admit(&self, key: QueryKey, request: &R) -> Result<(), RejectReason> {
+    fn admit(&self, key: QueryKey, request: &R, allowance: Option<u32>) -> Result<(), RejectReason> {
         if self.by_key.contains_key(&key) {
             return Err(RejectReason::Duplicate);
         }
@@ -393,9 +397,11 @@ impl<R: Queued> TreeQueue<R> {
         let limit = match self.tenant_by_name.get(tenant) {
             Some(&t) => {
                 let tenant = self.tenants[t as usize].as_ref().expect("tenant slot is live");
-                (tenant.queued >= tenant.max_outstanding).then_some(tenant.max_outstanding)
+                let most = allowance.map_or(tenant.max_outstanding, |a| a.min(tenant.max_outstanding));
+                (tenant.queued >= most).then_some(tenant.max_outstanding)
             }
-            None => None,
+            // Nothing queued here: only the others' share can refuse it.
+            None => (allowance == Some(0)).then(|| self.config.max_outstanding(tenant)),
         };
         match limit {
             Some(limit) => Err(RejectReason::TooManyOutstanding { limit }),

@@ -42,6 +42,14 @@ impl<R: Queued> TreeQueue<R> {
         self.tenant_by_name.len()
     }
 
+    /// Every tenant with requests queued: (name, queued, its limit), in no order.
+    pub fn tenant_loads(&self) -> impl Iterator<Item = (&str, u32, u32)> {
+        self.tenants
+            .iter()
+            .flatten()
+            .map(|t| (&*t.name, t.queued, t.max_outstanding))
+    }
+
     /// Whether `tenant` has requests queued.
     pub fn has_tenant(&self, tenant: &str) -> bool {
         self.tenant_by_name.contains_key(tenant)

@@ -230,6 +230,10 @@ pub(crate) fn to_json(s: &Status) -> serde_json::Value {
             "querier": w.querier, "slot": w.slot, "busy": w.busy,
         })).collect::<Vec<_>>(),
         "frontends": s.frontends,
+        "cluster": s.cluster.as_ref().map(|c| json!({
+            "peers": c.peers,
+            "held_elsewhere": c.held_elsewhere,
+        })),
         "gossip": s.gossip.as_ref().map(|g| json!({
             "address": g.address.to_string(),
             "packets": {"received": g.received, "rejected": g.rejected, "sent": g.sent},

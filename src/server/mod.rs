@@ -31,7 +31,7 @@ use crate::tls::{self, CertError, CertSet, Identity, TlsError};
 use sluice_client::gossip::{Gossip, MemberRole, MemberState};
 
 use status::GossipView;
-pub use status::{GossipStatus, Status, WorkerStatus};
+pub use status::{ClusterStatus, GossipStatus, Status, WorkerStatus};
 
 use dispatcher::{Command, Dispatcher};
 
@@ -159,7 +159,7 @@ impl Server {
             ..Limits::default()
         };
         let metrics = Arc::new(Metrics::new(Duration::from_secs(300)));
-        let dispatcher = Dispatcher::new(
+        let mut dispatcher = Dispatcher::new(
             config.scheduler_id.clone(),
             config.queue.clone(),
             limits,
@@ -167,7 +167,6 @@ impl Server {
         )
         .map_err(ServerError::Queue)?;
         let (commands, rx) = mpsc::channel(4096);
-        let dispatcher_task = tokio::spawn(dispatcher.run(rx));
         let stop_accepting = CancellationToken::new();
         let admin_listener = admin::bind(config.admin_listen)
             .await
@@ -218,6 +217,16 @@ impl Server {
             ),
             None => None,
         };
+        // Tenant limits hold for the cluster: queued counts go out and come in by gossip.
+        // The forwarding task ends with the gossip (its reports' channel closes).
+        let mut gossip = gossip;
+        if let Some(g) = gossip.as_mut()
+            && let Some(reports) = g.take_reports()
+        {
+            dispatcher.share_load(g.reporter());
+            drop(dispatcher::forward_load_reports(reports, g.members(), commands.clone()));
+        }
+        let dispatcher_task = tokio::spawn(dispatcher.run(rx));
         let gossip_view = gossip.as_ref().map(|g| GossipView {
             address: g.local_addr(),
             members: g.members(),

@@ -32,6 +32,17 @@ pub struct Status {
     pub frontends: Vec<String>,
     /// Gossip membership, when this scheduler gossips.
     pub gossip: Option<GossipStatus>,
+    /// What the other schedulers hold, when tenant limits are shared (gossiping).
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// Tenant limits for the cluster, as this scheduler counts them now.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterStatus {
+    /// The other schedulers whose reports count (fresh), by id.
+    pub peers: Vec<String>,
+    /// Requests the other schedulers hold, per tenant they reported.
+    pub held_elsewhere: std::collections::BTreeMap<String, u64>,
 }
 
 /// This scheduler's view of the gossip.

@@ -123,6 +123,37 @@ fn per_tenant_limit_counts_every_component() {
 }
 
 #[test]
+fn an_allowance_under_the_limit_refuses_sooner_and_names_the_limit() {
+    let mut f = Fixture::new(QueueConfig {
+        max_outstanding_per_tenant: 10,
+        ..no_forget()
+    });
+    let allow = |n| EnqueueOptions {
+        allowance: Some(n),
+        ..EnqueueOptions::default()
+    };
+    let (now, key) = (f.now, f.key());
+    // Nothing queued here and no room in the cluster: refused all the same.
+    let err = f.q.enqueue(now, key, req("a", &[], "0"), allow(0)).unwrap_err();
+    assert_eq!(err.reason, RejectReason::TooManyOutstanding { limit: 10 });
+    for i in 0..2 {
+        let key = f.key();
+        f.q.enqueue(now, key, req("a", &[], &i.to_string()), allow(2)).unwrap();
+    }
+    let key = f.key();
+    let err = f.q.enqueue(now, key, req("a", &[], "2"), allow(2)).unwrap_err();
+    assert_eq!(err.reason, RejectReason::TooManyOutstanding { limit: 10 });
+    // An allowance above the limit does not lift it.
+    for i in 2..10 {
+        let key = f.key();
+        f.q.enqueue(now, key, req("a", &[], &i.to_string()), allow(50)).unwrap();
+    }
+    let key = f.key();
+    assert!(f.q.enqueue(now, key, req("a", &[], "10"), allow(50)).is_err());
+    f.assert_ok();
+}
+
+#[test]
 fn per_tenant_override_and_reload() {
     let mut config = no_forget();
     config.max_outstanding_per_tenant = 1;

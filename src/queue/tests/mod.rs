@@ -150,6 +150,7 @@ pub(super) fn options_of(r: &Req, deadline: Option<Instant>) -> EnqueueOptions {
         deadline,
         priority: r.priority,
         cost: r.cost,
+        allowance: None,
     }
 }
 

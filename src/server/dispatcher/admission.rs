@@ -137,6 +137,7 @@ impl Dispatcher {
             deadline: enqueue.timeout_ms.map(|ms| received + Duration::from_millis(ms)),
             priority: enqueue.priority,
             cost: enqueue.cost_hint.unwrap_or(1),
+            allowance: self.allowance(&enqueue.tenant, now),
         };
         let query = enqueue.query_id;
         let key = QueryKey { frontend, query };

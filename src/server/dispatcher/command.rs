@@ -12,6 +12,10 @@ use crate::server::status::Status;
 /// What connection tasks ask of the dispatcher.
 #[derive(Debug)]
 pub(crate) enum Command {
+    /// Another scheduler's queued counts (tenant limits for the cluster).
+    PeerReport(Box<sluice_protocol::LoadReport>),
+    /// Schedulers the gossip declared gone: their counts no longer count.
+    PeersGone(Vec<String>),
     FrontendOpened {
         name: String,
         tx: FrontendTx,

@@ -23,11 +23,13 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 mod admission;
+mod cluster;
 mod command;
 mod outbox;
 mod report;
 
 use admission::Pending;
+pub(crate) use cluster::forward as forward_load_reports;
 pub(crate) use command::Command;
 pub(crate) use outbox::{FrontendTx, OUTBOX_CAPACITY, Outbox, WorkerTx};
 
@@ -119,6 +121,8 @@ pub(crate) struct Dispatcher {
     /// Priority classes with a gauge set, likewise.
     reported_classes: BTreeSet<u8>,
     ticks: u64,
+    /// Sharing queued counts with the other schedulers, when gossiping.
+    sharing: Option<cluster::Sharing>,
 }
 
 /// A frontend's name, for logs.
@@ -164,7 +168,14 @@ impl Dispatcher {
             reported_tenants: BTreeSet::new(),
             reported_classes: BTreeSet::new(),
             ticks: 0,
+            sharing: None,
         })
+    }
+
+    /// Makes tenant limits hold for the cluster: this scheduler reports its queued counts
+    /// through `reporter` and counts the others' (`Command::PeerReport`).
+    pub(crate) fn share_load(&mut self, reporter: sluice_client::gossip::Reporter) {
+        self.sharing = Some(cluster::Sharing::new(reporter));
     }
 
     /// Runs until every command sender is gone. Commands that wait are handled in
@@ -173,6 +184,7 @@ impl Dispatcher {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let report_due = self.sharing.as_ref().and_then(cluster::Sharing::due);
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     Some(cmd) => {
@@ -185,8 +197,10 @@ impl Dispatcher {
                     None => break,
                 },
                 _ = tick.tick() => self.tick(Instant::now()),
+                _ = sleep_until(report_due) => {}
             }
             self.end_batch();
+            self.report_load(Instant::now());
         }
     }
 
@@ -221,7 +235,12 @@ impl Dispatcher {
     }
 
     pub(crate) fn handle(&mut self, cmd: Command, now: Instant) {
+        if let Some(sharing) = &mut self.sharing {
+            sharing.touch();
+        }
         match cmd {
+            Command::PeerReport(report) => self.peer_report(*report, now),
+            Command::PeersGone(schedulers) => self.peers_gone(schedulers),
             Command::FrontendOpened { name, tx, reply } => {
                 let id = self.next_frontend;
                 self.next_frontend += 1;
@@ -663,6 +682,10 @@ impl Dispatcher {
     }
 
     pub(crate) fn tick(&mut self, now: Instant) {
+        if let Some(sharing) = &mut self.sharing {
+            sharing.touch();
+            sharing.load.expire(now);
+        }
         self.queue.expire(now);
         self.send_expired();
         self.queue.forget_disconnected_queriers(now);
@@ -709,6 +732,13 @@ impl Dispatcher {
             // pile up for as long as nobody reads /metrics.
             self.metrics.upkeep();
         }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -102,6 +102,10 @@ impl Dispatcher {
             workers,
             frontends,
             gossip: None,
+            cluster: self.sharing.as_ref().map(|sh| crate::server::status::ClusterStatus {
+                peers: sh.load.peer_ids(now),
+                held_elsewhere: sh.load.all_held_elsewhere(now),
+            }),
         }
     }
 }
