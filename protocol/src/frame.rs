@@ -43,6 +43,12 @@
 //!   ResultFrame::End           ─►   (or ResultFrame::Error instead of Head/Chunk/End,
 //!                                     or ResultFrame::Abort after Head when the body fails midway)
 //!                              ◄─ ResultReceipt
+//!
+//! querier ──(bi stream, one per connection, many results)── frontend    StreamKind::Results
+//!   Hello                      ─►   (no reply)
+//!   ResultFrame::Whole …       ─►   (or ResultFrame::Error: each a complete result; written
+//!                                     together when several are ready)
+//!                              ◄─ ResultAck { query_id, receipt } …   (one per result, in order)
 //! ```
 //!
 //! Query ids are chosen by the frontend and are unique per frontend; a query is
@@ -53,7 +59,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks. A peer with another version is refused in
 /// the [`HelloReply`]; the version is the first field of [`Hello`] so it can always be read.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// A frontend-chosen query identifier, unique among that frontend's outstanding queries.
 pub type QueryId = u64;
@@ -88,6 +94,10 @@ pub enum StreamKind {
     ShutdownNotice,
     /// Querier → frontend result endpoint: [`ResultFrame`]s answered by one [`ResultReceipt`].
     Result,
+    /// Querier → frontend result endpoint, one per connection: whole small results
+    /// ([`ResultFrame::Whole`] or [`ResultFrame::Error`]), each answered by a [`ResultAck`].
+    /// Saves a stream, two tasks and a write each way per result.
+    Results,
 }
 
 /// First frame on every stream, sent by the side that opened it.
@@ -436,6 +446,25 @@ pub enum ResultFrame {
     /// After a `Head`: the body failed midway (its producer gave up, or the deadline
     /// passed); what was sent is not the whole result. Ends the stream like `End`.
     Abort { message: String },
+    /// A whole result in one frame (`Head`, one `Chunk`, `End`): only on a
+    /// [`StreamKind::Results`] stream.
+    Whole {
+        query_id: QueryId,
+        tenant: String,
+        capability: Capability,
+        status: u16,
+        #[serde(deserialize_with = "crate::bounded::seq::<_, _, { crate::bounded::HARD_MAX_METADATA }>")]
+        metadata: Metadata,
+        body: Bytes,
+    },
+}
+
+/// Frontend → querier on a [`StreamKind::Results`] stream: the receipt of one result, in
+/// the order the results came.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultAck {
+    pub query_id: QueryId,
+    pub receipt: ResultReceipt,
 }
 
 /// Frontend → querier: the single answer on a result stream.

@@ -112,7 +112,7 @@ pub(crate) async fn serve_stream(
             worker_loop(s).await
         }
         StreamKind::ShutdownNotice => notice(s).await,
-        StreamKind::Result => {} // refused by may_open
+        StreamKind::Result | StreamKind::Results => {} // refused by may_open
     }
 }
 

@@ -1,12 +1,13 @@
 //! The frontend's result endpoint: queriers (querier certificates only) open one stream
-//! per result; the query table decides whether the result is taken; the body streams to
-//! the caller through a bounded channel, so a slow reader slows the querier, not memory.
+//! per result, or carry many small whole results on one shared stream per connection; the
+//! query table decides whether a result is taken; a streamed body goes to the caller
+//! through a bounded channel, so a slow reader slows the querier, not memory.
 
 use std::sync::{Arc, Mutex};
 
 use sluice_protocol::{
-    DecodeError, FramedRead, FramedWrite, QueryId, ReadError, ReceiveBudget, RefuseReason, ResultFrame, ResultReceipt,
-    Role, StreamKind, close_code,
+    DecodeError, FramedRead, FramedWrite, QueryId, ReadError, ReceiveBudget, RefuseReason, ResultAck, ResultFrame,
+    ResultReceipt, Role, StreamKind, close_code,
 };
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -65,6 +66,9 @@ async fn receive_result(
     // cannot be accepted loses its connection, with the reason.
     let refusal = match tokio::time::timeout(shared.config.idle_timeout, reader.hello()).await {
         Ok(Ok(Some(h))) if h.role == Role::Querier && h.stream == StreamKind::Result => None,
+        Ok(Ok(Some(h))) if h.role == Role::Querier && h.stream == StreamKind::Results => {
+            return receive_results(&shared, &conn, reader, writer).await;
+        }
         Ok(Err(ReadError::Decode(DecodeError::UnsupportedVersion { got, supported }))) => Some(format!(
             "protocol version {got} is not supported; this frontend speaks {supported}"
         )),
@@ -83,6 +87,108 @@ async fn receive_result(
     };
     let _ = writer.send(&receipt).await;
     let _ = writer.get_mut().finish();
+}
+
+/// Reads a shared results stream: each frame a whole result, each answered by an ack in
+/// order; acks written together when no further result is waiting to be read.
+async fn receive_results(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    mut reader: FramedRead<quinn::RecvStream>,
+    mut writer: FramedWrite<quinn::SendStream>,
+) {
+    loop {
+        // Whatever arrived together is answered together.
+        let frame = tokio::select! {
+            biased;
+            frame = reader.next::<ResultFrame>() => frame,
+            () = std::future::ready(()), if writer.buffered() > 0 => {
+                if writer.flush().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let (query_id, receipt) = match frame {
+            Ok(Some(ResultFrame::Whole {
+                query_id,
+                tenant,
+                capability,
+                status,
+                metadata,
+                body,
+            })) => (query_id, deliver_whole(shared, query_id, tenant, capability, status, metadata, body)),
+            Ok(Some(ResultFrame::Error {
+                query_id,
+                tenant,
+                capability,
+                message,
+            })) => {
+                let event = Event::ResultError {
+                    id: query_id,
+                    tenant,
+                    capability,
+                    message,
+                };
+                let receipt = match shared.event_with(event, None) {
+                    Some(Claim::Refused(reason)) => ResultReceipt::Refused { reason },
+                    _ => ResultReceipt::Delivered,
+                };
+                (query_id, receipt)
+            }
+            Ok(None) => {
+                let _ = writer.flush().await;
+                let _ = writer.get_mut().finish();
+                return;
+            }
+            Ok(Some(_)) | Err(_) => {
+                warn!(remote = %conn.remote_address(), "a shared results stream broke the protocol; closing the connection");
+                conn.close(
+                    close_code::PROTOCOL_ERROR.into(),
+                    b"a shared results stream carries whole results only",
+                );
+                return;
+            }
+        };
+        if writer.buffer(&ResultAck { query_id, receipt }).is_err() {
+            return;
+        }
+    }
+}
+
+/// Hands a whole result to its query; the receipt to send back.
+fn deliver_whole(
+    shared: &Arc<Shared>,
+    id: QueryId,
+    tenant: String,
+    capability: sluice_protocol::Capability,
+    status: u16,
+    metadata: sluice_protocol::Metadata,
+    body: bytes::Bytes,
+) -> ResultReceipt {
+    let head = Event::ResultHead { id, tenant, capability };
+    let done = match shared.event_with(head, None) {
+        Some(Claim::Accepted { done, .. }) => done,
+        Some(Claim::Refused(reason)) => return ResultReceipt::Refused { reason },
+        _ => return ResultReceipt::Refused {
+            reason: RefuseReason::UnknownQuery,
+        },
+    };
+    let (body_tx, rx) = mpsc::channel(1);
+    if !body.is_empty() {
+        let _ = body_tx.try_send(body);
+    }
+    drop(body_tx);
+    let _ = done.send(Ok(QueryResponse {
+        status,
+        metadata,
+        body: Body {
+            rx,
+            failure: Arc::new(Mutex::new(None)),
+        },
+    }));
+    finish(shared, id);
+    ResultReceipt::Delivered
 }
 
 /// Delivers the result on `reader` to its query; `None` when the query's deadline cut

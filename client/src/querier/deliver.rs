@@ -1,10 +1,13 @@
 //! Sending a result straight to its frontend: one cached QUIC connection per frontend
 //! address (dialled under that address's own lock, so one unreachable frontend stalls only
-//! its own deliveries), one stream per result. A result stream needs no round trip before
-//! its result: the hello goes with the first frames, and a small result (hello, head, body,
-//! end) leaves in one write. The worker hands the result to a sender task and takes its
-//! next query; the sender waits for the frontend's receipt and retries on a new stream if
-//! the transport failed.
+//! its own deliveries). A small whole result (one chunk, no early stream) goes on the
+//! connection's shared results stream: one `Whole` frame, written together with the other
+//! results ready at that moment, acknowledged by a `ResultAck` (see [`batch`]). Anything
+//! else — a streamed or large body, a result whose stream opened early, or one the shared
+//! stream failed to carry — has a stream of its own, which needs no round trip before its
+//! result (the hello goes with the first frames). The worker hands the result to a sender
+//! and takes its next query; the sender waits for the frontend's receipt and retries on a
+//! new stream if the transport failed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,9 +16,9 @@ use std::time::Duration;
 use sluice_protocol::{
     Dispatch, FramedRead, FramedWrite, FrontendAddress, Hello, ResultFrame, ResultReceipt, Role, StreamKind, WriteError,
 };
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
 
-use super::{HandlerError, Response, ResponseBody, Shared, Stream};
+use super::{HandlerError, Response, ResponseBody, Shared, Stream, batch};
 
 /// Frontend addresses kept before closed connections are swept from the cache.
 const SWEEP_ABOVE: usize = 64;
@@ -23,18 +26,27 @@ const SWEEP_ABOVE: usize = 64;
 /// Connections to frontends' result endpoints, by advertised address.
 #[derive(Default)]
 pub(super) struct Connections {
-    slots: std::sync::Mutex<HashMap<String, Arc<Mutex<Option<quinn::Connection>>>>>,
+    slots: std::sync::Mutex<HashMap<String, Arc<FrontendSlot>>>,
+}
+
+/// One frontend address: its connection, and the task carrying its shared results stream.
+#[derive(Default)]
+pub(super) struct FrontendSlot {
+    conn: Mutex<Option<quinn::Connection>>,
+    /// The shared results stream's task, while it runs.
+    pub(super) batch: std::sync::Mutex<Option<mpsc::UnboundedSender<batch::Whole>>>,
 }
 
 impl Connections {
-    fn slot(&self, address: &str) -> Arc<Mutex<Option<quinn::Connection>>> {
+    pub(super) fn slot(&self, address: &str) -> Arc<FrontendSlot> {
         let mut slots = self.slots.lock().unwrap();
         if let Some(slot) = slots.get(address) {
             return slot.clone();
         }
         if slots.len() >= SWEEP_ABOVE {
             slots.retain(|_, slot| {
-                slot.try_lock()
+                slot.conn
+                    .try_lock()
                     .map_or(true, |c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
             });
         }
@@ -43,8 +55,12 @@ impl Connections {
 }
 
 async fn frontend_connection(shared: &Shared, to: &FrontendAddress) -> Result<quinn::Connection, String> {
-    let slot = shared.frontends.slot(&to.address);
-    let mut slot = slot.lock().await;
+    connect(&shared.endpoint, &shared.frontends.slot(&to.address), to).await
+}
+
+/// The slot's connection, dialled if it has none (or a closed one).
+pub(super) async fn connect(endpoint: &quinn::Endpoint, slot: &FrontendSlot, to: &FrontendAddress) -> Result<quinn::Connection, String> {
+    let mut slot = slot.conn.lock().await;
     if let Some(c) = slot.as_ref()
         && c.close_reason().is_none()
     {
@@ -55,8 +71,7 @@ async fn frontend_connection(shared: &Shared, to: &FrontendAddress) -> Result<qu
         .map_err(|e| format!("{}: {e}", to.address))?
         .next()
         .ok_or_else(|| format!("{}: no address", to.address))?;
-    let conn = shared
-        .endpoint
+    let conn = endpoint
         .connect(addr, &to.server_name)
         .map_err(|e| e.to_string())?
         .await
@@ -148,6 +163,18 @@ async fn deliver(
                 None,
             ),
         };
+        // A small whole result goes on the shared stream; one it did not carry, on its own.
+        if early.is_none()
+            && let Some(whole) = whole(&head, &body)
+        {
+            match batch::send(shared, &d.frontend, whole).await {
+                Some(ResultReceipt::Delivered) => return Ok(()),
+                Some(ResultReceipt::Refused { reason }) => {
+                    return Err(format!("frontend refused the result: {reason:?}"));
+                }
+                None => {}
+            }
+        }
         let mut last = String::new();
         for attempt in 1..=shared.config.delivery_attempts {
             let opened = match early.take() {
@@ -188,6 +215,31 @@ async fn deliver(
             .await
             .map_err(|_| "the query's deadline passed while delivering".to_string())?,
         None => attempts.await,
+    }
+}
+
+/// The result as one frame for the shared stream, when it is small and whole.
+fn whole(head: &ResultFrame, body: &Option<ResponseBody>) -> Option<ResultFrame> {
+    match (head, body) {
+        (error @ ResultFrame::Error { .. }, None) => Some(error.clone()),
+        (
+            ResultFrame::Head {
+                query_id,
+                tenant,
+                capability,
+                status,
+                metadata,
+            },
+            Some(ResponseBody::Bytes(bytes)),
+        ) if bytes.len() <= batch::MAX_SHARED_BODY => Some(ResultFrame::Whole {
+            query_id: *query_id,
+            tenant: tenant.clone(),
+            capability: *capability,
+            status: *status,
+            metadata: metadata.clone(),
+            body: bytes.clone(),
+        }),
+        _ => None,
     }
 }
 

@@ -14,6 +14,7 @@
 //! is back). Only [`Querier::shutdown`], [`Querier::abort`] or discovery dropping the
 //! scheduler stop them.
 
+mod batch;
 mod deliver;
 mod dequeue;
 mod slots;
