@@ -1046,3 +1046,178 @@ async fn a_query_the_scheduler_expects_to_miss_its_deadline_is_refused_at_once()
     }
     q.shutdown().await;
 }
+
+#[tokio::test]
+async fn whole_results_share_one_stream_and_are_acknowledged_in_order() {
+    use sluice_protocol::*;
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let submitted = [
+        fe.submit(QueryRequest::new("t", "one")).await.unwrap(),
+        fe.submit(QueryRequest::new("t", "two")).await.unwrap(),
+    ];
+    // A raw querier takes both.
+    let sched = t.connect(&t.certs.querier).await.unwrap();
+    let mut w = worker(&sched, "raw-querier").await;
+    let mut dispatches = Vec::new();
+    for worker in 0..2 {
+        w.send(&QuerierToScheduler::Ready { worker, finished: None }).await;
+        dispatches.push(dispatched(&mut w).await);
+    }
+    dispatches.sort_by_key(|d| d.query_id);
+    let (one, two) = (&dispatches[0], &dispatches[1]);
+    let whole = |d: &Dispatch, body: &'static str| ResultFrame::Whole {
+        query_id: d.query_id,
+        tenant: d.tenant.clone(),
+        capability: d.capability,
+        status: 200,
+        metadata: vec![("k".into(), "v".into())],
+        body: bytes::Bytes::from_static(body.as_bytes()),
+    };
+
+    // Three results in one write: one taken, one for no such query, one failure.
+    let addr: std::net::SocketAddr = fe.result_address().address.parse().unwrap();
+    let conn = connect(addr, &t.certs.querier).await.unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let (mut writer, mut reader) = (FramedWrite::new(send, 1 << 20), FramedRead::new(recv, 1 << 20));
+    writer
+        .buffer(&Hello::new(Role::Querier, "raw-querier", StreamKind::Results))
+        .unwrap();
+    writer.buffer(&whole(one, "the first")).unwrap();
+    let mut stranger = whole(one, "nobody asked");
+    if let ResultFrame::Whole { query_id, .. } = &mut stranger {
+        *query_id = 999_999;
+    }
+    writer.buffer(&stranger).unwrap();
+    writer
+        .buffer(&ResultFrame::Error {
+            query_id: two.query_id,
+            tenant: two.tenant.clone(),
+            capability: two.capability,
+            message: "it broke".into(),
+        })
+        .unwrap();
+    writer.flush().await.unwrap();
+    let mut acks = Vec::new();
+    for _ in 0..3 {
+        let ack: ResultAck = wait("an ack", async { reader.next().await.unwrap().unwrap() }).await;
+        acks.push(ack);
+    }
+    assert_eq!(
+        acks,
+        [
+            ResultAck {
+                query_id: one.query_id,
+                receipt: ResultReceipt::Delivered
+            },
+            ResultAck {
+                query_id: 999_999,
+                receipt: ResultReceipt::Refused {
+                    reason: RefuseReason::UnknownQuery
+                }
+            },
+            ResultAck {
+                query_id: two.query_id,
+                receipt: ResultReceipt::Delivered
+            },
+        ]
+    );
+    let [first, second] = submitted;
+    let response = first.response().await.unwrap();
+    assert_eq!(response.metadata, vec![("k".to_string(), "v".to_string())]);
+    assert_eq!(response.body.collect().await.unwrap(), b"the first");
+    assert!(matches!(second.response().await, Err(QueryError::Failed(m)) if m == "it broke"));
+
+    // The same result again is not taken twice.
+    writer.send(&whole(one, "again")).await.unwrap();
+    let ack: ResultAck = reader.next().await.unwrap().unwrap();
+    assert!(matches!(ack.receipt, ResultReceipt::Refused { .. }), "{ack:?}");
+
+    // Anything but a whole result breaks the protocol of this stream.
+    writer.send(&ResultFrame::End { total_len: 0 }).await.unwrap();
+    match tokio::time::timeout(WAIT, conn.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(c.error_code, close_code::PROTOCOL_ERROR.into()),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A frontend whose shared results stream breaks before its acknowledgement (a fake one:
+/// it reads the result, then resets the stream): the querier sends the result again on a
+/// stream of its own, and its handler ran once.
+#[tokio::test]
+async fn a_result_the_shared_stream_did_not_carry_goes_on_its_own_stream() {
+    use sluice_protocol::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let t = start(|_| {}).await;
+    let endpoint = quinn::Endpoint::server(
+        sluice::tls::quic_server(&t.certs.frontend).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let result_at = endpoint.local_addr().unwrap();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<(StreamKind, ResultFrame)>();
+    let fake = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let seen_tx = seen_tx.clone();
+            tokio::spawn(async move {
+                let mut peer = Peer {
+                    reader: FramedRead::new(recv, 1 << 20),
+                    writer: FramedWrite::new(send, 1 << 20),
+                };
+                let hello = peer.reader.hello().await.unwrap().unwrap();
+                let first: ResultFrame = peer.recv().await;
+                let _ = seen_tx.send((hello.stream, first.clone()));
+                if hello.stream == StreamKind::Results {
+                    // Read, then broken: no acknowledgement ever comes.
+                    let _ = peer.writer.get_mut().reset(0u32.into());
+                    let _ = peer.reader.get_mut().stop(0u32.into());
+                    return;
+                }
+                loop {
+                    if let ResultFrame::End { .. } = peer.recv::<ResultFrame>().await {
+                        break;
+                    }
+                }
+                peer.send(&ResultReceipt::Delivered).await;
+                tokio::time::sleep(WAIT).await;
+            });
+        }
+    });
+
+    // A raw frontend whose results go to the fake endpoint.
+    let conn = t.connect(&t.certs.frontend).await.unwrap();
+    let mut fe = open(
+        &conn,
+        Hello::new(Role::Frontend, "raw-frontend", StreamKind::FrontendLoop),
+    )
+    .await
+    .expect("welcome");
+    fe.send(&FrontendToScheduler::ResultEndpoint(FrontendAddress {
+        id: "raw-frontend".into(),
+        address: result_at.to_string(),
+        server_name: "localhost".into(),
+    }))
+    .await;
+    accepted(&mut fe, 1, "t").await;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let handler = handler_fn(move |request: Request| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move { Ok(Response::ok(request.payload)) }
+    });
+    let mut config = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+    config.concurrency = 1;
+    let q = Querier::start(config, handler).unwrap();
+    let (kind, frame) = wait("the shared stream", seen.recv()).await.unwrap();
+    assert_eq!(kind, StreamKind::Results);
+    assert!(matches!(frame, ResultFrame::Whole { query_id: 1, .. }), "{frame:?}");
+    let (kind, frame) = wait("its own stream", seen.recv()).await.unwrap();
+    assert_eq!(kind, StreamKind::Result);
+    assert!(matches!(frame, ResultFrame::Head { query_id: 1, .. }), "{frame:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    q.shutdown().await;
+    fake.abort();
+}

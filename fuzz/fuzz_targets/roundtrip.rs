@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, body)) = data.split_first() else {
         return;
     };
-    match selector % 11 {
+    match selector % 12 {
         0 => roundtrip::<Hello>(body),
         1 => roundtrip::<HelloReply>(body),
         2 => roundtrip::<FrontendToScheduler>(body),
@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
         7 => roundtrip::<ResultReceipt>(body),
         8 => roundtrip::<Notice>(body),
         9 => roundtrip::<NoticeReply>(body),
-        _ => roundtrip::<LoadReport>(body),
+        10 => roundtrip::<LoadReport>(body),
+        _ => roundtrip::<ResultAck>(body),
     }
 });

@@ -144,7 +144,7 @@ fn main() {
     ]));
     write(stream_dir, "result", 4 | (1 << 3), &r);
 
-    // roundtrip: selector % 11 picks the type; the rest is one message body.
+    // roundtrip: selector % 12 picks the type; the rest is one message body.
     write(
         rt_dir,
         "hello",
@@ -212,5 +212,30 @@ fn main() {
     };
     write(rt_dir, "load-report", 10, &report.encode());
     write(amp_dir, "load-report", 8, &report.encode());
+    // The shared results stream: a whole result and its ack.
+    write(
+        rt_dir,
+        "result-whole",
+        6,
+        &body(&ResultFrame::Whole {
+            query_id: u64::MAX,
+            tenant: "t".into(),
+            capability: u128::MAX,
+            status: 200,
+            metadata: vec![("k".into(), "v".into())],
+            body: Bytes::from_static(b"a whole small result"),
+        }),
+    );
+    write(
+        rt_dir,
+        "result-ack",
+        11,
+        &body(&ResultAck {
+            query_id: 7,
+            receipt: ResultReceipt::Refused {
+                reason: RefuseReason::Duplicate,
+            },
+        }),
+    );
     println!("seeds written under fuzz/corpus/");
 }

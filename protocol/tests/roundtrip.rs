@@ -29,6 +29,7 @@ fn stream_kind() -> impl Strategy<Value = StreamKind> {
         Just(StreamKind::DequeueLoop),
         Just(StreamKind::ShutdownNotice),
         Just(StreamKind::Result),
+        Just(StreamKind::Results),
     ]
 }
 
@@ -252,6 +253,16 @@ fn result_frame() -> impl Strategy<Value = ResultFrame> {
             tenant,
             capability
         }),
+        (any::<u64>(), text(), any::<u128>(), any::<u16>(), metadata(), payload()).prop_map(
+            |(query_id, tenant, capability, status, metadata, body)| ResultFrame::Whole {
+                query_id,
+                tenant,
+                capability,
+                status,
+                metadata,
+                body,
+            }
+        ),
     ]
 }
 
@@ -344,6 +355,24 @@ proptest! {
     #[test]
     fn result_receipt_roundtrips(msgs in vec(result_receipt(), 1..4), piece in 1usize..16) {
         assert_stream_roundtrip(&msgs, piece);
+    }
+
+    #[test]
+    fn result_acks_roundtrip(acks in vec((any::<u64>(), result_receipt()), 1..8), piece in 1usize..16) {
+        let msgs: Vec<ResultAck> = acks.into_iter().map(|(query_id, receipt)| ResultAck { query_id, receipt }).collect();
+        assert_stream_roundtrip(&msgs, piece);
+    }
+
+    #[test]
+    fn load_reports_roundtrip(
+        scheduler in text(),
+        seq in any::<u64>(),
+        version in any::<u64>(),
+        tenants in vec((text(), any::<u32>()), 0..40),
+        seen in vec((text(), any::<u64>()), 0..4),
+    ) {
+        let report = LoadReport { scheduler, seq, version, tenants, seen };
+        prop_assert_eq!(LoadReport::decode(&report.encode()).unwrap(), report);
     }
 
     /// Any byte string is either decoded or refused with an error; never a panic, and a

@@ -117,7 +117,10 @@ async fn receive_results(
                 status,
                 metadata,
                 body,
-            })) => (query_id, deliver_whole(shared, query_id, tenant, capability, status, metadata, body)),
+            })) => (
+                query_id,
+                deliver_whole(shared, query_id, tenant, capability, status, metadata, body),
+            ),
             Ok(Some(ResultFrame::Error {
                 query_id,
                 tenant,
@@ -170,9 +173,11 @@ fn deliver_whole(
     let done = match shared.event_with(head, None) {
         Some(Claim::Accepted { done, .. }) => done,
         Some(Claim::Refused(reason)) => return ResultReceipt::Refused { reason },
-        _ => return ResultReceipt::Refused {
-            reason: RefuseReason::UnknownQuery,
-        },
+        _ => {
+            return ResultReceipt::Refused {
+                reason: RefuseReason::UnknownQuery,
+            };
+        }
     };
     let (body_tx, rx) = mpsc::channel(1);
     if !body.is_empty() {

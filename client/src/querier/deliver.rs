@@ -59,7 +59,11 @@ async fn frontend_connection(shared: &Shared, to: &FrontendAddress) -> Result<qu
 }
 
 /// The slot's connection, dialled if it has none (or a closed one).
-pub(super) async fn connect(endpoint: &quinn::Endpoint, slot: &FrontendSlot, to: &FrontendAddress) -> Result<quinn::Connection, String> {
+pub(super) async fn connect(
+    endpoint: &quinn::Endpoint,
+    slot: &FrontendSlot,
+    to: &FrontendAddress,
+) -> Result<quinn::Connection, String> {
     let mut slot = slot.conn.lock().await;
     if let Some(c) = slot.as_ref()
         && c.close_reason().is_none()
