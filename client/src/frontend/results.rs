@@ -169,8 +169,8 @@ fn deliver_whole(
     metadata: sluice_protocol::Metadata,
     body: bytes::Bytes,
 ) -> ResultReceipt {
-    let head = Event::ResultHead { id, tenant, capability };
-    let done = match shared.event_with(head, None) {
+    let whole = Event::ResultWhole { id, tenant, capability };
+    let done = match shared.event_with(whole, None) {
         Some(Claim::Accepted { done, .. }) => done,
         Some(Claim::Refused(reason)) => return ResultReceipt::Refused { reason },
         _ => {
@@ -192,7 +192,6 @@ fn deliver_whole(
             failure: Arc::new(Mutex::new(None)),
         },
     }));
-    finish(shared, id);
     ResultReceipt::Delivered
 }
 

@@ -102,6 +102,13 @@ pub(crate) enum Event {
         tenant: String,
         capability: Capability,
     },
+    /// A whole result arrived for `id` at once (head, body and end in one frame): taken
+    /// and ended in one step.
+    ResultWhole {
+        id: QueryId,
+        tenant: String,
+        capability: Capability,
+    },
     /// A querier reports the query failed in its handler (instead of a result).
     ResultError {
         id: QueryId,
@@ -397,6 +404,13 @@ impl QueryTable {
             }
             Event::ResultStarted { id, tenant, capability } => self.on_started(id, &tenant, capability, out),
             Event::ResultHead { id, tenant, capability } => self.on_result(id, &tenant, capability, None, out),
+            Event::ResultWhole { id, tenant, capability } => {
+                self.on_result(id, &tenant, capability, None, out);
+                if self.queries.get(&id).is_some_and(|q| q.state == State::Receiving) {
+                    self.end(id);
+                    out.push(Action::Done { id });
+                }
+            }
             Event::ResultError {
                 id,
                 tenant,

@@ -120,6 +120,29 @@ fn a_query_is_placed_dispatched_and_ends_with_its_result() {
 }
 
 #[test]
+fn a_whole_result_is_taken_and_ends_its_query_in_one_step_once() {
+    let mut t = T::new(&[S0]);
+    let s = t.queued(1, None, false);
+    t.on(Event::Dispatched {
+        scheduler: s,
+        ids: vec![1],
+    });
+    let whole = |capability| Event::ResultWhole {
+        id: 1,
+        tenant: "t".into(),
+        capability,
+    };
+    // A forged one is refused and changes nothing.
+    let out = t.on(whole(CAP + 1));
+    assert!(matches!(out[..], [Action::Refuse { .. }]), "{out:?}");
+    assert_eq!(t.table.state(1), Some(State::Dispatched(s)));
+    assert_eq!(t.on(whole(CAP)), [Action::Accept { id: 1 }, Action::Done { id: 1 }]);
+    assert_eq!(t.table.len(), 0);
+    let again = t.on(whole(CAP));
+    assert!(matches!(again[..], [Action::Refuse { .. }]), "{again:?}");
+}
+
+#[test]
 fn a_handed_back_query_is_placed_again_with_what_is_left_of_its_budget() {
     let mut t = T::new(&[S0, S1]);
     let s = t.queued(1, Some(Duration::from_secs(2)), false);

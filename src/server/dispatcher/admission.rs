@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use metrics::{counter, histogram};
+use metrics::counter;
 use sluice_client::trace::TraceParent;
 use sluice_protocol::{Enqueue, EnqueueStatus, SchedulerToFrontend};
 use tracing::debug;
@@ -78,8 +78,10 @@ impl Dispatcher {
             Err((status, _)) => (status.clone(), None),
         };
         let estimated_wait_ms = estimated_wait.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX));
+        self.handles
+            .enqueue_duration(&self.metrics)
+            .record(now.saturating_duration_since(received).as_secs_f64());
         self.metrics.record(|| {
-            histogram!(m::ENQUEUE_DURATION).record(now.saturating_duration_since(received).as_secs_f64());
             if let Err((status, tenant)) = outcome {
                 // Refused input never becomes a label: only a tenant that has queries
                 // queued (so passed validation) is named.

@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, histogram};
+use metrics::counter;
 
 use sluice_client::trace::TraceParent;
 use sluice_protocol::{
@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 mod admission;
 mod cluster;
 mod command;
+mod handles;
 mod outbox;
 mod report;
 
@@ -123,6 +124,8 @@ pub(crate) struct Dispatcher {
     ticks: u64,
     /// Sharing queued counts with the other schedulers, when gossiping.
     sharing: Option<cluster::Sharing>,
+    /// Metric handles of the per-query path.
+    handles: handles::Handles,
 }
 
 /// A frontend's name, for logs.
@@ -169,6 +172,7 @@ impl Dispatcher {
             reported_classes: BTreeSet::new(),
             ticks: 0,
             sharing: None,
+            handles: handles::Handles::default(),
         })
     }
 
@@ -538,11 +542,9 @@ impl Dispatcher {
             }
             let (tenant, component) = (e.tenant.clone(), e.component.clone());
             let cost = e.cost_hint.unwrap_or(1).max(1);
-            self.metrics.record(|| {
-                let c = component.clone().unwrap_or_else(|| "unknown".into());
-                histogram!(m::QUEUE_DURATION, "tenant" => tenant.clone(), "component" => c)
-                    .record(d.queue_time.as_secs_f64());
-            });
+            self.handles
+                .queue_duration(&self.metrics, &tenant, component.as_deref())
+                .record(d.queue_time.as_secs_f64());
             let timeout_ms = d
                 .deadline
                 .map(|dl| u64::try_from(dl.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX));
@@ -655,9 +657,10 @@ impl Dispatcher {
         self.serve_waiting(now);
     }
 
-    fn count_served_cost(&self, tenant: String, cost: u32) {
-        self.metrics
-            .record(|| counter!(m::SERVED_COST, "tenant" => tenant).increment(u64::from(cost)));
+    fn count_served_cost(&mut self, tenant: String, cost: u32) {
+        self.handles
+            .served_cost(&self.metrics, &tenant)
+            .increment(u64::from(cost));
     }
 
     fn query_error(&mut self, key: QueryKey, kind: QueryErrorKind, message: String) {
@@ -731,6 +734,7 @@ impl Dispatcher {
             // Histogram samples are buffered until upkeep: without a scraper they would
             // pile up for as long as nobody reads /metrics.
             self.metrics.upkeep();
+            self.handles.clear();
         }
     }
 }
