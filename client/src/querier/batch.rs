@@ -4,8 +4,11 @@
 //! address owns the stream: it writes every result waiting at that moment in one write and
 //! hands each `ResultAck` (they come back in order) to the result's sender.
 //!
+//! The receipt goes straight to the link that ran the query (its [`Reply`] channel, which
+//! the link's task already waits on): no task per result on this side either.
+//!
 //! If the stream cannot be opened or breaks, every result not yet acknowledged is given
-//! back to its sender as not carried, and the sender sends it on a stream of its own (the
+//! back to its link as not carried, and the link sends it on a stream of its own (the
 //! frontend refuses a second copy of a result it already has as `Duplicate`, so a result
 //! whose acknowledgement was lost is never taken twice). The next result starts a new task.
 
@@ -15,7 +18,7 @@ use std::sync::{Arc, Weak};
 use sluice_protocol::{
     FramedRead, FramedWrite, FrontendAddress, Hello, QueryId, ResultAck, ResultFrame, ResultReceipt, Role, StreamKind,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::debug;
 
 use super::Shared;
@@ -28,15 +31,36 @@ pub(super) const MAX_SHARED_BODY: usize = 16 * 1024;
 /// A whole result for the shared stream, and who waits for its receipt.
 pub(super) struct Whole {
     frame: ResultFrame,
-    reply: oneshot::Sender<ResultReceipt>,
+    reply: Reply,
 }
 
-/// Sends `frame` (`Whole` or `Error`) on the shared results stream to `to`. Returns the
-/// frontend's receipt, or `None` when the stream did not carry it (the caller then sends
-/// it on a stream of its own).
-pub(super) async fn send(shared: &Shared, to: &FrontendAddress, frame: ResultFrame) -> Option<ResultReceipt> {
+/// Where a result's outcome goes: the link's channel, with the number the link gave it.
+pub(super) struct Reply {
+    pub(super) to: mpsc::UnboundedSender<Settled>,
+    pub(super) number: u64,
+}
+
+/// A result's outcome on the shared stream: the frontend's receipt, or the frame back when
+/// the stream did not carry it (to be sent on a stream of its own).
+pub(super) struct Settled {
+    pub(super) number: u64,
+    pub(super) outcome: Result<ResultReceipt, ResultFrame>,
+}
+
+impl Reply {
+    fn send(self, outcome: Result<ResultReceipt, ResultFrame>) {
+        // A link that is gone no longer waits.
+        let _ = self.to.send(Settled {
+            number: self.number,
+            outcome,
+        });
+    }
+}
+
+/// Queues `frame` (`Whole` or `Error`) for the shared results stream to `to`; its outcome
+/// comes back through `reply`, exactly once.
+pub(super) fn send(shared: &Shared, to: &FrontendAddress, frame: ResultFrame, reply: Reply) {
     let slot = shared.frontends.slot(&to.address);
-    let (reply, receipt) = oneshot::channel();
     let whole = Whole { frame, reply };
     {
         let mut batch = slot.batch.lock().unwrap();
@@ -55,11 +79,11 @@ pub(super) async fn send(shared: &Shared, to: &FrontendAddress, frame: ResultFra
                 slot: Arc::downgrade(&slot),
                 to: to.clone(),
                 max_frame_len: shared.config.max_frame_len,
+                stalled_after: shared.config.idle_timeout,
             };
             tokio::spawn(task.run(hello, rx));
         }
     }
-    receipt.await.ok()
 }
 
 struct Task {
@@ -68,73 +92,93 @@ struct Task {
     slot: Weak<FrontendSlot>,
     to: FrontendAddress,
     max_frame_len: u32,
+    /// A stream with results waiting and no ack for this long is given up (a frontend
+    /// alive but not reading): its results go on streams of their own, each bounded by its
+    /// query's deadline.
+    stalled_after: std::time::Duration,
 }
 
 impl Task {
     async fn run(self, hello: Hello, mut results: mpsc::UnboundedReceiver<Whole>) {
-        let opened = async {
-            let slot = self.slot.upgrade().ok_or("the querier stopped")?;
-            let conn = connect(&self.endpoint, &slot, &self.to).await?;
-            let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            let mut w = FramedWrite::new(send, self.max_frame_len);
-            w.buffer(&hello).map_err(|e| e.to_string())?;
-            Ok::<_, String>((w, FramedRead::new(recv, self.max_frame_len)))
-        };
-        let (mut w, mut r) = match opened.await {
-            Ok(stream) => stream,
-            Err(e) => {
-                debug!(frontend = %self.to.address, error = %e, "no shared results stream");
-                return; // dropping `results` gives every waiting result back
-            }
-        };
-        let mut waiting: HashMap<QueryId, VecDeque<oneshot::Sender<ResultReceipt>>> = HashMap::new();
-        let mut next = None;
-        let mut open = true;
+        let mut waiting: HashMap<QueryId, VecDeque<(Reply, ResultFrame)>> = HashMap::new();
+        let ended = self.carry(hello, &mut results, &mut waiting).await;
+        if let Err(e) = ended {
+            debug!(frontend = %self.to.address, error = %e, "shared results stream ended");
+        }
+        // Whatever was not acknowledged, or not even written, goes back to its link.
+        results.close();
+        for (reply, frame) in waiting.into_values().flatten() {
+            reply.send(Err(frame));
+        }
+        while let Ok(whole) = results.try_recv() {
+            whole.reply.send(Err(whole.frame));
+        }
+    }
+
+    /// Writes results and matches acks until the stream breaks (`Err`) or the querier lets
+    /// go and every result is acknowledged (`Ok`).
+    async fn carry(
+        &self,
+        hello: Hello,
+        results: &mut mpsc::UnboundedReceiver<Whole>,
+        waiting: &mut HashMap<QueryId, VecDeque<(Reply, ResultFrame)>>,
+    ) -> Result<(), String> {
+        let slot = self.slot.upgrade().ok_or("the querier stopped")?;
+        let conn = connect(&self.endpoint, &slot, &self.to).await?;
+        drop(slot);
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let (mut w, mut r) = (
+            FramedWrite::new(send, self.max_frame_len),
+            FramedRead::new(recv, self.max_frame_len),
+        );
+        w.buffer(&hello).map_err(|e| e.to_string())?;
+        let (mut open, mut next) = (true, None);
+        let mut progress = tokio::time::Instant::now();
         loop {
+            // `next` is always taken here, before anything that can fail.
             while let Some(whole) = next.take().or_else(|| results.try_recv().ok()) {
                 let id = match &whole.frame {
                     ResultFrame::Whole { query_id, .. } | ResultFrame::Error { query_id, .. } => *query_id,
-                    _ => continue, // only whole results are sent here; the sender retries
+                    _ => {
+                        whole.reply.send(Err(whole.frame));
+                        continue;
+                    }
                 };
                 if w.buffer(&whole.frame).is_ok() {
-                    waiting.entry(id).or_default().push_back(whole.reply);
+                    if waiting.is_empty() {
+                        progress = tokio::time::Instant::now();
+                    }
+                    waiting.entry(id).or_default().push_back((whole.reply, whole.frame));
+                } else {
+                    whole.reply.send(Err(whole.frame));
                 }
             }
-            if w.buffered() > 0
-                && let Err(e) = w.flush().await
-            {
-                debug!(frontend = %self.to.address, error = %e, "shared results stream broken");
-                return;
+            if w.buffered() > 0 {
+                w.flush().await.map_err(|e| e.to_string())?;
             }
             if !open && waiting.is_empty() {
-                break;
+                let _ = w.get_mut().finish();
+                return Ok(());
             }
             tokio::select! {
                 whole = results.recv(), if open => match whole {
                     Some(whole) => next = Some(whole),
                     None => open = false,
                 },
-                ack = r.next::<ResultAck>() => match ack {
-                    Ok(Some(ack)) => {
-                        let reply = waiting.get_mut(&ack.query_id).and_then(VecDeque::pop_front);
-                        if waiting.get(&ack.query_id).is_some_and(VecDeque::is_empty) {
-                            waiting.remove(&ack.query_id);
-                        }
-                        match reply {
-                            Some(reply) => { let _ = reply.send(ack.receipt); }
-                            None => {
-                                debug!(frontend = %self.to.address, query = ack.query_id, "acknowledgement of nothing sent");
-                                return;
-                            }
-                        }
+                ack = r.next::<ResultAck>() => {
+                    let ack = ack.map_err(|e| e.to_string())?.ok_or("the frontend closed it")?;
+                    let queue = waiting.get_mut(&ack.query_id).ok_or("an ack of nothing sent")?;
+                    let (reply, _) = queue.pop_front().ok_or("an ack of nothing sent")?;
+                    if queue.is_empty() {
+                        waiting.remove(&ack.query_id);
                     }
-                    other => {
-                        debug!(frontend = %self.to.address, ?other, "shared results stream ended");
-                        return;
-                    }
-                },
+                    reply.send(Ok(ack.receipt));
+                    progress = tokio::time::Instant::now();
+                }
+                () = tokio::time::sleep_until(progress + self.stalled_after), if !waiting.is_empty() => {
+                    return Err(format!("no acknowledgement for {:?}", self.stalled_after));
+                }
             }
         }
-        let _ = w.get_mut().finish();
     }
 }

@@ -167,18 +167,6 @@ async fn deliver(
                 None,
             ),
         };
-        // A small whole result goes on the shared stream; one it did not carry, on its own.
-        if early.is_none()
-            && let Some(whole) = whole(&head, &body)
-        {
-            match batch::send(shared, &d.frontend, whole).await {
-                Some(ResultReceipt::Delivered) => return Ok(()),
-                Some(ResultReceipt::Refused { reason }) => {
-                    return Err(format!("frontend refused the result: {reason:?}"));
-                }
-                None => {}
-            }
-        }
         let mut last = String::new();
         for attempt in 1..=shared.config.delivery_attempts {
             let opened = match early.take() {
@@ -222,28 +210,49 @@ async fn deliver(
     }
 }
 
-/// The result as one frame for the shared stream, when it is small and whole.
-fn whole(head: &ResultFrame, body: &Option<ResponseBody>) -> Option<ResultFrame> {
-    match (head, body) {
-        (error @ ResultFrame::Error { .. }, None) => Some(error.clone()),
-        (
-            ResultFrame::Head {
-                query_id,
-                tenant,
-                capability,
-                status,
-                metadata,
-            },
-            Some(ResponseBody::Bytes(bytes)),
-        ) if bytes.len() <= batch::MAX_SHARED_BODY => Some(ResultFrame::Whole {
-            query_id: *query_id,
-            tenant: tenant.clone(),
-            capability: *capability,
-            status: *status,
-            metadata: metadata.clone(),
-            body: bytes.clone(),
+/// The result as one frame for the shared stream when it is small and whole (`Ok`), or
+/// the outcome back (`Err`) for a stream of its own.
+pub(super) fn whole(
+    d: &Dispatch,
+    outcome: Result<Response, HandlerError>,
+) -> Result<ResultFrame, Result<Response, HandlerError>> {
+    match outcome {
+        Err(HandlerError(message)) => Ok(ResultFrame::Error {
+            query_id: d.query_id,
+            tenant: d.tenant.clone(),
+            capability: d.capability,
+            message,
         }),
-        _ => None,
+        Ok(Response {
+            status,
+            metadata,
+            body: ResponseBody::Bytes(body),
+            ..
+        }) if body.len() <= batch::MAX_SHARED_BODY => Ok(ResultFrame::Whole {
+            query_id: d.query_id,
+            tenant: d.tenant.clone(),
+            capability: d.capability,
+            status,
+            metadata,
+            body,
+        }),
+        other => Err(other),
+    }
+}
+
+/// The outcome a shared-stream frame carried, to send it on a stream of its own.
+pub(super) fn unwhole(frame: ResultFrame) -> Result<Response, HandlerError> {
+    match frame {
+        ResultFrame::Whole {
+            status, metadata, body, ..
+        } => Ok(Response {
+            status,
+            metadata,
+            body: ResponseBody::Bytes(body),
+            measured_cost: None,
+        }),
+        ResultFrame::Error { message, .. } => Err(HandlerError(message)),
+        other => Err(HandlerError(format!("not a whole result: {other:?}"))),
     }
 }
 

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
 use super::slots::{Action, Slots, Stream as SlotStream};
-use super::{Handler, HandlerError, Link, Request, Response, Shared, Stream, deliver};
+use super::{Handler, HandlerError, Link, Request, Response, Shared, Stream, batch, deliver};
 use crate::backoff::Backoff;
 use crate::trace::TraceParent;
 
@@ -50,7 +50,10 @@ type Connecting = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Sess
 /// is no longer served, and every result handed over has been delivered.
 pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, handler: Arc<H>, seed: u64) {
     let mut wanted = link.wanted.subscribe();
+    let (receipts, mut settled) = tokio::sync::mpsc::unbounded_channel();
     let mut d = Driver {
+        receipts,
+        on_shared: std::collections::HashMap::new(),
         slots: Slots::new(shared.config.cancel_grace, shared.config.confirm_after),
         active: Vec::new(),
         handlers: JoinSet::new(),
@@ -127,6 +130,7 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
             biased;
             Some(joined) = d.handlers.join_next_with_id() => d.handler_done(joined),
             Some(settled) = d.deliveries.join_next_with_id() => d.settled(settled),
+            Some(s) = settled.recv() => d.settled_shared(s),
             next = read(&mut d.session) => d.frame(next).await,
             opened = poll_opt(&mut connecting) => {
                 connecting = None;
@@ -168,6 +172,11 @@ struct Driver<H: Handler> {
     deliveries: JoinSet<(WorkerSlot, u64)>,
     /// A delivery task's worker and number, for a task that panicked.
     delivery_ids: std::collections::HashMap<tokio::task::Id, (WorkerSlot, u64)>,
+    /// Where the shared results streams send this link's receipts.
+    receipts: tokio::sync::mpsc::UnboundedSender<batch::Settled>,
+    /// Results on a shared results stream, by delivery number: their worker, and what a
+    /// stream of their own would need if the shared one does not carry them.
+    on_shared: std::collections::HashMap<u64, (WorkerSlot, Dispatch, Option<Instant>)>,
     next_delivery: u64,
     session: Option<Session>,
     /// What `slots` asked for and is not done yet.
@@ -375,16 +384,66 @@ impl<H: Handler> Driver<H> {
             Some(outcome) => {
                 let number = self.next_delivery;
                 self.next_delivery += 1;
-                let send = deliver::hand_off(&self.shared, active.dispatch, outcome, active.deadline, active.early);
-                let task = self.deliveries.spawn(async move {
-                    send.await;
-                    (slot, number)
-                });
-                self.delivery_ids.insert(task.id(), (slot, number));
+                // A small whole result rides the frontend's shared results stream, its
+                // receipt coming back here; anything else gets a sender of its own.
+                let outcome = match active.early {
+                    Some(_) => Err(outcome),
+                    None => deliver::whole(&active.dispatch, outcome),
+                };
+                match outcome {
+                    Ok(frame) => {
+                        let reply = batch::Reply {
+                            to: self.receipts.clone(),
+                            number,
+                        };
+                        batch::send(&self.shared, &active.dispatch.frontend, frame, reply);
+                        self.on_shared
+                            .insert(number, (slot, active.dispatch, active.deadline));
+                    }
+                    Err(outcome) => self.own_stream(slot, number, active.dispatch, outcome, active.deadline, active.early),
+                }
                 Some(number)
             }
         };
         self.slots.done(slot, delivery, measured_cost, &mut self.out);
+    }
+
+    /// Sends a result on a stream of its own, from a task of its own.
+    fn own_stream(
+        &mut self,
+        slot: WorkerSlot,
+        number: u64,
+        dispatch: Dispatch,
+        outcome: Result<Response, HandlerError>,
+        deadline: Option<Instant>,
+        early: Option<deliver::Early>,
+    ) {
+        let send = deliver::hand_off(&self.shared, dispatch, outcome, deadline, early);
+        let task = self.deliveries.spawn(async move {
+            send.await;
+            (slot, number)
+        });
+        self.delivery_ids.insert(task.id(), (slot, number));
+    }
+
+    /// A shared results stream settled a result: delivered or refused, or given back to
+    /// go on a stream of its own.
+    fn settled_shared(&mut self, s: batch::Settled) {
+        let Some((slot, dispatch, deadline)) = self.on_shared.remove(&s.number) else {
+            return;
+        };
+        match s.outcome {
+            Ok(receipt) => {
+                if let sluice_protocol::ResultReceipt::Refused { reason } = receipt {
+                    warn!(query = dispatch.query_id, frontend = %dispatch.frontend.address, ?reason, "result not delivered: the frontend refused it");
+                }
+                self.slots.settled(slot, s.number, &mut self.out);
+            }
+            Err(frame) => {
+                debug!(query = dispatch.query_id, "the shared results stream did not carry it; sending it on its own");
+                self.own_stream(slot, s.number, dispatch, deliver::unwhole(frame), deadline, None);
+            }
+        }
     }
 
     fn settled(&mut self, joined: Result<(tokio::task::Id, (WorkerSlot, u64)), tokio::task::JoinError>) {
