@@ -1142,10 +1142,20 @@ async fn whole_results_share_one_stream_and_are_acknowledged_in_order() {
 }
 
 /// A frontend whose shared results stream breaks before its acknowledgement (a fake one:
-/// it reads the result, then resets the stream): the querier sends the result again on a
-/// stream of its own, and its handler ran once.
+/// it reads the result, then resets the stream), or that never acknowledges it (alive, not
+/// reading): the querier sends the result again on a stream of its own, and its handler
+/// ran once.
 #[tokio::test]
 async fn a_result_the_shared_stream_did_not_carry_goes_on_its_own_stream() {
+    shared_stream_fails(false).await;
+}
+
+#[tokio::test]
+async fn a_shared_stream_that_is_never_acknowledged_is_given_up() {
+    shared_stream_fails(true).await;
+}
+
+async fn shared_stream_fails(silent: bool) {
     use sluice_protocol::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1170,7 +1180,10 @@ async fn a_result_the_shared_stream_did_not_carry_goes_on_its_own_stream() {
                 let first: ResultFrame = peer.recv().await;
                 let _ = seen_tx.send((hello.stream, first.clone()));
                 if hello.stream == StreamKind::Results {
-                    // Read, then broken: no acknowledgement ever comes.
+                    // Read, then broken or silent: no acknowledgement ever comes.
+                    if silent {
+                        tokio::time::sleep(WAIT * 2).await;
+                    }
                     let _ = peer.writer.get_mut().reset(0u32.into());
                     let _ = peer.reader.get_mut().stop(0u32.into());
                     return;
@@ -1210,6 +1223,8 @@ async fn a_result_the_shared_stream_did_not_carry_goes_on_its_own_stream() {
     });
     let mut config = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()]);
     config.concurrency = 1;
+    // How long a shared stream may leave a result unacknowledged.
+    config.idle_timeout = Duration::from_secs(1);
     let q = Querier::start(config, handler).unwrap();
     let (kind, frame) = wait("the shared stream", seen.recv()).await.unwrap();
     assert_eq!(kind, StreamKind::Results);

@@ -397,10 +397,11 @@ impl<H: Handler> Driver<H> {
                             number,
                         };
                         batch::send(&self.shared, &active.dispatch.frontend, frame, reply);
-                        self.on_shared
-                            .insert(number, (slot, active.dispatch, active.deadline));
+                        self.on_shared.insert(number, (slot, active.dispatch, active.deadline));
                     }
-                    Err(outcome) => self.own_stream(slot, number, active.dispatch, outcome, active.deadline, active.early),
+                    Err(outcome) => {
+                        self.own_stream(slot, number, active.dispatch, outcome, active.deadline, active.early)
+                    }
                 }
                 Some(number)
             }
@@ -440,7 +441,10 @@ impl<H: Handler> Driver<H> {
                 self.slots.settled(slot, s.number, &mut self.out);
             }
             Err(frame) => {
-                debug!(query = dispatch.query_id, "the shared results stream did not carry it; sending it on its own");
+                debug!(
+                    query = dispatch.query_id,
+                    "the shared results stream did not carry it; sending it on its own"
+                );
                 self.own_stream(slot, s.number, dispatch, deliver::unwhole(frame), deadline, None);
             }
         }

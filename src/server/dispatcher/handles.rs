@@ -50,7 +50,8 @@ impl Handles {
             Some(at) => at,
             None => {
                 let c = component.unwrap_or("unknown").to_string();
-                let h = metrics.record(|| histogram!(m::QUEUE_DURATION, "tenant" => tenant.to_string(), "component" => c));
+                let h =
+                    metrics.record(|| histogram!(m::QUEUE_DURATION, "tenant" => tenant.to_string(), "component" => c));
                 t.queue_duration.push((component.map(str::to_string), h));
                 t.queue_duration.len() - 1
             }
