@@ -1,13 +1,13 @@
 //! Sending a result straight to its frontend: one cached QUIC connection per frontend
 //! address (dialled under that address's own lock, so one unreachable frontend stalls only
-//! its own deliveries). A small whole result (one chunk, no early stream) goes on the
-//! connection's shared results stream: one `Whole` frame, written together with the other
-//! results ready at that moment, acknowledged by a `ResultAck` (see [`batch`]). Anything
-//! else — a streamed or large body, a result whose stream opened early, or one the shared
-//! stream failed to carry — has a stream of its own, which needs no round trip before its
-//! result (the hello goes with the first frames). The worker hands the result to a sender
-//! and takes its next query; the sender waits for the frontend's receipt and retries on a
-//! new stream if the transport failed.
+//! its own deliveries). A small whole result (body ≤ 16 KiB, no early stream) becomes one
+//! `Whole` frame ([`whole`]) that the link's task queues on the connection's shared results
+//! stream ([`batch`]). Anything else — a streamed or large body, a result whose stream
+//! opened early, or one the shared stream did not carry ([`unwhole`]) — has a stream of its
+//! own, sent by a task of its own ([`hand_off`]), which needs no round trip before its
+//! result (the hello goes with the first frames). Either way the worker takes its next query
+//! at once; the sender waits for the frontend's receipt and retries on a new stream if the
+//! transport failed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
