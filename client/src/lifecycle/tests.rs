@@ -516,6 +516,7 @@ enum Step {
     Draining { s: usize },
     Down { s: usize },
     Head { q: usize, same_tenant: bool, forged: bool },
+    Whole { q: usize, forged: bool },
     Started { q: usize },
     ResultError { q: usize },
     End { q: usize },
@@ -538,6 +539,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (q.clone(), any::<bool>(), proptest::bool::weighted(0.2))
             .prop_map(|(q, same_tenant, forged)| Step::Head { q, same_tenant, forged }),
         1 => q.clone().prop_map(|q| Step::ResultError { q }),
+        2 => (q.clone(), proptest::bool::weighted(0.2)).prop_map(|(q, forged)| Step::Whole { q, forged }),
         1 => q.clone().prop_map(|q| Step::Started { q }),
         2 => q.clone().prop_map(|q| Step::End { q }),
         1 => q.prop_map(|q| Step::Cancel { q }),
@@ -595,7 +597,7 @@ proptest! {
                 other => {
                     let q = match &other {
                         Step::Status { q, .. } | Step::Dispatched { q, .. } | Step::Error { q, .. }
-                        | Step::Head { q, .. } | Step::ResultError { q } | Step::End { q } | Step::Started { q }
+                        | Step::Head { q, .. } | Step::Whole { q, .. } | Step::ResultError { q } | Step::End { q } | Step::Started { q }
                         | Step::Cancel { q } => *q,
                         _ => unreachable!(),
                     };
@@ -633,6 +635,11 @@ proptest! {
                         Step::Head { same_tenant, forged, .. } => Event::ResultHead {
                             id,
                             tenant: if same_tenant { "t".into() } else { "u".into() },
+                            capability: if forged { CAP + 1 } else { CAP },
+                        },
+                        Step::Whole { forged, .. } => Event::ResultWhole {
+                            id,
+                            tenant: "t".into(),
                             capability: if forged { CAP + 1 } else { CAP },
                         },
                         Step::ResultError { .. } => Event::ResultError {
