@@ -16,13 +16,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
 
 use sluice_protocol::{
-    FramedRead, FramedWrite, FrontendAddress, Hello, QueryId, ResultAck, ResultFrame, ResultReceipt, Role, StreamKind,
+    Dispatch, FramedRead, FramedWrite, FrontendAddress, Hello, QueryId, ResultAck, ResultFrame, ResultReceipt, Role,
+    StreamKind,
 };
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use super::Shared;
-use super::deliver::{FrontendSlot, connect};
+use super::frontends::{FrontendSlot, connect};
+use super::{HandlerError, Response, ResponseBody, Shared};
 
 /// Largest body sent on the shared stream: a larger one would hold up the results behind
 /// it, so it gets a stream of its own.
@@ -57,32 +58,86 @@ impl Reply {
     }
 }
 
+/// The shared results streams' tasks, by frontend address, while they run.
+#[derive(Default)]
+pub(super) struct Batches(std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Whole>>>);
+
+/// Addresses kept before those whose task ended are swept.
+const SWEEP_ABOVE: usize = 64;
+
 /// Queues `frame` (`Whole` or `Error`) for the shared results stream to `to`; its outcome
 /// comes back through `reply`, exactly once.
 pub(super) fn send(shared: &Shared, to: &FrontendAddress, frame: ResultFrame, reply: Reply) {
-    let slot = shared.frontends.slot(&to.address);
+    let mut batches = shared.batches.0.lock().unwrap();
     let whole = Whole { frame, reply };
-    {
-        let mut batch = slot.batch.lock().unwrap();
-        let whole = match batch.as_ref() {
-            Some(tx) => tx.send(whole).err().map(|mpsc::error::SendError(whole)| whole),
-            None => Some(whole),
-        };
-        if let Some(whole) = whole {
-            // No task, or its stream ended: a new one.
-            let (tx, rx) = mpsc::unbounded_channel();
-            let _ = tx.send(whole);
-            *batch = Some(tx);
-            let hello = Hello::new(Role::Querier, &shared.config.id, StreamKind::Results);
-            let task = Task {
-                endpoint: shared.endpoint.clone(),
-                slot: Arc::downgrade(&slot),
-                to: to.clone(),
-                max_frame_len: shared.config.max_frame_len,
-                stalled_after: shared.config.idle_timeout,
-            };
-            tokio::spawn(task.run(hello, rx));
-        }
+    let whole = match batches.get(&to.address) {
+        Some(tx) => match tx.send(whole) {
+            Ok(()) => return,
+            Err(mpsc::error::SendError(whole)) => whole,
+        },
+        None => whole,
+    };
+    // No task, or its stream ended: a new one.
+    if batches.len() >= SWEEP_ABOVE {
+        batches.retain(|_, tx| !tx.is_closed());
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let _ = tx.send(whole);
+    batches.insert(to.address.clone(), tx);
+    let hello = Hello::new(Role::Querier, &shared.config.id, StreamKind::Results);
+    let task = Task {
+        endpoint: shared.endpoint.clone(),
+        slot: Arc::downgrade(&shared.frontends.slot(&to.address)),
+        to: to.clone(),
+        max_frame_len: shared.config.max_frame_len,
+        stalled_after: shared.config.idle_timeout,
+    };
+    tokio::spawn(task.run(hello, rx));
+}
+
+/// The result as one frame for the shared stream when it is small and whole (`Ok`), or
+/// the outcome back (`Err`) for a stream of its own.
+pub(super) fn whole(
+    d: &Dispatch,
+    outcome: Result<Response, HandlerError>,
+) -> Result<ResultFrame, Result<Response, HandlerError>> {
+    match outcome {
+        Err(HandlerError(message)) => Ok(ResultFrame::Error {
+            query_id: d.query_id,
+            tenant: d.tenant.clone(),
+            capability: d.capability,
+            message,
+        }),
+        Ok(Response {
+            status,
+            metadata,
+            body: ResponseBody::Bytes(body),
+            ..
+        }) if body.len() <= MAX_SHARED_BODY => Ok(ResultFrame::Whole {
+            query_id: d.query_id,
+            tenant: d.tenant.clone(),
+            capability: d.capability,
+            status,
+            metadata,
+            body,
+        }),
+        other => Err(other),
+    }
+}
+
+/// The outcome a shared-stream frame carried, to send it on a stream of its own.
+pub(super) fn unwhole(frame: ResultFrame) -> Result<Response, HandlerError> {
+    match frame {
+        ResultFrame::Whole {
+            status, metadata, body, ..
+        } => Ok(Response {
+            status,
+            metadata,
+            body: ResponseBody::Bytes(body),
+            measured_cost: None,
+        }),
+        ResultFrame::Error { message, .. } => Err(HandlerError(message)),
+        other => Err(HandlerError(format!("not a whole result: {other:?}"))),
     }
 }
 

@@ -1,88 +1,23 @@
 //! Sending a result straight to its frontend: one cached QUIC connection per frontend
-//! address (dialled under that address's own lock, so one unreachable frontend stalls only
-//! its own deliveries). A small whole result (body ≤ 16 KiB, no early stream) becomes one
-//! `Whole` frame ([`whole`]) that the link's task queues on the connection's shared results
-//! stream ([`batch`]). Anything else — a streamed or large body, a result whose stream
-//! opened early, or one the shared stream did not carry ([`unwhole`]) — has a stream of its
-//! own, sent by a task of its own ([`hand_off`]), which needs no round trip before its
-//! result (the hello goes with the first frames). Either way the worker takes its next query
-//! at once; the sender waits for the frontend's receipt and retries on a new stream if the
-//! transport failed.
+//! address ([`frontends`]). A small whole result (body ≤ 16 KiB, no early stream) becomes
+//! one `Whole` frame that the link's task queues on the connection's shared results stream
+//! (`batch`). Anything else — a streamed or large body, a result whose stream opened early,
+//! or one the shared stream did not carry — has a stream of its own, sent by a task of its
+//! own ([`hand_off`]), which needs no round trip before its result (the hello goes with the
+//! first frames). Either way the worker takes its next query at once; the sender waits for
+//! the frontend's receipt and retries on a new stream if the transport failed.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_protocol::{
     Dispatch, FramedRead, FramedWrite, FrontendAddress, Hello, ResultFrame, ResultReceipt, Role, StreamKind, WriteError,
 };
-use tokio::sync::{Mutex, mpsc};
 
-use super::{HandlerError, Response, ResponseBody, Shared, Stream, batch};
-
-/// Frontend addresses kept before closed connections are swept from the cache.
-const SWEEP_ABOVE: usize = 64;
-
-/// Connections to frontends' result endpoints, by advertised address.
-#[derive(Default)]
-pub(super) struct Connections {
-    slots: std::sync::Mutex<HashMap<String, Arc<FrontendSlot>>>,
-}
-
-/// One frontend address: its connection, and the task carrying its shared results stream.
-#[derive(Default)]
-pub(super) struct FrontendSlot {
-    conn: Mutex<Option<quinn::Connection>>,
-    /// The shared results stream's task, while it runs.
-    pub(super) batch: std::sync::Mutex<Option<mpsc::UnboundedSender<batch::Whole>>>,
-}
-
-impl Connections {
-    pub(super) fn slot(&self, address: &str) -> Arc<FrontendSlot> {
-        let mut slots = self.slots.lock().unwrap();
-        if let Some(slot) = slots.get(address) {
-            return slot.clone();
-        }
-        if slots.len() >= SWEEP_ABOVE {
-            slots.retain(|_, slot| {
-                slot.conn
-                    .try_lock()
-                    .map_or(true, |c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
-            });
-        }
-        slots.entry(address.to_string()).or_default().clone()
-    }
-}
+use super::{HandlerError, Response, ResponseBody, Shared, Stream, frontends};
 
 async fn frontend_connection(shared: &Shared, to: &FrontendAddress) -> Result<quinn::Connection, String> {
-    connect(&shared.endpoint, &shared.frontends.slot(&to.address), to).await
-}
-
-/// The slot's connection, dialled if it has none (or a closed one).
-pub(super) async fn connect(
-    endpoint: &quinn::Endpoint,
-    slot: &FrontendSlot,
-    to: &FrontendAddress,
-) -> Result<quinn::Connection, String> {
-    let mut slot = slot.conn.lock().await;
-    if let Some(c) = slot.as_ref()
-        && c.close_reason().is_none()
-    {
-        return Ok(c.clone());
-    }
-    let addr = tokio::net::lookup_host(&to.address)
-        .await
-        .map_err(|e| format!("{}: {e}", to.address))?
-        .next()
-        .ok_or_else(|| format!("{}: no address", to.address))?;
-    let conn = endpoint
-        .connect(addr, &to.server_name)
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    crate::tls::expect_peer_role(&conn, Role::Frontend)?;
-    *slot = Some(conn.clone());
-    Ok(conn)
+    frontends::connect(&shared.endpoint, &shared.frontends.slot(&to.address), to).await
 }
 
 /// Opens a result stream on `conn` with its hello buffered (not sent): it leaves with the
@@ -207,52 +142,6 @@ async fn deliver(
             .await
             .map_err(|_| "the query's deadline passed while delivering".to_string())?,
         None => attempts.await,
-    }
-}
-
-/// The result as one frame for the shared stream when it is small and whole (`Ok`), or
-/// the outcome back (`Err`) for a stream of its own.
-pub(super) fn whole(
-    d: &Dispatch,
-    outcome: Result<Response, HandlerError>,
-) -> Result<ResultFrame, Result<Response, HandlerError>> {
-    match outcome {
-        Err(HandlerError(message)) => Ok(ResultFrame::Error {
-            query_id: d.query_id,
-            tenant: d.tenant.clone(),
-            capability: d.capability,
-            message,
-        }),
-        Ok(Response {
-            status,
-            metadata,
-            body: ResponseBody::Bytes(body),
-            ..
-        }) if body.len() <= batch::MAX_SHARED_BODY => Ok(ResultFrame::Whole {
-            query_id: d.query_id,
-            tenant: d.tenant.clone(),
-            capability: d.capability,
-            status,
-            metadata,
-            body,
-        }),
-        other => Err(other),
-    }
-}
-
-/// The outcome a shared-stream frame carried, to send it on a stream of its own.
-pub(super) fn unwhole(frame: ResultFrame) -> Result<Response, HandlerError> {
-    match frame {
-        ResultFrame::Whole {
-            status, metadata, body, ..
-        } => Ok(Response {
-            status,
-            metadata,
-            body: ResponseBody::Bytes(body),
-            measured_cost: None,
-        }),
-        ResultFrame::Error { message, .. } => Err(HandlerError(message)),
-        other => Err(HandlerError(format!("not a whole result: {other:?}"))),
     }
 }
 

@@ -388,7 +388,7 @@ impl<H: Handler> Driver<H> {
                 // receipt coming back here; anything else gets a sender of its own.
                 let outcome = match active.early {
                     Some(_) => Err(outcome),
-                    None => deliver::whole(&active.dispatch, outcome),
+                    None => batch::whole(&active.dispatch, outcome),
                 };
                 match outcome {
                     Ok(frame) => {
@@ -445,7 +445,7 @@ impl<H: Handler> Driver<H> {
                     query = dispatch.query_id,
                     "the shared results stream did not carry it; sending it on its own"
                 );
-                self.own_stream(slot, s.number, dispatch, deliver::unwhole(frame), deadline, None);
+                self.own_stream(slot, s.number, dispatch, batch::unwhole(frame), deadline, None);
             }
         }
     }

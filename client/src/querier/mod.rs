@@ -17,6 +17,7 @@
 mod batch;
 mod deliver;
 mod dequeue;
+mod frontends;
 mod slots;
 
 use std::collections::HashMap;
@@ -357,7 +358,9 @@ struct Shared {
     links: std::sync::Mutex<Vec<Arc<Link>>>,
     /// Every link's task, for the shutdown to wait on.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
-    frontends: deliver::Connections,
+    frontends: frontends::Connections,
+    /// The shared results streams to frontends.
+    batches: batch::Batches,
     /// TCP lifelines to schedulers, by token; held until the querier stops.
     lifelines: Mutex<HashMap<u128, JoinHandle<()>>>,
     /// Told whenever a link's dequeue stream opens, grows or is lost.
@@ -432,7 +435,8 @@ impl Querier {
             endpoint,
             links: std::sync::Mutex::new(Vec::new()),
             tasks: std::sync::Mutex::new(Vec::new()),
-            frontends: deliver::Connections::default(),
+            frontends: frontends::Connections::default(),
+            batches: batch::Batches::default(),
             lifelines: Mutex::new(HashMap::new()),
             registration: watch::channel(()).0,
             stopping: CancellationToken::new(),
