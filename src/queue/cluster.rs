@@ -251,7 +251,17 @@ impl ClusterLoad {
 pub fn hottest<'a>(held: impl Iterator<Item = (&'a str, u32, u32)>, budget: usize) -> Vec<(String, u32)> {
     let mut hot: Vec<(&str, u32, u32)> = held.filter(|&(_, queued, _)| queued > 0).collect();
     // Nearest the limit first: queued / limit, compared without division.
-    hot.sort_unstable_by(|a, b| (u64::from(b.1) * u64::from(a.2)).cmp(&(u64::from(a.1) * u64::from(b.2))));
+    let nearest = |a: &(&str, u32, u32), b: &(&str, u32, u32)| {
+        (u64::from(b.1) * u64::from(a.2)).cmp(&(u64::from(a.1) * u64::from(b.2)))
+    };
+    // No more can fit than the budget holds of the shortest entries: select those in linear
+    // time, then sort only them.
+    let most = budget / ENTRY_OVERHEAD + 1;
+    if hot.len() > most {
+        hot.select_nth_unstable_by(most, nearest);
+        hot.truncate(most);
+    }
+    hot.sort_unstable_by(nearest);
     let mut left = budget;
     let mut out = Vec::new();
     for (name, queued, _) in hot {
@@ -356,6 +366,31 @@ mod tests {
             ["full", "half", "cold", "tiny"],
             "nothing queued, nothing listed"
         );
+    }
+
+    #[test]
+    fn among_many_tenants_a_report_lists_the_nearest_their_limit_in_order() {
+        let names: Vec<String> = (0..10_000).map(|i| format!("t{i}")).collect();
+        // Tenant i holds i of 10 000, except every tenth, whose limit is 5 000 (twice as near).
+        let held = names.iter().enumerate().map(|(i, n)| {
+            let limit = if i % 10 == 0 { 5_000 } else { 10_000 };
+            (n.as_str(), i as u32, limit)
+        });
+        let listed = hottest(held, 1_200);
+        assert!(listed.len() > 50, "{}", listed.len());
+        assert_eq!(listed[0], ("t9990".to_string(), 9_990));
+        let rank = |(t, n): &(String, u32)| {
+            let limit = if t[1..].parse::<u32>().unwrap().is_multiple_of(10) {
+                5_000.0
+            } else {
+                10_000.0
+            };
+            f64::from(*n) / limit
+        };
+        assert!(listed.windows(2).all(|w| rank(&w[0]) >= rank(&w[1])), "in order");
+        // Nothing left out is nearer its limit than the last one listed.
+        let last = rank(listed.last().unwrap());
+        assert!(last >= 0.99, "{last}");
     }
 
     /// Several schedulers admitting one tenant's burst, each knowing the others only

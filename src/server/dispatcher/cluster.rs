@@ -31,6 +31,10 @@ pub(super) struct Sharing {
     /// acknowledgement.
     dirty: bool,
     last_sent: Option<Instant>,
+    /// Least time between two reports: `REPORT_EVERY`, or 20 times what building the last
+    /// one took, whichever is longer (with many tenants queued a report scans them all; this
+    /// keeps reporting under 5% of the dispatcher's time).
+    gap: Duration,
 }
 
 impl Sharing {
@@ -42,6 +46,7 @@ impl Sharing {
             reporter,
             dirty: true,
             last_sent: None,
+            gap: REPORT_EVERY,
         }
     }
 
@@ -61,15 +66,17 @@ impl Dispatcher {
     /// old enough.
     pub(super) fn report_load(&mut self, now: Instant) {
         let Some(sharing) = &mut self.sharing else { return };
-        if !sharing.dirty || sharing.last_sent.is_some_and(|t| now < t + REPORT_EVERY) {
+        if !sharing.dirty || sharing.last_sent.is_some_and(|t| now < t + sharing.gap) {
             return;
         }
         sharing.dirty = false;
+        sharing.last_sent = Some(now);
         // Around the tenants: the id, seq, version, the lists' lengths, and an
         // acknowledgement per other scheduler (its id and a version).
         let acks: usize = sharing.load.peer_ids(now).iter().map(|id| id.len() + 2 + 10).sum();
         let frame = self.scheduler_id.len() + 2 + 10 + 10 + 3 + 3 + acks;
         let tenants = cluster::hottest(self.queue.tenant_loads(), MAX_REPORT_LEN.saturating_sub(frame));
+        sharing.gap = REPORT_EVERY.max(now.elapsed() * 20);
         let Some(out) = sharing.load.report(tenants) else {
             return;
         };
@@ -83,7 +90,6 @@ impl Dispatcher {
         if let Err(e) = sharing.reporter.publish(report.encode()) {
             debug!(error = %e, "load report not published");
         }
-        sharing.last_sent = Some(now);
     }
 
     pub(super) fn peer_report(&mut self, report: LoadReport, now: Instant) {
