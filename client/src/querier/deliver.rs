@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_protocol::{
-    Dispatch, FramedRead, FramedWrite, FrontendAddress, Hello, ResultFrame, ResultReceipt, Role, StreamKind, WriteError,
+    Dispatch, FramedRead, FramedWrite, FrontendAddress, Hello, RefuseReason, ResultFrame, ResultReceipt, Role,
+    StreamKind, WriteError,
 };
 
 use super::{HandlerError, Response, ResponseBody, Shared, Stream, frontends};
@@ -61,10 +62,11 @@ pub(super) fn hand_off(
     outcome: Result<Response, HandlerError>,
     deadline: Option<tokio::time::Instant>,
     early: Option<Early>,
+    again: bool,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let shared = shared.clone();
     async move {
-        if let Err(e) = deliver(&shared, &d, outcome, deadline, early).await {
+        if let Err(e) = deliver(&shared, &d, outcome, deadline, early, again).await {
             tracing::warn!(query = d.query_id, frontend = %d.frontend.address, error = %e, "result not delivered");
         }
     }
@@ -72,13 +74,15 @@ pub(super) fn hand_off(
 
 /// Sends a result to its frontend (on the early stream if one was opened), retrying
 /// transport failures while the body can be sent again (a streamed body is sent once),
-/// never past the query's deadline.
+/// never past the query's deadline. `again`: an earlier copy may have reached the frontend
+/// (the shared stream broke before its ack); a `Duplicate` refusal then means it did.
 async fn deliver(
     shared: &Shared,
     d: &Dispatch,
     outcome: Result<Response, HandlerError>,
     deadline: Option<tokio::time::Instant>,
     mut early: Option<Early>,
+    mut again: bool,
 ) -> Result<(), String> {
     let attempts = async {
         let (head, mut body) = match outcome {
@@ -128,11 +132,21 @@ async fn deliver(
             let streamed = matches!(body, Some(ResponseBody::Stream(_)));
             match send_result(shared, stream, &head, &mut body).await {
                 Ok(ResultReceipt::Delivered) => return Ok(()),
+                Ok(ResultReceipt::Refused {
+                    reason: RefuseReason::Duplicate,
+                }) if again => {
+                    tracing::debug!(query = d.query_id, "an earlier copy of the result was delivered");
+                    return Ok(());
+                }
                 Ok(ResultReceipt::Refused { reason }) => {
                     return Err(format!("frontend refused the result: {reason:?}"));
                 }
                 Err(e) if streamed => return Err(format!("streamed result broken: {e}")),
-                Err(e) => last = e,
+                Err(e) => {
+                    // Sent, perhaps taken, and the receipt lost.
+                    last = e;
+                    again = true;
+                }
             }
         }
         Err(last)

@@ -399,9 +399,15 @@ impl<H: Handler> Driver<H> {
                         batch::send(&self.shared, &active.dispatch.frontend, frame, reply);
                         self.on_shared.insert(number, (slot, active.dispatch, active.deadline));
                     }
-                    Err(outcome) => {
-                        self.own_stream(slot, number, active.dispatch, outcome, active.deadline, active.early)
-                    }
+                    Err(outcome) => self.own_stream(
+                        slot,
+                        number,
+                        active.dispatch,
+                        outcome,
+                        active.deadline,
+                        active.early,
+                        false,
+                    ),
                 }
                 Some(number)
             }
@@ -409,7 +415,9 @@ impl<H: Handler> Driver<H> {
         self.slots.done(slot, delivery, measured_cost, &mut self.out);
     }
 
-    /// Sends a result on a stream of its own, from a task of its own.
+    /// Sends a result on a stream of its own, from a task of its own (`again`: a copy may
+    /// have reached the frontend on the shared stream).
+    #[allow(clippy::too_many_arguments)]
     fn own_stream(
         &mut self,
         slot: WorkerSlot,
@@ -418,8 +426,9 @@ impl<H: Handler> Driver<H> {
         outcome: Result<Response, HandlerError>,
         deadline: Option<Instant>,
         early: Option<deliver::Early>,
+        again: bool,
     ) {
-        let send = deliver::hand_off(&self.shared, dispatch, outcome, deadline, early);
+        let send = deliver::hand_off(&self.shared, dispatch, outcome, deadline, early, again);
         let task = self.deliveries.spawn(async move {
             send.await;
             (slot, number)
@@ -445,7 +454,7 @@ impl<H: Handler> Driver<H> {
                     query = dispatch.query_id,
                     "the shared results stream did not carry it; sending it on its own"
                 );
-                self.own_stream(slot, s.number, dispatch, batch::unwhole(frame), deadline, None);
+                self.own_stream(slot, s.number, dispatch, batch::unwhole(frame), deadline, None, true);
             }
         }
     }
