@@ -191,6 +191,12 @@ impl ClusterLoad {
         ids
     }
 
+    /// Bytes the acknowledgements of a report take at most: each peer's id, its length and
+    /// a version (variable-length integers).
+    pub fn ack_bytes(&self) -> usize {
+        self.peers.keys().map(|id| id.len() + 2 + 10).sum()
+    }
+
     /// Every tenant the other schedulers that count hold some of, with what they hold.
     pub fn all_held_elsewhere(&self, now: Instant) -> std::collections::BTreeMap<String, u64> {
         let mut held = std::collections::BTreeMap::new();

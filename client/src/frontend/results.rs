@@ -126,19 +126,7 @@ async fn receive_results(
                 tenant,
                 capability,
                 message,
-            })) => {
-                let event = Event::ResultError {
-                    id: query_id,
-                    tenant,
-                    capability,
-                    message,
-                };
-                let receipt = match shared.event_with(event, None) {
-                    Some(Claim::Refused(reason)) => ResultReceipt::Refused { reason },
-                    _ => ResultReceipt::Delivered,
-                };
-                (query_id, receipt)
-            }
+            })) => (query_id, take_error(shared, query_id, tenant, capability, message)),
             Ok(None) => {
                 let _ = writer.flush().await;
                 let _ = writer.get_mut().finish();
@@ -156,6 +144,27 @@ async fn receive_results(
         if writer.buffer(&ResultAck { query_id, receipt }).is_err() {
             return;
         }
+    }
+}
+
+/// Hands a querier's failure report to its query; the receipt to send back (a failure for
+/// a query that already ended is acknowledged: there is nothing to retry).
+fn take_error(
+    shared: &Arc<Shared>,
+    id: QueryId,
+    tenant: String,
+    capability: sluice_protocol::Capability,
+    message: String,
+) -> ResultReceipt {
+    let event = Event::ResultError {
+        id,
+        tenant,
+        capability,
+        message,
+    };
+    match shared.event_with(event, None) {
+        Some(Claim::Refused(reason)) => ResultReceipt::Refused { reason },
+        _ => ResultReceipt::Delivered,
     }
 }
 
@@ -235,16 +244,7 @@ async fn deliver(shared: &Arc<Shared>, reader: &mut FramedRead<quinn::RecvStream
             capability,
             message,
         })) if confirmed.is_none_or(|c| c == query_id) => {
-            let event = Event::ResultError {
-                id: query_id,
-                tenant,
-                capability,
-                message,
-            };
-            return match shared.event_with(event, None) {
-                Some(Claim::Refused(reason)) => refused(reason),
-                _ => Some(ResultReceipt::Delivered),
-            };
+            return Some(take_error(shared, query_id, tenant, capability, message));
         }
         // A confirmed query whose stream broke before its result stays confirmed: its
         // querier delivers on a new stream, or its scheduler reports the querier gone.

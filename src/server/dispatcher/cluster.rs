@@ -73,8 +73,7 @@ impl Dispatcher {
         sharing.last_sent = Some(now);
         // Around the tenants: the id, seq, version, the lists' lengths, and an
         // acknowledgement per other scheduler (its id and a version).
-        let acks: usize = sharing.load.peer_ids(now).iter().map(|id| id.len() + 2 + 10).sum();
-        let frame = self.scheduler_id.len() + 2 + 10 + 10 + 3 + 3 + acks;
+        let frame = self.scheduler_id.len() + 2 + 10 + 10 + 3 + 3 + sharing.load.ack_bytes();
         let tenants = cluster::hottest(self.queue.tenant_loads(), MAX_REPORT_LEN.saturating_sub(frame));
         sharing.gap = REPORT_EVERY.max(now.elapsed() * 20);
         let Some(out) = sharing.load.report(tenants) else {
