@@ -40,6 +40,10 @@ pub const PEER_FRESH_FOR: Duration = Duration::from_millis(400);
 /// everything held here as unseen (the cautious side: admissions slow, the limit holds).
 const KEPT_REPORTS: usize = 128;
 
+/// Most other schedulers counted at once: a report from one more (a member holding the
+/// cluster key, but still) is ignored until one of them stops counting.
+pub const MAX_PEERS: usize = 256;
+
 /// The cluster's load as this scheduler knows it: the others' last reports, and its own
 /// recent ones.
 #[derive(Debug)]
@@ -103,6 +107,7 @@ impl ClusterLoad {
         now: Instant,
     ) -> bool {
         let acked = seen.iter().find(|(s, _)| s == me).map_or(0, |&(_, v)| v);
+        let full = self.peers.len() >= MAX_PEERS;
         match self.peers.get_mut(scheduler) {
             Some(p) if seq < p.seq => false,
             Some(p) => {
@@ -118,6 +123,7 @@ impl ClusterLoad {
                 }
                 true
             }
+            None if full => false,
             None => {
                 let tenants = tenants.into_iter().collect();
                 let peer = Peer {
@@ -344,6 +350,19 @@ mod tests {
         report(&mut view, "s2", 6, &[("a", 80)], 0, at(900));
         view.forget("s2");
         assert_eq!(view.allowance("a", 100, at(901)), None);
+    }
+
+    #[test]
+    fn no_more_than_max_peers_are_counted() {
+        let mut view = ClusterLoad::new(0);
+        for i in 0..MAX_PEERS {
+            report(&mut view, &format!("s{i}"), 1, &[("a", 0)], 0, at(0));
+        }
+        assert!(!view.receive("me", "one-more", 1, 1, [("a".to_string(), 50)], &[], at(0)));
+        assert_eq!(view.peers(at(0)), MAX_PEERS);
+        assert_eq!(view.held_elsewhere("a", at(0)), 0);
+        view.forget("s0");
+        assert!(view.receive("me", "one-more", 1, 1, [("a".to_string(), 50)], &[], at(0)));
     }
 
     #[test]
