@@ -105,6 +105,9 @@ pub struct BenchConfig {
     /// Time the handler spends on a slow-component query.
     pub slow_service: Duration,
     pub duration: Duration,
+    /// Load before the measured `duration`, recorded nowhere: every connection has been
+    /// opened and its windows have grown, so the figures are the steady state's.
+    pub warm_up: Duration,
     /// Open loop: total arrivals per second. `None`: closed loop.
     pub rate: Option<f64>,
     /// Closed loop: submitters per frontend.
@@ -130,6 +133,7 @@ impl Default for BenchConfig {
             slow_share: 0.0,
             slow_service: Duration::ZERO,
             duration: Duration::from_secs(10),
+            warm_up: Duration::from_secs(1),
             rate: None,
             concurrency: 128,
             payload_bytes: 1024,
@@ -199,17 +203,20 @@ struct Outcomes {
     rejected: AtomicU64,
     errors: AtomicU64,
     error_kinds: Mutex<BTreeMap<String, u64>>,
+    /// Microseconds from submit to result, and from submit to acceptance.
     latencies: Mutex<Vec<u64>>,
+    accepted: Mutex<Vec<u64>>,
 }
 
 impl Outcomes {
-    fn record(&self, outcome: Result<(Duration, usize), QueryError>) {
+    fn record(&self, outcome: Result<Timing, QueryError>) {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         match outcome {
-            Ok((latency, bytes)) => {
+            Ok(t) => {
                 self.results.fetch_add(1, Ordering::Relaxed);
-                self.result_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-                let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-                self.latencies.lock().unwrap().push(us);
+                self.result_bytes.fetch_add(t.bytes as u64, Ordering::Relaxed);
+                self.latencies.lock().unwrap().push(micros(t.total));
+                self.accepted.lock().unwrap().push(micros(t.accepted));
             }
             Err(QueryError::TooManyOutstanding { .. } | QueryError::QueueFull) => {
                 self.rejected.fetch_add(1, Ordering::Relaxed);
@@ -227,14 +234,28 @@ fn weight(c: &BenchConfig, i: usize) -> f64 {
     if i == 0 { c.noisy_factor } else { 1.0 }
 }
 
-/// One query from submit to the last byte of its result: how long it took and how many
-/// body bytes came.
-pub(crate) async fn one_query(frontend: &Frontend, request: QueryRequest) -> Result<(Duration, usize), QueryError> {
+/// How one query went.
+pub(crate) struct Timing {
+    /// From submit until a scheduler accepted it (the enqueue's round trip).
+    pub(crate) accepted: Duration,
+    /// From submit to the last byte of its result.
+    pub(crate) total: Duration,
+    /// Result body bytes.
+    pub(crate) bytes: usize,
+}
+
+/// One query from submit to the last byte of its result.
+pub(crate) async fn one_query(frontend: &Frontend, request: QueryRequest) -> Result<Timing, QueryError> {
     let started = Instant::now();
     let handle = frontend.submit(request).await?;
+    let accepted = started.elapsed();
     let response = handle.response().await?;
     let body = response.body.collect().await?;
-    Ok((started.elapsed(), body.len()))
+    Ok(Timing {
+        accepted,
+        total: started.elapsed(),
+        bytes: body.len(),
+    })
 }
 
 fn request(c: &BenchConfig, tenant: usize, n: u64, payload: &bytes::Bytes) -> QueryRequest {
@@ -248,6 +269,71 @@ fn request(c: &BenchConfig, tenant: usize, n: u64, payload: &bytes::Bytes) -> Qu
         r.component = Some(if slow { "store-gateway" } else { "ingester" }.into());
     }
     r
+}
+
+/// Starts the load generator's tasks, submitting until `until` and recording in `outcomes`:
+/// closed loop (submitters per frontend, spread over tenants by weight) or open loop
+/// (Poisson arrivals per tenant).
+fn spawn_load(
+    c: &BenchConfig,
+    frontends: &[Frontend],
+    outcomes: &Arc<Outcomes>,
+    payload: &bytes::Bytes,
+    until: Instant,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let total_weight: f64 = (0..c.tenants).map(|i| weight(c, i)).sum();
+    let mut tasks = Vec::new();
+    match c.rate {
+        None => {
+            // Submitters per frontend, spread over tenants by weight (at least one each).
+            for fe in frontends {
+                let mut tenant_of = Vec::new();
+                for t in 0..c.tenants {
+                    let n = ((c.concurrency as f64 * weight(c, t) / total_weight).round() as usize).max(1);
+                    tenant_of.extend(std::iter::repeat_n(t, n));
+                }
+                for (k, t) in tenant_of.into_iter().enumerate() {
+                    let (fe, outcomes, payload, c) = (fe.clone(), outcomes.clone(), payload.clone(), c.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut n = k as u64;
+                        while Instant::now() < until {
+                            outcomes.submitted.fetch_add(1, Ordering::Relaxed);
+                            outcomes.record(one_query(&fe, request(&c, t, n, &payload)).await);
+                            n += 1;
+                        }
+                    }));
+                }
+            }
+        }
+        Some(rate) => {
+            for t in 0..c.tenants {
+                let tenant_rate = rate * weight(c, t) / total_weight;
+                let fe = frontends[t % frontends.len()].clone();
+                let (outcomes, payload, c) = (outcomes.clone(), payload.clone(), c.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut rng = crate::sim::Rng::new(c.seed ^ (t as u64 + 1));
+                    let mut next = Instant::now();
+                    let mut inflight = Vec::new();
+                    let mut n = 0u64;
+                    loop {
+                        next += Duration::from_nanos(rng.exp_ns(tenant_rate));
+                        if next >= until {
+                            break;
+                        }
+                        tokio::time::sleep_until(next.into()).await;
+                        outcomes.submitted.fetch_add(1, Ordering::Relaxed);
+                        let (fe, outcomes, req) = (fe.clone(), outcomes.clone(), request(&c, t, n, &payload));
+                        inflight.push(tokio::spawn(async move { outcomes.record(one_query(&fe, req).await) }));
+                        n += 1;
+                    }
+                    for task in inflight {
+                        let _ = task.await;
+                    }
+                }));
+            }
+        }
+    }
+    tasks
 }
 
 /// Runs the benchmark and returns its report as JSON; `progress` is told the seconds
@@ -325,66 +411,21 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let outcomes = Arc::new(Outcomes::default());
     let payload = bytes::Bytes::from(vec![b'q'; c.payload_bytes]);
+    if !c.warm_up.is_zero() {
+        let until = Instant::now() + c.warm_up;
+        let tasks = spawn_load(&c, &frontends, &Arc::new(Outcomes::default()), &payload, until);
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+    let outcomes = Arc::new(Outcomes::default());
     let cpu_before = (crate::metrics::process_cpu_seconds(), schedulers_cpu(&c).await?);
-    queue_times.lock().unwrap().clear(); // warm-up queries, if any
+    queue_times.lock().unwrap().clear(); // warm-up queries
     component_times.lock().unwrap().clear();
     let started = Instant::now();
     let offset_ms = u64::try_from(started.duration_since(clock).as_millis()).unwrap_or(0);
-    let until = started + c.duration;
-    let total_weight: f64 = (0..c.tenants).map(|i| weight(&c, i)).sum();
-    let mut tasks = Vec::new();
-    match c.rate {
-        None => {
-            // Submitters per frontend, spread over tenants by weight (at least one each).
-            for fe in &frontends {
-                let mut tenant_of = Vec::new();
-                for t in 0..c.tenants {
-                    let n = ((c.concurrency as f64 * weight(&c, t) / total_weight).round() as usize).max(1);
-                    tenant_of.extend(std::iter::repeat_n(t, n));
-                }
-                for (k, t) in tenant_of.into_iter().enumerate() {
-                    let (fe, outcomes, payload, c) = (fe.clone(), outcomes.clone(), payload.clone(), c.clone());
-                    tasks.push(tokio::spawn(async move {
-                        let mut n = k as u64;
-                        while Instant::now() < until {
-                            outcomes.submitted.fetch_add(1, Ordering::Relaxed);
-                            outcomes.record(one_query(&fe, request(&c, t, n, &payload)).await);
-                            n += 1;
-                        }
-                    }));
-                }
-            }
-        }
-        Some(rate) => {
-            for t in 0..c.tenants {
-                let tenant_rate = rate * weight(&c, t) / total_weight;
-                let fe = frontends[t % frontends.len()].clone();
-                let (outcomes, payload, c) = (outcomes.clone(), payload.clone(), c.clone());
-                tasks.push(tokio::spawn(async move {
-                    let mut rng = crate::sim::Rng::new(c.seed ^ (t as u64 + 1));
-                    let mut next = Instant::now();
-                    let mut inflight = Vec::new();
-                    let mut n = 0u64;
-                    loop {
-                        next += Duration::from_nanos(rng.exp_ns(tenant_rate));
-                        if next >= until {
-                            break;
-                        }
-                        tokio::time::sleep_until(next.into()).await;
-                        outcomes.submitted.fetch_add(1, Ordering::Relaxed);
-                        let (fe, outcomes, req) = (fe.clone(), outcomes.clone(), request(&c, t, n, &payload));
-                        inflight.push(tokio::spawn(async move { outcomes.record(one_query(&fe, req).await) }));
-                        n += 1;
-                    }
-                    for task in inflight {
-                        let _ = task.await;
-                    }
-                }));
-            }
-        }
-    }
+    let tasks = spawn_load(&c, &frontends, &outcomes, &payload, started + c.duration);
     let mut last_report = Instant::now();
     for task in tasks {
         // Every task ends within the duration plus the time its last queries take.
@@ -592,6 +633,8 @@ fn report(
     );
     let mut latencies = o.latencies.lock().unwrap().clone();
     latencies.sort_unstable();
+    let mut accepted = o.accepted.lock().unwrap().clone();
+    accepted.sort_unstable();
     let queue_times = queue_times.lock().unwrap();
     let mut all_waits: Vec<u64> = queue_times.values().flatten().map(|p| p.1).collect();
     all_waits.sort_unstable();
@@ -646,7 +689,7 @@ fn report(
             "noisy_factor": c.noisy_factor, "users_per_tenant": c.users, "queriers": c.queriers,
             "workers_per_querier": c.workers, "service_ms": c.service.as_secs_f64() * 1e3,
             "slow_share": c.slow_share, "slow_service_ms": c.slow_service.as_secs_f64() * 1e3,
-            "seconds": c.duration.as_secs_f64(), "rate": c.rate,
+            "seconds": c.duration.as_secs_f64(), "warm_up_seconds": c.warm_up.as_secs_f64(), "rate": c.rate,
             "concurrency_per_frontend": c.concurrency, "payload_bytes": c.payload_bytes,
             "result_bytes": c.result_bytes,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -656,6 +699,11 @@ fn report(
         "latency_ms": {
             "p50": ms(percentile(&latencies, 0.5)), "p99": ms(percentile(&latencies, 0.99)),
             "p999": ms(percentile(&latencies, 0.999)),
+        },
+        // The enqueue's round trip: submit until a scheduler accepted the query.
+        "accepted_ms": {
+            "p50": ms(percentile(&accepted, 0.5)), "p99": ms(percentile(&accepted, 0.99)),
+            "p999": ms(percentile(&accepted, 0.999)),
         },
         "queue_wait_us": {
             "p50": percentile(&all_waits, 0.5), "p99": percentile(&all_waits, 0.99),
