@@ -72,6 +72,10 @@ enum Command {
         /// Seconds of load.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         seconds: u64,
+        /// Seconds of the same load before the measured ones, recorded nowhere (connections
+        /// opened, windows grown: the report is the steady state's).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=600))]
+        warm_up_seconds: u64,
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
         schedulers: u64,
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
@@ -263,8 +267,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                     .init(),
             }
-            let runtime = runtime()?;
-            runtime.block_on(serve(config, ready_file, *settings))?;
+            let resolved = load(config.as_ref(), (*settings).clone())?;
+            let runtime = runtime_with(Some(resolved.threads))?;
+            runtime.block_on(serve(resolved, config, ready_file, *settings))?;
         }
         Command::Certs { action } => certs(action)?,
         Command::Demo { seconds } => {
@@ -296,6 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench {
             seconds,
+            warm_up_seconds,
             schedulers,
             frontends,
             tenants,
@@ -366,6 +372,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 slow_share,
                 slow_service: Duration::from_millis(slow_service_ms),
                 duration: Duration::from_secs(seconds),
+                warm_up: Duration::from_secs(warm_up_seconds),
                 rate,
                 concurrency: concurrency as usize,
                 payload_bytes,
@@ -413,8 +420,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// Measured: 20–25% more queries per second and as much less CPU per query on both sides
 /// (docs/benchmarks.md). The switch needs `--cfg tokio_unstable` (.cargo/config.toml).
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    runtime_with(None)
+}
+
+/// [`runtime`] with `threads` worker threads (`None`: tokio's default, one per core or
+/// `TOKIO_WORKER_THREADS`).
+fn runtime_with(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
     #[cfg(tokio_unstable)]
     builder.disable_lifo_slot();
     builder.build().context("starting the async runtime")
@@ -442,8 +458,14 @@ fn load(config: Option<&PathBuf>, settings: Settings) -> anyhow::Result<config::
     Ok(settings.over(file).resolve()?)
 }
 
-async fn serve(config_path: Option<PathBuf>, ready_file: Option<PathBuf>, settings: Settings) -> anyhow::Result<()> {
-    let config = load(config_path.as_ref(), settings.clone())?;
+/// Runs the scheduler resolved from `settings` over the file at `config_path` until a
+/// signal; SIGHUP reads both again.
+async fn serve(
+    config: config::ServeConfig,
+    config_path: Option<PathBuf>,
+    ready_file: Option<PathBuf>,
+    settings: Settings,
+) -> anyhow::Result<()> {
     let server = Server::start(config).await?;
     if let Some(path) = &ready_file {
         write_ready_file(path, &server).with_context(|| format!("writing {}", path.display()))?;
