@@ -420,6 +420,11 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         }
     }
     let outcomes = Arc::new(Outcomes::default());
+    // What our own schedulers dispatched before the measured seconds (the warm-up).
+    let mut dispatched_before = 0;
+    for s in &servers {
+        dispatched_before += s.status().await.map_err(|e| e.to_string())?.counters.dispatched;
+    }
     let cpu_before = (crate::metrics::process_cpu_seconds(), schedulers_cpu(&c).await?);
     queue_times.lock().unwrap().clear(); // warm-up queries
     component_times.lock().unwrap().clear();
@@ -471,7 +476,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         &outcomes,
         &queue_times,
         &component_times,
-        own.then_some(&counters[..]),
+        own.then(|| counters.iter().map(|k| k.dispatched).sum::<u64>() - dispatched_before),
         &cpu,
     ))
 }
@@ -621,8 +626,8 @@ fn report(
     o: &Outcomes,
     queue_times: &QueueTimes,
     component_times: &QueueTimes,
-    // The schedulers' own counters, when they run in this process.
-    counters: Option<&[crate::queue::Counters]>,
+    // What the schedulers dispatched in the measured seconds, when they run in this process.
+    dispatched: Option<u64>,
     cpu: &Cpu,
 ) -> Value {
     let (submitted, results, rejected, errors) = (
@@ -663,7 +668,6 @@ fn report(
     } else {
         1.0
     };
-    let dispatched: Option<u64> = counters.map(|cs| cs.iter().map(|k| k.dispatched).sum());
     let components: Vec<Value> = component_times
         .lock()
         .unwrap()

@@ -197,6 +197,8 @@ async fn bench_drives_a_running_scheduler() {
                 "bench",
                 "--seconds",
                 "1",
+                "--warm-up-seconds",
+                "0",
                 "--tenants",
                 "3",
                 "--queriers",
