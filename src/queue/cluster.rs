@@ -180,6 +180,11 @@ impl ClusterLoad {
         })
     }
 
+    /// The version of this scheduler's counts, as its last report gave it.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// The other schedulers that count at `now`.
     pub fn peers(&self, now: Instant) -> usize {
         self.live(now).count()

@@ -50,6 +50,14 @@ impl<R: Queued> TreeQueue<R> {
             .map(|t| (&*t.name, t.queued, t.max_outstanding))
     }
 
+    /// Requests of `tenant` queued (0 for a tenant with none).
+    pub fn queued_of(&self, tenant: &str) -> u32 {
+        self.tenant_by_name
+            .get(tenant)
+            .and_then(|&t| self.tenants[t as usize].as_ref())
+            .map_or(0, |t| t.queued)
+    }
+
     /// Whether `tenant` has requests queued.
     pub fn has_tenant(&self, tenant: &str) -> bool {
         self.tenant_by_name.contains_key(tenant)

@@ -233,6 +233,7 @@ pub(crate) fn to_json(s: &Status) -> serde_json::Value {
         "cluster": s.cluster.as_ref().map(|c| json!({
             "peers": c.peers,
             "held_elsewhere": c.held_elsewhere,
+            "deferred": c.deferred,
         })),
         "gossip": s.gossip.as_ref().map(|g| json!({
             "address": g.address.to_string(),

@@ -43,6 +43,8 @@ pub struct ClusterStatus {
     pub peers: Vec<String>,
     /// Requests the other schedulers hold, per tenant they reported.
     pub held_elsewhere: std::collections::BTreeMap<String, u64>,
+    /// Enqueues deferred until the others' next reports.
+    pub deferred: usize,
 }
 
 /// This scheduler's view of the gossip.

@@ -1,5 +1,6 @@
 //! Admission: an enqueue checked (phase, limits, fields, memory) and queued, answered with
-//! exactly one status; what a queued query costs in memory.
+//! exactly one status (or deferred, see `cluster.rs`, and answered when tried again); what a
+//! queued query costs in memory.
 
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,7 @@ use sluice_client::trace::TraceParent;
 use sluice_protocol::{Enqueue, EnqueueStatus, SchedulerToFrontend};
 use tracing::debug;
 
+use super::cluster::{DEFER_FOR, Deferred};
 use super::{Dispatcher, OTHER_TENANT, f_name};
 use crate::metrics as m;
 use crate::queue::{EnqueueOptions, QueryKey, QueuePath, Queued, RejectReason};
@@ -58,8 +60,28 @@ impl Queued for Pending {
     }
 }
 
+/// Why an enqueue was not queued now.
+enum Refusal {
+    /// Answered with this status (the tenant moved out of the request, for its metric).
+    Answer(EnqueueStatus, String),
+    /// Deferred until the other schedulers' next reports (`cluster.rs`).
+    Defer(Deferred),
+}
+
 impl Dispatcher {
     pub(super) fn enqueue(&mut self, now: Instant, frontend: u64, enqueue: Box<Enqueue>, received: Instant) {
+        self.enqueue_until(now, frontend, enqueue, received, now + DEFER_FOR);
+    }
+
+    /// An enqueue (new, or deferred before), which may be deferred until `defer_until`.
+    pub(super) fn enqueue_until(
+        &mut self,
+        now: Instant,
+        frontend: u64,
+        enqueue: Box<Enqueue>,
+        received: Instant,
+        defer_until: Instant,
+    ) {
         let Some(f) = self.frontends.get(&frontend) else {
             return; // its connection already closed
         };
@@ -69,7 +91,17 @@ impl Dispatcher {
         let trace = tracing::enabled!(tracing::Level::DEBUG)
             .then(|| TraceParent::of(&enqueue.metadata).map(|t| t.trace_id_hex()))
             .flatten();
-        let outcome = self.admit(now, frontend, enqueue, received, has_address);
+        let outcome = match self.admit(now, frontend, enqueue, received, has_address, defer_until) {
+            Ok(wait) => Ok(wait),
+            Err(Refusal::Answer(status, tenant)) => Err((status, tenant)),
+            Err(Refusal::Defer(d)) => {
+                if let Some(trace_id) = trace {
+                    debug!(query = query_id, frontend = %f_name(&self.frontends, frontend), %trace_id, "enqueue deferred until the other schedulers' next reports");
+                }
+                self.defer(d);
+                return;
+            }
+        };
         if let Some(trace_id) = trace {
             debug!(query = query_id, frontend = %f_name(&self.frontends, frontend), %trace_id, accepted = outcome.is_ok(), "enqueue");
         }
@@ -114,7 +146,8 @@ impl Dispatcher {
         }
     }
 
-    /// Queues an enqueue (with its estimated wait, if the queue has one), or says why not
+    /// Queues an enqueue (with its estimated wait, if the queue has one), defers it (a
+    /// refusal by the cluster's unseen share only, before `defer_until`), or says why not
     /// together with its tenant (moved out of the refused request, so an accepted enqueue
     /// costs no copy of it).
     fn admit(
@@ -124,16 +157,18 @@ impl Dispatcher {
         enqueue: Box<Enqueue>,
         received: Instant,
         has_address: bool,
-    ) -> Result<Option<Duration>, (EnqueueStatus, String)> {
+        defer_until: Instant,
+    ) -> Result<Option<Duration>, Refusal> {
+        let refuse = |status, enqueue: Box<Enqueue>| Err(Refusal::Answer(status, enqueue.tenant));
         if !self.serving() {
-            return Err((EnqueueStatus::ShuttingDown, enqueue.tenant));
+            return refuse(EnqueueStatus::ShuttingDown, enqueue);
         }
         if !has_address {
             let reason = "the result endpoint must be announced before the first enqueue".into();
-            return Err((EnqueueStatus::Invalid { reason }, enqueue.tenant));
+            return refuse(EnqueueStatus::Invalid { reason }, enqueue);
         }
         if let Err(e) = enqueue.validate(&self.limits) {
-            return Err((EnqueueStatus::Invalid { reason: e.to_string() }, enqueue.tenant));
+            return refuse(EnqueueStatus::Invalid { reason: e.to_string() }, enqueue);
         }
         let options = EnqueueOptions {
             deadline: enqueue.timeout_ms.map(|ms| received + Duration::from_millis(ms)),
@@ -145,24 +180,39 @@ impl Dispatcher {
         let key = QueryKey { frontend, query };
         if self.running.contains_key(&key) {
             let reason = format!("query {query} is already running");
-            return Err((EnqueueStatus::Invalid { reason }, enqueue.tenant));
+            return refuse(EnqueueStatus::Invalid { reason }, enqueue);
         }
         // Placed again: a failure of its earlier delivery is no longer news.
         self.delivering.remove(&key);
-        self.queue
-            .enqueue_estimated(now, key, Pending { enqueue }, options)
-            .map_err(|rejected| {
-                let status = match rejected.reason {
-                    RejectReason::TooManyOutstanding { limit } => EnqueueStatus::TooManyOutstanding { limit },
-                    RejectReason::QueueFull { .. } | RejectReason::QueueBytesFull { .. } => EnqueueStatus::QueueFull,
-                    RejectReason::Duplicate => EnqueueStatus::Invalid {
-                        reason: format!("query {query} is already queued"),
-                    },
-                    RejectReason::WouldMissDeadline { estimated_wait } => EnqueueStatus::WouldMissDeadline {
-                        estimated_wait_ms: u64::try_from(estimated_wait.as_millis()).unwrap_or(u64::MAX),
-                    },
-                };
-                (status, rejected.request.enqueue.tenant)
-            })
+        let deferrable = options.allowance.is_some() && now < defer_until;
+        let rejected = match self.queue.enqueue_estimated(now, key, Pending { enqueue }, options) {
+            Ok(wait) => return Ok(wait),
+            Err(rejected) => rejected,
+        };
+        let status = match rejected.reason {
+            RejectReason::TooManyOutstanding { .. }
+                if deferrable && {
+                    let bytes = rejected.request.size_bytes();
+                    self.may_defer(&rejected.request.enqueue.tenant, bytes, now)
+                } =>
+            {
+                return Err(Refusal::Defer(Deferred {
+                    until: defer_until,
+                    frontend,
+                    bytes: rejected.request.size_bytes(),
+                    enqueue: rejected.request.enqueue,
+                    received,
+                }));
+            }
+            RejectReason::TooManyOutstanding { limit } => EnqueueStatus::TooManyOutstanding { limit },
+            RejectReason::QueueFull { .. } | RejectReason::QueueBytesFull { .. } => EnqueueStatus::QueueFull,
+            RejectReason::Duplicate => EnqueueStatus::Invalid {
+                reason: format!("query {query} is already queued"),
+            },
+            RejectReason::WouldMissDeadline { estimated_wait } => EnqueueStatus::WouldMissDeadline {
+                estimated_wait_ms: u64::try_from(estimated_wait.as_millis()).unwrap_or(u64::MAX),
+            },
+        };
+        refuse(status, rejected.request.enqueue)
     }
 }

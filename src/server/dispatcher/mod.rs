@@ -179,7 +179,13 @@ impl Dispatcher {
     /// Makes tenant limits hold for the cluster: this scheduler reports its queued counts
     /// through `reporter` and counts the others' (`Command::PeerReport`).
     pub(crate) fn share_load(&mut self, reporter: sluice_client::gossip::Reporter) {
-        self.sharing = Some(cluster::Sharing::new(reporter));
+        self.sharing = Some(cluster::Sharing::new(Some(reporter)));
+    }
+
+    /// Counts the others' reports without sending any (the unit tests read the counts).
+    #[cfg(test)]
+    fn share_load_unsent(&mut self) {
+        self.sharing = Some(cluster::Sharing::new(None));
     }
 
     /// Runs until every command sender is gone. Commands that wait are handled in
@@ -201,7 +207,8 @@ impl Dispatcher {
                     None => break,
                 },
                 _ = tick.tick() => self.tick(Instant::now()),
-                _ = sleep_until(report_due) => {}
+                // A report due, or a deferred enqueue's time up.
+                _ = sleep_until(report_due) => self.retry_deferred(Instant::now()),
             }
             self.end_batch();
             self.report_load(Instant::now());
@@ -243,8 +250,14 @@ impl Dispatcher {
             sharing.touch();
         }
         match cmd {
-            Command::PeerReport(report) => self.peer_report(*report, now),
-            Command::PeersGone(schedulers) => self.peers_gone(schedulers),
+            Command::PeerReport(report) => {
+                self.peer_report(*report, now);
+                self.retry_deferred(now);
+            }
+            Command::PeersGone(schedulers) => {
+                self.peers_gone(schedulers);
+                self.retry_deferred(now);
+            }
             Command::FrontendOpened { name, tx, reply } => {
                 let id = self.next_frontend;
                 self.next_frontend += 1;
@@ -363,10 +376,12 @@ impl Dispatcher {
                     until: now + drain_timeout,
                     done,
                 };
+                // Deferred enqueues hear `ShuttingDown` now (`tick` tries them again).
                 self.tick(now);
             }
             Command::Close { done } => {
                 self.end_batch();
+                self.drop_deferred(|_| true);
                 self.phase = Phase::Closed;
                 self.frontends.clear();
                 self.streams.clear();
@@ -380,7 +395,10 @@ impl Dispatcher {
     }
 
     fn cancel(&mut self, key: QueryKey) {
-        let tenant = if let Some(p) = self.queue.cancel(key) {
+        let tenant = if let Some(tenant) = self.withdraw_deferred(key) {
+            debug!(?key, "cancelled while deferred");
+            tenant
+        } else if let Some(p) = self.queue.cancel(key) {
             debug!(?key, "cancelled while queued");
             p.enqueue.tenant
         } else if let Some(r) = self.running.get(&key) {
@@ -399,6 +417,7 @@ impl Dispatcher {
     }
 
     fn frontend_closed(&mut self, now: Instant, frontend: u64, graceful: bool) {
+        self.drop_deferred(|d| d.frontend == frontend);
         let removed = self.queue.cancel_frontend(frontend);
         self.metrics.record(|| {
             for (_, p) in &removed {
@@ -691,6 +710,7 @@ impl Dispatcher {
         }
         self.queue.expire(now);
         self.send_expired();
+        self.retry_deferred(now);
         self.queue.forget_disconnected_queriers(now);
         // Forgotten queriers' shards moved to others; expiries freed tenant slots.
         self.serve_waiting(now);

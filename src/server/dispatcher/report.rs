@@ -105,6 +105,7 @@ impl Dispatcher {
             cluster: self.sharing.as_ref().map(|sh| crate::server::status::ClusterStatus {
                 peers: sh.load.peer_ids(now),
                 held_elsewhere: sh.load.all_held_elsewhere(now),
+                deferred: sh.deferred(),
             }),
         }
     }

@@ -6,6 +6,8 @@ use super::*;
 use bytes::Bytes;
 use sluice_protocol::{Enqueue, EnqueueStatus};
 
+mod cluster;
+
 struct Harness {
     d: Dispatcher,
     now: Instant,
@@ -131,6 +133,22 @@ impl Harness {
     }
 
     fn enqueue_status_for(&mut self, tenant: &str, query_id: u64) -> EnqueueStatus {
+        self.send_enqueue(tenant, query_id);
+        match self.frame() {
+            Ok(SchedulerToFrontend::EnqueueStatus { status, .. }) => status,
+            other => panic!("expected a status, got {other:?}"),
+        }
+    }
+
+    /// Starts the drain; the receiver hears when it ends.
+    fn shutdown(&mut self, drain_timeout: Duration) -> oneshot::Receiver<()> {
+        let (done, drained) = oneshot::channel();
+        self.d.handle(Command::Shutdown { drain_timeout, done }, self.now);
+        drained
+    }
+
+    /// Sends an enqueue of `tenant`; its status, if any yet, is left waiting.
+    fn send_enqueue(&mut self, tenant: &str, query_id: u64) {
         let enqueue = Box::new(Enqueue {
             query_id,
             tenant: tenant.into(),
@@ -153,10 +171,6 @@ impl Harness {
             },
             now,
         );
-        match self.frame() {
-            Ok(SchedulerToFrontend::EnqueueStatus { status, .. }) => status,
-            other => panic!("expected a status, got {other:?}"),
-        }
     }
 }
 
@@ -341,14 +355,7 @@ fn worker_streams_closed_by_our_own_shutdown_do_not_fail_their_queries() {
     let mut h = harness();
     h.enqueue(1);
     let (w, _w_rx) = h.busy_worker();
-    let (done, mut drained) = oneshot::channel();
-    h.d.handle(
-        Command::Shutdown {
-            drain_timeout: Duration::from_millis(10),
-            done,
-        },
-        h.now,
-    );
+    let mut drained = h.shutdown(Duration::from_millis(10));
     assert_eq!(h.frame().ok(), Some(SchedulerToFrontend::ShuttingDown));
     assert!(drained.try_recv().is_ok(), "nothing queued: the drain ends at once");
     // The server now closes every connection; the querier is still running query 1
@@ -362,14 +369,7 @@ fn drain_hands_back_what_no_worker_took_in_time() {
     let mut h = harness();
     h.enqueue(1);
     h.enqueue(2);
-    let (done, mut drained) = oneshot::channel();
-    h.d.handle(
-        Command::Shutdown {
-            drain_timeout: Duration::from_secs(5),
-            done,
-        },
-        h.now,
-    );
+    let mut drained = h.shutdown(Duration::from_secs(5));
     assert_eq!(h.frame().ok(), Some(SchedulerToFrontend::ShuttingDown));
     h.d.tick(h.now + Duration::from_secs(4));
     assert!(drained.try_recv().is_err(), "still draining");
@@ -407,24 +407,10 @@ fn a_running_query_cannot_be_enqueued_again() {
 #[test]
 fn admission_never_reopens_after_the_drain() {
     let mut h = harness();
-    let (done, mut drained) = oneshot::channel();
-    h.d.handle(
-        Command::Shutdown {
-            drain_timeout: Duration::from_secs(1),
-            done,
-        },
-        h.now,
-    );
+    let mut drained = h.shutdown(Duration::from_secs(1));
     assert!(drained.try_recv().is_ok(), "nothing queued: drained at once");
     h.d.tick(h.now + Duration::from_secs(2));
-    let (done, _) = oneshot::channel();
-    h.d.handle(
-        Command::Shutdown {
-            drain_timeout: Duration::from_secs(1),
-            done,
-        },
-        h.now,
-    );
+    let _drained = h.shutdown(Duration::from_secs(1));
     assert_eq!(h.frame().ok(), Some(SchedulerToFrontend::ShuttingDown));
     assert_eq!(h.enqueue_status(1), EnqueueStatus::ShuttingDown);
 }
