@@ -76,6 +76,9 @@ struct Running {
     /// Its class and when it was dispatched, for the service time admission adds.
     priority: u8,
     since: Instant,
+    /// Its frontend cancelled it and was answered `Cancelled`: it is owed nothing more, even
+    /// if its worker goes away before the querier confirms with its next `Ready`.
+    cancelled: bool,
 }
 
 /// Where the scheduler is in its life; admission is open only while `Serving`, and never
@@ -401,7 +404,8 @@ impl Dispatcher {
         } else if let Some(p) = self.queue.cancel(key) {
             debug!(?key, "cancelled while queued");
             p.enqueue.tenant
-        } else if let Some(r) = self.running.get(&key) {
+        } else if let Some(r) = self.running.get_mut(&key) {
+            r.cancelled = true;
             if let Some(w) = self.workers.get(&r.worker) {
                 let _ = w.tx.send(SchedulerToQuerier::Cancel {
                     worker: w.slot,
@@ -597,6 +601,7 @@ impl Dispatcher {
                         cost,
                         priority: d.priority,
                         since: now,
+                        cancelled: false,
                     },
                 );
                 self.notes.entry(d.key.frontend).or_default().push(d.key.query);
@@ -655,21 +660,28 @@ impl Dispatcher {
             );
         }
         if let Some(key) = w.running {
-            if let Some(r) = self.running.remove(&key) {
+            let cancelled = self.running.remove(&key).is_some_and(|r| {
+                let cancelled = r.cancelled;
                 self.count_served_cost(r.tenant, r.cost);
-            }
+                cancelled
+            });
             if matches!(self.phase, Phase::Closed) {
                 debug!(querier = %w.querier, query = key.query, "worker stream closed at shutdown while running");
                 self.queue.unregister_worker(now, worker);
                 return;
             }
-            warn!(querier = %w.querier, query = key.query, "querier worker gone while running a query");
-            self.metrics.record(|| counter!(m::QUERIER_FAILURES).increment(1));
-            self.query_error(
-                key,
-                QueryErrorKind::QuerierFailed,
-                format!("querier {} disconnected while running the query", w.querier),
-            );
+            if cancelled {
+                // Its frontend heard `Cancelled` already: one answer per query.
+                debug!(querier = %w.querier, query = key.query, "querier worker gone while its cancelled query stopped");
+            } else {
+                warn!(querier = %w.querier, query = key.query, "querier worker gone while running a query");
+                self.metrics.record(|| counter!(m::QUERIER_FAILURES).increment(1));
+                self.query_error(
+                    key,
+                    QueryErrorKind::QuerierFailed,
+                    format!("querier {} disconnected while running the query", w.querier),
+                );
+            }
         }
         self.queue.unregister_worker(now, worker);
         // The querier's last worker may have gone: its shards move to others.

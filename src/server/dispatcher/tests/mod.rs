@@ -282,6 +282,22 @@ fn a_worker_lost_mid_query_fails_the_query() {
 }
 
 #[test]
+fn a_cancelled_query_whose_worker_is_lost_before_its_next_ready_is_answered_once() {
+    let mut h = harness();
+    h.enqueue(1);
+    let (w, mut w_rx) = h.busy_worker();
+    let frontend = h.frontend;
+    h.d.handle(Command::Cancel { frontend, query: 1 }, h.now);
+    assert!(matches!(
+        w_rx.try_recv(),
+        Ok(SchedulerToQuerier::Cancel { query_id: 1, .. })
+    ));
+    assert_eq!(h.frame().ok(), Some(SchedulerToFrontend::Cancelled { query_id: 1 }));
+    h.d.handle(Command::DequeueClosed { stream: w }, h.now);
+    assert_eq!(h.frame().ok(), None, "no QuerierFailed after Cancelled");
+}
+
+#[test]
 fn a_worker_lost_while_its_result_is_delivered_fails_the_query_until_the_next_ready_settles_it() {
     let mut h = harness();
     h.enqueue(1);
