@@ -50,10 +50,22 @@ struct DequeueStream {
     querier: String,
     tx: WorkerTx,
     workers: HashMap<WorkerSlot, WorkerId>,
+    /// It was told `ShuttingDown` (once per stream, not once per worker).
+    told_shutting_down: bool,
+}
+
+impl DequeueStream {
+    fn tell_shutting_down(&mut self) {
+        if !std::mem::replace(&mut self.told_shutting_down, true) {
+            let _ = self.tx.send(SchedulerToQuerier::ShuttingDown);
+        }
+    }
 }
 
 struct Worker {
     querier: String,
+    /// Its dequeue stream.
+    stream: u64,
     /// Its stream's outbox, and its number on that stream.
     tx: WorkerTx,
     slot: WorkerSlot,
@@ -303,18 +315,17 @@ impl Dispatcher {
             Command::DequeueOpened { querier, tx, reply } => {
                 let id = self.next_stream;
                 self.next_stream += 1;
+                let mut s = DequeueStream {
+                    querier,
+                    tx,
+                    workers: HashMap::new(),
+                    told_shutting_down: false,
+                };
                 // A querier that joins during the drain helps empty the queue.
                 if matches!(self.phase, Phase::Closed) {
-                    let _ = tx.send(SchedulerToQuerier::ShuttingDown);
+                    s.tell_shutting_down();
                 }
-                self.streams.insert(
-                    id,
-                    DequeueStream {
-                        querier,
-                        tx,
-                        workers: HashMap::new(),
-                    },
-                );
+                self.streams.insert(id, s);
                 let _ = reply.send(id);
             }
             Command::Ready {
@@ -345,8 +356,8 @@ impl Dispatcher {
                     false
                 });
                 // Its running workers finish and report; none of them gets more.
-                for s in self.streams.values().filter(|s| s.querier == querier) {
-                    let _ = s.tx.send(SchedulerToQuerier::ShuttingDown);
+                for s in self.streams.values_mut().filter(|s| s.querier == querier) {
+                    s.tell_shutting_down();
                 }
                 info!(%querier, "querier announced shutdown");
                 let _ = reply.send(());
@@ -467,6 +478,7 @@ impl Dispatcher {
         s.workers.insert(slot, id);
         let worker = Worker {
             querier: s.querier.clone(),
+            stream,
             tx: s.tx.clone(),
             slot,
             running: None,
@@ -540,8 +552,8 @@ impl Dispatcher {
                 Dequeue::Dispatch(d) => d,
                 Dequeue::Empty => return false,
                 Dequeue::ShuttingDown => {
-                    if let Some(w) = self.workers.get(&worker) {
-                        let _ = w.tx.send(SchedulerToQuerier::ShuttingDown);
+                    if let Some(s) = self.workers.get(&worker).and_then(|w| self.streams.get_mut(&w.stream)) {
+                        s.tell_shutting_down();
                     }
                     return true;
                 }
@@ -752,8 +764,8 @@ impl Dispatcher {
             for w in self.workers.values_mut() {
                 w.waiting = false;
             }
-            for s in self.streams.values() {
-                let _ = s.tx.send(SchedulerToQuerier::ShuttingDown);
+            for s in self.streams.values_mut() {
+                s.tell_shutting_down();
             }
             self.waiting.clear();
             if let Phase::Draining { done, .. } = std::mem::replace(&mut self.phase, Phase::Closed) {

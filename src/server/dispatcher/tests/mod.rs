@@ -533,6 +533,45 @@ fn the_last_worker_of_a_querier_that_said_goodbye_hands_its_shard_on_at_once() {
 }
 
 #[test]
+fn a_stream_hears_shutting_down_once_however_many_workers_ask_after_it() {
+    let mut h = harness();
+    let (stream, mut rx) = h.worker();
+    let ready = |h: &mut Harness, worker| {
+        h.d.handle(
+            Command::Ready {
+                stream,
+                worker,
+                finished: None,
+            },
+            h.now,
+        );
+    };
+    for q in 1..=3 {
+        h.enqueue(q);
+        ready(&mut h, q as WorkerSlot - 1);
+    }
+    let (reply, _) = oneshot::channel();
+    h.d.handle(
+        Command::QuerierShuttingDown {
+            querier: "q".into(),
+            reply,
+        },
+        h.now,
+    );
+    // Each busy worker finishes and asks again with work queued: the queue turns each away.
+    h.enqueue(4);
+    for worker in 0..3 {
+        ready(&mut h, worker);
+    }
+    let _drained = h.shutdown(Duration::ZERO);
+    h.d.tick(h.now);
+    let frames: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok())
+        .filter(|f| !matches!(f, SchedulerToQuerier::Dispatch { .. }))
+        .collect();
+    assert_eq!(frames, vec![SchedulerToQuerier::ShuttingDown]);
+}
+
+#[test]
 fn queued_bytes_count_names_and_tree_levels_not_only_the_payload() {
     let mut h = harness();
     let enqueue = Box::new(Enqueue {
