@@ -4,7 +4,7 @@ use super::admission::{NODE_OVERHEAD, REQUEST_OVERHEAD};
 use super::outbox::Cut;
 use super::*;
 use bytes::Bytes;
-use sluice_protocol::{Enqueue, EnqueueStatus};
+use sluice_protocol::{Enqueue, EnqueueStatus, Finished};
 
 mod cluster;
 
