@@ -97,6 +97,8 @@ pub struct BenchConfig {
     pub users: usize,
     pub queriers: usize,
     pub workers: usize,
+    /// Each worker holds one prefetched query (`QuerierConfig::prefetch`).
+    pub prefetch: bool,
     /// Time the querier handler spends per query.
     pub service: Duration,
     /// Share of queries (0–1) for the slow component (`store-gateway`); the rest go to
@@ -129,6 +131,7 @@ impl Default for BenchConfig {
             users: 4,
             queriers: 16,
             workers: 4,
+            prefetch: false,
             service: Duration::ZERO,
             slow_share: 0.0,
             slow_service: Duration::ZERO,
@@ -372,6 +375,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     for q in 0..c.queriers {
         let mut config = QuerierConfig::new(format!("bench-querier-{q}"), certs.querier.clone(), addrs.clone());
         config.concurrency = c.workers;
+        config.prefetch = c.prefetch;
         config.gossip = gossip.clone();
         let handler = BenchHandler {
             result: bytes::Bytes::from(vec![b'r'; c.result_bytes]),
@@ -398,7 +402,8 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         }
     }
     // Let every querier worker of our own schedulers connect before the clock starts.
-    let want = c.queriers * c.workers * servers.len();
+    // (The schedulers see two workers per worker loop with prefetch.)
+    let want = c.queriers * c.workers * if c.prefetch { 2 } else { 1 } * servers.len();
     let ready_by = Instant::now() + Duration::from_secs(10);
     loop {
         let mut connected = 0;
@@ -691,7 +696,7 @@ fn report(
             },
             "frontends": c.frontends, "tenants": c.tenants,
             "noisy_factor": c.noisy_factor, "users_per_tenant": c.users, "queriers": c.queriers,
-            "workers_per_querier": c.workers, "service_ms": c.service.as_secs_f64() * 1e3,
+            "workers_per_querier": c.workers, "prefetch": c.prefetch, "service_ms": c.service.as_secs_f64() * 1e3,
             "slow_share": c.slow_share, "slow_service_ms": c.slow_service.as_secs_f64() * 1e3,
             "seconds": c.duration.as_secs_f64(), "warm_up_seconds": c.warm_up.as_secs_f64(), "rate": c.rate,
             "concurrency_per_frontend": c.concurrency, "payload_bytes": c.payload_bytes,

@@ -105,6 +105,9 @@ enum Command {
         /// Open loop at this many queries per second in total; without it, closed loop.
         #[arg(long)]
         rate: Option<f64>,
+        /// Each querier worker holds one prefetched query while it runs one.
+        #[arg(long)]
+        prefetch: bool,
         /// Closed loop: submitters per frontend.
         #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=100_000))]
         concurrency: u64,
@@ -313,6 +316,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             slow_share,
             slow_service_ms,
             rate,
+            prefetch,
             concurrency,
             payload_bytes,
             result_bytes,
@@ -368,6 +372,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 users: users as usize,
                 queriers: queriers as usize,
                 workers: workers as usize,
+                prefetch,
                 service: Duration::from_millis(service_ms),
                 slow_share,
                 slow_service: Duration::from_millis(slow_service_ms),

@@ -25,12 +25,16 @@ use super::{Handler, HandlerError, Link, Request, Response, Shared, Stream, batc
 use crate::backoff::Backoff;
 use crate::trace::TraceParent;
 
-/// A query a worker runs: what its result needs, and its handler.
+/// A query dispatched to a slot: what its result needs, and its handler (once it runs).
 struct Active {
     dispatch: Dispatch,
     deadline: Option<Instant>,
     cancelled: CancellationToken,
-    task: AbortHandle,
+    /// The handler's request and span until it starts (at once, or when a worker is free
+    /// for a held query).
+    pending: Option<(Request, tracing::Span)>,
+    dispatched_at: Instant,
+    task: Option<AbortHandle>,
     early: Option<deliver::Early>,
 }
 
@@ -54,7 +58,11 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
     let mut d = Driver {
         receipts,
         on_shared: std::collections::HashMap::new(),
-        slots: Slots::new(shared.config.cancel_grace, shared.config.confirm_after),
+        slots: Slots::new(
+            shared.config.cancel_grace,
+            shared.config.confirm_after,
+            shared.config.prefetch,
+        ),
         active: Vec::new(),
         handlers: JoinSet::new(),
         deliveries: JoinSet::new(),
@@ -166,7 +174,7 @@ struct Driver<H: Handler> {
     shared: Arc<Shared>,
     link: Arc<Link>,
     slots: Slots,
-    /// Per worker, the query it runs.
+    /// Per slot, the query it runs or holds.
     active: Vec<Option<Active>>,
     handlers: JoinSet<(WorkerSlot, Result<Response, HandlerError>)>,
     deliveries: JoinSet<(WorkerSlot, u64)>,
@@ -207,16 +215,21 @@ async fn poll_opt<F: std::future::Future + Unpin>(f: &mut Option<F>) -> F::Outpu
 
 impl<H: Handler> Driver<H> {
     fn grow(&mut self, n: usize) {
-        let n = n.min(usize::from(sluice_protocol::MAX_WORKERS_PER_STREAM));
-        while self.active.len() < n {
+        let max = usize::from(sluice_protocol::MAX_WORKERS_PER_STREAM);
+        self.slots.grow(n, max, &mut self.out);
+        while self.active.len() < self.slots.len() {
             self.active.push(None);
         }
-        self.slots.grow(n, &mut self.out);
         self.count_connected();
     }
 
+    /// Registered workers: those that run handlers (a prefetch slot is not one).
     fn count_connected(&self) {
-        let n = if self.session.is_some() { self.slots.len() } else { 0 };
+        let n = if self.session.is_some() {
+            self.slots.workers()
+        } else {
+            0
+        };
         if self.link.connected.swap(n, Ordering::Relaxed) != n {
             self.shared.registration.send_replace(());
         }
@@ -253,9 +266,23 @@ impl<H: Handler> Driver<H> {
                     }
                 }
                 Action::Abort(slot) => {
-                    if let Some(a) = &self.active[usize::from(slot)] {
+                    if let Some(a) = &self.active[usize::from(slot)]
+                        && let Some(task) = &a.task
+                    {
                         warn!(query = a.dispatch.query_id, grace = ?self.shared.config.cancel_grace, "handler ignored its cancel; aborting it");
-                        a.task.abort();
+                        task.abort();
+                    }
+                }
+                Action::Start(slot) => self.run(slot),
+                Action::Drop(slot) => {
+                    if let Some(a) = self.active[usize::from(slot)].take() {
+                        if let Some(early) = a.early {
+                            early.abort();
+                        }
+                        debug!(
+                            query = a.dispatch.query_id,
+                            "held query cancelled or past its deadline; never run"
+                        );
                     }
                 }
                 Action::Confirm(slot) => {
@@ -283,11 +310,15 @@ impl<H: Handler> Driver<H> {
             SchedulerToQuerier::Dispatch { worker, dispatch } => {
                 let timeout = dispatch.timeout_ms.map(Duration::from_millis);
                 let now = Instant::now();
-                match self
-                    .slots
-                    .dispatched(worker, dispatch.query_id, &dispatch.frontend.id, timeout, now)
-                {
-                    Ok(()) => self.start(worker, *dispatch, now),
+                match self.slots.dispatched(
+                    worker,
+                    dispatch.query_id,
+                    &dispatch.frontend.id,
+                    timeout,
+                    now,
+                    &mut self.out,
+                ) {
+                    Ok(()) => self.accept(worker, *dispatch, now),
                     Err(e) => {
                         warn!(scheduler = %self.link.addr, error = %e, "the scheduler broke the dequeue protocol");
                         self.lost(&e);
@@ -302,9 +333,8 @@ impl<H: Handler> Driver<H> {
         }
     }
 
-    /// Runs a dispatched query's handler in a task of its own (so a panic becomes an error
-    /// result, and a handler that ignores its cancel can be aborted).
-    fn start(&mut self, slot: WorkerSlot, mut d: Dispatch, now: Instant) {
+    /// Takes a dispatched query in: its handler starts when the slots say so.
+    fn accept(&mut self, slot: WorkerSlot, mut d: Dispatch, now: Instant) {
         let cancelled = CancellationToken::new();
         // The handler runs in a `query` span with the query's trace id, and sees a trace
         // context naming this hop.
@@ -330,17 +360,33 @@ impl<H: Handler> Driver<H> {
             payload: std::mem::take(&mut d.payload),
             cancelled: cancelled.clone(),
         };
-        let h = self.handler.clone();
-        let task = self
-            .handlers
-            .spawn(async move { (slot, h.handle(request).await) }.instrument(span));
         self.active[usize::from(slot)] = Some(Active {
             deadline: d.timeout_ms.map(|ms| now + Duration::from_millis(ms)),
             dispatch: d,
             cancelled,
-            task,
+            pending: Some((request, span)),
+            dispatched_at: now,
+            task: None,
             early: None,
         });
+    }
+
+    /// Runs a query's handler in a task of its own (so a panic becomes an error result,
+    /// and a handler that ignores its cancel can be aborted). A held query's wait on this
+    /// querier counts in its `queue_time`.
+    fn run(&mut self, slot: WorkerSlot) {
+        let Some(a) = &mut self.active[usize::from(slot)] else {
+            return;
+        };
+        let Some((mut request, span)) = a.pending.take() else {
+            return;
+        };
+        request.queue_time += a.dispatched_at.elapsed();
+        let h = self.handler.clone();
+        let task = self
+            .handlers
+            .spawn(async move { (slot, h.handle(request).await) }.instrument(span));
+        a.task = Some(task);
     }
 
     /// A handler returned, panicked or was aborted: its result goes to a sender task and
@@ -353,7 +399,7 @@ impl<H: Handler> Driver<H> {
                 let Some(slot) = self
                     .active
                     .iter()
-                    .position(|a| a.as_ref().is_some_and(|a| a.task.id() == id))
+                    .position(|a| a.as_ref().and_then(|a| a.task.as_ref()).is_some_and(|t| t.id() == id))
                 else {
                     return;
                 };

@@ -63,6 +63,11 @@ pub struct QuerierConfig {
     pub scheduler_server_name: String,
     /// Worker loops per scheduler (queries run at once, per scheduler).
     pub concurrency: usize,
+    /// Each worker holds one more query, dispatched while it runs one and started when
+    /// it is done, so a worker does not wait a round trip to the scheduler between
+    /// queries. The scheduler sees two workers per worker loop. Off by default: a held
+    /// query waits for the query before it, however long that runs (docs/queue.md).
+    pub prefetch: bool,
     /// Result body bytes per chunk frame.
     pub chunk_size: usize,
     /// Attempts to deliver a result before giving up on it.
@@ -90,6 +95,12 @@ impl QuerierConfig {
         self
     }
 
+    /// Lets each worker hold one prefetched query (see [`prefetch`](Self::prefetch)).
+    pub fn with_prefetch(mut self, prefetch: bool) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
     /// Follows the schedulers' gossip instead of a static list.
     pub fn with_gossip(mut self, gossip: GossipConfig) -> Self {
         self.gossip = Some(gossip);
@@ -107,6 +118,7 @@ impl QuerierConfig {
             max_used_instances: 0,
             scheduler_server_name: "localhost".into(),
             concurrency: 4,
+            prefetch: false,
             chunk_size: 256 * 1024,
             delivery_attempts: 3,
             confirm_after: Duration::from_millis(100),
@@ -130,7 +142,8 @@ pub struct Request {
     pub component: Option<String>,
     /// The frontend's metadata (tracing headers…).
     pub metadata: Metadata,
-    /// Time the query waited in the scheduler's queue.
+    /// Time the query waited in the scheduler's queue (and, prefetched, on this querier
+    /// for its worker).
     pub queue_time: Duration,
     /// Time left before its deadline, when it was dispatched. At the deadline
     /// `cancelled` fires.
@@ -416,6 +429,13 @@ impl Querier {
             return Err(ClientError::Config(format!(
                 "concurrency is {}; at most {max} workers per scheduler",
                 config.concurrency
+            )));
+        }
+        if config.prefetch && config.concurrency * 2 > max {
+            return Err(ClientError::Config(format!(
+                "concurrency is {} with prefetch (two slots per worker); at most {} workers per scheduler",
+                config.concurrency,
+                max / 2
             )));
         }
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid address");

@@ -9,6 +9,11 @@
 //! again with its `Ready`, which reports the finished query. The scheduler counts on that
 //! order: a worker's `Ready` also says that its previous delivery is settled, so at most
 //! one delivery per worker is in flight besides the newest.
+//!
+//! With prefetch, the link has two slots per worker (the scheduler sees both) but runs at
+//! most one handler per worker: a query dispatched while every worker runs one is `Held`
+//! (oldest first) and starts when a handler returns. A held query that is cancelled or
+//! reaches its deadline never runs: its slot reports it at once.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -23,6 +28,8 @@ pub(super) enum State {
     Idle,
     /// Asked for work on the current stream.
     Waiting,
+    /// Dispatched, waiting for a worker to run it (prefetch only).
+    Held(Run),
     /// Runs a query.
     Running(Run),
     /// Its handler is done; its `Ready` waits until no delivery but this query's own
@@ -76,12 +83,24 @@ pub(super) enum Action {
     Abort(WorkerSlot),
     /// Confirm the worker's query to its frontend (open its result stream early).
     Confirm(WorkerSlot),
+    /// Start the slot's handler (its query was dispatched and a worker is free for it).
+    Start(WorkerSlot),
+    /// Forget the slot's held query without running it (cancelled or past its deadline).
+    Drop(WorkerSlot),
 }
 
 /// The workers of one link.
 #[derive(Debug)]
 pub(super) struct Slots {
     states: Vec<State>,
+    /// Handlers that may run at once (the worker count); there are twice as many slots
+    /// with prefetch.
+    workers: usize,
+    prefetch: bool,
+    /// Slots in `Running`.
+    running: usize,
+    /// Slots in `Held`, oldest dispatch first.
+    held: VecDeque<usize>,
     /// Per worker, the deliveries in flight (their numbers), oldest first.
     in_flight: Vec<VecDeque<u64>>,
     stream: Stream,
@@ -92,9 +111,13 @@ pub(super) struct Slots {
 }
 
 impl Slots {
-    pub(super) fn new(cancel_grace: Duration, confirm_after: Duration) -> Self {
+    pub(super) fn new(cancel_grace: Duration, confirm_after: Duration, prefetch: bool) -> Self {
         Slots {
             states: Vec::new(),
+            workers: 0,
+            prefetch,
+            running: 0,
+            held: VecDeque::new(),
             in_flight: Vec::new(),
             stream: Stream::None,
             cancel_grace,
@@ -114,8 +137,14 @@ impl Slots {
         self.fresh = Some(self.fresh.map_or(at, |f| f.min(at)));
     }
 
+    /// Slots (what the scheduler sees as workers).
     pub(super) fn len(&self) -> usize {
         self.states.len()
+    }
+
+    /// Workers: handlers that may run at once.
+    pub(super) fn workers(&self) -> usize {
+        self.workers
     }
 
     pub(super) fn state(&self, slot: WorkerSlot) -> Option<&State> {
@@ -126,9 +155,14 @@ impl Slots {
         self.stream
     }
 
-    /// Grows to `n` workers; new ones ask for work at once if a stream is open.
-    pub(super) fn grow(&mut self, n: usize, out: &mut Vec<Action>) {
-        while self.states.len() < n {
+    /// Grows to `n` workers (`2n` slots with prefetch, at most `max_slots`); new slots ask
+    /// for work at once if a stream is open, and held queries start on new workers.
+    pub(super) fn grow(&mut self, n: usize, max_slots: usize, out: &mut Vec<Action>) {
+        let n = n.min(max_slots);
+        self.workers = self.workers.max(n);
+        let slots = if self.prefetch { n * 2 } else { n }.min(max_slots);
+        self.start_held(out);
+        while self.states.len() < slots {
             let slot = self.states.len();
             self.states.push(State::Idle);
             self.in_flight.push(VecDeque::new());
@@ -171,11 +205,11 @@ impl Slots {
         }
     }
 
-    /// Whether any worker runs a query or waits to report one.
+    /// Whether any worker runs a query, holds one or waits to report one.
     pub(super) fn busy(&self) -> bool {
         self.states
             .iter()
-            .any(|s| matches!(s, State::Running(_) | State::Settling { .. }))
+            .any(|s| matches!(s, State::Running(_) | State::Held(_) | State::Settling { .. }))
     }
 
     /// Whether any result is still being delivered.
@@ -183,8 +217,9 @@ impl Slots {
         self.in_flight.iter().any(|d| !d.is_empty())
     }
 
-    /// The scheduler dispatched `query_id` to `slot`. Err: the slot did not ask for work
-    /// (the scheduler broke the protocol).
+    /// The scheduler dispatched `query_id` to `slot`: it starts (`Start`) if a worker is
+    /// free, or is held. Err: the slot did not ask for work (the scheduler broke the
+    /// protocol).
     pub(super) fn dispatched(
         &mut self,
         slot: WorkerSlot,
@@ -192,6 +227,7 @@ impl Slots {
         frontend_id: &str,
         timeout: Option<Duration>,
         now: Instant,
+        out: &mut Vec<Action>,
     ) -> Result<(), String> {
         let Some(state) = self.states.get_mut(usize::from(slot)) else {
             return Err(format!("a dispatch for worker {slot}, which does not exist"));
@@ -207,17 +243,64 @@ impl Slots {
             abort_at: None,
         };
         let next = run.next_moment();
-        *state = State::Running(run);
+        if self.running < self.workers {
+            *state = State::Running(run);
+            self.running += 1;
+            out.push(Action::Start(slot));
+        } else {
+            *state = State::Held(run);
+            self.held.push_back(usize::from(slot));
+        }
         if let Some(at) = next {
             self.set_moment(at);
         }
         Ok(())
     }
 
+    /// Starts held queries, oldest first, while workers are free.
+    fn start_held(&mut self, out: &mut Vec<Action>) {
+        while self.running < self.workers
+            && let Some(i) = self.held.pop_front()
+        {
+            let State::Held(run) = std::mem::replace(&mut self.states[i], State::Idle) else {
+                unreachable!("only held slots are queued");
+            };
+            self.states[i] = State::Running(run);
+            self.running += 1;
+            out.push(Action::Start(slot_of(i)));
+        }
+    }
+
+    /// A held query ends without running (cancelled, or past its deadline): forgotten,
+    /// and its slot reports it like a finished one.
+    fn drop_held(&mut self, i: usize, out: &mut Vec<Action>) {
+        let State::Held(run) = std::mem::replace(&mut self.states[i], State::Idle) else {
+            return;
+        };
+        self.held.retain(|h| *h != i);
+        out.push(Action::Drop(slot_of(i)));
+        let finished = Finished {
+            frontend_id: run.frontend_id,
+            query_id: run.query_id,
+            measured_cost: None,
+        };
+        self.states[i] = State::Settling {
+            finished,
+            delivery: None,
+        };
+        self.report_if_settled(i, out);
+    }
+
     /// The scheduler cancelled `query_id` on `slot` (ignored if that worker no longer
     /// runs it).
     pub(super) fn cancel(&mut self, slot: WorkerSlot, query_id: QueryId, now: Instant, out: &mut Vec<Action>) {
-        if let Some(State::Running(run)) = self.states.get_mut(usize::from(slot))
+        let i = usize::from(slot);
+        if let Some(State::Held(run)) = self.states.get(i)
+            && run.query_id == query_id
+        {
+            return self.drop_held(i, out);
+        }
+        if let Some(State::Running(run)) = self.states.get_mut(i)
             && run.query_id == query_id
             && !run.cancelled()
         {
@@ -232,18 +315,28 @@ impl Slots {
         self.states
             .iter()
             .filter_map(|s| match s {
-                State::Running(run) => run.next_moment(),
+                State::Running(run) | State::Held(run) => run.next_moment(),
                 _ => None,
             })
             .min()
     }
 
     /// Confirms, cancels at their deadline and aborts after their grace the running
-    /// queries whose moment has come.
+    /// queries whose moment has come; confirms held ones, and drops them at their deadline.
     pub(super) fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
-        for (slot, state) in self.states.iter_mut().enumerate() {
+        let mut expired = Vec::new();
+        for (i, state) in self.states.iter_mut().enumerate() {
+            let slot = slot_of(i);
+            if let State::Held(run) = state {
+                if run.deadline.is_some_and(|at| at <= now) {
+                    expired.push(i);
+                } else if run.confirm_at.is_some_and(|at| at <= now) {
+                    run.confirm_at = None;
+                    out.push(Action::Confirm(slot));
+                }
+                continue;
+            }
             let State::Running(run) = state else { continue };
-            let slot = slot_of(slot);
             if run.abort_at.is_some_and(|at| at <= now) {
                 run.abort_at = Some(now + Duration::from_secs(86_400 * 365)); // once
                 out.push(Action::Abort(slot));
@@ -258,6 +351,9 @@ impl Slots {
                 }
             }
         }
+        for i in expired {
+            self.drop_held(i, out);
+        }
     }
 
     /// `slot`'s handler returned (or was aborted); `delivery` numbers its result's
@@ -271,11 +367,15 @@ impl Slots {
         out: &mut Vec<Action>,
     ) {
         let i = usize::from(slot);
-        let Some(State::Running(run)) = self.states.get(i) else {
+        let Some(State::Running(_)) = self.states.get(i) else {
             return;
         };
+        let State::Running(run) = std::mem::replace(&mut self.states[i], State::Idle) else {
+            unreachable!("checked above");
+        };
+        self.running -= 1;
         let finished = Finished {
-            frontend_id: run.frontend_id.clone(),
+            frontend_id: run.frontend_id,
             query_id: run.query_id,
             measured_cost,
         };
@@ -283,6 +383,7 @@ impl Slots {
             self.in_flight[i].push_back(d);
         }
         self.states[i] = State::Settling { finished, delivery };
+        self.start_held(out);
         self.report_if_settled(i, out);
     }
 
@@ -355,12 +456,117 @@ mod tests {
     }
 
     fn open(n: usize) -> (Slots, Vec<Action>) {
-        let mut s = Slots::new(GRACE, CONFIRM);
+        let mut s = Slots::new(GRACE, CONFIRM, false);
         let mut out = Vec::new();
-        s.grow(n, &mut out);
+        s.grow(n, usize::MAX, &mut out);
         assert!(out.is_empty(), "no stream: nobody asks");
         s.opened(&mut out);
         (s, out)
+    }
+
+    fn open_prefetching(workers: usize) -> Slots {
+        let mut s = Slots::new(GRACE, CONFIRM, true);
+        let mut out = Vec::new();
+        s.grow(workers, usize::MAX, &mut out);
+        s.opened(&mut out);
+        assert_eq!(out.len(), workers * 2, "two slots per worker ask: {out:?}");
+        s
+    }
+
+    #[test]
+    fn with_prefetch_each_worker_holds_one_query_and_runs_one_at_a_time() {
+        let mut s = open_prefetching(1);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        s.dispatched(0, 1, "fe", None, now, &mut out).unwrap();
+        assert_eq!(out, vec![Action::Start(0)], "a free worker runs it at once");
+        out.clear();
+        s.dispatched(1, 2, "fe", None, now, &mut out).unwrap();
+        assert!(out.is_empty(), "the only worker is busy: held, not started");
+        assert!(matches!(s.state(1), Some(State::Held(_))));
+        s.done(0, Some(10), None, &mut out);
+        assert_eq!(
+            out,
+            vec![Action::Start(1), ready(0, Some(1))],
+            "the held query starts as the slot reports"
+        );
+        out.clear();
+        s.dispatched(0, 3, "fe", None, now, &mut out).unwrap();
+        assert!(out.is_empty(), "query 2 runs: query 3 is held");
+        s.done(1, None, None, &mut out);
+        assert_eq!(out, vec![Action::Start(0), ready(1, Some(2))]);
+    }
+
+    #[test]
+    fn held_queries_start_oldest_first_and_new_workers_take_them() {
+        let mut s = open_prefetching(2);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (slot, query) in [(0, 1), (1, 2), (3, 3), (2, 4)] {
+            s.dispatched(slot, query, "fe", None, now, &mut out).unwrap();
+        }
+        assert_eq!(out, vec![Action::Start(0), Action::Start(1)]);
+        out.clear();
+        s.done(1, None, None, &mut out);
+        assert_eq!(out[0], Action::Start(3), "query 3 was held first");
+        out.clear();
+        s.grow(3, usize::MAX, &mut out);
+        assert_eq!(out[0], Action::Start(2), "a new worker runs the other held query");
+        assert_eq!(s.len(), 6);
+        assert_eq!(s.workers(), 3);
+    }
+
+    #[test]
+    fn a_held_query_cancelled_or_past_its_deadline_never_runs_and_is_reported_at_once() {
+        let mut s = open_prefetching(1);
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        s.dispatched(0, 1, "fe", None, t0, &mut out).unwrap();
+        s.dispatched(1, 2, "fe", None, t0, &mut out).unwrap();
+        out.clear();
+        s.cancel(1, 9, t0, &mut out);
+        assert!(out.is_empty(), "another query's cancel");
+        s.cancel(1, 2, t0, &mut out);
+        assert_eq!(out, vec![Action::Drop(1), ready(1, Some(2))]);
+        out.clear();
+        s.dispatched(1, 3, "fe", Some(Duration::from_millis(500)), t0, &mut out)
+            .unwrap();
+        assert!(out.is_empty(), "held");
+        s.tick(t0 + CONFIRM, &mut out);
+        assert_eq!(
+            out,
+            vec![Action::Confirm(0), Action::Confirm(1)],
+            "held queries are confirmed too"
+        );
+        out.clear();
+        assert_eq!(s.next_moment(), Some(t0 + Duration::from_millis(500)));
+        s.tick(t0 + Duration::from_millis(500), &mut out);
+        assert_eq!(
+            out,
+            vec![Action::Drop(1), ready(1, Some(3))],
+            "its deadline passed while held"
+        );
+        out.clear();
+        s.done(0, None, None, &mut out);
+        assert_eq!(out, vec![ready(0, Some(1))], "nothing held is left to start");
+    }
+
+    #[test]
+    fn a_draining_link_runs_its_held_queries_before_it_is_idle() {
+        let mut s = open_prefetching(1);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        s.dispatched(0, 1, "fe", None, now, &mut out).unwrap();
+        s.dispatched(1, 2, "fe", None, now, &mut out).unwrap();
+        s.draining();
+        out.clear();
+        s.done(0, None, None, &mut out);
+        assert_eq!(out, vec![Action::Start(1), ready(0, Some(1))]);
+        assert!(s.busy(), "query 2 runs");
+        out.clear();
+        s.done(1, None, None, &mut out);
+        assert_eq!(out, vec![ready(1, Some(2))]);
+        assert!(!s.busy());
     }
 
     #[test]
@@ -368,7 +574,7 @@ mod tests {
         let (mut s, out) = open(2);
         assert_eq!(out, vec![ready(0, None), ready(1, None)]);
         let mut out = Vec::new();
-        s.grow(3, &mut out);
+        s.grow(3, usize::MAX, &mut out);
         assert_eq!(out, vec![ready(2, None)]);
     }
 
@@ -376,9 +582,12 @@ mod tests {
     fn a_dispatch_to_a_worker_that_did_not_ask_is_refused() {
         let (mut s, _) = open(1);
         let now = Instant::now();
-        s.dispatched(0, 1, "fe", None, now).unwrap();
-        assert!(s.dispatched(0, 2, "fe", None, now).is_err(), "busy");
-        assert!(s.dispatched(7, 2, "fe", None, now).is_err(), "no such worker");
+        s.dispatched(0, 1, "fe", None, now, &mut Vec::new()).unwrap();
+        assert!(s.dispatched(0, 2, "fe", None, now, &mut Vec::new()).is_err(), "busy");
+        assert!(
+            s.dispatched(7, 2, "fe", None, now, &mut Vec::new()).is_err(),
+            "no such worker"
+        );
     }
 
     #[test]
@@ -386,11 +595,11 @@ mod tests {
         let (mut s, _) = open(1);
         let now = Instant::now();
         let mut out = Vec::new();
-        s.dispatched(0, 1, "fe", None, now).unwrap();
+        s.dispatched(0, 1, "fe", None, now, &mut Vec::new()).unwrap();
         s.done(0, Some(10), None, &mut out);
         assert_eq!(out, vec![ready(0, Some(1))], "only the newest delivery in flight");
         out.clear();
-        s.dispatched(0, 2, "fe", None, now).unwrap();
+        s.dispatched(0, 2, "fe", None, now, &mut Vec::new()).unwrap();
         s.done(0, Some(11), None, &mut out);
         assert!(out.is_empty(), "delivery 10 is still in flight");
         assert!(matches!(s.state(0), Some(State::Settling { .. })));
@@ -405,7 +614,8 @@ mod tests {
     fn deadline_cancels_then_the_grace_aborts_and_confirmation_comes_once() {
         let (mut s, _) = open(1);
         let t0 = Instant::now();
-        s.dispatched(0, 1, "fe", Some(Duration::from_millis(500)), t0).unwrap();
+        s.dispatched(0, 1, "fe", Some(Duration::from_millis(500)), t0, &mut Vec::new())
+            .unwrap();
         assert_eq!(s.next_moment(), Some(t0 + CONFIRM));
         let mut out = Vec::new();
         s.tick(t0 + CONFIRM, &mut out);
@@ -430,8 +640,9 @@ mod tests {
         let (mut s, _) = open(2);
         let t0 = Instant::now();
         assert_eq!(s.take_fresh(), None);
-        s.dispatched(0, 1, "fe", Some(Duration::from_millis(30)), t0).unwrap();
-        s.dispatched(1, 2, "fe", None, t0).unwrap();
+        s.dispatched(0, 1, "fe", Some(Duration::from_millis(30)), t0, &mut Vec::new())
+            .unwrap();
+        s.dispatched(1, 2, "fe", None, t0, &mut Vec::new()).unwrap();
         assert_eq!(
             s.take_fresh(),
             Some(t0 + Duration::from_millis(30)),
@@ -448,7 +659,7 @@ mod tests {
         let (mut s, _) = open(2);
         let now = Instant::now();
         let mut out = Vec::new();
-        s.dispatched(0, 1, "fe", None, now).unwrap();
+        s.dispatched(0, 1, "fe", None, now, &mut Vec::new()).unwrap();
         s.cancel(0, 9, now, &mut out);
         s.cancel(1, 1, now, &mut out);
         assert!(out.is_empty());
@@ -461,8 +672,8 @@ mod tests {
     fn a_draining_stream_gets_one_last_ready_per_running_query_and_no_more_asks() {
         let (mut s, _) = open(3);
         let now = Instant::now();
-        s.dispatched(0, 1, "fe", None, now).unwrap();
-        s.dispatched(1, 2, "fe", None, now).unwrap();
+        s.dispatched(0, 1, "fe", None, now, &mut Vec::new()).unwrap();
+        s.dispatched(1, 2, "fe", None, now, &mut Vec::new()).unwrap();
         s.draining();
         assert_eq!(s.state(2), Some(&State::Idle));
         let mut out = Vec::new();
@@ -477,7 +688,7 @@ mod tests {
     fn queries_run_on_across_a_lost_stream_and_their_workers_ask_on_the_next() {
         let (mut s, _) = open(2);
         let now = Instant::now();
-        s.dispatched(0, 1, "fe", None, now).unwrap();
+        s.dispatched(0, 1, "fe", None, now, &mut Vec::new()).unwrap();
         s.closed();
         assert_eq!(s.state(1), Some(&State::Idle));
         let mut out = Vec::new();

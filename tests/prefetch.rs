@@ -1,0 +1,195 @@
+//! A querier whose workers prefetch (`QuerierConfig::prefetch`), against a real scheduler
+//! over QUIC on loopback: a worker holds one query while it runs another, never runs two
+//! at once, and never runs a held query that was cancelled or reached its deadline.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use sluice_client::*;
+use tokio::sync::{Semaphore, mpsc};
+
+/// Each query waits for one permit of `gate`, then answers with its payload; counts how
+/// many times each query ran and the most handlers running at once.
+#[derive(Clone)]
+struct Gated {
+    gate: Arc<Semaphore>,
+    started: mpsc::UnboundedSender<(u64, Duration)>,
+    runs: Arc<Mutex<Runs>>,
+}
+
+#[derive(Default)]
+struct Runs {
+    per_query: HashMap<u64, u32>,
+    now: u32,
+    most: u32,
+}
+
+impl Handler for Gated {
+    async fn handle(&self, request: Request) -> Result<Response, HandlerError> {
+        {
+            let mut r = self.runs.lock().unwrap();
+            *r.per_query.entry(request.query_id).or_default() += 1;
+            r.now += 1;
+            r.most = r.most.max(r.now);
+        }
+        let _ = self.started.send((request.query_id, request.queue_time));
+        self.gate.acquire().await.unwrap().forget();
+        self.runs.lock().unwrap().now -= 1;
+        Ok(Response::ok(request.payload.clone()))
+    }
+}
+
+fn gated() -> (Gated, mpsc::UnboundedReceiver<(u64, Duration)>) {
+    let (tx, started) = mpsc::unbounded_channel();
+    let h = Gated {
+        gate: Arc::new(Semaphore::new(0)),
+        started: tx,
+        runs: Arc::default(),
+    };
+    (h, started)
+}
+
+struct Setup {
+    t: TestServer,
+    fe: Frontend,
+    q: Querier,
+    gate: Arc<Semaphore>,
+    started: mpsc::UnboundedReceiver<(u64, Duration)>,
+    runs: Arc<Mutex<Runs>>,
+}
+
+/// A scheduler, a frontend and a querier with one prefetching worker.
+async fn setup() -> Setup {
+    let t = start(|_| {}).await;
+    let fe = Frontend::connect(FrontendConfig::new(
+        "frontend-1",
+        t.certs.frontend.clone(),
+        vec![t.server.quic_addr()],
+    ))
+    .await
+    .unwrap();
+    let (h, started) = gated();
+    let (gate, runs) = (h.gate.clone(), h.runs.clone());
+    let config = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()])
+        .with_concurrency(1)
+        .with_prefetch(true);
+    let q = Querier::start(config, h).unwrap();
+    assert!(q.wait_connected(1, WAIT).await, "one worker registered");
+    t.status_until("two slots for the one worker", |s| s.workers.len() == 2)
+        .await;
+    Setup {
+        t,
+        fe,
+        q,
+        gate,
+        started,
+        runs,
+    }
+}
+
+async fn wait<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+async fn body_of(handle: QueryHandle) -> Vec<u8> {
+    wait("a response", async { handle.response().await?.body.collect().await })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_worker_holds_one_query_runs_one_at_a_time_and_never_runs_a_cancelled_held_one() {
+    let mut s = setup().await;
+    let a = s.fe.submit(QueryRequest::new("t", "a")).await.unwrap();
+    let a_id = a.id();
+    assert_eq!(wait("a started", s.started.recv()).await.unwrap().0, a_id);
+    // The worker runs `a`; `b` is dispatched to it anyway (held), `c` stays queued.
+    let b = s.fe.submit(QueryRequest::new("t", "b")).await.unwrap();
+    s.t.status_until("b dispatched", |st| st.running == 2 && st.queued == 0)
+        .await;
+    let c = s.fe.submit(QueryRequest::new("t", "c")).await.unwrap();
+    let c_id = c.id();
+    s.t.status_until("c queued", |st| st.queued == 1).await;
+    assert!(s.started.try_recv().is_err(), "b must not run beside a");
+    // Cancelling the held `b` frees its slot at once (a still runs): `c` takes it.
+    let b_id = b.id();
+    drop(b);
+    s.t.status_until("b cancelled, c dispatched", |st| {
+        st.counters.dispatched == 3 && st.queued == 0 && st.running == 2
+    })
+    .await;
+    // `c` is held for at least this long before its worker is free.
+    const HELD: Duration = Duration::from_millis(300);
+    tokio::time::sleep(HELD).await;
+    s.gate.add_permits(1);
+    assert_eq!(body_of(a).await, b"a");
+    let (next, queue_time) = wait("c started", s.started.recv()).await.unwrap();
+    assert_eq!(next, c_id, "the held c runs next, never the cancelled b");
+    assert!(
+        queue_time >= HELD,
+        "c's queue time counts its wait on the querier: {queue_time:?}"
+    );
+    s.gate.add_permits(1);
+    assert_eq!(body_of(c).await, b"c");
+    {
+        let r = s.runs.lock().unwrap();
+        assert_eq!(r.per_query.get(&b_id), None, "the cancelled held query never ran");
+        assert_eq!(r.per_query.get(&a_id), Some(&1));
+        assert_eq!(r.per_query.get(&c_id), Some(&1));
+        assert_eq!(r.most, 1, "one worker runs one handler at a time");
+    }
+    s.q.shutdown().await;
+}
+
+#[tokio::test]
+async fn more_slots_than_a_dequeue_stream_takes_are_refused_at_start() {
+    let t = start(|_| {}).await;
+    let config = |workers| {
+        QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()])
+            .with_concurrency(workers)
+            .with_prefetch(true)
+    };
+    let err = Querier::start(config(513), gated().0)
+        .err()
+        .expect("2 × 513 slots > 1 024");
+    assert!(
+        matches!(&err, ClientError::Config(m) if m.contains("prefetch")),
+        "{err}"
+    );
+    Querier::start(config(512), gated().0).unwrap().abort();
+}
+
+#[tokio::test]
+async fn a_held_query_past_its_deadline_fails_at_its_deadline_and_never_runs() {
+    let mut s = setup().await;
+    let a = s.fe.submit(QueryRequest::new("t", "a")).await.unwrap();
+    assert_eq!(wait("a started", s.started.recv()).await.unwrap().0, a.id());
+    let mut req = QueryRequest::new("t", "b");
+    req.timeout = Some(Duration::from_millis(500));
+    let submitted = Instant::now();
+    let b = s.fe.submit(req).await.unwrap();
+    let b_id = b.id();
+    s.t.status_until("b dispatched and held", |st| st.running == 2 && st.queued == 0)
+        .await;
+    let err = wait("b's deadline", b.response()).await.unwrap_err();
+    let took = submitted.elapsed();
+    assert!(matches!(err, QueryError::DeadlineExceeded(_)), "{err:?}");
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    // The held slot reported it: the scheduler no longer counts it as running.
+    s.t.status_until("b ended on the scheduler", |st| st.running == 1).await;
+    s.gate.add_permits(2);
+    assert_eq!(body_of(a).await, b"a");
+    let after = s.fe.submit(QueryRequest::new("t", "after")).await.unwrap();
+    assert_eq!(body_of(after).await, b"after");
+    assert_eq!(s.runs.lock().unwrap().per_query.get(&b_id), None, "b never ran");
+    s.q.shutdown().await;
+}
