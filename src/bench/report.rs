@@ -1,0 +1,256 @@
+//! What `sluice bench` prints: the JSON report (throughput, latency, queue waits, fairness,
+//! CPU per query) and the queue-wait plot.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::{BenchConfig, Outcomes, QueueTimes};
+
+/// CPU seconds used during the load.
+pub(super) struct Cpu {
+    /// By this process: frontends, queriers and the load generator (and the schedulers
+    /// when they run in it).
+    pub(super) own: Option<f64>,
+    /// By the driven schedulers, read from their admin endpoints.
+    pub(super) schedulers: Option<f64>,
+    pub(super) in_process: bool,
+}
+
+impl Cpu {
+    fn report(&self, results: u64) -> Value {
+        let per_query = |s: Option<f64>| s.map(|s| s * 1e6 / results.max(1) as f64);
+        json!({
+            "this_process_seconds": self.own,
+            "this_process_us_per_query": per_query(self.own),
+            "this_process_holds": if self.in_process {
+                "schedulers, frontends, queriers and the load generator"
+            } else {
+                "frontends, queriers and the load generator"
+            },
+            "schedulers_seconds": self.schedulers,
+            "schedulers_us_per_query": per_query(self.schedulers),
+        })
+    }
+}
+
+/// p99 of the waits (µs) in each one-second bucket, in milliseconds.
+fn p99_per_second<'a>(points: impl Iterator<Item = &'a (u64, u64)>, offset_ms: u64) -> Vec<(f64, f64)> {
+    let mut buckets: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for &(at, wait) in points {
+        buckets
+            .entry(at.saturating_sub(offset_ms) / 1000)
+            .or_default()
+            .push(wait);
+    }
+    buckets
+        .into_iter()
+        .map(|(second, mut waits)| {
+            waits.sort_unstable();
+            (second as f64 + 0.5, ms(percentile(&waits, 0.99)))
+        })
+        .collect()
+}
+
+/// Draws queue wait p99 per second: the noisy tenant (if any) against all the others.
+pub(super) fn plot_waits(
+    path: &std::path::Path,
+    c: &BenchConfig,
+    waits: &BTreeMap<String, Vec<(u64, u64)>>,
+    offset_ms: u64,
+) -> Result<(), String> {
+    use plotters::prelude::*;
+    let noisy = c.noisy_factor != 1.0;
+    let others = p99_per_second(
+        waits
+            .iter()
+            .filter(|(t, _)| !noisy || t.as_str() != "tenant-0")
+            .flat_map(|(_, v)| v.iter()),
+        offset_ms,
+    );
+    let noisy_series = if noisy {
+        p99_per_second(waits.get("tenant-0").into_iter().flatten(), offset_ms)
+    } else {
+        Vec::new()
+    };
+    let x_max = c.duration.as_secs_f64().max(1.0);
+    // Log scale, floored at 10 µs so that idle seconds (0 wait) still show.
+    const FLOOR: f64 = 0.01;
+    let clip = |series: Vec<(f64, f64)>| -> Vec<(f64, f64)> {
+        series
+            .into_iter()
+            .filter(|p| p.0 <= x_max)
+            .map(|(x, y)| (x, y.max(FLOOR)))
+            .collect()
+    };
+    let (others, noisy_series) = (clip(others), clip(noisy_series));
+    let y_max = others.iter().chain(&noisy_series).map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let root = SVGBackend::new(path, (900, 450)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let title = format!(
+        "queue wait p99 per second — {} tenants{}, {} workers",
+        c.tenants,
+        if noisy {
+            format!(", tenant-0 at {}×", c.noisy_factor)
+        } else {
+            String::new()
+        },
+        c.queriers * c.workers
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..x_max, (FLOOR..y_max).log_scale())
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("queue wait p99 (ms, log scale)")
+        .draw()
+        .map_err(|e| err(&e))?;
+    let label = if noisy { "other tenants" } else { "all tenants" };
+    chart
+        .draw_series(LineSeries::new(others, &BLUE))
+        .map_err(|e| err(&e))?
+        .label(label)
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    if noisy {
+        chart
+            .draw_series(LineSeries::new(noisy_series, &RED))
+            .map_err(|e| err(&e))?
+            .label("tenant-0 (noisy)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}
+
+/// The `q` quantile of sorted microsecond values, in microseconds.
+fn percentile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+pub(super) fn report(
+    c: &BenchConfig,
+    elapsed: Duration,
+    o: &Outcomes,
+    queue_times: &QueueTimes,
+    component_times: &QueueTimes,
+    // What the schedulers dispatched in the measured seconds, when they run in this process.
+    dispatched: Option<u64>,
+    cpu: &Cpu,
+) -> Value {
+    let (submitted, results, rejected, errors) = (
+        o.submitted.load(Ordering::Relaxed),
+        o.results.load(Ordering::Relaxed),
+        o.rejected.load(Ordering::Relaxed),
+        o.errors.load(Ordering::Relaxed),
+    );
+    let mut latencies = o.latencies.lock().unwrap().clone();
+    latencies.sort_unstable();
+    let mut accepted = o.accepted.lock().unwrap().clone();
+    accepted.sort_unstable();
+    let queue_times = queue_times.lock().unwrap();
+    let mut all_waits: Vec<u64> = queue_times.values().flatten().map(|p| p.1).collect();
+    all_waits.sort_unstable();
+    let mut tenants = Vec::new();
+    let mut quiet_served = Vec::new();
+    for (tenant, waits) in queue_times.iter() {
+        let mut w: Vec<u64> = waits.iter().map(|p| p.1).collect();
+        w.sort_unstable();
+        if tenant != "tenant-0" || c.noisy_factor == 1.0 {
+            quiet_served.push(w.len() as f64);
+        }
+        tenants.push(json!({
+            "tenant": tenant,
+            "served": w.len(),
+            "queue_wait_us": { "p50": percentile(&w, 0.5), "p99": percentile(&w, 0.99) },
+        }));
+    }
+    let served_total: u64 = queue_times.values().map(|v| v.len() as u64).sum();
+    let noisy_share = queue_times
+        .get("tenant-0")
+        .map_or(0.0, |v| v.len() as f64 / served_total.max(1) as f64);
+    let sum: f64 = quiet_served.iter().sum();
+    let sq: f64 = quiet_served.iter().map(|x| x * x).sum();
+    let jain = if sq > 0.0 {
+        sum * sum / (quiet_served.len() as f64 * sq)
+    } else {
+        1.0
+    };
+    let components: Vec<Value> = component_times
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(component, points)| {
+            let mut w: Vec<u64> = points.iter().map(|p| p.1).collect();
+            w.sort_unstable();
+            json!({
+                "component": component,
+                "served": w.len(),
+                "queue_wait_us": { "p50": percentile(&w, 0.5), "p99": percentile(&w, 0.99) },
+            })
+        })
+        .collect();
+    json!({
+        "config": {
+            "schedulers": match &c.target {
+                None => json!(c.schedulers),
+                Some(t) if t.gossip.is_some() => json!("gossip"),
+                Some(t) => json!(t.schedulers.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
+            },
+            "frontends": c.frontends, "tenants": c.tenants,
+            "noisy_factor": c.noisy_factor, "users_per_tenant": c.users, "queriers": c.queriers,
+            "workers_per_querier": c.workers, "prefetch": c.prefetch, "service_ms": c.service.as_secs_f64() * 1e3,
+            "slow_share": c.slow_share, "slow_service_ms": c.slow_service.as_secs_f64() * 1e3,
+            "seconds": c.duration.as_secs_f64(), "warm_up_seconds": c.warm_up.as_secs_f64(), "rate": c.rate,
+            "concurrency_per_frontend": c.concurrency, "payload_bytes": c.payload_bytes,
+            "result_bytes": c.result_bytes,
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        },
+        "elapsed_seconds": elapsed.as_secs_f64(),
+        "throughput_per_second": results as f64 / elapsed.as_secs_f64(),
+        "latency_ms": {
+            "p50": ms(percentile(&latencies, 0.5)), "p99": ms(percentile(&latencies, 0.99)),
+            "p999": ms(percentile(&latencies, 0.999)),
+        },
+        // The enqueue's round trip: submit until a scheduler accepted the query.
+        "accepted_ms": {
+            "p50": ms(percentile(&accepted, 0.5)), "p99": ms(percentile(&accepted, 0.99)),
+            "p999": ms(percentile(&accepted, 0.999)),
+        },
+        "queue_wait_us": {
+            "p50": percentile(&all_waits, 0.5), "p99": percentile(&all_waits, 0.99),
+            "p999": percentile(&all_waits, 0.999),
+        },
+        "outcomes": {
+            "submitted": submitted, "results": results, "rejected": rejected, "errors": errors,
+            "lost": submitted.saturating_sub(results + rejected + errors),
+            "result_bytes_received": o.result_bytes.load(Ordering::Relaxed),
+            "dispatched_by_schedulers": dispatched,
+            "error_kinds": *o.error_kinds.lock().unwrap(),
+        },
+        "cpu": cpu.report(results),
+        "fairness": { "jain_index_equal_tenants": jain, "noisy_tenant_share": noisy_share },
+        "components": components,
+        "tenants": tenants,
+    })
+}
