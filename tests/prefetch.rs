@@ -193,3 +193,25 @@ async fn a_held_query_past_its_deadline_fails_at_its_deadline_and_never_runs() {
     assert_eq!(s.runs.lock().unwrap().per_query.get(&b_id), None, "b never ran");
     s.q.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_querier_shutting_down_runs_its_held_query_once_and_delivers_both() {
+    let mut s = setup().await;
+    let a = s.fe.submit(QueryRequest::new("t", "a")).await.unwrap();
+    let a_id = a.id();
+    assert_eq!(wait("a started", s.started.recv()).await.unwrap().0, a_id);
+    let b = s.fe.submit(QueryRequest::new("t", "b")).await.unwrap();
+    let b_id = b.id();
+    s.t.status_until("b dispatched and held", |st| st.running == 2 && st.queued == 0)
+        .await;
+    let shutdown = tokio::spawn(s.q.shutdown());
+    s.gate.add_permits(1);
+    assert_eq!(body_of(a).await, b"a");
+    assert_eq!(wait("b started", s.started.recv()).await.unwrap().0, b_id);
+    s.gate.add_permits(1);
+    assert_eq!(body_of(b).await, b"b");
+    wait("the querier's shutdown", shutdown).await.unwrap();
+    let r = s.runs.lock().unwrap();
+    assert_eq!((r.per_query.get(&a_id), r.per_query.get(&b_id)), (Some(&1), Some(&1)));
+    assert_eq!(r.most, 1);
+}
