@@ -181,6 +181,13 @@ async fn bench_reports_every_outcome_and_draws_the_plot() {
         "every result carried --result-bytes"
     );
     assert_eq!(report["tenants"].as_array().unwrap().len(), 5);
+    // Open loop: the generator says how late it submitted against its schedule.
+    let late = &report["generator_lateness_ms"];
+    let q = |k: &str| late[k].as_f64().unwrap_or_else(|| panic!("{k} in {late}"));
+    assert!(
+        0.0 <= q("p50") && q("p50") <= q("p99") && q("p99") <= q("max"),
+        "{late}"
+    );
     let svg = std::fs::read_to_string(dir.path().join("wait.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("tenant-0 (noisy)"));
 }

@@ -212,6 +212,9 @@ struct Outcomes {
     /// Microseconds from submit to result, and from submit to acceptance.
     latencies: Mutex<Vec<u64>>,
     accepted: Mutex<Vec<u64>>,
+    /// Open loop: microseconds each submit came after its scheduled arrival (the load
+    /// generator's own lateness; a late arrival is a burst the system did not cause).
+    lateness: Mutex<Vec<u64>>,
 }
 
 impl Outcomes {
@@ -320,6 +323,7 @@ fn spawn_load(
                     let mut rng = crate::sim::Rng::new(c.seed ^ (t as u64 + 1));
                     let mut next = Instant::now();
                     let mut inflight = Vec::new();
+                    let mut lateness = Vec::new();
                     let mut n = 0u64;
                     loop {
                         next += Duration::from_nanos(rng.exp_ns(tenant_rate));
@@ -327,11 +331,14 @@ fn spawn_load(
                             break;
                         }
                         tokio::time::sleep_until(next.into()).await;
+                        let late = Instant::now().saturating_duration_since(next);
+                        lateness.push(u64::try_from(late.as_micros()).unwrap_or(u64::MAX));
                         outcomes.submitted.fetch_add(1, Ordering::Relaxed);
                         let (fe, outcomes, req) = (fe.clone(), outcomes.clone(), request(&c, t, n, &payload));
                         inflight.push(tokio::spawn(async move { outcomes.record(one_query(&fe, req).await) }));
                         n += 1;
                     }
+                    outcomes.lateness.lock().unwrap().extend(lateness);
                     for task in inflight {
                         let _ = task.await;
                     }

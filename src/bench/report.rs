@@ -168,6 +168,8 @@ pub(super) fn report(
     latencies.sort_unstable();
     let mut accepted = o.accepted.lock().unwrap().clone();
     accepted.sort_unstable();
+    let mut lateness = o.lateness.lock().unwrap().clone();
+    lateness.sort_unstable();
     let queue_times = queue_times.lock().unwrap();
     let mut all_waits: Vec<u64> = queue_times.values().flatten().map(|p| p.1).collect();
     all_waits.sort_unstable();
@@ -237,6 +239,11 @@ pub(super) fn report(
             "p50": ms(percentile(&accepted, 0.5)), "p99": ms(percentile(&accepted, 0.99)),
             "p999": ms(percentile(&accepted, 0.999)),
         },
+        // Open loop: how late the load generator submitted against its schedule.
+        "generator_lateness_ms": (!lateness.is_empty()).then(|| json!({
+            "p50": ms(percentile(&lateness, 0.5)), "p99": ms(percentile(&lateness, 0.99)),
+            "max": ms(lateness.last().copied().unwrap_or(0)),
+        })),
         "queue_wait_us": {
             "p50": percentile(&all_waits, 0.5), "p99": percentile(&all_waits, 0.99),
             "p999": percentile(&all_waits, 0.999),
