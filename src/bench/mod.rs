@@ -322,7 +322,10 @@ fn spawn_load(
                 tasks.push(tokio::spawn(async move {
                     let mut rng = crate::sim::Rng::new(c.seed ^ (t as u64 + 1));
                     let mut next = Instant::now();
-                    let mut inflight = Vec::new();
+                    // Finished queries are reaped as the run goes: a task kept until the end
+                    // holds its memory, and the heap growing by a page at a time stalled
+                    // this process for tens of milliseconds per fresh huge page.
+                    let mut inflight = tokio::task::JoinSet::new();
                     let mut lateness = Vec::new();
                     let mut n = 0u64;
                     loop {
@@ -335,13 +338,12 @@ fn spawn_load(
                         lateness.push(u64::try_from(late.as_micros()).unwrap_or(u64::MAX));
                         outcomes.submitted.fetch_add(1, Ordering::Relaxed);
                         let (fe, outcomes, req) = (fe.clone(), outcomes.clone(), request(&c, t, n, &payload));
-                        inflight.push(tokio::spawn(async move { outcomes.record(one_query(&fe, req).await) }));
+                        inflight.spawn(async move { outcomes.record(one_query(&fe, req).await) });
+                        while inflight.try_join_next().is_some() {}
                         n += 1;
                     }
                     outcomes.lateness.lock().unwrap().extend(lateness);
-                    for task in inflight {
-                        let _ = task.await;
-                    }
+                    while inflight.join_next().await.is_some() {}
                 }));
             }
         }
