@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::tls::CertSet;
 use serde_json::Value;
 use sluice_client::gossip::GossipConfig;
 use sluice_client::{
@@ -28,9 +27,10 @@ use sluice_client::{
 };
 
 use crate::config::Settings;
+use crate::server::Server;
+use crate::tls::CertSet;
 
 mod report;
-use crate::server::Server;
 use report::{Cpu, plot_waits, report};
 
 /// Schedulers that are already running, to drive instead of starting our own.

@@ -215,8 +215,7 @@ async fn poll_opt<F: std::future::Future + Unpin>(f: &mut Option<F>) -> F::Outpu
 
 impl<H: Handler> Driver<H> {
     fn grow(&mut self, n: usize) {
-        let max = usize::from(sluice_protocol::MAX_WORKERS_PER_STREAM);
-        self.slots.grow(n, max, &mut self.out);
+        self.slots.grow(n, &mut self.out);
         while self.active.len() < self.slots.len() {
             self.active.push(None);
         }

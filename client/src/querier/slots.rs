@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use sluice_protocol::{Finished, QuerierToScheduler, QueryId, WorkerSlot};
+use sluice_protocol::{Finished, MAX_WORKERS_PER_STREAM, QuerierToScheduler, QueryId, WorkerSlot};
 use tokio::time::Instant;
 
 /// What one worker is doing.
@@ -155,9 +155,11 @@ impl Slots {
         self.stream
     }
 
-    /// Grows to `n` workers (`2n` slots with prefetch, at most `max_slots`); new slots ask
-    /// for work at once if a stream is open, and held queries start on new workers.
-    pub(super) fn grow(&mut self, n: usize, max_slots: usize, out: &mut Vec<Action>) {
+    /// Grows to `n` workers (`2n` slots with prefetch, at most
+    /// [`MAX_WORKERS_PER_STREAM`]); new slots ask for work at once if a stream is open, and
+    /// held queries start on new workers.
+    pub(super) fn grow(&mut self, n: usize, out: &mut Vec<Action>) {
+        let max_slots = usize::from(MAX_WORKERS_PER_STREAM);
         let n = n.min(max_slots);
         self.workers = self.workers.max(n);
         let slots = if self.prefetch { n * 2 } else { n }.min(max_slots);
@@ -367,9 +369,9 @@ impl Slots {
         out: &mut Vec<Action>,
     ) {
         let i = usize::from(slot);
-        let Some(State::Running(_)) = self.states.get(i) else {
+        if !matches!(self.states.get(i), Some(State::Running(_))) {
             return;
-        };
+        }
         let State::Running(run) = std::mem::replace(&mut self.states[i], State::Idle) else {
             unreachable!("checked above");
         };
@@ -458,7 +460,7 @@ mod tests {
     fn open(n: usize) -> (Slots, Vec<Action>) {
         let mut s = Slots::new(GRACE, CONFIRM, false);
         let mut out = Vec::new();
-        s.grow(n, usize::MAX, &mut out);
+        s.grow(n, &mut out);
         assert!(out.is_empty(), "no stream: nobody asks");
         s.opened(&mut out);
         (s, out)
@@ -467,7 +469,7 @@ mod tests {
     fn open_prefetching(workers: usize) -> Slots {
         let mut s = Slots::new(GRACE, CONFIRM, true);
         let mut out = Vec::new();
-        s.grow(workers, usize::MAX, &mut out);
+        s.grow(workers, &mut out);
         s.opened(&mut out);
         assert_eq!(out.len(), workers * 2, "two slots per worker ask: {out:?}");
         s
@@ -510,7 +512,7 @@ mod tests {
         s.done(1, None, None, &mut out);
         assert_eq!(out[0], Action::Start(3), "query 3 was held first");
         out.clear();
-        s.grow(3, usize::MAX, &mut out);
+        s.grow(3, &mut out);
         assert_eq!(out[0], Action::Start(2), "a new worker runs the other held query");
         assert_eq!(s.len(), 6);
         assert_eq!(s.workers(), 3);
@@ -574,7 +576,7 @@ mod tests {
         let (mut s, out) = open(2);
         assert_eq!(out, vec![ready(0, None), ready(1, None)]);
         let mut out = Vec::new();
-        s.grow(3, usize::MAX, &mut out);
+        s.grow(3, &mut out);
         assert_eq!(out, vec![ready(2, None)]);
     }
 
