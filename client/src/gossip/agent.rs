@@ -2,7 +2,22 @@
 //! instance; it checks every packet's tag, sends and takes reports, and publishes the
 //! membership.
 
-use super::*;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use foca::{AccumulatingRuntime, Foca, PostcardCodec, Timer};
+use rand::rngs::StdRng;
+use ring::hmac;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::{Command, GossipConfig, GossipKey, GossipStats, Member, MemberRole, MemberState, RESEND_EVERY, TAG_LEN};
 
 type Runtime = AccumulatingRuntime<Member>;
 

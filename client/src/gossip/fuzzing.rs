@@ -1,7 +1,14 @@
 //! The gossip packet path, for the fuzzer and its seeds. Not part of the API.
 
-use super::*;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+
+use foca::{AccumulatingRuntime, Foca, PostcardCodec};
 use rand::SeedableRng;
+use rand::rngs::StdRng;
+use ring::hmac;
+
+use super::{MAX_PACKET, Member, MemberRole, MemberState, TAG_LEN};
 
 const KEY: &[u8] = b"fuzzing key, sixteen bytes or more";
 

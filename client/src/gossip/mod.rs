@@ -16,8 +16,6 @@
 //! are tagged under a key derived from the cluster's, so neither kind of packet can pass
 //! for the other. Schedulers share their tenants' queued counts this way.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -25,15 +23,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use foca::{AccumulatingRuntime, Foca, Identity, PostcardCodec, Timer};
+use foca::{Foca, Identity, PostcardCodec};
 use rand::rngs::StdRng;
-use ring::hmac;
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::ClientError;
 
