@@ -126,16 +126,6 @@ async fn wait_connected(fe: &Frontend, n: usize) {
     .await;
 }
 
-async fn wait<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
-async fn body_of(handle: QueryHandle) -> Result<Vec<u8>, QueryError> {
-    wait("a response", async { handle.response().await?.body.collect().await }).await
-}
-
 #[tokio::test]
 async fn a_measured_cost_reaches_the_schedulers_account() {
     let t = start(|_| {}).await;

@@ -91,18 +91,6 @@ async fn setup() -> Setup {
     }
 }
 
-async fn wait<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
-async fn body_of(handle: QueryHandle) -> Vec<u8> {
-    wait("a response", async { handle.response().await?.body.collect().await })
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_worker_holds_one_query_runs_one_at_a_time_and_never_runs_a_cancelled_held_one() {
     let mut s = setup().await;
@@ -128,7 +116,7 @@ async fn a_worker_holds_one_query_runs_one_at_a_time_and_never_runs_a_cancelled_
     const HELD: Duration = Duration::from_millis(300);
     tokio::time::sleep(HELD).await;
     s.gate.add_permits(1);
-    assert_eq!(body_of(a).await, b"a");
+    assert_eq!(body_of(a).await.unwrap(), b"a");
     let (next, queue_time) = wait("c started", s.started.recv()).await.unwrap();
     assert_eq!(next, c_id, "the held c runs next, never the cancelled b");
     assert!(
@@ -136,7 +124,7 @@ async fn a_worker_holds_one_query_runs_one_at_a_time_and_never_runs_a_cancelled_
         "c's queue time counts its wait on the querier: {queue_time:?}"
     );
     s.gate.add_permits(1);
-    assert_eq!(body_of(c).await, b"c");
+    assert_eq!(body_of(c).await.unwrap(), b"c");
     {
         let r = s.runs.lock().unwrap();
         assert_eq!(r.per_query.get(&b_id), None, "the cancelled held query never ran");
@@ -187,9 +175,9 @@ async fn a_held_query_past_its_deadline_fails_at_its_deadline_and_never_runs() {
     // The held slot reported it: the scheduler no longer counts it as running.
     s.t.status_until("b ended on the scheduler", |st| st.running == 1).await;
     s.gate.add_permits(2);
-    assert_eq!(body_of(a).await, b"a");
+    assert_eq!(body_of(a).await.unwrap(), b"a");
     let after = s.fe.submit(QueryRequest::new("t", "after")).await.unwrap();
-    assert_eq!(body_of(after).await, b"after");
+    assert_eq!(body_of(after).await.unwrap(), b"after");
     assert_eq!(s.runs.lock().unwrap().per_query.get(&b_id), None, "b never ran");
     s.q.shutdown().await;
 }
@@ -206,10 +194,10 @@ async fn a_querier_shutting_down_runs_its_held_query_once_and_delivers_both() {
         .await;
     let shutdown = tokio::spawn(s.q.shutdown());
     s.gate.add_permits(1);
-    assert_eq!(body_of(a).await, b"a");
+    assert_eq!(body_of(a).await.unwrap(), b"a");
     assert_eq!(wait("b started", s.started.recv()).await.unwrap().0, b_id);
     s.gate.add_permits(1);
-    assert_eq!(body_of(b).await, b"b");
+    assert_eq!(body_of(b).await.unwrap(), b"b");
     wait("the querier's shutdown", shutdown).await.unwrap();
     let r = s.runs.lock().unwrap();
     assert_eq!((r.per_query.get(&a_id), r.per_query.get(&b_id)), (Some(&1), Some(&1)));

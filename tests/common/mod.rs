@@ -19,6 +19,18 @@ use tokio::process::{Child, Command};
 /// How long any single expected event may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// Awaits `f`, failing the test after [`WAIT`] with what was awaited.
+pub async fn wait<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// A query's whole body (bounded by [`WAIT`]).
+pub async fn body_of(handle: sluice_client::QueryHandle) -> Result<Vec<u8>, sluice_client::QueryError> {
+    wait("a response", async { handle.response().await?.body.collect().await }).await
+}
+
 pub struct TestServer {
     pub server: Server,
     pub certs: CertSet,
