@@ -1,12 +1,6 @@
 //! The `sluice` binary.
 
-/// The allocator of the `sluice` binary (scheduler, bench, demo). Every query allocates
-/// frames and buffers on one runtime thread and frees them on another; glibc's malloc
-/// then spends about a quarter of the client side's CPU in its arena locks. mimalloc:
-/// 33% more queries per second, 25–30% less CPU per query on both sides, for ~20 MB more
-/// resident memory (docs/benchmarks.md). The libraries leave the choice to their users.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+mod memory;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -242,6 +236,7 @@ fn certs(action: CertsAction) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    memory::prefer_small_pages();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

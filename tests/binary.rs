@@ -291,3 +291,39 @@ async fn serve_writes_a_ready_file_and_logs_json_on_request() {
         assert!(!line.contains('\u{1b}'), "no ANSI colours: {line}");
     }
 }
+
+/// `sluice serve` turns transparent huge pages off for itself (the first touch of a fresh
+/// 2 MiB page stalls the runtime thread that makes it), unless `MIMALLOC_ALLOW_THP=1` keeps
+/// them.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn serve_runs_without_transparent_huge_pages_unless_asked() {
+    fn thp_enabled(pid: &str) -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find_map(|l| l.strip_prefix("THP_enabled:"));
+        line.expect("THP_enabled in /proc/PID/status (Linux 5.0+)")
+            .trim()
+            .to_string()
+    }
+    // What a process that leaves the setting alone gets from this kernel.
+    let kernel_default = thp_enabled("self");
+    for (allow, expected) in [(None, "0"), (Some("1"), kernel_default.as_str())] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        command
+            .current_dir(dir.path())
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .env_remove("MIMALLOC_ALLOW_THP");
+        if let Some(value) = allow {
+            command.env("MIMALLOC_ALLOW_THP", value);
+        }
+        let (child, _) = spawn_serve(command).await;
+        let pid = child.id().unwrap().to_string();
+        assert_eq!(thp_enabled(&pid), expected, "MIMALLOC_ALLOW_THP={allow:?}");
+        signal(&child, "TERM").await;
+        tokio::time::timeout(WAIT, child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
