@@ -75,7 +75,7 @@ pub(crate) struct Dispatcher {
     /// Which worker runs each dispatched query.
     running: HashMap<QueryKey, Running>,
     /// Which worker's querier delivers each finished query's result (see
-    /// `Worker::delivering`); a key enqueued again leaves it.
+    /// `Worker::delivering`); a key enqueued again or cancelled leaves it.
     delivering: HashMap<QueryKey, WorkerId>,
     /// Queries dispatched in this batch, per frontend: sent as one `Dispatched` frame at
     /// the batch's end, or before any other frame to that frontend.
@@ -377,6 +377,11 @@ impl Dispatcher {
             }
             r.tenant.clone()
         } else {
+            // Served, its result on the way: answered `Cancelled` now, it is owed nothing
+            // more, even if its querier goes before the delivery settles.
+            if self.delivering.remove(&key).is_some() {
+                debug!(?key, "cancelled while its result was delivered");
+            }
             return;
         };
         self.metrics

@@ -327,6 +327,19 @@ fn a_worker_lost_while_its_result_is_delivered_fails_the_query_until_the_next_re
 }
 
 #[test]
+fn a_query_cancelled_while_its_result_is_delivered_is_answered_once() {
+    let mut h = harness();
+    h.enqueue(1);
+    let (w, _w_rx) = h.busy_worker();
+    h.ready(w); // query 1 delivering
+    let frontend = h.frontend;
+    h.d.handle(Command::Cancel { frontend, query: 1 }, h.now);
+    assert_eq!(h.frame().ok(), Some(SchedulerToFrontend::Cancelled { query_id: 1 }));
+    h.d.handle(Command::DequeueClosed { stream: w }, h.now);
+    assert_eq!(h.frame().ok(), None, "no QuerierFailed after Cancelled");
+}
+
+#[test]
 fn a_query_placed_again_is_not_failed_by_its_earlier_delivery() {
     let mut h = harness();
     h.enqueue(1);
