@@ -349,6 +349,10 @@ impl Settings {
         if max_streams_per_connection == 0 {
             return Err(invalid("max_streams_per_connection", "must be at least 1"));
         }
+        if self.scheduler_id.as_deref() == Some("") {
+            // Other schedulers find their acknowledgements by it.
+            return Err(invalid("scheduler_id", "must not be empty"));
+        }
         Ok(ServeConfig {
             listen,
             admin_listen,
@@ -500,6 +504,13 @@ mod tests {
                 ..Settings::default()
             },
             "threads:",
+        );
+        check(
+            Settings {
+                scheduler_id: Some(String::new()),
+                ..Settings::default()
+            },
+            "scheduler_id:",
         );
         check(
             Settings {

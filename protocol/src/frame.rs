@@ -510,7 +510,9 @@ pub struct LoadReport {
     pub tenants: Vec<(String, u32)>,
     /// (scheduler, version of its report the sender has seen): the sender's
     /// acknowledgements, so that each scheduler knows which of its admissions the others
-    /// have counted.
+    /// have counted. When they do not all fit one packet they take turns, and an entry
+    /// with an empty scheduler name says so: a scheduler missing from such a report keeps
+    /// the acknowledgement it had; missing from a report without it, it has seen nothing.
     #[serde(deserialize_with = "crate::bounded::seq::<_, _, { crate::bounded::HARD_MAX_REPORTED_TENANTS }>")]
     pub seen: Vec<(String, u64)>,
 }

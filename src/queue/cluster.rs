@@ -26,6 +26,13 @@
 //! [`PEER_FRESH_FOR`]; one the gossip declares gone is forgotten at once. A tenant a report
 //! does not list counts as nothing held there: reports list the tenants nearest their
 //! limit first, as many as fit one packet.
+//!
+//! Acknowledgements take at most half of a report. With more schedulers than that holds
+//! (about 25 with 14-byte ids), each report carries a turn of them, the next ids after the
+//! last turn's, and says so with an entry named [`ACKS_TAKE_TURNS`]; a scheduler missing
+//! from such a report keeps the acknowledgement it had (versions only grow, so an older one
+//! is still true, only more cautious). A missing scheduler in a report without that entry
+//! has seen nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -44,6 +51,14 @@ const KEPT_REPORTS: usize = 128;
 /// cluster key, but still) is ignored until one of them stops counting.
 pub const MAX_PEERS: usize = 256;
 
+/// The name of the entry that says a report's acknowledgements take turns (see the
+/// module's documentation). No scheduler is named so (`scheduler_id` may not be empty).
+pub const ACKS_TAKE_TURNS: &str = "";
+
+/// Bytes an acknowledgement costs beyond its scheduler's id, at most (postcard: the id's
+/// length and the version as variable-length integers).
+pub const ACK_OVERHEAD: usize = 2 + 10;
+
 /// The cluster's load as this scheduler knows it: the others' last reports, and its own
 /// recent ones.
 #[derive(Debug)]
@@ -55,6 +70,8 @@ pub struct ClusterLoad {
     seq: u64,
     /// The acknowledgements the last report carried.
     acks_sent: Vec<(String, u64)>,
+    /// When acknowledgements take turns: the id of the last one sent.
+    last_turn: Option<String>,
 }
 
 #[derive(Debug)]
@@ -77,6 +94,9 @@ pub struct Outgoing {
     pub tenants: Vec<(String, u32)>,
     /// (scheduler, version of its report seen here), sorted.
     pub seen: Vec<(String, u64)>,
+    /// `seen` is one turn of them: the next report should follow within the gossip's
+    /// resend period, whether anything changes or not, with the next turn.
+    pub turns: bool,
 }
 
 impl ClusterLoad {
@@ -89,6 +109,7 @@ impl ClusterLoad {
             version: start,
             seq: start,
             acks_sent: Vec::new(),
+            last_turn: None,
         }
     }
 
@@ -106,7 +127,8 @@ impl ClusterLoad {
         seen: &[(String, u64)],
         now: Instant,
     ) -> bool {
-        let acked = seen.iter().find(|(s, _)| s == me).map_or(0, |&(_, v)| v);
+        let acked = seen.iter().find(|(s, _)| s == me).map(|&(_, v)| v);
+        let turns = seen.iter().any(|(s, _)| s == ACKS_TAKE_TURNS);
         let full = self.peers.len() >= MAX_PEERS;
         match self.peers.get_mut(scheduler) {
             Some(p) if seq < p.seq => false,
@@ -114,7 +136,11 @@ impl ClusterLoad {
                 p.seen = now;
                 if seq > p.seq {
                     p.seq = seq;
-                    p.acked = acked;
+                    p.acked = match acked {
+                        Some(v) => v,
+                        None if turns => p.acked,
+                        None => 0,
+                    };
                     if version != p.version {
                         p.version = version;
                         p.tenants.clear();
@@ -131,7 +157,7 @@ impl ClusterLoad {
                     seq,
                     version,
                     tenants,
-                    acked,
+                    acked: acked.unwrap_or(0),
                 };
                 self.peers.insert(scheduler.to_string(), peer);
                 true
@@ -151,9 +177,10 @@ impl ClusterLoad {
         self.peers.len()
     }
 
-    /// The report to send now, given what this scheduler holds (from [`hottest`]); `None`
-    /// when it would tell the others nothing new (same counts, same acknowledgements).
-    pub fn report(&mut self, tenants: Vec<(String, u32)>) -> Option<Outgoing> {
+    /// The report to send now, given what this scheduler holds (from [`hottest`]) and the
+    /// bytes its acknowledgements may take; `None` when it would tell the others nothing
+    /// new (same counts, same acknowledgements, all of them).
+    pub fn report(&mut self, tenants: Vec<(String, u32)>, ack_room: usize) -> Option<Outgoing> {
         let changed = match self.mine.back() {
             Some((_, last)) => last.len() != tenants.len() || tenants.iter().any(|(t, n)| last.get(t) != Some(n)),
             None => true,
@@ -167,7 +194,13 @@ impl ClusterLoad {
         }
         let mut seen: Vec<(String, u64)> = self.peers.iter().map(|(s, p)| (s.clone(), p.version)).collect();
         seen.sort();
-        if !changed && seen == self.acks_sent {
+        let turns = self.ack_bytes() > ack_room;
+        if turns {
+            seen = self.next_turn(seen, ack_room);
+        } else {
+            self.last_turn = None;
+        }
+        if !changed && !turns && seen == self.acks_sent {
             return None;
         }
         self.acks_sent.clone_from(&seen);
@@ -177,7 +210,30 @@ impl ClusterLoad {
             version: self.version,
             tenants,
             seen,
+            turns,
         })
+    }
+
+    /// The acknowledgements after the last turn's (in id order, wrapping around), as many
+    /// as `room` bytes hold and at least one, with the entry that says they take turns.
+    fn next_turn(&mut self, all: Vec<(String, u64)>, room: usize) -> Vec<(String, u64)> {
+        let start = self
+            .last_turn
+            .as_ref()
+            .map_or(0, |last| all.partition_point(|(id, _)| id <= last));
+        let mut left = room.saturating_sub(ACKS_TAKE_TURNS.len() + ACK_OVERHEAD);
+        let mut turn = vec![(ACKS_TAKE_TURNS.to_string(), 0)];
+        for (id, version) in all.iter().cycle().skip(start).take(all.len()) {
+            let cost = id.len() + ACK_OVERHEAD;
+            if cost > left && turn.len() > 1 {
+                break;
+            }
+            left = left.saturating_sub(cost);
+            turn.push((id.clone(), *version));
+        }
+        self.last_turn = turn.last().map(|(id, _)| id.clone());
+        turn.sort();
+        turn
     }
 
     /// The version of this scheduler's counts, as its last report gave it.
@@ -205,7 +261,7 @@ impl ClusterLoad {
     /// Bytes the acknowledgements of a report take at most: each peer's id, its length and
     /// a version (variable-length integers).
     pub fn ack_bytes(&self) -> usize {
-        self.peers.keys().map(|id| id.len() + 2 + 10).sum()
+        self.peers.keys().map(|id| id.len() + ACK_OVERHEAD).sum()
     }
 
     /// Every tenant the other schedulers that count hold some of, with what they hold.
@@ -327,9 +383,9 @@ mod tests {
         assert_eq!(view.allowance("a", 100, at(1)), Some(34));
         assert_eq!(view.allowance("b", 100, at(1)), Some(4));
         // It reports holding 34; once both have seen that, the next step.
-        let sent = view.report(vec![("a".into(), 34)]).expect("news");
+        let sent = view.report(vec![("a".into(), 34)], usize::MAX).expect("news");
         assert_eq!(sent.seen, vec![("s2".into(), 1), ("s3".into(), 1)]);
-        assert!(view.report(vec![("a".into(), 34)]).is_none(), "nothing new");
+        assert!(view.report(vec![("a".into(), 34)], usize::MAX).is_none(), "nothing new");
         report(&mut view, "s2", 2, &[], sent.version, at(2));
         assert_eq!(view.allowance("a", 100, at(3)), Some(34), "s3 has not seen it");
         report(&mut view, "s3", 2, &[("b", 90)], sent.version, at(3));
@@ -371,10 +427,71 @@ mod tests {
     }
 
     #[test]
+    fn with_too_many_schedulers_for_one_report_acknowledgements_take_turns() {
+        let mut view = ClusterLoad::new(0);
+        let ids: Vec<String> = (0..MAX_PEERS).map(|i| format!("scheduler-eu-west-1-{i:03}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            view.receive("me", id, 1, 100 + i as u64, [], &[], at(0));
+        }
+        let room = 600;
+        let mut acked = std::collections::BTreeMap::new();
+        let mut turns = 0;
+        while acked.len() < ids.len() {
+            let sent = view.report(vec![], room).expect("every turn is sent");
+            assert!(sent.turns);
+            assert_eq!(sent.seen[0], (ACKS_TAKE_TURNS.to_string(), 0), "says so, first");
+            let bytes: usize = sent.seen.iter().map(|(id, _)| id.len() + ACK_OVERHEAD).sum();
+            assert!(bytes <= room, "{bytes} bytes");
+            for (id, version) in &sent.seen[1..] {
+                assert_eq!(acked.insert(id.clone(), *version), None, "{id} again before the others");
+            }
+            turns += 1;
+            assert!(turns <= ids.len(), "every scheduler is acknowledged in turn");
+        }
+        let expected: std::collections::BTreeMap<String, u64> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), 100 + i as u64))
+            .collect();
+        assert_eq!(acked, expected);
+        assert_eq!(
+            turns,
+            ids.len()
+                .div_ceil((room - ACK_OVERHEAD) / (ids[0].len() + ACK_OVERHEAD))
+        );
+        // Room for all of them again: one report with every acknowledgement, and no turns.
+        let all = view.report(vec![], usize::MAX).expect("news: all of them");
+        assert!(!all.turns);
+        assert_eq!(all.seen.len(), ids.len());
+        assert!(view.report(vec![], usize::MAX).is_none(), "nothing new");
+    }
+
+    #[test]
+    fn a_scheduler_left_out_of_a_turn_keeps_its_acknowledgement_and_not_otherwise() {
+        let mut view = ClusterLoad::new(0);
+        let (turn, me) = ((ACKS_TAKE_TURNS.to_string(), 0), ("me".to_string(), 7));
+        view.receive("me", "s2", 1, 1, [], std::slice::from_ref(&me), at(0));
+        let version = view.report(vec![("a".into(), 10)], usize::MAX).unwrap().version;
+        let acked = |view: &mut ClusterLoad, seq: u64, seen: &[(String, u64)]| {
+            view.receive("me", "s2", seq, 1, [], seen, at(1));
+            view.allowance("a", 100, at(1)).unwrap()
+        };
+        let me_now = ("me".to_string(), version);
+        // Seen: 10 visible, then half of the other 90 may go unseen.
+        assert_eq!(acked(&mut view, 2, std::slice::from_ref(&me_now)), 10 + 45);
+        assert_eq!(acked(&mut view, 3, &[turn.clone(), ("s9".into(), 1)]), 55, "kept");
+        assert_eq!(acked(&mut view, 4, &[("s9".into(), 1)]), 50, "nothing seen");
+        assert_eq!(acked(&mut view, 5, &[turn, me_now]), 55);
+    }
+
+    #[test]
     fn a_restarted_scheduler_reports_after_its_earlier_life() {
         let mut old = ClusterLoad::new(1_000);
         let mut new = ClusterLoad::new(2_000);
-        let (a, b) = (old.report(vec![]).unwrap(), new.report(vec![]).unwrap());
+        let (a, b) = (
+            old.report(vec![], usize::MAX).unwrap(),
+            new.report(vec![], usize::MAX).unwrap(),
+        );
         assert!(b.seq > a.seq && b.version > a.version);
     }
 
@@ -446,7 +563,7 @@ mod tests {
             } else {
                 vec![]
             };
-            if let Some(r) = views[s].report(tenants) {
+            if let Some(r) = views[s].report(tenants, usize::MAX) {
                 sent.push((k + lag, s, r.clone()));
                 last[s] = Some(r);
             }

@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sluice_client::gossip::{MAX_REPORT_LEN, Member, MemberRole, Reporter};
+use sluice_client::gossip::{MAX_REPORT_LEN, Member, MemberRole, RESEND_EVERY, Reporter};
 use sluice_protocol::{Enqueue, LoadReport};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -94,6 +94,9 @@ pub(super) struct Sharing {
     /// acknowledgement.
     dirty: bool,
     last_sent: Option<Instant>,
+    /// When the acknowledgements' next turn is due, while they take turns (more schedulers
+    /// than one report holds): sent on the gossip's resend period, changed or not.
+    next_turn: Option<Instant>,
     /// Least time between two reports: `REPORT_EVERY`, or 20 times what building the last
     /// one took, whichever is longer (with many tenants queued a report scans them all; this
     /// keeps reporting under 5% of the dispatcher's time).
@@ -111,6 +114,7 @@ impl Sharing {
             reporter,
             dirty: true,
             last_sent: None,
+            next_turn: None,
             gap: REPORT_EVERY,
             deferred: DeferredList::default(),
         }
@@ -123,7 +127,7 @@ impl Sharing {
             .dirty
             .then(|| self.last_sent.map_or_else(Instant::now, |t| t + REPORT_EVERY));
         let deferred = self.deferred.list.front().map(|d| d.until);
-        report.into_iter().chain(deferred).min()
+        report.into_iter().chain(self.next_turn).chain(deferred).min()
     }
 
     /// Enqueues deferred now.
@@ -140,32 +144,42 @@ impl Dispatcher {
     /// Reports the tenants nearest their limit, if a change waits and the last report is
     /// old enough.
     pub(super) fn report_load(&mut self, now: Instant) {
-        let Some(sharing) = &mut self.sharing else { return };
-        if !sharing.dirty || sharing.last_sent.is_some_and(|t| now < t + sharing.gap) {
-            return;
+        let Some(report) = self.next_report(now) else { return };
+        if let Some(reporter) = self.sharing.as_ref().and_then(|s| s.reporter.as_ref())
+            && let Err(e) = reporter.publish(report.encode())
+        {
+            debug!(error = %e, "load report not published");
+        }
+    }
+
+    /// The report due now, if any: at most one packet.
+    pub(super) fn next_report(&mut self, now: Instant) -> Option<LoadReport> {
+        let sharing = self.sharing.as_mut()?;
+        let turn_due = sharing.next_turn.is_some_and(|t| now >= t);
+        if !(sharing.dirty || turn_due) || sharing.last_sent.is_some_and(|t| now < t + sharing.gap) {
+            return None;
         }
         sharing.dirty = false;
         sharing.last_sent = Some(now);
-        // Around the tenants: the id, seq, version, the lists' lengths, and an
-        // acknowledgement per other scheduler (its id and a version).
-        let frame = self.scheduler_id.len() + 2 + 10 + 10 + 3 + 3 + sharing.load.ack_bytes();
-        let tenants = cluster::hottest(self.queue.tenant_loads(), MAX_REPORT_LEN.saturating_sub(frame));
+        // Around the lists: the id, seq, version and the lists' lengths. The
+        // acknowledgements (an id and a version per other scheduler) take up to half of
+        // the rest, and turns past that; the tenants the rest.
+        let room = MAX_REPORT_LEN.saturating_sub(self.scheduler_id.len() + 2 + 10 + 10 + 3 + 3);
+        let ack_room = sharing.load.ack_bytes().min(room / 2);
+        let tenants = cluster::hottest(self.queue.tenant_loads(), room - ack_room);
         sharing.gap = REPORT_EVERY.max(now.elapsed() * 20);
-        let Some(out) = sharing.load.report(tenants) else {
-            return;
+        let Some(out) = sharing.load.report(tenants, ack_room) else {
+            sharing.next_turn = None;
+            return None;
         };
-        let report = LoadReport {
+        sharing.next_turn = out.turns.then(|| now + RESEND_EVERY);
+        Some(LoadReport {
             scheduler: self.scheduler_id.clone(),
             seq: out.seq,
             version: out.version,
             tenants: out.tenants,
             seen: out.seen,
-        };
-        if let Some(reporter) = &sharing.reporter
-            && let Err(e) = reporter.publish(report.encode())
-        {
-            debug!(error = %e, "load report not published");
-        }
+        })
     }
 
     pub(super) fn peer_report(&mut self, report: LoadReport, now: Instant) {

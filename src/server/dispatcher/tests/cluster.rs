@@ -191,3 +191,40 @@ fn a_deferred_enqueue_hears_shutting_down_when_the_drain_starts() {
         })
     ));
 }
+
+#[test]
+fn with_the_most_schedulers_every_report_fits_a_packet_and_acknowledges_each_in_turn() {
+    use crate::queue::cluster::{ACKS_TAKE_TURNS, MAX_PEERS};
+    use sluice_client::gossip::{MAX_REPORT_LEN, RESEND_EVERY};
+    let mut h = with_peer();
+    let mut peers = vec![("p".to_string(), 1)];
+    for i in 1..MAX_PEERS {
+        let report = LoadReport {
+            scheduler: format!("sluice-scheduler-eu-west-1-{i:05}"),
+            seq: 1,
+            version: 1_000 + i as u64,
+            tenants: vec![],
+            seen: vec![],
+        };
+        peers.push((report.scheduler.clone(), report.version));
+        h.d.handle(Command::PeerReport(Box::new(report)), h.now);
+    }
+    let mut acked = std::collections::BTreeMap::new();
+    for _ in 0..peers.len() {
+        h.now += RESEND_EVERY;
+        let r = h.d.next_report(h.now).expect("the next turn is due");
+        assert!(r.encode().len() <= MAX_REPORT_LEN, "{} bytes", r.encode().len());
+        assert_eq!(r.tenants, vec![("t".to_string(), 5)], "the tenants still go");
+        assert_eq!(r.seen[0].0, ACKS_TAKE_TURNS);
+        acked.extend(r.seen[1..].iter().cloned());
+        if acked.len() == peers.len() {
+            break;
+        }
+    }
+    assert_eq!(acked, peers.into_iter().collect(), "every scheduler acknowledged");
+    assert_eq!(
+        h.d.next_report(h.now + RESEND_EVERY - Duration::from_millis(1)),
+        None,
+        "turns follow the gossip's resend period"
+    );
+}
