@@ -1,0 +1,287 @@
+//! What every clone of a [`Frontend`](super::Frontend) shares: the query table with each
+//! query's entry, the scheduler links, and the shell that carries out the table's actions
+//! on them (frames to send, callers to answer, links to start and stop).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use sluice_protocol::{Capability, Enqueue, FrontendAddress, FrontendToScheduler, QueryId, RefuseReason};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{FrontendConfig, QueryRequest, QueryResponse, link};
+use crate::discovery::Target;
+use crate::error::QueryError;
+use crate::lifecycle::{Action, Event, QueryTable, SchedulerIx};
+
+/// What the shell holds for a query beside its state in the table.
+#[derive(Debug)]
+pub(super) struct Entry {
+    pub(super) request: QueryRequest,
+    pub(super) capability: Capability,
+    /// `submit` waits on this for the first placement.
+    pub(super) placed: Option<oneshot::Sender<Result<(), QueryError>>>,
+    /// `QueryHandle::response` waits on this.
+    pub(super) done: Option<oneshot::Sender<Result<QueryResponse, QueryError>>>,
+    /// While the result streams: ends the body with this error (the deadline).
+    pub(super) abort: Option<oneshot::Sender<QueryError>>,
+}
+
+#[derive(Debug)]
+pub(super) struct Inner {
+    pub(super) table: QueryTable,
+    pub(super) entries: HashMap<QueryId, Entry>,
+}
+
+/// One scheduler this frontend connects to. Links are only ever appended, so a link's
+/// index names it for as long as the frontend lives; a link that is no longer wanted is
+/// stopped, and a scheduler that comes back gets a new one.
+#[derive(Debug)]
+pub(super) struct Link {
+    pub(super) addr: SocketAddr,
+    /// The frontend loop's outbound frames, while connected.
+    pub(super) tx: Mutex<Option<mpsc::UnboundedSender<FrontendToScheduler>>>,
+    /// Discovery wants new work sent here.
+    pub(super) in_use: AtomicBool,
+    pub(super) stop: CancellationToken,
+}
+
+impl Link {
+    pub(super) fn new(addr: SocketAddr, in_use: bool) -> Link {
+        Link {
+            addr,
+            tx: Mutex::new(None),
+            in_use: AtomicBool::new(in_use),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    pub(super) fn send(&self, frame: FrontendToScheduler) {
+        if let Some(tx) = self.tx.lock().unwrap().as_ref() {
+            let _ = tx.send(frame);
+        }
+    }
+}
+
+/// What a result stream's claim on its query got.
+#[derive(Debug)]
+pub(crate) enum Claim {
+    /// The result is taken: send the caller its response here; `abort` ends the body early
+    /// (the deadline).
+    Accepted {
+        done: oneshot::Sender<Result<QueryResponse, QueryError>>,
+        abort: oneshot::Receiver<QueryError>,
+    },
+    /// The querier's early confirmation is taken; the result follows on the same stream.
+    Confirmed,
+    /// Refused.
+    Refused(RefuseReason),
+}
+
+#[derive(Debug)]
+pub(super) struct Shared {
+    pub(super) config: FrontendConfig,
+    pub(super) address: FrontendAddress,
+    pub(super) inner: Mutex<Inner>,
+    pub(super) schedulers: RwLock<Vec<Arc<Link>>>,
+    pub(super) available: watch::Sender<usize>,
+    pub(super) next_id: AtomicU64,
+    /// Wakes the timer task when an earlier deadline appears.
+    pub(super) timer: Notify,
+    pub(super) stop: CancellationToken,
+    pub(super) result_endpoint: quinn::Endpoint,
+    /// `QueryHandle::cancel` calls waiting for their scheduler's acknowledgement.
+    pub(super) cancels: Mutex<HashMap<QueryId, oneshot::Sender<()>>>,
+}
+
+impl Shared {
+    /// Feeds `event` to the table and carries out what it decides.
+    pub(super) fn event(&self, event: Event) {
+        self.event_with(event, None);
+    }
+
+    /// Likewise, first recording a new query's entry.
+    pub(super) fn event_with(&self, event: Event, new: Option<(QueryId, Entry)>) -> Option<Claim> {
+        // Only these can change which schedulers accept work.
+        let schedulers_may_change = matches!(
+            event,
+            Event::SchedulerUp { .. }
+                | Event::SchedulerDown { .. }
+                | Event::SchedulerInUse { .. }
+                | Event::SchedulerDraining { .. }
+                | Event::Status {
+                    status: sluice_protocol::EnqueueStatus::ShuttingDown,
+                    ..
+                }
+        );
+        let mut actions = Vec::new();
+        let claim = {
+            let mut inner = self.inner.lock().unwrap();
+            if let Some((id, entry)) = new {
+                inner.entries.insert(id, entry);
+            }
+            let before = inner.table.next_timer();
+            inner.table.handle(event, Instant::now(), &mut actions);
+            let claim = self.apply(&mut inner, actions);
+            let after = inner.table.next_timer();
+            if after.is_some() && (before.is_none() || after < before) {
+                self.timer.notify_one();
+            }
+            claim
+        };
+        if schedulers_may_change {
+            self.set_available();
+        }
+        claim
+    }
+
+    /// Carries out the table's actions (under the lock, so frames about one query leave
+    /// in the order decided). Returns the claim a result stream asked for, if any.
+    fn apply(&self, inner: &mut Inner, actions: Vec<Action>) -> Option<Claim> {
+        let mut claim = None;
+        for action in actions {
+            match action {
+                Action::Enqueue {
+                    scheduler,
+                    id,
+                    timeout,
+                    attempt,
+                } => {
+                    if let Some(e) = inner.entries.get(&id) {
+                        let frame = enqueue_frame(id, e, timeout, attempt);
+                        self.link(scheduler).send(frame);
+                    }
+                }
+                Action::Cancel { scheduler, id } => {
+                    self.link(scheduler).send(FrontendToScheduler::Cancel { query_id: id })
+                }
+                Action::Placed { id } => {
+                    if let Some(tx) = inner.entries.get_mut(&id).and_then(|e| e.placed.take()) {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                Action::Fail { id, error } => {
+                    let Some(e) = inner.entries.remove(&id) else { continue };
+                    if let Some(tx) = e.placed {
+                        let _ = tx.send(Err(error));
+                    } else if let Some(tx) = e.done {
+                        let _ = tx.send(Err(error));
+                    } else if let Some(tx) = e.abort {
+                        let _ = tx.send(error);
+                    }
+                }
+                Action::Failed { id, message } => {
+                    if let Some(tx) = inner.entries.remove(&id).and_then(|e| e.done) {
+                        let _ = tx.send(Err(QueryError::Failed(message)));
+                    }
+                }
+                Action::Accept { id } => {
+                    let Some(e) = inner.entries.get_mut(&id) else { continue };
+                    let (abort, abort_rx) = oneshot::channel();
+                    e.abort = Some(abort);
+                    claim = e.done.take().map(|done| Claim::Accepted { done, abort: abort_rx });
+                }
+                Action::Refuse { reason, .. } => claim = Some(Claim::Refused(reason)),
+                Action::Confirmed { .. } => claim = Some(Claim::Confirmed),
+                Action::Done { id } => {
+                    inner.entries.remove(&id);
+                }
+            }
+        }
+        claim
+    }
+
+    fn set_available(&self) {
+        let n = self.inner.lock().unwrap().table.accepting().count();
+        self.available.send_if_modified(|current| {
+            let changed = *current != n;
+            *current = n;
+            changed
+        });
+    }
+
+    /// A snapshot of every link (stopped ones included: indexes stay stable).
+    pub(super) fn links(&self) -> Vec<Arc<Link>> {
+        self.schedulers.read().unwrap().clone()
+    }
+
+    pub(super) fn link(&self, s: SchedulerIx) -> Arc<Link> {
+        self.schedulers.read().unwrap()[s].clone()
+    }
+
+    /// Connects to the schedulers discovery wants (those in use, and leaving ones whose
+    /// queued work may still run) and stops the links to the others; their queries that
+    /// had not started are placed again elsewhere.
+    /// A scheduler acknowledged the cancel of `id`.
+    pub(super) fn cancel_acknowledged(&self, id: QueryId) {
+        if let Some(waiter) = self.cancels.lock().unwrap().remove(&id) {
+            let _ = waiter.send(());
+        }
+    }
+
+    /// Schedulers discovery wants used now.
+    pub(super) fn known_schedulers(&self) -> usize {
+        self.links()
+            .iter()
+            .filter(|l| !l.stop.is_cancelled() && l.in_use.load(Ordering::Relaxed))
+            .count()
+    }
+
+    pub(super) fn reconcile(self: &Arc<Self>, targets: &[Target]) {
+        let wanted = |t: &&Target| t.in_use || t.leaving;
+        let mut changed = Vec::new();
+        let mut links = self.schedulers.write().unwrap();
+        for (s, link) in links.iter().enumerate().filter(|(_, l)| !l.stop.is_cancelled()) {
+            match targets.iter().filter(wanted).find(|t| t.addr == link.addr) {
+                Some(t) => {
+                    if link.in_use.swap(t.in_use, Ordering::Relaxed) != t.in_use {
+                        changed.push((s, t.in_use));
+                    }
+                }
+                None => {
+                    debug!(addr = %link.addr, "scheduler no longer in use");
+                    link.stop.cancel();
+                }
+            }
+        }
+        for t in targets.iter().filter(wanted) {
+            if !links.iter().any(|l| l.addr == t.addr && !l.stop.is_cancelled()) {
+                let link = Arc::new(Link::new(t.addr, t.in_use));
+                links.push(link.clone());
+                let s = links.len() - 1;
+                tokio::spawn(link::scheduler_loop(
+                    self.clone(),
+                    s,
+                    link,
+                    self.result_endpoint.clone(),
+                ));
+            }
+        }
+        drop(links);
+        for (scheduler, in_use) in changed {
+            self.event(Event::SchedulerInUse { scheduler, in_use });
+        }
+    }
+}
+
+fn enqueue_frame(id: QueryId, e: &Entry, timeout: Option<Duration>, attempt: u32) -> FrontendToScheduler {
+    let r = &e.request;
+    FrontendToScheduler::Enqueue(Enqueue {
+        query_id: id,
+        tenant: r.tenant.clone(),
+        actors: r.actors.clone(),
+        component: r.component.clone(),
+        priority: r.priority,
+        cost_hint: r.cost_hint,
+        // Rounded up: a budget of 0.4 ms must not read as "already expired".
+        timeout_ms: timeout.map(|t| u64::try_from(t.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)),
+        attempt,
+        capability: e.capability,
+        metadata: r.metadata.clone(),
+        payload: r.payload.clone(),
+    })
+}
