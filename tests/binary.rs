@@ -188,6 +188,26 @@ async fn bench_reports_every_outcome_and_draws_the_plot() {
         0.0 <= q("p50") && q("p50") <= q("p99") && q("p99") <= q("max"),
         "{late}"
     );
+    // The timeline: every served query in one bucket of 100 ms, in order, within the run.
+    let timeline = report["timeline_100ms"].as_array().unwrap();
+    let served: u64 = timeline.iter().map(|b| b["served"].as_u64().unwrap()).sum();
+    let all: u64 = report["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["served"].as_u64().unwrap())
+        .sum();
+    assert_eq!(served, all);
+    let from: Vec<u64> = timeline.iter().map(|b| b["from_ms"].as_u64().unwrap()).collect();
+    assert!(
+        from.windows(2).all(|w| w[0] < w[1] && (w[1] - w[0]) % 100 == 0),
+        "{from:?}"
+    );
+    assert!(from.len() >= 15 && *from.last().unwrap() < 3_000, "{from:?}");
+    for b in timeline {
+        let w = &b["queue_wait_us"];
+        assert!(w["p99"].as_u64().unwrap() <= w["max"].as_u64().unwrap(), "{b}");
+    }
     let svg = std::fs::read_to_string(dir.path().join("wait.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("tenant-0 (noisy)"));
 }

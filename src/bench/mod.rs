@@ -31,7 +31,7 @@ use crate::server::Server;
 use crate::tls::CertSet;
 
 mod report;
-use report::{Cpu, plot_waits, report};
+use report::{Cpu, Measured, plot_waits, report};
 
 /// Schedulers that are already running, to drive instead of starting our own.
 #[derive(Debug, Clone)]
@@ -487,13 +487,11 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     if let Some(path) = plot {
         plot_waits(path, &c, &queue_times.lock().unwrap(), offset_ms)?;
     }
-    Ok(report(
-        &c,
+    let measured = Measured {
         elapsed,
-        &outcomes,
-        &queue_times,
-        &component_times,
-        own.then(|| counters.iter().map(|k| k.dispatched).sum::<u64>() - dispatched_before),
-        &cpu,
-    ))
+        dispatched: own.then(|| counters.iter().map(|k| k.dispatched).sum::<u64>() - dispatched_before),
+        cpu,
+        offset_ms,
+    };
+    Ok(report(&c, &measured, &outcomes, &queue_times, &component_times))
 }

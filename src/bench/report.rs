@@ -36,20 +36,42 @@ impl Cpu {
     }
 }
 
-/// p99 of the waits (µs) in each one-second bucket, in milliseconds.
-fn p99_per_second<'a>(points: impl Iterator<Item = &'a (u64, u64)>, offset_ms: u64) -> Vec<(f64, f64)> {
+/// The waits (µs) of the queries served in each `width_ms` from `offset_ms`, sorted, by
+/// bucket number.
+fn buckets<'a>(points: impl Iterator<Item = &'a (u64, u64)>, offset_ms: u64, width_ms: u64) -> BTreeMap<u64, Vec<u64>> {
     let mut buckets: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     for &(at, wait) in points {
         buckets
-            .entry(at.saturating_sub(offset_ms) / 1000)
+            .entry(at.saturating_sub(offset_ms) / width_ms)
             .or_default()
             .push(wait);
     }
+    buckets.values_mut().for_each(|w| w.sort_unstable());
     buckets
+}
+
+/// p99 of the waits (µs) in each one-second bucket, in milliseconds.
+fn p99_per_second<'a>(points: impl Iterator<Item = &'a (u64, u64)>, offset_ms: u64) -> Vec<(f64, f64)> {
+    buckets(points, offset_ms, 1000)
         .into_iter()
-        .map(|(second, mut waits)| {
-            waits.sort_unstable();
-            (second as f64 + 0.5, ms(percentile(&waits, 0.99)))
+        .map(|(second, waits)| (second as f64 + 0.5, ms(percentile(&waits, 0.99))))
+        .collect()
+}
+
+/// Width of the report's timeline buckets.
+const TIMELINE_MS: u64 = 100;
+
+/// Queries served and their queue waits per [`TIMELINE_MS`] of the run: a stall or a backlog
+/// that the run's percentiles hide shows as a bucket with few served and long waits.
+fn timeline(queue_times: &BTreeMap<String, Vec<(u64, u64)>>, offset_ms: u64) -> Vec<Value> {
+    buckets(queue_times.values().flatten(), offset_ms, TIMELINE_MS)
+        .into_iter()
+        .map(|(n, waits)| {
+            json!({
+                "from_ms": n * TIMELINE_MS,
+                "served": waits.len(),
+                "queue_wait_us": { "p99": percentile(&waits, 0.99), "max": waits.last() },
+            })
         })
         .collect()
 }
@@ -148,16 +170,29 @@ fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
+/// What the bench measured around the load, beside the outcomes.
+pub(super) struct Measured {
+    pub(super) elapsed: Duration,
+    /// What the schedulers dispatched in the measured seconds, when they run in this process.
+    pub(super) dispatched: Option<u64>,
+    pub(super) cpu: Cpu,
+    /// When the measured seconds began, on the clock of the queue times.
+    pub(super) offset_ms: u64,
+}
+
 pub(super) fn report(
     c: &BenchConfig,
-    elapsed: Duration,
+    m: &Measured,
     o: &Outcomes,
     queue_times: &QueueTimes,
     component_times: &QueueTimes,
-    // What the schedulers dispatched in the measured seconds, when they run in this process.
-    dispatched: Option<u64>,
-    cpu: &Cpu,
 ) -> Value {
+    let Measured {
+        elapsed,
+        dispatched,
+        ref cpu,
+        offset_ms,
+    } = *m;
     let (submitted, results, rejected, errors) = (
         o.submitted.load(Ordering::Relaxed),
         o.results.load(Ordering::Relaxed),
@@ -259,5 +294,6 @@ pub(super) fn report(
         "fairness": { "jain_index_equal_tenants": jain, "noisy_tenant_share": noisy_share },
         "components": components,
         "tenants": tenants,
+        "timeline_100ms": timeline(&queue_times, offset_ms),
     })
 }
