@@ -120,14 +120,18 @@ impl Sharing {
         }
     }
 
-    /// When the dispatcher must act next for the cluster: a report due, if a change waits
-    /// to be reported, or the first deferred enqueue's refusal.
+    /// When the dispatcher must act next for the cluster: a report due (a change waits to
+    /// be reported, or the acknowledgements' next turn), never before the least gap after
+    /// the last one allows it, or the first deferred enqueue's refusal.
     pub(super) fn due(&self) -> Option<Instant> {
-        let report = self
-            .dirty
-            .then(|| self.last_sent.map_or_else(Instant::now, |t| t + REPORT_EVERY));
+        let allowed = self.last_sent.map_or_else(Instant::now, |t| t + self.gap);
+        let report = if self.dirty {
+            Some(allowed)
+        } else {
+            self.next_turn.map(|t| t.max(allowed))
+        };
         let deferred = self.deferred.list.front().map(|d| d.until);
-        report.into_iter().chain(self.next_turn).chain(deferred).min()
+        report.into_iter().chain(deferred).min()
     }
 
     /// Enqueues deferred now.
@@ -305,4 +309,24 @@ pub(crate) fn forward(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_is_due_no_sooner_than_its_gap_allows() {
+        let mut s = Sharing::new(None);
+        let sent = Instant::now();
+        (s.last_sent, s.gap, s.dirty) = (Some(sent), Duration::from_millis(40), true);
+        // Waking earlier would find nothing to send, and wake again at once.
+        assert_eq!(s.due(), Some(sent + Duration::from_millis(40)));
+        s.dirty = false;
+        assert_eq!(s.due(), None);
+        s.next_turn = Some(sent + RESEND_EVERY);
+        assert_eq!(s.due(), Some(sent + RESEND_EVERY));
+        s.gap = RESEND_EVERY * 2;
+        assert_eq!(s.due(), Some(sent + RESEND_EVERY * 2));
+    }
 }
