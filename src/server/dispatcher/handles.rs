@@ -4,16 +4,15 @@
 //! second (with the recorder's upkeep), so a tenant that goes costs nothing here and a
 //! series the exporter dropped as idle is looked up again.
 
-use std::collections::HashMap;
-
 use metrics::{Counter, Histogram, counter, histogram};
 
 use crate::metrics::{self as m, Metrics};
+use crate::queue::FastMap;
 
 #[derive(Default)]
 pub(super) struct Handles {
     enqueue_duration: Option<Histogram>,
-    tenants: HashMap<String, TenantHandles>,
+    tenants: FastMap<String, TenantHandles>,
 }
 
 struct TenantHandles {

@@ -8,7 +8,7 @@
 //! the querier protocol's turn-taking, and the phase of the scheduler's life
 //! (serving → draining → closed).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ pub(crate) use command::Command;
 pub(crate) use outbox::{FrontendTx, OUTBOX_CAPACITY, Outbox, WorkerTx};
 use workers::{DequeueStream, Running, Worker};
 
-use crate::queue::{QueryKey, QueueConfig, TreeQueue, WorkerId};
+use crate::queue::{FastMap, QueryKey, QueueConfig, TreeQueue, WorkerId};
 
 use crate::metrics::{self as m, Metrics};
 
@@ -65,21 +65,21 @@ const BATCH: usize = 256;
 pub(crate) struct Dispatcher {
     queue: TreeQueue<Pending>,
     limits: Limits,
-    frontends: HashMap<u64, Frontend>,
+    frontends: FastMap<u64, Frontend>,
     next_frontend: u64,
-    streams: HashMap<u64, DequeueStream>,
+    streams: FastMap<u64, DequeueStream>,
     next_stream: u64,
-    workers: HashMap<WorkerId, Worker>,
+    workers: FastMap<WorkerId, Worker>,
     /// Workers that asked for work and got none, longest waiting first.
     waiting: VecDeque<WorkerId>,
     /// Which worker runs each dispatched query.
-    running: HashMap<QueryKey, Running>,
+    running: FastMap<QueryKey, Running>,
     /// Which worker's querier delivers each finished query's result (see
     /// `Worker::delivering`); a key enqueued again or cancelled leaves it.
-    delivering: HashMap<QueryKey, WorkerId>,
+    delivering: FastMap<QueryKey, WorkerId>,
     /// Queries dispatched in this batch, per frontend: sent as one `Dispatched` frame at
     /// the batch's end, or before any other frame to that frontend.
-    notes: HashMap<u64, Vec<QueryId>>,
+    notes: FastMap<u64, Vec<QueryId>>,
     phase: Phase,
     scheduler_id: String,
     started: Instant,
@@ -96,7 +96,7 @@ pub(crate) struct Dispatcher {
 }
 
 /// A frontend's name, for logs.
-fn f_name(frontends: &HashMap<u64, Frontend>, id: u64) -> &str {
+fn f_name(frontends: &FastMap<u64, Frontend>, id: u64) -> &str {
     frontends.get(&id).map_or("?", |f| f.name.as_str())
 }
 
@@ -122,15 +122,15 @@ impl Dispatcher {
         Ok(Dispatcher {
             queue: TreeQueue::new(queue, now).map_err(|e| e.to_string())?,
             limits,
-            frontends: HashMap::new(),
+            frontends: FastMap::default(),
             next_frontend: 1,
-            streams: HashMap::new(),
+            streams: FastMap::default(),
             next_stream: 1,
-            workers: HashMap::new(),
+            workers: FastMap::default(),
             waiting: VecDeque::new(),
-            running: HashMap::new(),
-            delivering: HashMap::new(),
-            notes: HashMap::new(),
+            running: FastMap::default(),
+            delivering: FastMap::default(),
+            notes: FastMap::default(),
             phase: Phase::Serving,
             scheduler_id,
             started: now,
@@ -270,7 +270,7 @@ impl Dispatcher {
                 let mut s = DequeueStream {
                     querier,
                     tx,
-                    workers: HashMap::new(),
+                    workers: FastMap::default(),
                     told_shutting_down: false,
                 };
                 // A querier that joins during the drain helps empty the queue.

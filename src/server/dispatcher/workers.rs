@@ -2,7 +2,6 @@
 //! turns (`Ready`, waiting, parked), dispatch to the longest-waiting worker, and what a
 //! worker's loss does to the query it runs or delivers.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use metrics::counter;
@@ -12,14 +11,14 @@ use tracing::{debug, warn};
 
 use super::{Dispatcher, Phase, WorkerTx};
 use crate::metrics as m;
-use crate::queue::{Dequeue, QueryKey, WorkerId};
+use crate::queue::{Dequeue, FastMap, QueryKey, WorkerId};
 
 /// A querier connection's dequeue stream: its workers, by the slot the querier numbered
 /// each with.
 pub(super) struct DequeueStream {
     pub(super) querier: String,
     pub(super) tx: WorkerTx,
-    pub(super) workers: HashMap<WorkerSlot, WorkerId>,
+    pub(super) workers: FastMap<WorkerSlot, WorkerId>,
     /// It was told `ShuttingDown` (once per stream, not once per worker).
     pub(super) told_shutting_down: bool,
 }
