@@ -424,18 +424,17 @@ impl Querier {
                 "concurrency, chunk_size and delivery_attempts must be at least 1".into(),
             ));
         }
-        let max = usize::from(sluice_protocol::MAX_WORKERS_PER_STREAM);
+        // The scheduler sees a worker per slot: two per worker loop with prefetch.
+        let (slots, with) = if config.prefetch {
+            (2, " with prefetch")
+        } else {
+            (1, "")
+        };
+        let max = usize::from(sluice_protocol::MAX_WORKERS_PER_STREAM) / slots;
         if config.concurrency > max {
             return Err(ClientError::Config(format!(
-                "concurrency is {}; at most {max} workers per scheduler",
+                "concurrency is {}{with}; at most {max} workers per scheduler",
                 config.concurrency
-            )));
-        }
-        if config.prefetch && config.concurrency * 2 > max {
-            return Err(ClientError::Config(format!(
-                "concurrency is {} with prefetch (two slots per worker); at most {} workers per scheduler",
-                config.concurrency,
-                max / 2
             )));
         }
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
