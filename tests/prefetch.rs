@@ -62,6 +62,20 @@ struct Setup {
     runs: Arc<Mutex<Runs>>,
 }
 
+impl Setup {
+    /// Submits `a`, waits until the worker runs it, then submits `b` and waits until it is
+    /// dispatched to the same worker (held: the scheduler counts two running, none queued).
+    async fn run_one_hold_one(&mut self, b: QueryRequest) -> (QueryHandle, QueryHandle) {
+        let a = self.fe.submit(QueryRequest::new("t", "a")).await.unwrap();
+        assert_eq!(wait("a started", self.started.recv()).await.unwrap().0, a.id());
+        let b = self.fe.submit(b).await.unwrap();
+        self.t
+            .status_until("b dispatched and held", |st| st.running == 2 && st.queued == 0)
+            .await;
+        (a, b)
+    }
+}
+
 /// A scheduler, a frontend and a querier with one prefetching worker.
 async fn setup() -> Setup {
     let t = start(|_| {}).await;
@@ -94,13 +108,9 @@ async fn setup() -> Setup {
 #[tokio::test]
 async fn a_worker_holds_one_query_runs_one_at_a_time_and_never_runs_a_cancelled_held_one() {
     let mut s = setup().await;
-    let a = s.fe.submit(QueryRequest::new("t", "a")).await.unwrap();
-    let a_id = a.id();
-    assert_eq!(wait("a started", s.started.recv()).await.unwrap().0, a_id);
     // The worker runs `a`; `b` is dispatched to it anyway (held), `c` stays queued.
-    let b = s.fe.submit(QueryRequest::new("t", "b")).await.unwrap();
-    s.t.status_until("b dispatched", |st| st.running == 2 && st.queued == 0)
-        .await;
+    let (a, b) = s.run_one_hold_one(QueryRequest::new("t", "b")).await;
+    let a_id = a.id();
     let c = s.fe.submit(QueryRequest::new("t", "c")).await.unwrap();
     let c_id = c.id();
     s.t.status_until("c queued", |st| st.queued == 1).await;
@@ -185,13 +195,8 @@ async fn a_held_query_past_its_deadline_fails_at_its_deadline_and_never_runs() {
 #[tokio::test]
 async fn a_querier_shutting_down_runs_its_held_query_once_and_delivers_both() {
     let mut s = setup().await;
-    let a = s.fe.submit(QueryRequest::new("t", "a")).await.unwrap();
-    let a_id = a.id();
-    assert_eq!(wait("a started", s.started.recv()).await.unwrap().0, a_id);
-    let b = s.fe.submit(QueryRequest::new("t", "b")).await.unwrap();
-    let b_id = b.id();
-    s.t.status_until("b dispatched and held", |st| st.running == 2 && st.queued == 0)
-        .await;
+    let (a, b) = s.run_one_hold_one(QueryRequest::new("t", "b")).await;
+    let (a_id, b_id) = (a.id(), b.id());
     let shutdown = tokio::spawn(s.q.shutdown());
     s.gate.add_permits(1);
     assert_eq!(body_of(a).await.unwrap(), b"a");
