@@ -187,12 +187,6 @@ pub(super) fn report(
     queue_times: &QueueTimes,
     component_times: &QueueTimes,
 ) -> Value {
-    let Measured {
-        elapsed,
-        dispatched,
-        ref cpu,
-        offset_ms,
-    } = *m;
     let (submitted, results, rejected, errors) = (
         o.submitted.load(Ordering::Relaxed),
         o.results.load(Ordering::Relaxed),
@@ -263,8 +257,8 @@ pub(super) fn report(
             "result_bytes": c.result_bytes,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         },
-        "elapsed_seconds": elapsed.as_secs_f64(),
-        "throughput_per_second": results as f64 / elapsed.as_secs_f64(),
+        "elapsed_seconds": m.elapsed.as_secs_f64(),
+        "throughput_per_second": results as f64 / m.elapsed.as_secs_f64(),
         "latency_ms": {
             "p50": ms(percentile(&latencies, 0.5)), "p99": ms(percentile(&latencies, 0.99)),
             "p999": ms(percentile(&latencies, 0.999)),
@@ -287,13 +281,13 @@ pub(super) fn report(
             "submitted": submitted, "results": results, "rejected": rejected, "errors": errors,
             "lost": submitted.saturating_sub(results + rejected + errors),
             "result_bytes_received": o.result_bytes.load(Ordering::Relaxed),
-            "dispatched_by_schedulers": dispatched,
+            "dispatched_by_schedulers": m.dispatched,
             "error_kinds": *o.error_kinds.lock().unwrap(),
         },
-        "cpu": cpu.report(results),
+        "cpu": m.cpu.report(results),
         "fairness": { "jain_index_equal_tenants": jain, "noisy_tenant_share": noisy_share },
         "components": components,
         "tenants": tenants,
-        "timeline_100ms": timeline(&queue_times, offset_ms),
+        "timeline_100ms": timeline(&queue_times, m.offset_ms),
     })
 }
