@@ -22,7 +22,7 @@ pub fn prefer_small_pages() {
         // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
         let failed = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0;
         if failed {
-            // Kernels before 3.15: nothing to turn off, nothing worth stopping for.
+            // A kernel before 3.15, or a sandbox that forbids it: worth a note, not a stop.
             eprintln!(
                 "note: could not turn transparent huge pages off: {}",
                 std::io::Error::last_os_error()
