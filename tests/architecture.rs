@@ -99,6 +99,7 @@ fn the_modules_every_peer_shares_know_nothing_of_frontends_and_queriers() {
         "gossip/fuzzing.rs",
         "tls.rs",
         "trace.rs",
+        "transport.rs",
         "backoff.rs",
     ]
     .iter()

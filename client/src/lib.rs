@@ -38,6 +38,7 @@ mod lifecycle;
 mod querier;
 pub mod tls;
 pub mod trace;
+pub mod transport;
 
 pub use error::{ClientError, QueryError};
 pub use frontend::{

@@ -124,7 +124,7 @@ impl Server {
             quinn::crypto::rustls::QuicServerConfig::try_from(tls_config).map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
-        transport
+        sluice_client::transport::fewer_acks(&mut transport)
             .max_concurrent_bidi_streams(config.max_streams_per_connection.into())
             .max_concurrent_uni_streams(0u8.into())
             .max_idle_timeout(Some(

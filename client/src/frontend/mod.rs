@@ -201,7 +201,7 @@ impl Frontend {
         )?;
         let mut server_config = tls::quic_server(&config.identity)?;
         let mut transport = quinn::TransportConfig::default();
-        transport.max_concurrent_bidi_streams(1024u32.into());
+        crate::transport::fewer_acks(&mut transport).max_concurrent_bidi_streams(1024u32.into());
         server_config.transport_config(Arc::new(transport));
         let mut result_endpoint =
             quinn::Endpoint::server(server_config, config.result_listen).map_err(|error| ClientError::Bind {
@@ -209,7 +209,7 @@ impl Frontend {
                 error,
             })?;
         let mut client_config = tls::quic_client(&config.identity)?;
-        client_config.transport_config(Arc::new(transport_with_idle(config.idle_timeout)?));
+        client_config.transport_config(Arc::new(crate::transport::with_idle(config.idle_timeout)?));
         result_endpoint.set_default_client_config(client_config);
         let bound = result_endpoint.local_addr().map_err(|error| ClientError::Bind {
             addr: config.result_listen,
@@ -404,19 +404,6 @@ impl Frontend {
             .close(close_code::DONE.into(), b"frontend closing");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.result_endpoint.wait_idle()).await;
     }
-}
-
-/// Transport settings with `idle` as the idle timeout and pings every fifth of it.
-pub(crate) fn transport_with_idle(idle: Duration) -> Result<quinn::TransportConfig, ClientError> {
-    if idle.is_zero() {
-        return Err(ClientError::Config("idle timeout must be above zero".into()));
-    }
-    let timeout = quinn::IdleTimeout::try_from(idle)
-        .map_err(|_| ClientError::Config(format!("idle timeout {idle:?} is too large")))?;
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(idle / 5));
-    t.max_idle_timeout(Some(timeout));
-    Ok(t)
 }
 
 /// Fires [`Event::Tick`] at the table's next deadline or placement wait.

@@ -440,7 +440,7 @@ impl Querier {
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|error| ClientError::Bind { addr: bind, error })?;
         let mut client = tls::quic_client(&config.identity)?;
-        client.transport_config(Arc::new(crate::frontend::transport_with_idle(config.idle_timeout)?));
+        client.transport_config(Arc::new(crate::transport::with_idle(config.idle_timeout)?));
         endpoint.set_default_client_config(client);
         let discovery = Discovery::start(
             &config.id,
