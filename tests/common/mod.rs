@@ -1,6 +1,8 @@
 //! A scheduler started in-process on loopback, and raw protocol peers to drive it.
 #![allow(dead_code)] // each test file uses a different part
 
+pub mod client;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
