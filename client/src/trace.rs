@@ -143,8 +143,19 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736+00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
         ] {
             assert_eq!(TraceParent::parse(bad), None, "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_context_prints_and_parses_back(trace_id in 1u128.., parent_id in 1u64.., flags: u8) {
+            let tp = TraceParent { trace_id, parent_id, flags };
+            proptest::prop_assert_eq!(TraceParent::parse(&tp.to_string()), Some(tp));
         }
     }
 
