@@ -15,9 +15,7 @@ use tokio::sync::mpsc;
 #[tokio::test]
 async fn a_measured_cost_reaches_the_schedulers_account() {
     let t = start(|_| {}).await;
-    let fe = frontend_for(&[&t]).await;
-    let (h, _events) = handler(Duration::ZERO);
-    let q = querier_for("querier-1", &[&t], 1, h);
+    let (fe, q, _events) = frontend_and_querier(&t, 1, Duration::ZERO).await;
     let mut req = QueryRequest::new("tenant-c", "cost:9");
     req.cost_hint = Some(2);
     assert_eq!(body_of(fe.submit(req).await.unwrap()).await.unwrap(), b"cost:9");
@@ -39,9 +37,7 @@ async fn a_measured_cost_reaches_the_schedulers_account() {
 #[tokio::test]
 async fn request_to_result() {
     let t = start(|_| {}).await;
-    let fe = frontend_for(&[&t]).await;
-    let (h, _events) = handler(Duration::ZERO);
-    let q = querier_for("querier-1", &[&t], 2, h);
+    let (fe, q, _events) = frontend_and_querier(&t, 2, Duration::ZERO).await;
     let mut req = QueryRequest::new("tenant-a", "sum(rate(x[5m]))");
     req.actors = vec!["user-1".into()];
     let handle = fe.submit(req).await.unwrap();
@@ -56,9 +52,7 @@ async fn request_to_result() {
 #[tokio::test]
 async fn many_concurrent_queries_all_come_back_right() {
     let t = start(|s| s.max_outstanding_per_tenant = Some(1000)).await;
-    let fe = frontend_for(&[&t]).await;
-    let (h, _events) = handler(Duration::from_millis(1));
-    let q = querier_for("querier-1", &[&t], 8, h);
+    let (fe, q, _events) = frontend_and_querier(&t, 8, Duration::from_millis(1)).await;
     let mut handles = Vec::new();
     for i in 0..300 {
         let req = QueryRequest::new(format!("tenant-{}", i % 7), format!("query {i}"));
@@ -118,11 +112,7 @@ async fn closing_a_frontend_tells_the_scheduler_at_once() {
 
 #[tokio::test]
 async fn enqueues_are_spread_over_schedulers() {
-    let dir = cluster_dir();
-    let a = start_in(dir.clone(), |s| s.max_outstanding_per_tenant = Some(1000)).await;
-    let b = start_in(dir, |s| s.max_outstanding_per_tenant = Some(1000)).await;
-    let fe = frontend_for(&[&a, &b]).await;
-    wait_connected(&fe, 2).await;
+    let (a, b, fe) = two_schedulers_and_a_frontend().await;
     let mut handles = Vec::new();
     for i in 0..200 {
         handles.push(fe.submit(QueryRequest::new("t", format!("{i}"))).await.unwrap());

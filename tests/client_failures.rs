@@ -23,9 +23,7 @@ async fn dropping_a_handle_cancels_a_queued_query() {
 #[tokio::test]
 async fn dropping_a_handle_cancels_a_running_query() {
     let t = start(|_| {}).await;
-    let fe = frontend_for(&[&t]).await;
-    let (h, mut events) = handler(Duration::ZERO);
-    let q = querier_for("querier-1", &[&t], 1, h);
+    let (fe, q, mut events) = frontend_and_querier(&t, 1, Duration::ZERO).await;
     let handle = fe.submit(QueryRequest::new("t", "hang")).await.unwrap();
     let id = wait("started", events.started.recv()).await.unwrap();
     drop(handle);
@@ -39,9 +37,7 @@ async fn dropping_a_handle_cancels_a_running_query() {
 #[tokio::test]
 async fn handler_errors_and_panics_fail_the_query_not_the_worker() {
     let t = start(|_| {}).await;
-    let fe = frontend_for(&[&t]).await;
-    let (h, _events) = handler(Duration::ZERO);
-    let q = querier_for("querier-1", &[&t], 1, h);
+    let (fe, q, _events) = frontend_and_querier(&t, 1, Duration::ZERO).await;
     let err = body_of(fe.submit(QueryRequest::new("t", "fail")).await.unwrap())
         .await
         .unwrap_err();
@@ -66,9 +62,7 @@ async fn handler_errors_and_panics_fail_the_query_not_the_worker() {
 #[tokio::test]
 async fn a_querier_killed_mid_query_fails_the_query_promptly() {
     let t = start(|_| {}).await;
-    let fe = frontend_for(&[&t]).await;
-    let (h, mut events) = handler(Duration::ZERO);
-    let q = querier_for("querier-1", &[&t], 1, h);
+    let (fe, q, mut events) = frontend_and_querier(&t, 1, Duration::ZERO).await;
     let handle = fe.submit(QueryRequest::new("t", "hang")).await.unwrap();
     wait("started", events.started.recv()).await;
     let killed = Instant::now();
@@ -112,11 +106,7 @@ async fn too_many_outstanding_is_retried_on_another_scheduler() {
 
 #[tokio::test]
 async fn queries_on_a_crashed_scheduler_complete_on_the_other() {
-    let dir = cluster_dir();
-    let a = start_in(dir.clone(), |s| s.max_outstanding_per_tenant = Some(1000)).await;
-    let b = start_in(dir, |s| s.max_outstanding_per_tenant = Some(1000)).await;
-    let fe = frontend_for(&[&a, &b]).await;
-    wait_connected(&fe, 2).await;
+    let (a, b, fe) = two_schedulers_and_a_frontend().await;
     let mut handles = Vec::new();
     for i in 0..40 {
         handles.push((i, fe.submit(QueryRequest::new("t", format!("q{i}"))).await.unwrap()));
@@ -184,9 +174,7 @@ async fn querier_graceful_shutdown_loses_nothing() {
 #[tokio::test]
 async fn a_body_that_fails_midway_ends_in_an_error_not_a_shorter_success() {
     let t = start(|_| {}).await;
-    let fe = frontend_for(&[&t]).await;
-    let (h, _events) = handler(Duration::ZERO);
-    let q = querier_for("querier-1", &[&t], 1, h);
+    let (fe, q, _events) = frontend_and_querier(&t, 1, Duration::ZERO).await;
     let handle = fe.submit(QueryRequest::new("t", "breaks-midway")).await.unwrap();
     let mut body = wait("a response", handle.response()).await.unwrap().body;
     assert_eq!(

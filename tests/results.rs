@@ -14,9 +14,7 @@ use tokio::sync::mpsc;
 #[tokio::test]
 async fn a_64_mib_result_streams_in_chunks() {
     let t = start(|_| {}).await;
-    let fe = frontend_for(&[&t]).await;
-    let (h, _events) = handler(Duration::ZERO);
-    let q = querier_for("querier-1", &[&t], 1, h);
+    let (fe, q, _events) = frontend_and_querier(&t, 1, Duration::ZERO).await;
     let handle = fe.submit(QueryRequest::new("t", "big")).await.unwrap();
     let mut response = wait("response", handle.response()).await.unwrap();
     let (mut total, mut chunks, mut largest) = (0usize, 0usize, 0usize);
@@ -36,9 +34,7 @@ async fn a_64_mib_result_streams_in_chunks() {
 #[tokio::test]
 async fn a_worker_takes_its_next_query_while_a_result_is_still_delivered_and_keeps_only_one_in_flight() {
     let t = start(|_| {}).await;
-    let fe = frontend_for(&[&t]).await;
-    let (h, mut events) = handler(Duration::ZERO);
-    let q = querier_for("querier-1", &[&t], 1, h);
+    let (fe, q, mut events) = frontend_and_querier(&t, 1, Duration::ZERO).await;
     // A 64 MiB body that nobody reads yet: its delivery stalls on flow control.
     let big = fe.submit(QueryRequest::new("t", "big")).await.unwrap();
     let big_id = big.id();

@@ -113,6 +113,25 @@ pub fn querier_for(id: &str, servers: &[&TestServer], concurrency: usize, h: Tes
     Querier::start(config, h).unwrap()
 }
 
+/// A frontend and one querier (`querier-1`, `workers` workers, the test handler answering
+/// after `delay`) on the one scheduler `t`.
+pub async fn frontend_and_querier(t: &TestServer, workers: usize, delay: Duration) -> (Frontend, Querier, Events) {
+    let fe = frontend_for(&[t]).await;
+    let (h, events) = handler(delay);
+    (fe, querier_for("querier-1", &[t], workers, h), events)
+}
+
+/// Two schedulers of one cluster (1 000 outstanding queries per tenant each) and a frontend
+/// connected to both.
+pub async fn two_schedulers_and_a_frontend() -> (TestServer, TestServer, Frontend) {
+    let dir = super::cluster_dir();
+    let a = super::start_in(dir.clone(), |s| s.max_outstanding_per_tenant = Some(1000)).await;
+    let b = super::start_in(dir, |s| s.max_outstanding_per_tenant = Some(1000)).await;
+    let fe = frontend_for(&[&a, &b]).await;
+    wait_connected(&fe, 2).await;
+    (a, b, fe)
+}
+
 /// Waits until the frontend is connected to `n` schedulers.
 pub async fn wait_connected(fe: &Frontend, n: usize) {
     wait("scheduler connections", async {
