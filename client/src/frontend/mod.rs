@@ -31,6 +31,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::FastMap;
 use crate::trace::TraceParent;
 
 use crate::discovery::Discovery;
@@ -233,7 +234,7 @@ impl Frontend {
             address,
             inner: Mutex::new(Inner {
                 table: QueryTable::new(policy, seed),
-                entries: HashMap::new(),
+                entries: FastMap::default(),
             }),
             available,
             next_id: AtomicU64::new(1),

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{FrontendConfig, QueryRequest, QueryResponse, link};
+use crate::FastMap;
 use crate::discovery::Target;
 use crate::error::QueryError;
 use crate::lifecycle::{Action, Event, QueryTable, SchedulerIx};
@@ -34,7 +35,7 @@ pub(super) struct Entry {
 #[derive(Debug)]
 pub(super) struct Inner {
     pub(super) table: QueryTable,
-    pub(super) entries: HashMap<QueryId, Entry>,
+    pub(super) entries: FastMap<QueryId, Entry>,
 }
 
 /// One scheduler this frontend connects to. Links are only ever appended, so a link's

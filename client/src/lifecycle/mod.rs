@@ -25,11 +25,12 @@
 //! is absolute, travels as the remaining budget, and ends the query even if nobody
 //! answers; every submitted query ends exactly once, by one `Fail` or by its result.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use sluice_protocol::{Capability, EnqueueStatus, QueryErrorKind, QueryId, RefuseReason};
 
+use crate::FastMap;
 use crate::error::QueryError;
 
 mod vocabulary;
@@ -90,7 +91,7 @@ impl SchedulerView {
 #[derive(Debug)]
 pub(crate) struct QueryTable {
     policy: Policy,
-    queries: HashMap<QueryId, Query>,
+    queries: FastMap<QueryId, Query>,
     schedulers: Vec<SchedulerView>,
     /// Queries in `Waiting`, oldest first (stale ids are skipped).
     waiting: VecDeque<QueryId>,
@@ -104,7 +105,7 @@ impl QueryTable {
     pub(crate) fn new(policy: Policy, seed: u64) -> Self {
         QueryTable {
             policy,
-            queries: HashMap::new(),
+            queries: FastMap::default(),
             schedulers: Vec::new(),
             waiting: VecDeque::new(),
             timers: BTreeSet::new(),

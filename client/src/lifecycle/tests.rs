@@ -2,6 +2,7 @@
 
 use super::*;
 use proptest::prelude::*;
+use std::collections::HashMap;
 
 const S0: SchedulerIx = 0;
 const S1: SchedulerIx = 1;

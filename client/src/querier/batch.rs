@@ -12,7 +12,8 @@
 //! frontend refuses a second copy of a result it already has as `Duplicate`, so a result
 //! whose acknowledgement was lost is never taken twice). The next result starts a new task.
 
-use std::collections::{HashMap, VecDeque};
+use crate::FastMap;
+use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
 
 use sluice_protocol::{
@@ -60,7 +61,7 @@ impl Reply {
 
 /// The shared results streams' tasks, by frontend address, while they run.
 #[derive(Default)]
-pub(super) struct Batches(std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Whole>>>);
+pub(super) struct Batches(std::sync::Mutex<FastMap<String, mpsc::UnboundedSender<Whole>>>);
 
 /// Addresses kept before those whose task ended are swept.
 const SWEEP_ABOVE: usize = 64;
@@ -155,7 +156,7 @@ struct Task {
 
 impl Task {
     async fn run(self, hello: Hello, mut results: mpsc::UnboundedReceiver<Whole>) {
-        let mut waiting: HashMap<QueryId, VecDeque<(Reply, ResultFrame)>> = HashMap::new();
+        let mut waiting: FastMap<QueryId, VecDeque<(Reply, ResultFrame)>> = FastMap::default();
         let ended = self.carry(hello, &mut results, &mut waiting).await;
         if let Err(e) = ended {
             debug!(frontend = %self.to.address, error = %e, "shared results stream ended");
@@ -176,7 +177,7 @@ impl Task {
         &self,
         hello: Hello,
         results: &mut mpsc::UnboundedReceiver<Whole>,
-        waiting: &mut HashMap<QueryId, VecDeque<(Reply, ResultFrame)>>,
+        waiting: &mut FastMap<QueryId, VecDeque<(Reply, ResultFrame)>>,
     ) -> Result<(), String> {
         let slot = self.slot.upgrade().ok_or("the querier stopped")?;
         let conn = connect(&self.endpoint, &slot, &self.to).await?;

@@ -22,6 +22,7 @@ use tracing::{Instrument, debug, warn};
 
 use super::slots::{Action, Slots, Stream as SlotStream};
 use super::{Handler, HandlerError, Link, Request, Response, Shared, Stream, batch, deliver};
+use crate::FastMap;
 use crate::backoff::Backoff;
 use crate::trace::TraceParent;
 
@@ -57,7 +58,7 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
     let (receipts, mut settled) = tokio::sync::mpsc::unbounded_channel();
     let mut d = Driver {
         receipts,
-        on_shared: std::collections::HashMap::new(),
+        on_shared: FastMap::default(),
         slots: Slots::new(
             shared.config.cancel_grace,
             shared.config.confirm_after,
@@ -66,7 +67,7 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
         active: Vec::new(),
         handlers: JoinSet::new(),
         deliveries: JoinSet::new(),
-        delivery_ids: std::collections::HashMap::new(),
+        delivery_ids: FastMap::default(),
         next_delivery: 0,
         session: None,
         out: Vec::new(),
@@ -179,12 +180,12 @@ struct Driver<H: Handler> {
     handlers: JoinSet<(WorkerSlot, Result<Response, HandlerError>)>,
     deliveries: JoinSet<(WorkerSlot, u64)>,
     /// A delivery task's worker and number, for a task that panicked.
-    delivery_ids: std::collections::HashMap<tokio::task::Id, (WorkerSlot, u64)>,
+    delivery_ids: FastMap<tokio::task::Id, (WorkerSlot, u64)>,
     /// Where the shared results streams send this link's receipts.
     receipts: tokio::sync::mpsc::UnboundedSender<batch::Settled>,
     /// Results on a shared results stream, by delivery number: their worker, and what a
     /// stream of their own would need if the shared one does not carry them.
-    on_shared: std::collections::HashMap<u64, (WorkerSlot, Dispatch, Option<Instant>)>,
+    on_shared: FastMap<u64, (WorkerSlot, Dispatch, Option<Instant>)>,
     next_delivery: u64,
     session: Option<Session>,
     /// What `slots` asked for and is not done yet.

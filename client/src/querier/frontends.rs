@@ -3,7 +3,7 @@
 //! its own results. Used by both ways a result travels: a stream of its own (`deliver`) and
 //! the shared results stream (`batch`).
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::sync::Arc;
 
 use sluice_protocol::{FrontendAddress, Role};
@@ -15,7 +15,7 @@ const SWEEP_ABOVE: usize = 64;
 /// Connections to frontends' result endpoints, by advertised address.
 #[derive(Default)]
 pub(super) struct Connections {
-    slots: std::sync::Mutex<HashMap<String, Arc<FrontendSlot>>>,
+    slots: std::sync::Mutex<FastMap<String, Arc<FrontendSlot>>>,
 }
 
 /// One frontend address's connection (dialled under this lock: an unreachable frontend
