@@ -38,12 +38,7 @@ async fn metrics_ready_and_status_reflect_traffic() {
         status_of(&mut fe, 2).await,
         EnqueueStatus::TooManyOutstanding { limit: 2 }
     );
-    let mut w = worker(&q_conn, "querier-1").await;
-    w.send(&QuerierToScheduler::Ready {
-        worker: 0,
-        finished: None,
-    })
-    .await;
+    let mut w = ready_worker(&q_conn, "querier-1").await;
     dispatched(&mut w).await;
 
     assert_eq!(get(admin, "/ready").await, (200, "ready\n".into()));
@@ -118,13 +113,7 @@ async fn status_names_the_queriers_in_each_sharded_tenants_shard() {
     let mut workers = Vec::new();
     for id in ["querier-a", "querier-b"] {
         let conn = t.connect(&t.certs.querier).await.unwrap();
-        let mut w = worker(&conn, id).await;
-        w.send(&QuerierToScheduler::Ready {
-            worker: 0,
-            finished: None,
-        })
-        .await;
-        workers.push((w, conn));
+        workers.push((ready_worker(&conn, id).await, conn));
     }
     t.status_until("two queriers", |s| s.queriers.len() == 2).await;
     accepted(&mut fe, 1, "acme").await;

@@ -125,12 +125,7 @@ async fn raw_querier_process() {
         key: std::env::var("SLUICE_CHAOS_KEY").unwrap().into(),
     };
     let conn = connect(addr.parse().unwrap(), &id).await.unwrap();
-    let mut w = worker(&conn, "raw-querier").await;
-    w.send(&QuerierToScheduler::Ready {
-        worker: 0,
-        finished: None,
-    })
-    .await;
+    let mut w = ready_worker(&conn, "raw-querier").await;
     let d = dispatched(&mut w).await;
     println!("DISPATCHED {}", d.query_id);
     tokio::time::sleep(Duration::from_secs(600)).await;

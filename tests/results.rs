@@ -72,12 +72,7 @@ async fn results_are_accepted_only_with_their_capability_for_outstanding_queries
     let handle = fe.submit(QueryRequest::new("tenant-a", "q")).await.unwrap();
     // A raw querier worker takes the query and learns its capability from the dispatch.
     let q_conn = t.connect(&t.certs.querier).await.unwrap();
-    let mut w = worker(&q_conn, "q").await;
-    w.send(&QuerierToScheduler::Ready {
-        worker: 0,
-        finished: None,
-    })
-    .await;
+    let mut w = ready_worker(&q_conn, "q").await;
     let capability = dispatched(&mut w).await.capability;
     let addr: std::net::SocketAddr = fe.result_address().address.parse().unwrap();
     let send = move |id: sluice_client::tls::Identity, query_id: u64, tenant: &'static str, forged: bool| async move {

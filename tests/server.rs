@@ -86,12 +86,7 @@ async fn cancel_removes_a_queued_query() {
     let s = t.server.status().await.unwrap();
     assert_eq!((s.counters.cancelled, s.queued), (1, 0));
     accepted(&mut fe, 2, "t").await;
-    let mut w = worker(&q_conn, "q").await;
-    w.send(&QuerierToScheduler::Ready {
-        worker: 0,
-        finished: None,
-    })
-    .await;
+    let mut w = ready_worker(&q_conn, "q").await;
     assert_eq!(dispatched(&mut w).await.query_id, 2, "the cancelled query is never run");
 }
 
@@ -338,12 +333,7 @@ async fn shutdown_drains_then_hands_back_what_is_left() {
 async fn querier_shutdown_notice_stops_its_workers() {
     let t = start(|_| {}).await;
     let q_conn = t.connect(&t.certs.querier).await.unwrap();
-    let mut w = worker(&q_conn, "q-1").await;
-    w.send(&QuerierToScheduler::Ready {
-        worker: 0,
-        finished: None,
-    })
-    .await;
+    let mut w = ready_worker(&q_conn, "q-1").await;
     t.status_until("worker waiting", |s| s.workers.len() == 1).await;
     let mut notice = open(&q_conn, Hello::new(Role::Querier, "q-1", StreamKind::ShutdownNotice))
         .await
@@ -555,12 +545,7 @@ async fn the_frontend_is_told_which_queries_were_dispatched() {
 async fn running_queries_are_cancelled_only_when_their_frontend_closes_on_purpose() {
     let t = start(|_| {}).await;
     let q_conn = t.connect(&t.certs.querier).await.unwrap();
-    let mut w = worker(&q_conn, "q").await;
-    w.send(&QuerierToScheduler::Ready {
-        worker: 0,
-        finished: None,
-    })
-    .await;
+    let mut w = ready_worker(&q_conn, "q").await;
     let mut next_query = 1;
     for (code, cancelled) in [(close_code::PROTOCOL_ERROR, false), (close_code::DONE, true)] {
         let fe_conn = t.connect(&t.certs.frontend).await.unwrap();

@@ -206,6 +206,17 @@ pub async fn worker(conn: &quinn::Connection, querier: &str) -> Peer {
     }
 }
 
+/// [`worker`], with its worker 0 already `Ready` for a query.
+pub async fn ready_worker(conn: &quinn::Connection, querier: &str) -> Peer {
+    let mut peer = worker(conn, querier).await;
+    peer.send(&QuerierToScheduler::Ready {
+        worker: 0,
+        finished: None,
+    })
+    .await;
+    peer
+}
+
 pub fn enqueue(query_id: u64, tenant: &str) -> FrontendToScheduler {
     FrontendToScheduler::Enqueue(Enqueue {
         query_id,
