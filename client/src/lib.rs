@@ -50,9 +50,9 @@ pub use querier::{
     QuerierConfig, Request, Response, ResponseBody, SchedulerWorkers, handler_fn,
 };
 pub use sluice_protocol::{FrontendAddress, Metadata, QueryId, Role};
+/// The token in [`Request::cancelled`] (from `tokio-util`).
+pub use tokio_util::sync::CancellationToken;
+
 /// The hash map of the per-query paths (queries by id, result batches, frontends): foldhash,
 /// seeded per map, as the scheduler's.
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-
-/// The token in [`Request::cancelled`] (from `tokio-util`).
-pub use tokio_util::sync::CancellationToken;

@@ -12,7 +12,6 @@
 //! frontend refuses a second copy of a result it already has as `Duplicate`, so a result
 //! whose acknowledgement was lost is never taken twice). The next result starts a new task.
 
-use crate::FastMap;
 use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
 
@@ -25,6 +24,7 @@ use tracing::debug;
 
 use super::frontends::{FrontendSlot, connect};
 use super::{HandlerError, Response, ResponseBody, Shared};
+use crate::FastMap;
 
 /// Largest body sent on the shared stream: a larger one would hold up the results behind
 /// it, so it gets a stream of its own.

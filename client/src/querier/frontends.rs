@@ -3,11 +3,12 @@
 //! its own results. Used by both ways a result travels: a stream of its own (`deliver`) and
 //! the shared results stream (`batch`).
 
-use crate::FastMap;
 use std::sync::Arc;
 
 use sluice_protocol::{FrontendAddress, Role};
 use tokio::sync::Mutex;
+
+use crate::FastMap;
 
 /// Frontend addresses kept before closed connections are swept from the cache.
 const SWEEP_ABOVE: usize = 64;
