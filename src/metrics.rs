@@ -26,6 +26,9 @@ pub const DISCARDED_REQUESTS: &str = "sluice_query_scheduler_discarded_requests_
 pub const CANCELLED_REQUESTS: &str = "sluice_query_scheduler_cancelled_requests_total";
 /// Queries failed because their querier went away mid-query (counter).
 pub const QUERIER_FAILURES: &str = "sluice_query_scheduler_querier_failures_total";
+/// Queries a querier gave back unstarted, held behind a long one (counter): each is placed
+/// again by its frontend.
+pub const QUERIER_HAND_BACKS: &str = "sluice_query_scheduler_querier_hand_backs_total";
 /// How requests left the queue (counter; `outcome`: `enqueued`, `dispatched`, `cancelled`,
 /// `expired`, `handed_back`, `rejected`).
 pub const REQUESTS: &str = "sluice_query_scheduler_requests_total";
@@ -78,6 +81,10 @@ pub const ALL: &[(&str, &str)] = &[
     (
         QUERIER_FAILURES,
         "Queries failed because their querier went away mid-query.",
+    ),
+    (
+        QUERIER_HAND_BACKS,
+        "Queries a querier gave back unstarted, to be placed again.",
     ),
     (REQUESTS, "Requests by how they left the queue."),
     (

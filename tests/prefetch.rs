@@ -1,6 +1,7 @@
 //! A querier whose workers prefetch (`QuerierConfig::prefetch`), against a real scheduler
 //! over QUIC on loopback: a worker holds one query while it runs another, never runs two
-//! at once, and never runs a held query that was cancelled or reached its deadline.
+//! at once, never runs a held query that was cancelled or reached its deadline, and gives
+//! back one held past its hold limit, which then runs elsewhere, once.
 
 mod common;
 
@@ -76,7 +77,8 @@ impl Setup {
     }
 }
 
-/// A scheduler, a frontend and a querier with one prefetching worker.
+/// A scheduler, a frontend and a querier with one prefetching worker that holds a query as
+/// long as it takes.
 async fn setup() -> Setup {
     let t = start(|_| {}).await;
     let fe = Frontend::connect(FrontendConfig::new(
@@ -90,7 +92,8 @@ async fn setup() -> Setup {
     let (gate, runs) = (h.gate.clone(), h.runs.clone());
     let config = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()])
         .with_concurrency(1)
-        .with_prefetch(true);
+        .with_prefetch(true)
+        .with_hold_limit(None);
     let q = Querier::start(config, h).unwrap();
     assert!(q.wait_connected(1, WAIT).await, "one worker registered");
     t.status_until("two slots for the one worker", |s| s.workers.len() == 2)
@@ -146,7 +149,7 @@ async fn a_worker_holds_one_query_runs_one_at_a_time_and_never_runs_a_cancelled_
 }
 
 #[tokio::test]
-async fn more_slots_than_a_dequeue_stream_takes_are_refused_at_start() {
+async fn more_slots_than_a_dequeue_stream_takes_or_too_long_a_hold_limit_are_refused_at_start() {
     let t = start(|_| {}).await;
     let config = |workers| {
         QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()])
@@ -161,6 +164,15 @@ async fn more_slots_than_a_dequeue_stream_takes_are_refused_at_start() {
         "{err}"
     );
     Querier::start(config(512), gated().0).unwrap().abort();
+    // A held query is confirmed to its frontend at `confirm_after`; one confirmed cannot be
+    // placed again, so it must be given back before.
+    let err = Querier::start(config(1).with_hold_limit(Some(Duration::from_millis(100))), gated().0)
+        .err()
+        .expect("the hold limit must be under confirm_after (100 ms)");
+    assert!(
+        matches!(&err, ClientError::Config(m) if m.contains("hold_limit")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -207,4 +219,56 @@ async fn a_querier_shutting_down_runs_its_held_query_once_and_delivers_both() {
     let r = s.runs.lock().unwrap();
     assert_eq!((r.per_query.get(&a_id), r.per_query.get(&b_id)), (Some(&1), Some(&1)));
     assert_eq!(r.most, 1);
+}
+
+#[tokio::test]
+async fn a_query_held_behind_a_long_one_is_given_back_and_runs_once_on_another_querier() {
+    const HOLD: Duration = Duration::from_millis(50);
+    let t = start(|_| {}).await;
+    let fe = common::client::frontend_for(&[&t]).await;
+    let (h, mut started) = gated();
+    let (gate, runs) = (h.gate.clone(), h.runs.clone());
+    let config =
+        |id: &str| QuerierConfig::new(id, t.certs.querier.clone(), vec![t.server.quic_addr()]).with_concurrency(1);
+    let a = Querier::start(
+        config("querier-a").with_prefetch(true).with_hold_limit(Some(HOLD)),
+        h.clone(),
+    )
+    .unwrap();
+    t.status_until("a's two slots", |s| s.workers.len() == 2).await;
+    // `long` runs on querier a; `short` is dispatched to a's other slot and held.
+    let long = fe.submit(QueryRequest::new("t", "long")).await.unwrap();
+    assert_eq!(wait("long started", started.recv()).await.unwrap().0, long.id());
+    let submitted = Instant::now();
+    let short = fe.submit(QueryRequest::new("t", "short")).await.unwrap();
+    let short_id = short.id();
+    t.status_until("short dispatched and held", |st| st.running == 2 && st.queued == 0)
+        .await;
+    // Querier b joins: the only worker free when `short` comes back.
+    let b = Querier::start(config("querier-b"), h).unwrap();
+    t.status_until("b's worker", |s| s.workers.len() == 3).await;
+    let (ran, _) = wait("short started on b", started.recv()).await.unwrap();
+    assert_eq!(ran, short_id);
+    assert!(
+        submitted.elapsed() >= HOLD,
+        "held for the hold limit first: {:?}",
+        submitted.elapsed()
+    );
+    // `short` started while `long` still runs: it did not wait behind it.
+    gate.add_permits(2);
+    assert_eq!(wait("short", body_of(short)).await.unwrap(), b"short");
+    assert_eq!(wait("long", body_of(long)).await.unwrap(), b"long");
+    let st = t.status_until("both reported", |s| s.running == 0).await;
+    assert_eq!(st.counters.dispatched, 3, "long once, short twice (held, then run)");
+    {
+        let r = runs.lock().unwrap();
+        assert_eq!(
+            r.per_query.values().copied().collect::<Vec<_>>(),
+            [1, 1],
+            "each handler ran once: {:?}",
+            r.per_query
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
 }

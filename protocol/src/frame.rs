@@ -59,7 +59,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks. A peer with another version is refused in
 /// the [`HelloReply`]; the version is the first field of [`Hello`] so it can always be read.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// A frontend-chosen query identifier, unique among that frontend's outstanding queries.
 pub type QueryId = u64;
@@ -273,8 +273,9 @@ pub enum QueryErrorKind {
     QuerierFailed,
     /// The query's deadline passed before a querier took it.
     DeadlineExceeded,
-    /// The scheduler shut down before dispatching the query; it was not run and can be
-    /// enqueued on another scheduler.
+    /// The query was not run and can be enqueued again, on this scheduler or another: the
+    /// scheduler shut down before dispatching it, or the querier it was dispatched to gave
+    /// it back unstarted ([`QuerierToScheduler::HandBack`]).
     HandedBack,
     /// The scheduler cancelled the query (for example an operator action).
     Cancelled,
@@ -304,6 +305,12 @@ pub enum QuerierToScheduler {
         worker: WorkerSlot,
         finished: Option<Finished>,
     },
+    /// Worker `worker` gives back `query_id`, dispatched to it and never started: it was
+    /// held (prefetch) behind a query that runs too long. The scheduler forgets the query
+    /// and tells its frontend [`QueryErrorKind::HandedBack`], so the frontend places it
+    /// again. The worker asks for nothing until its next `Ready` (which reports no
+    /// finished query).
+    HandBack { worker: WorkerSlot, query_id: QueryId },
 }
 
 /// The query a worker just finished, reported with its next [`QuerierToScheduler::Ready`].

@@ -155,18 +155,21 @@ fn scheduler_to_frontend() -> impl Strategy<Value = SchedulerToFrontend> {
 }
 
 fn querier_to_scheduler() -> impl Strategy<Value = QuerierToScheduler> {
-    (
-        any::<u16>(),
-        option::of((text(), any::<u64>(), option::of(any::<u32>()))),
-    )
-        .prop_map(|(worker, finished)| QuerierToScheduler::Ready {
-            worker,
-            finished: finished.map(|(frontend_id, query_id, measured_cost)| Finished {
-                frontend_id,
-                query_id,
-                measured_cost,
+    prop_oneof![
+        (
+            any::<u16>(),
+            option::of((text(), any::<u64>(), option::of(any::<u32>()))),
+        )
+            .prop_map(|(worker, finished)| QuerierToScheduler::Ready {
+                worker,
+                finished: finished.map(|(frontend_id, query_id, measured_cost)| Finished {
+                    frontend_id,
+                    query_id,
+                    measured_cost,
+                }),
             }),
-        })
+        (any::<u16>(), any::<u64>()).prop_map(|(worker, query_id)| QuerierToScheduler::HandBack { worker, query_id }),
+    ]
 }
 
 fn dispatch() -> impl Strategy<Value = Dispatch> {

@@ -281,10 +281,17 @@ async fn worker_loop(s: Opened) {
         s,
         "dequeue loop",
         |tx, reply| Command::DequeueOpened { querier, tx, reply },
-        |stream, QuerierToScheduler::Ready { worker, finished }| Command::Ready {
-            stream,
-            worker,
-            finished,
+        |stream, msg| match msg {
+            QuerierToScheduler::Ready { worker, finished } => Command::Ready {
+                stream,
+                worker,
+                finished,
+            },
+            QuerierToScheduler::HandBack { worker, query_id } => Command::HandBack {
+                stream,
+                worker,
+                query: query_id,
+            },
         },
         |stream, _| Command::DequeueClosed { stream },
     )

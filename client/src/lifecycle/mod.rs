@@ -5,7 +5,7 @@
 //! `handle`, so orders of events a network rarely produces are unit- and property-tested.
 //!
 //! ```text
-//!            ┌──────────── refused, handed back, scheduler lost (not yet dispatched) ────┐
+//!            ┌── refused, handed back unstarted, scheduler lost (not dispatched) ────────┐
 //!            ▼                                                                            │
 //! submit → Waiting ⇄ Placing(s) ──accepted──▶ Queued(s) ──Dispatched──▶ Dispatched(s) ──result head──▶ Receiving
 //!                                                                          │ querier: Started  ▲
@@ -428,9 +428,10 @@ impl QueryTable {
         if q.holder() != Some(scheduler) {
             return; // stale: the query moved on, or its result stream decides
         }
-        let dispatched = matches!(q.state, State::Dispatched(_) | State::Started);
         match kind {
-            QueryErrorKind::HandedBack if !dispatched => self.replace(id, false, now, out),
+            // Not run: not yet dispatched, or its querier gave it back unstarted (a query
+            // its querier confirmed has started, and is not given back).
+            QueryErrorKind::HandedBack if q.state != State::Started => self.replace(id, false, now, out),
             QueryErrorKind::QuerierFailed if q.retriable && q.attempt < self.policy.max_attempts => {
                 self.replace(id, true, now, out)
             }

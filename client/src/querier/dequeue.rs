@@ -63,7 +63,8 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
             shared.config.cancel_grace,
             shared.config.confirm_after,
             shared.config.prefetch,
-        ),
+        )
+        .with_hold_limit(shared.config.hold_limit),
         active: Vec::new(),
         handlers: JoinSet::new(),
         deliveries: JoinSet::new(),
@@ -216,7 +217,7 @@ async fn poll_opt<F: std::future::Future + Unpin>(f: &mut Option<F>) -> F::Outpu
 
 impl<H: Handler> Driver<H> {
     fn grow(&mut self, n: usize) {
-        self.slots.grow(n, &mut self.out);
+        self.slots.grow(n, Instant::now(), &mut self.out);
         while self.active.len() < self.slots.len() {
             self.active.push(None);
         }
@@ -281,7 +282,7 @@ impl<H: Handler> Driver<H> {
                         }
                         debug!(
                             query = a.dispatch.query_id,
-                            "held query cancelled or past its deadline; never run"
+                            "held query cancelled, past its deadline or given back; never run"
                         );
                     }
                 }
@@ -458,7 +459,8 @@ impl<H: Handler> Driver<H> {
                 Some(number)
             }
         };
-        self.slots.done(slot, delivery, measured_cost, &mut self.out);
+        self.slots
+            .done(slot, delivery, measured_cost, Instant::now(), &mut self.out);
     }
 
     /// Sends a result on a stream of its own, from a task of its own (`again`: a copy may

@@ -65,9 +65,14 @@ pub struct QuerierConfig {
     pub concurrency: usize,
     /// Each worker holds one more query, dispatched while it runs one and started when
     /// it is done, so a worker does not wait a round trip to the scheduler between
-    /// queries. The scheduler sees two workers per worker loop. Off by default: a held
-    /// query waits for the query before it, however long that runs (docs/queue.md).
+    /// queries. The scheduler sees two workers per worker loop. Off by default: it pays
+    /// for short queries only (docs/queue.md).
     pub prefetch: bool,
+    /// With prefetch: a query held this long (every worker runs a longer one) is given
+    /// back to its scheduler unstarted and placed again by its frontend, and the slot that
+    /// held it rests until a handler returns within this limit. `None`: a held query waits
+    /// however long the queries before it run. Must be under `confirm_after`.
+    pub hold_limit: Option<Duration>,
     /// Result body bytes per chunk frame.
     pub chunk_size: usize,
     /// Attempts to deliver a result before giving up on it.
@@ -101,14 +106,21 @@ impl QuerierConfig {
         self
     }
 
+    /// Sets how long a prefetched query may be held (see [`hold_limit`](Self::hold_limit)).
+    pub fn with_hold_limit(mut self, limit: Option<Duration>) -> Self {
+        self.hold_limit = limit;
+        self
+    }
+
     /// Follows the schedulers' gossip instead of a static list.
     pub fn with_gossip(mut self, gossip: GossipConfig) -> Self {
         self.gossip = Some(gossip);
         self
     }
 
-    /// Defaults: 4 workers per scheduler, 256 KiB chunks, 3 delivery attempts, 1 s grace
-    /// after a cancel, TLS name `localhost` (as in the development certificates).
+    /// Defaults: 4 workers per scheduler, no prefetch (a 10 ms hold limit when it is
+    /// turned on), 256 KiB chunks, 3 delivery attempts, 1 s grace after a cancel, TLS name
+    /// `localhost` (as in the development certificates).
     pub fn new(id: impl Into<String>, identity: Identity, schedulers: Vec<SocketAddr>) -> Self {
         QuerierConfig {
             id: id.into(),
@@ -119,6 +131,7 @@ impl QuerierConfig {
             scheduler_server_name: "localhost".into(),
             concurrency: 4,
             prefetch: false,
+            hold_limit: Some(Duration::from_millis(10)),
             chunk_size: 256 * 1024,
             delivery_attempts: 3,
             confirm_after: Duration::from_millis(100),
@@ -423,6 +436,16 @@ impl Querier {
             return Err(ClientError::Config(
                 "concurrency, chunk_size and delivery_attempts must be at least 1".into(),
             ));
+        }
+        if let Some(limit) = config.hold_limit
+            && limit >= config.confirm_after
+        {
+            // A held query is confirmed to its frontend at `confirm_after`, and a confirmed
+            // query cannot be placed again.
+            return Err(ClientError::Config(format!(
+                "hold_limit ({limit:?}) must be under confirm_after ({:?})",
+                config.confirm_after
+            )));
         }
         // The scheduler sees a worker per slot: two per worker loop with prefetch.
         let (slots, with) = if config.prefetch {

@@ -53,6 +53,12 @@ pub(crate) enum Command {
         worker: WorkerSlot,
         finished: Option<Finished>,
     },
+    /// A worker gives back its query unstarted (it was held behind a long one).
+    HandBack {
+        stream: u64,
+        worker: WorkerSlot,
+        query: QueryId,
+    },
     /// A dequeue stream ended: every worker on it is gone.
     DequeueClosed {
         stream: u64,

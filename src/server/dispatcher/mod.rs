@@ -289,6 +289,11 @@ impl Dispatcher {
                     self.ready(now, worker, finished);
                 }
             }
+            Command::HandBack { stream, worker, query } => {
+                if let Some(worker) = self.worker_of(now, stream, worker) {
+                    self.hand_back(worker, query);
+                }
+            }
             Command::DequeueClosed { stream } => {
                 let Some(s) = self.streams.remove(&stream) else { return };
                 let mut workers: Vec<(WorkerSlot, WorkerId)> = s.workers.into_iter().collect();

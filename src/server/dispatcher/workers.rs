@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use metrics::counter;
 use sluice_client::trace::TraceParent;
-use sluice_protocol::{Dispatch, Finished, MAX_WORKERS_PER_STREAM, QueryErrorKind, SchedulerToQuerier, WorkerSlot};
+use sluice_protocol::{
+    Dispatch, Finished, MAX_WORKERS_PER_STREAM, QueryErrorKind, QueryId, SchedulerToQuerier, WorkerSlot,
+};
 use tracing::{debug, warn};
 
 use super::{Dispatcher, Phase, WorkerTx};
@@ -132,6 +134,35 @@ impl Dispatcher {
             self.park(worker);
         }
         self.send_expired();
+    }
+
+    /// `worker` gives back `query`, held and never started: the tenant gets back what the
+    /// dispatch debited, the frontend hears `HandedBack` (and places it again), and the
+    /// worker waits for nothing until its next `Ready`. A worker that does not run `query`
+    /// breaks the protocol.
+    pub(super) fn hand_back(&mut self, worker: WorkerId, query: QueryId) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let Some(key) = w.running.filter(|k| k.query == query) else {
+            warn!(querier = %w.querier, query, "HandBack of a query the worker does not run; closing its connection");
+            w.tx.protocol_violation();
+            return;
+        };
+        w.running = None;
+        let querier = w.querier.clone();
+        let Some(r) = self.running.remove(&key) else { return };
+        self.queue.charge(&r.tenant, -i64::from(r.cost));
+        self.metrics.record(|| counter!(m::QUERIER_HAND_BACKS).increment(1));
+        if r.cancelled {
+            return; // its frontend heard `Cancelled` already
+        }
+        debug!(%querier, query, "handed back unstarted");
+        self.query_error(
+            key,
+            QueryErrorKind::HandedBack,
+            format!("querier {querier} held it behind a long query and gave it back unstarted"),
+        );
     }
 
     /// Puts `worker` at the back of the waiting line.

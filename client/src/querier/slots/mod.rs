@@ -13,7 +13,10 @@
 //! With prefetch, the link has two slots per worker (the scheduler sees both) but runs at
 //! most one handler per worker: a query dispatched while every worker runs one is `Held`
 //! (oldest first) and starts when a handler returns. A held query that is cancelled or
-//! reaches its deadline never runs: its slot reports it at once.
+//! reaches its deadline never runs: its slot reports it at once. One still held after the
+//! hold limit (every worker runs a long query) is given back to the scheduler unstarted
+//! (`HandBack`), and its slot rests, asking for nothing, until a handler returns within the
+//! hold limit: prefetch pays only while queries are short.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -30,6 +33,9 @@ pub(super) enum State {
     Waiting,
     /// Dispatched, waiting for a worker to run it (prefetch only).
     Held(Run),
+    /// Gave its held query back; asks for work again once a handler returns within the hold
+    /// limit (`woken`) and its deliveries are settled (prefetch only).
+    Resting { woken: bool },
     /// Runs a query.
     Running(Run),
     /// Its handler is done; its `Ready` waits until no delivery but this query's own
@@ -48,6 +54,10 @@ pub(super) struct Run {
     pub(super) confirm_at: Option<Instant>,
     /// Set once cancelled: when the handler is aborted if it has not returned.
     pub(super) abort_at: Option<Instant>,
+    /// While held on an open stream: when it is given back if it has not started.
+    pub(super) hand_back_at: Option<Instant>,
+    /// When its handler started (None while held).
+    pub(super) started: Option<Instant>,
 }
 
 impl Run {
@@ -57,7 +67,10 @@ impl Run {
 
     fn next_moment(&self) -> Option<Instant> {
         let deadline = self.deadline.filter(|_| !self.cancelled());
-        [deadline, self.confirm_at, self.abort_at].into_iter().flatten().min()
+        [deadline, self.confirm_at, self.abort_at, self.hand_back_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
 
@@ -85,7 +98,8 @@ pub(super) enum Action {
     Confirm(WorkerSlot),
     /// Start the slot's handler (its query was dispatched and a worker is free for it).
     Start(WorkerSlot),
-    /// Forget the slot's held query without running it (cancelled or past its deadline).
+    /// Forget the slot's held query without running it (cancelled, past its deadline, or
+    /// given back).
     Drop(WorkerSlot),
 }
 
@@ -101,6 +115,10 @@ pub(super) struct Slots {
     running: usize,
     /// Slots in `Held`, oldest dispatch first.
     held: VecDeque<usize>,
+    /// Slots in `Resting`, oldest first.
+    resting: VecDeque<usize>,
+    /// How long a query may be held before it is given back; None: as long as it takes.
+    hold_limit: Option<Duration>,
     /// Per worker, the deliveries in flight (their numbers), oldest first.
     in_flight: Vec<VecDeque<u64>>,
     stream: Stream,
@@ -118,12 +136,20 @@ impl Slots {
             prefetch,
             running: 0,
             held: VecDeque::new(),
+            resting: VecDeque::new(),
+            hold_limit: None,
             in_flight: Vec::new(),
             stream: Stream::None,
             cancel_grace,
             confirm_after,
             fresh: None,
         }
+    }
+
+    /// Gives a query held this long back to the scheduler (see the module's notes).
+    pub(super) fn with_hold_limit(mut self, limit: Option<Duration>) -> Self {
+        self.hold_limit = limit;
+        self
     }
 
     /// The earliest moment set since the last call (a dispatch, a cancel or a deadline
@@ -158,12 +184,12 @@ impl Slots {
     /// Grows to `n` workers (`2n` slots with prefetch, at most
     /// [`MAX_WORKERS_PER_STREAM`]); new slots ask for work at once if a stream is open, and
     /// held queries start on new workers.
-    pub(super) fn grow(&mut self, n: usize, out: &mut Vec<Action>) {
+    pub(super) fn grow(&mut self, n: usize, now: Instant, out: &mut Vec<Action>) {
         let max_slots = usize::from(MAX_WORKERS_PER_STREAM);
         let n = n.min(max_slots);
         self.workers = self.workers.max(n);
         let slots = if self.prefetch { n * 2 } else { n }.min(max_slots);
-        self.start_held(out);
+        self.start_held(now, out);
         while self.states.len() < slots {
             let slot = self.states.len();
             self.states.push(State::Idle);
@@ -184,13 +210,22 @@ impl Slots {
         }
     }
 
-    /// The stream ended (lost, or closed by us): waiting workers wait no more. Running
-    /// queries go on and their results are delivered; the scheduler is not told.
+    /// The stream ended (lost, or closed by us): waiting and resting workers wait no
+    /// more. Running and held queries go on (held ones are no longer given back: the next
+    /// stream's scheduler does not know them) and their results are delivered; the
+    /// scheduler is not told.
     pub(super) fn closed(&mut self) {
         self.stream = Stream::None;
+        self.settle_on_stream_end();
+    }
+
+    fn settle_on_stream_end(&mut self) {
+        self.resting.clear();
         for s in &mut self.states {
-            if *s == State::Waiting {
-                *s = State::Idle;
+            match s {
+                State::Waiting | State::Resting { .. } => *s = State::Idle,
+                State::Held(run) => run.hand_back_at = None,
+                _ => {}
             }
         }
     }
@@ -200,11 +235,7 @@ impl Slots {
         if self.stream == Stream::Open {
             self.stream = Stream::Draining;
         }
-        for s in &mut self.states {
-            if *s == State::Waiting {
-                *s = State::Idle;
-            }
-        }
+        self.settle_on_stream_end();
     }
 
     /// Whether any worker runs a query, holds one or waits to report one.
@@ -237,21 +268,32 @@ impl Slots {
         if *state != State::Waiting {
             return Err(format!("a dispatch for worker {slot}, which did not ask for work"));
         }
-        let run = Run {
+        let mut run = Run {
             query_id,
             frontend_id: frontend_id.to_string(),
             deadline: timeout.map(|t| now + t),
             confirm_at: Some(now + self.confirm_after),
             abort_at: None,
+            hand_back_at: None,
+            started: None,
         };
+        let held = self.running >= self.workers;
+        if held {
+            run.hand_back_at = self
+                .hold_limit
+                .filter(|_| self.stream == Stream::Open)
+                .map(|limit| now + limit);
+        } else {
+            run.started = Some(now);
+        }
         let next = run.next_moment();
-        if self.running < self.workers {
+        if held {
+            *state = State::Held(run);
+            self.held.push_back(usize::from(slot));
+        } else {
             *state = State::Running(run);
             self.running += 1;
             out.push(Action::Start(slot));
-        } else {
-            *state = State::Held(run);
-            self.held.push_back(usize::from(slot));
         }
         if let Some(at) = next {
             self.set_moment(at);
@@ -260,16 +302,41 @@ impl Slots {
     }
 
     /// Starts held queries, oldest first, while workers are free.
-    fn start_held(&mut self, out: &mut Vec<Action>) {
+    fn start_held(&mut self, now: Instant, out: &mut Vec<Action>) {
         while self.running < self.workers
             && let Some(i) = self.held.pop_front()
         {
-            let State::Held(run) = std::mem::replace(&mut self.states[i], State::Idle) else {
+            let State::Held(mut run) = std::mem::replace(&mut self.states[i], State::Idle) else {
                 unreachable!("only held slots are queued");
             };
+            run.hand_back_at = None;
+            run.started = Some(now);
             self.states[i] = State::Running(run);
             self.running += 1;
             out.push(Action::Start(slot_of(i)));
+        }
+    }
+
+    /// A held query still held at its limit goes back to the scheduler unstarted; its slot
+    /// rests.
+    fn hand_back(&mut self, i: usize, out: &mut Vec<Action>) {
+        let State::Held(run) = std::mem::replace(&mut self.states[i], State::Resting { woken: false }) else {
+            unreachable!("only held queries are given back");
+        };
+        self.held.retain(|h| *h != i);
+        self.resting.push_back(i);
+        out.push(Action::Send(QuerierToScheduler::HandBack {
+            worker: slot_of(i),
+            query_id: run.query_id,
+        }));
+        out.push(Action::Drop(slot_of(i)));
+    }
+
+    /// A handler returned within the hold limit: the longest-resting slot may ask again.
+    fn wake_one(&mut self, out: &mut Vec<Action>) {
+        if let Some(i) = self.resting.pop_front() {
+            self.states[i] = State::Resting { woken: true };
+            self.report_if_settled(i, out);
         }
     }
 
@@ -324,14 +391,18 @@ impl Slots {
     }
 
     /// Confirms, cancels at their deadline and aborts after their grace the running
-    /// queries whose moment has come; confirms held ones, and drops them at their deadline.
+    /// queries whose moment has come; drops held ones at their deadline, gives them back
+    /// at the hold limit, and confirms those that cannot be given back.
     pub(super) fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
         let mut expired = Vec::new();
+        let mut given_back = Vec::new();
         for (i, state) in self.states.iter_mut().enumerate() {
             let slot = slot_of(i);
             if let State::Held(run) = state {
                 if run.deadline.is_some_and(|at| at <= now) {
                     expired.push(i);
+                } else if run.hand_back_at.is_some_and(|at| at <= now) {
+                    given_back.push(i);
                 } else if run.confirm_at.is_some_and(|at| at <= now) {
                     run.confirm_at = None;
                     out.push(Action::Confirm(slot));
@@ -356,9 +427,12 @@ impl Slots {
         for i in expired {
             self.drop_held(i, out);
         }
+        for i in given_back {
+            self.hand_back(i, out);
+        }
     }
 
-    /// `slot`'s handler returned (or was aborted); `delivery` numbers its result's
+    /// `slot`'s handler returned (or was aborted) at `now`; `delivery` numbers its result's
     /// delivery if one was handed to a sender, and `measured_cost` is reported with the
     /// worker's next `Ready`, sent once its previous delivery is settled.
     pub(super) fn done(
@@ -366,6 +440,7 @@ impl Slots {
         slot: WorkerSlot,
         delivery: Option<u64>,
         measured_cost: Option<u32>,
+        now: Instant,
         out: &mut Vec<Action>,
     ) {
         let i = usize::from(slot);
@@ -385,8 +460,13 @@ impl Slots {
             self.in_flight[i].push_back(d);
         }
         self.states[i] = State::Settling { finished, delivery };
-        self.start_held(out);
+        self.start_held(now, out);
         self.report_if_settled(i, out);
+        if let (Some(limit), Some(started)) = (self.hold_limit, run.started)
+            && now.saturating_duration_since(started) < limit
+        {
+            self.wake_one(out);
+        }
     }
 
     /// Delivery `delivery` of `slot` is settled (arrived, or given up).
@@ -404,8 +484,14 @@ impl Slots {
     }
 
     /// A settling worker reports its query once no delivery older than its own is in
-    /// flight.
+    /// flight; a woken resting one asks again once none is.
     fn report_if_settled(&mut self, i: usize, out: &mut Vec<Action>) {
+        if self.states[i] == (State::Resting { woken: true }) {
+            if self.in_flight[i].is_empty() && self.stream == Stream::Open {
+                self.ask(i, None, out);
+            }
+            return;
+        }
         let State::Settling { delivery, .. } = &self.states[i] else {
             return;
         };

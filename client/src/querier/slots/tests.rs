@@ -19,7 +19,7 @@ fn ready(worker: WorkerSlot, finished: Option<QueryId>) -> Action {
 fn open(n: usize) -> (Slots, Vec<Action>) {
     let mut s = Slots::new(GRACE, CONFIRM, false);
     let mut out = Vec::new();
-    s.grow(n, &mut out);
+    s.grow(n, Instant::now(), &mut out);
     assert!(out.is_empty(), "no stream: nobody asks");
     s.opened(&mut out);
     (s, out)
@@ -28,7 +28,7 @@ fn open(n: usize) -> (Slots, Vec<Action>) {
 fn open_prefetching(workers: usize) -> Slots {
     let mut s = Slots::new(GRACE, CONFIRM, true);
     let mut out = Vec::new();
-    s.grow(workers, &mut out);
+    s.grow(workers, Instant::now(), &mut out);
     s.opened(&mut out);
     assert_eq!(out.len(), workers * 2, "two slots per worker ask: {out:?}");
     s
@@ -45,7 +45,7 @@ fn with_prefetch_each_worker_holds_one_query_and_runs_one_at_a_time() {
     s.dispatched(1, 2, "fe", None, now, &mut out).unwrap();
     assert!(out.is_empty(), "the only worker is busy: held, not started");
     assert!(matches!(s.state(1), Some(State::Held(_))));
-    s.done(0, Some(10), None, &mut out);
+    s.done(0, Some(10), None, Instant::now(), &mut out);
     assert_eq!(
         out,
         vec![Action::Start(1), ready(0, Some(1))],
@@ -54,7 +54,7 @@ fn with_prefetch_each_worker_holds_one_query_and_runs_one_at_a_time() {
     out.clear();
     s.dispatched(0, 3, "fe", None, now, &mut out).unwrap();
     assert!(out.is_empty(), "query 2 runs: query 3 is held");
-    s.done(1, None, None, &mut out);
+    s.done(1, None, None, Instant::now(), &mut out);
     assert_eq!(out, vec![Action::Start(0), ready(1, Some(2))]);
 }
 
@@ -68,10 +68,10 @@ fn held_queries_start_oldest_first_and_new_workers_take_them() {
     }
     assert_eq!(out, vec![Action::Start(0), Action::Start(1)]);
     out.clear();
-    s.done(1, None, None, &mut out);
+    s.done(1, None, None, Instant::now(), &mut out);
     assert_eq!(out[0], Action::Start(3), "query 3 was held first");
     out.clear();
-    s.grow(3, &mut out);
+    s.grow(3, Instant::now(), &mut out);
     assert_eq!(out[0], Action::Start(2), "a new worker runs the other held query");
     assert_eq!(s.len(), 6);
     assert_eq!(s.workers(), 3);
@@ -108,7 +108,7 @@ fn a_held_query_cancelled_or_past_its_deadline_never_runs_and_is_reported_at_onc
         "its deadline passed while held"
     );
     out.clear();
-    s.done(0, None, None, &mut out);
+    s.done(0, None, None, Instant::now(), &mut out);
     assert_eq!(out, vec![ready(0, Some(1))], "nothing held is left to start");
 }
 
@@ -121,11 +121,11 @@ fn a_draining_link_runs_its_held_queries_before_it_is_idle() {
     s.dispatched(1, 2, "fe", None, now, &mut out).unwrap();
     s.draining();
     out.clear();
-    s.done(0, None, None, &mut out);
+    s.done(0, None, None, Instant::now(), &mut out);
     assert_eq!(out, vec![Action::Start(1), ready(0, Some(1))]);
     assert!(s.busy(), "query 2 runs");
     out.clear();
-    s.done(1, None, None, &mut out);
+    s.done(1, None, None, Instant::now(), &mut out);
     assert_eq!(out, vec![ready(1, Some(2))]);
     assert!(!s.busy());
 }
@@ -135,7 +135,7 @@ fn every_free_worker_asks_once_a_stream_opens_and_new_workers_ask_at_once() {
     let (mut s, out) = open(2);
     assert_eq!(out, vec![ready(0, None), ready(1, None)]);
     let mut out = Vec::new();
-    s.grow(3, &mut out);
+    s.grow(3, Instant::now(), &mut out);
     assert_eq!(out, vec![ready(2, None)]);
 }
 
@@ -157,11 +157,11 @@ fn a_finished_query_is_reported_only_once_its_previous_delivery_is_settled() {
     let now = Instant::now();
     let mut out = Vec::new();
     s.dispatched(0, 1, "fe", None, now, &mut Vec::new()).unwrap();
-    s.done(0, Some(10), None, &mut out);
+    s.done(0, Some(10), None, Instant::now(), &mut out);
     assert_eq!(out, vec![ready(0, Some(1))], "only the newest delivery in flight");
     out.clear();
     s.dispatched(0, 2, "fe", None, now, &mut Vec::new()).unwrap();
-    s.done(0, Some(11), None, &mut out);
+    s.done(0, Some(11), None, Instant::now(), &mut out);
     assert!(out.is_empty(), "delivery 10 is still in flight");
     assert!(matches!(s.state(0), Some(State::Settling { .. })));
     s.settled(0, 11, &mut out);
@@ -238,8 +238,8 @@ fn a_draining_stream_gets_one_last_ready_per_running_query_and_no_more_asks() {
     s.draining();
     assert_eq!(s.state(2), Some(&State::Idle));
     let mut out = Vec::new();
-    s.done(0, Some(1), None, &mut out);
-    s.done(1, None, None, &mut out);
+    s.done(0, Some(1), None, Instant::now(), &mut out);
+    s.done(1, None, None, Instant::now(), &mut out);
     assert_eq!(out, vec![ready(0, Some(1)), ready(1, Some(2))]);
     assert!(!s.busy());
     assert!(s.delivering(), "delivery 1 goes on");
@@ -253,8 +253,131 @@ fn queries_run_on_across_a_lost_stream_and_their_workers_ask_on_the_next() {
     s.closed();
     assert_eq!(s.state(1), Some(&State::Idle));
     let mut out = Vec::new();
-    s.done(0, Some(5), None, &mut out);
+    s.done(0, Some(5), None, Instant::now(), &mut out);
     assert!(out.is_empty(), "no stream to report on");
     s.opened(&mut out);
     assert_eq!(out, vec![ready(0, None), ready(1, None)]);
+}
+
+const HOLD: Duration = Duration::from_millis(10);
+
+fn hand_back(worker: WorkerSlot, query_id: QueryId) -> Action {
+    Action::Send(QuerierToScheduler::HandBack { worker, query_id })
+}
+
+/// One worker with prefetch and a hold limit: query 1 runs on slot 0, query 2 is held on
+/// slot 1, from `t0`.
+fn one_running_one_held(t0: Instant) -> Slots {
+    let mut s = Slots::new(GRACE, CONFIRM, true).with_hold_limit(Some(HOLD));
+    let mut out = Vec::new();
+    s.grow(1, t0, &mut out);
+    s.opened(&mut out);
+    out.clear();
+    s.dispatched(0, 1, "fe", None, t0, &mut out).unwrap();
+    s.dispatched(1, 2, "fe", None, t0, &mut out).unwrap();
+    assert_eq!(out, vec![Action::Start(0)]);
+    s
+}
+
+#[test]
+fn a_query_held_past_the_hold_limit_is_given_back_and_its_slot_rests_until_a_short_handler_returns() {
+    let t0 = Instant::now();
+    let mut s = one_running_one_held(t0);
+    let mut out = Vec::new();
+    assert_eq!(s.next_moment(), Some(t0 + HOLD), "the hold limit is the first moment");
+    s.tick(t0 + HOLD - Duration::from_millis(1), &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    s.tick(t0 + HOLD, &mut out);
+    assert_eq!(
+        out,
+        vec![hand_back(1, 2), Action::Drop(1)],
+        "given back unstarted, never confirmed"
+    );
+    assert_eq!(s.state(1), Some(&State::Resting { woken: false }));
+    out.clear();
+    // Query 1 ran long: the slot keeps resting, so no query waits behind the next long one.
+    s.done(0, None, None, t0 + Duration::from_millis(200), &mut out);
+    assert_eq!(out, vec![ready(0, Some(1))]);
+    out.clear();
+    let t1 = t0 + Duration::from_millis(200);
+    s.dispatched(0, 3, "fe", None, t1, &mut out).unwrap();
+    assert_eq!(out, vec![Action::Start(0)], "the worker is free: it runs at once");
+    out.clear();
+    // Query 3 ran within the limit: short queries again, so prefetch resumes.
+    s.done(0, None, None, t1 + Duration::from_millis(3), &mut out);
+    assert_eq!(
+        out,
+        vec![
+            ready(0, Some(3)),
+            Action::Send(QuerierToScheduler::Ready {
+                worker: 1,
+                finished: None
+            })
+        ]
+    );
+    assert_eq!(s.state(1), Some(&State::Waiting));
+}
+
+#[test]
+fn a_woken_slot_asks_only_once_its_last_delivery_is_settled() {
+    let t0 = Instant::now();
+    let mut s = one_running_one_held(t0);
+    let mut out = Vec::new();
+    // Query 2 runs on slot 1 and its result is on its way (delivery 11) as slot 1 asks again.
+    s.done(0, Some(10), None, t0, &mut out);
+    s.done(1, Some(11), None, t0, &mut out);
+    s.settled(0, 10, &mut out);
+    out.clear();
+    s.dispatched(0, 3, "fe", None, t0, &mut out).unwrap();
+    s.dispatched(1, 4, "fe", None, t0, &mut out).unwrap();
+    s.tick(t0 + HOLD, &mut out);
+    assert_eq!(out, vec![Action::Start(0), hand_back(1, 4), Action::Drop(1)]);
+    out.clear();
+    // Query 3 ran long; query 5 runs within the limit and wakes slot 1.
+    s.done(0, None, None, t0 + HOLD, &mut out);
+    s.dispatched(0, 5, "fe", None, t0 + HOLD, &mut out).unwrap();
+    assert_eq!(out, vec![ready(0, Some(3)), Action::Start(0)]);
+    out.clear();
+    s.done(0, None, None, t0 + HOLD + Duration::from_millis(1), &mut out);
+    assert_eq!(
+        out,
+        vec![ready(0, Some(5))],
+        "woken, but its delivery is in flight: {out:?}"
+    );
+    assert_eq!(s.state(1), Some(&State::Resting { woken: true }));
+    out.clear();
+    s.settled(1, 11, &mut out);
+    assert_eq!(
+        out,
+        vec![Action::Send(QuerierToScheduler::Ready {
+            worker: 1,
+            finished: None
+        })],
+        "its Ready says delivery 11 is settled"
+    );
+}
+
+#[test]
+fn a_held_query_is_not_given_back_once_its_stream_is_gone_and_is_confirmed_instead() {
+    let t0 = Instant::now();
+    for end in ["closed", "draining"] {
+        let mut s = one_running_one_held(t0);
+        let mut out = Vec::new();
+        if end == "closed" {
+            s.closed();
+        } else {
+            s.draining();
+        }
+        s.tick(t0 + HOLD, &mut out);
+        assert!(
+            out.is_empty(),
+            "{end}: the next stream's scheduler does not know it: {out:?}"
+        );
+        s.tick(t0 + CONFIRM, &mut out);
+        assert_eq!(out, vec![Action::Confirm(0), Action::Confirm(1)], "{end}");
+        assert!(
+            matches!(s.state(1), Some(State::Held(_))),
+            "{end}: it starts when the worker is free"
+        );
+    }
 }

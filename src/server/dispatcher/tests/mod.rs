@@ -7,6 +7,7 @@ use bytes::Bytes;
 use sluice_protocol::{Enqueue, EnqueueStatus, Finished};
 
 mod cluster;
+mod hand_back;
 
 struct Harness {
     d: Dispatcher,
