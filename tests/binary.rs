@@ -20,11 +20,7 @@ async fn serve_needs_no_files_and_stops_cleanly_on_sigterm() {
     let mut fe = frontend(&fe_conn, "fe").await;
     let mut w = worker(&q_conn, "q").await;
     accepted(&mut fe, 1, "t").await;
-    w.send(&QuerierToScheduler::Ready {
-        worker: 0,
-        finished: None,
-    })
-    .await;
+    w.ready(0).await;
     assert_eq!(dispatched(&mut w).await.query_id, 1);
 
     signal(&s.child, "TERM").await;

@@ -265,12 +265,7 @@ async fn a_querier_may_announce_shutdown_only_for_itself() {
     let t = start(|_| {}).await;
     let victim_conn = t.connect(&t.certs.querier).await.unwrap();
     let mut victim = worker(&victim_conn, "victim").await;
-    victim
-        .send(&QuerierToScheduler::Ready {
-            worker: 0,
-            finished: None,
-        })
-        .await;
+    victim.ready(0).await;
     let other = t.connect(&t.certs.querier).await.unwrap();
     let refused = open(&other, Hello::new(Role::Querier, "victim", StreamKind::ShutdownNotice)).await;
     assert!(

@@ -235,7 +235,7 @@ async fn whole_results_share_one_stream_and_are_acknowledged_in_order() {
     let mut w = worker(&sched, "raw-querier").await;
     let mut dispatches = Vec::new();
     for worker in 0..2 {
-        w.send(&QuerierToScheduler::Ready { worker, finished: None }).await;
+        w.ready(worker).await;
         dispatches.push(dispatched(&mut w).await);
     }
     dispatches.sort_by_key(|d| d.query_id);

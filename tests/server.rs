@@ -16,11 +16,7 @@ async fn enqueue_dispatch_ready_cycle() {
     let mut w = worker(&q_conn, "querier-1").await;
 
     accepted(&mut fe, 1, "tenant-a").await;
-    w.send(&QuerierToScheduler::Ready {
-        worker: 0,
-        finished: None,
-    })
-    .await;
+    w.ready(0).await;
     let d = dispatched(&mut w).await;
     assert_eq!((d.query_id, d.tenant.as_str()), (1, "tenant-a"));
     assert_eq!(d.frontend.id, "fe-1");
@@ -60,11 +56,7 @@ async fn tenants_take_turns_across_the_network() {
     let mut w = worker(&q_conn, "querier-1").await;
     let mut order = Vec::new();
     for _ in 0..3 {
-        w.send(&QuerierToScheduler::Ready {
-            worker: 0,
-            finished: None,
-        })
-        .await;
+        w.ready(0).await;
         order.push(dispatched(&mut w).await.tenant);
     }
     assert_eq!(order, ["noisy", "quiet", "noisy"]);
@@ -98,11 +90,7 @@ async fn cancel_in_flight_tells_the_querier_and_keeps_its_stream() {
     let mut fe = frontend(&fe_conn, "fe-1").await;
     let mut w = worker(&q_conn, "q").await;
     accepted(&mut fe, 1, "t").await;
-    w.send(&QuerierToScheduler::Ready {
-        worker: 0,
-        finished: None,
-    })
-    .await;
+    w.ready(0).await;
     assert_eq!(dispatched(&mut w).await.query_id, 1);
     fe.send(&FrontendToScheduler::Cancel { query_id: 1 }).await;
     assert_eq!(
@@ -114,11 +102,7 @@ async fn cancel_in_flight_tells_the_querier_and_keeps_its_stream() {
         SchedulerToFrontend::Cancelled { query_id: 1 }
     );
     // Same stream, next query.
-    w.send(&QuerierToScheduler::Ready {
-        worker: 0,
-        finished: None,
-    })
-    .await;
+    w.ready(0).await;
     accepted(&mut fe, 2, "t").await;
     assert_eq!(dispatched(&mut w).await.query_id, 2);
 }
@@ -138,11 +122,7 @@ async fn one_running(t: &TestServer, querier: &str) -> OneRunning {
     let mut fe = frontend(&fe_conn, "fe-1").await;
     let mut w = worker(&q_conn, querier).await;
     accepted(&mut fe, 1, "t").await;
-    w.send(&QuerierToScheduler::Ready {
-        worker: 0,
-        finished: None,
-    })
-    .await;
+    w.ready(0).await;
     assert_eq!(dispatched(&mut w).await.query_id, 1);
     OneRunning {
         _fe_conn: fe_conn,
@@ -306,11 +286,7 @@ async fn shutdown_drains_then_hands_back_what_is_left() {
     fe.send(&enqueue(9, "t")).await;
     assert_eq!(status_of(&mut fe, 9).await, EnqueueStatus::ShuttingDown);
     // …queued work still dispatches during the drain…
-    w.send(&QuerierToScheduler::Ready {
-        worker: 0,
-        finished: None,
-    })
-    .await;
+    w.ready(0).await;
     assert_eq!(dispatched(&mut w).await.query_id, 0);
     // …and what is left is handed back, each query explicitly.
     let mut handed_back = Vec::new();
@@ -504,18 +480,8 @@ async fn a_ready_out_of_turn_closes_the_querier_connection_and_fails_its_running
     } = one_running(&t, "querier-7").await;
     // Another worker of the same querier says Ready twice without being given anything.
     let mut rogue = worker(&q_conn, "querier-7").await;
-    rogue
-        .send(&QuerierToScheduler::Ready {
-            worker: 0,
-            finished: None,
-        })
-        .await;
-    rogue
-        .send(&QuerierToScheduler::Ready {
-            worker: 0,
-            finished: None,
-        })
-        .await;
+    rogue.ready(0).await;
+    rogue.ready(0).await;
     let reason = tokio::time::timeout(WAIT, q_conn.closed())
         .await
         .expect("the connection is closed");
@@ -566,20 +532,12 @@ async fn running_queries_are_cancelled_only_when_their_frontend_closes_on_purpos
                 }
             );
         }
-        w.send(&QuerierToScheduler::Ready {
-            worker: 0,
-            finished: None,
-        })
-        .await;
+        w.ready(0).await;
         let other = t.connect(&t.certs.frontend).await.unwrap();
         let mut fe2 = frontend(&other, "fe-2").await;
         accepted(&mut fe2, running + 1, "t").await;
         assert_eq!(dispatched(&mut w).await.query_id, running + 1, "close code {code}");
-        w.send(&QuerierToScheduler::Ready {
-            worker: 0,
-            finished: None,
-        })
-        .await;
+        w.ready(0).await;
         other.close(close_code::DONE.into(), b"bye");
         t.status_until("the second frontend gone", |s| s.frontends.is_empty())
             .await;
@@ -595,7 +553,7 @@ async fn workers_share_one_dequeue_stream_each_taking_its_own_turns() {
     let mut fe = frontend(&fe_conn, "fe-1").await;
     let mut w = worker(&q_conn, "querier-1").await;
     for worker in [3, 0] {
-        w.send(&QuerierToScheduler::Ready { worker, finished: None }).await;
+        w.ready(worker).await;
     }
     t.status_until("two workers", |s| s.workers.len() == 2).await;
     accepted(&mut fe, 1, "t").await;
@@ -620,11 +578,7 @@ async fn workers_share_one_dequeue_stream_each_taking_its_own_turns() {
         SchedulerToFrontend::Cancelled { query_id: 2 }
     );
     // Worker 0 reports and asks again; worker 3 still runs query 1.
-    w.send(&QuerierToScheduler::Ready {
-        worker: 0,
-        finished: None,
-    })
-    .await;
+    w.ready(0).await;
     accepted(&mut fe, 3, "t").await;
     assert_eq!(dispatched(&mut w).await.query_id, 3);
     let s = t.status_until("two running", |s| s.running == 2).await;
@@ -648,11 +602,7 @@ async fn a_worker_numbered_beyond_the_bound_closes_the_querier_connection() {
     let t = start(|_| {}).await;
     let q_conn = t.connect(&t.certs.querier).await.unwrap();
     let mut w = worker(&q_conn, "querier-1").await;
-    w.send(&QuerierToScheduler::Ready {
-        worker: MAX_WORKERS_PER_STREAM,
-        finished: None,
-    })
-    .await;
+    w.ready(MAX_WORKERS_PER_STREAM).await;
     match tokio::time::timeout(WAIT, q_conn.closed()).await.expect("closed") {
         quinn::ConnectionError::ApplicationClosed(close) => {
             assert_eq!(close.error_code, close_code::PROTOCOL_ERROR.into())

@@ -127,6 +127,11 @@ impl Peer {
     }
 
     /// The next message, failing the test after [`WAIT`].
+    /// A querier worker's `Ready` for `worker`, with nothing finished.
+    pub async fn ready(&mut self, worker: WorkerSlot) {
+        self.send(&QuerierToScheduler::Ready { worker, finished: None }).await;
+    }
+
     pub async fn recv<T: DeserializeOwned>(&mut self) -> T {
         tokio::time::timeout(WAIT, self.reader.next::<T>())
             .await
@@ -209,11 +214,7 @@ pub async fn worker(conn: &quinn::Connection, querier: &str) -> Peer {
 /// [`worker`], with its worker 0 already `Ready` for a query.
 pub async fn ready_worker(conn: &quinn::Connection, querier: &str) -> Peer {
     let mut peer = worker(conn, querier).await;
-    peer.send(&QuerierToScheduler::Ready {
-        worker: 0,
-        finished: None,
-    })
-    .await;
+    peer.ready(0).await;
     peer
 }
 
