@@ -74,12 +74,25 @@ impl T {
 }
 
 fn accepted(scheduler: SchedulerIx, id: QueryId) -> Event {
+    status(scheduler, id, EnqueueStatus::Accepted)
+}
+
+/// `scheduler`'s answer to the enqueue of `id` (no load, no estimate).
+fn status(scheduler: SchedulerIx, id: QueryId, status: EnqueueStatus) -> Event {
     Event::Status {
         scheduler,
         id,
-        status: EnqueueStatus::Accepted,
+        status,
         queued: 0,
         estimated_wait: None,
+    }
+}
+
+/// `scheduler`'s note that it dispatched `id`.
+fn dispatched(scheduler: SchedulerIx, id: QueryId) -> Event {
+    Event::Dispatched {
+        scheduler,
+        ids: vec![id],
     }
 }
 
@@ -103,10 +116,7 @@ fn error(scheduler: SchedulerIx, id: QueryId, kind: QueryErrorKind) -> Event {
 fn a_query_is_placed_dispatched_and_ends_with_its_result() {
     let mut t = T::new(&[S0]);
     let s = t.queued(1, None, false);
-    t.on(Event::Dispatched {
-        scheduler: s,
-        ids: vec![1],
-    });
+    t.on(dispatched(s, 1));
     assert_eq!(t.table.state(1), Some(State::Dispatched(s)));
     let out = t.on(Event::ResultHead {
         id: 1,
@@ -122,10 +132,7 @@ fn a_query_is_placed_dispatched_and_ends_with_its_result() {
 fn a_whole_result_is_taken_and_ends_its_query_in_one_step_once() {
     let mut t = T::new(&[S0]);
     let s = t.queued(1, None, false);
-    t.on(Event::Dispatched {
-        scheduler: s,
-        ids: vec![1],
-    });
+    t.on(dispatched(s, 1));
     let whole = |capability| Event::ResultWhole {
         id: 1,
         tenant: "t".into(),
@@ -158,10 +165,7 @@ fn a_handed_back_query_is_placed_again_with_what_is_left_of_its_budget() {
 fn a_dispatched_query_given_back_unstarted_is_placed_again_and_its_next_querier_confirms_it() {
     let mut t = T::new(&[S0]);
     t.queued(1, Some(Duration::from_secs(2)), false);
-    t.on(Event::Dispatched {
-        scheduler: S0,
-        ids: vec![1],
-    });
+    t.on(dispatched(S0, 1));
     // Its querier held it behind a long query and gave it back: the scheduler says so.
     let out = t.at(Duration::from_millis(300), error(S0, 1, QueryErrorKind::HandedBack));
     let Some(Action::Enqueue {
@@ -180,10 +184,7 @@ fn a_dispatched_query_given_back_unstarted_is_placed_again_and_its_next_querier_
     assert_eq!(t.table.state(1), Some(State::Placing(S0)));
     assert_eq!(t.table.counters().requeued, 1);
     assert_eq!(t.on(accepted(S0, 1)), [], "placed once already");
-    t.on(Event::Dispatched {
-        scheduler: S0,
-        ids: vec![1],
-    });
+    t.on(dispatched(S0, 1));
     let started = Event::ResultStarted {
         id: 1,
         tenant: "t".into(),
@@ -206,10 +207,7 @@ fn a_dispatched_query_given_back_unstarted_is_placed_again_and_its_next_querier_
 fn a_started_query_is_not_placed_again_when_handed_back() {
     let mut t = T::new(&[S0]);
     t.queued(1, None, true);
-    t.on(Event::Dispatched {
-        scheduler: S0,
-        ids: vec![1],
-    });
+    t.on(dispatched(S0, 1));
     t.on(Event::ResultStarted {
         id: 1,
         tenant: "t".into(),
@@ -250,10 +248,7 @@ fn a_query_handed_back_by_the_only_scheduler_waits_for_it_to_come_back() {
 fn a_lost_scheduler_changes_nothing_for_a_dispatched_query() {
     let mut t = T::new(&[S0, S1]);
     let s = t.queued(1, None, false);
-    t.on(Event::Dispatched {
-        scheduler: s,
-        ids: vec![1],
-    });
+    t.on(dispatched(s, 1));
     assert_eq!(t.on(Event::SchedulerDown { scheduler: s }), []);
     assert_eq!(t.table.state(1), Some(State::Dispatched(s)));
     // Its querier still answers the frontend directly.
@@ -273,14 +268,8 @@ fn a_dispatch_its_lost_scheduler_left_unconfirmed_is_placed_again_after_the_grac
     let s = t.queued(1, None, false);
     let other = 1 - s;
     let s2 = t.queued(2, None, false);
-    t.on(Event::Dispatched {
-        scheduler: s,
-        ids: vec![1],
-    });
-    t.on(Event::Dispatched {
-        scheduler: s2,
-        ids: vec![2],
-    });
+    t.on(dispatched(s, 1));
+    t.on(dispatched(s2, 2));
     // Query 2's querier confirms it; then query 1's scheduler (and 2's, if the same) dies.
     let out = t.on(Event::ResultStarted {
         id: 2,
@@ -327,10 +316,7 @@ fn a_lost_scheduler_places_its_undispatched_queries_once() {
 fn a_result_that_overtakes_a_replacement_withdraws_the_second_copy() {
     let mut t = T::new(&[S0, S1]);
     let s = t.queued(1, None, true);
-    t.on(Event::Dispatched {
-        scheduler: s,
-        ids: vec![1],
-    });
+    t.on(dispatched(s, 1));
     let out = t.on(error(s, 1, QueryErrorKind::QuerierFailed));
     let again = enqueued_at(&out, 1).expect("redelivered");
     // The first querier's result arrives after all (it was only cut off from its scheduler).
@@ -356,22 +342,10 @@ fn refusals_are_tried_elsewhere_then_the_last_is_returned() {
     let mut t = T::new(&[S0, S1]);
     let out = t.submit(1, None, false);
     let first = enqueued_at(&out, 1).unwrap();
-    let out = t.on(Event::Status {
-        scheduler: first,
-        id: 1,
-        status: EnqueueStatus::TooManyOutstanding { limit: 3 },
-        queued: 0,
-        estimated_wait: None,
-    });
+    let out = t.on(status(first, 1, EnqueueStatus::TooManyOutstanding { limit: 3 }));
     let second = enqueued_at(&out, 1).unwrap();
     assert_ne!(first, second);
-    let out = t.on(Event::Status {
-        scheduler: second,
-        id: 1,
-        status: EnqueueStatus::QueueFull,
-        queued: 0,
-        estimated_wait: None,
-    });
+    let out = t.on(status(second, 1, EnqueueStatus::QueueFull));
     assert_eq!(
         out,
         [Action::Fail {
@@ -386,27 +360,23 @@ fn a_query_every_scheduler_expects_to_miss_its_deadline_fails_at_once_with_the_e
     let mut t = T::new(&[S0, S1]);
     let out = t.submit(1, Some(Duration::from_secs(1)), false);
     let first = enqueued_at(&out, 1).unwrap();
-    let out = t.on(Event::Status {
-        scheduler: first,
-        id: 1,
-        status: EnqueueStatus::WouldMissDeadline {
+    let out = t.on(status(
+        first,
+        1,
+        EnqueueStatus::WouldMissDeadline {
             estimated_wait_ms: 4_000,
         },
-        queued: 0,
-        estimated_wait: None,
-    });
+    ));
     // Another scheduler may be less loaded: it is asked next.
     let second = enqueued_at(&out, 1).unwrap();
     assert_ne!(first, second);
-    let out = t.on(Event::Status {
-        scheduler: second,
-        id: 1,
-        status: EnqueueStatus::WouldMissDeadline {
+    let out = t.on(status(
+        second,
+        1,
+        EnqueueStatus::WouldMissDeadline {
             estimated_wait_ms: 3_000,
         },
-        queued: 0,
-        estimated_wait: None,
-    });
+    ));
     assert_eq!(
         out,
         [Action::Fail {
@@ -437,10 +407,7 @@ fn with_no_scheduler_a_query_waits_then_gives_up() {
 fn the_deadline_ends_a_query_wherever_it_is_even_if_nobody_answers() {
     let mut t = T::new(&[S0]);
     let s = t.queued(1, Some(Duration::from_secs(2)), false);
-    t.on(Event::Dispatched {
-        scheduler: s,
-        ids: vec![1],
-    });
+    t.on(dispatched(s, 1));
     assert_eq!(t.at(Duration::from_millis(1999), Event::Tick), []);
     let out = t.at(Duration::from_secs(2), Event::Tick);
     assert_eq!(out[0], Action::Cancel { scheduler: s, id: 1 });
@@ -474,18 +441,12 @@ fn the_deadline_ends_a_query_wherever_it_is_even_if_nobody_answers() {
 fn a_retriable_query_runs_at_most_max_attempts_times() {
     let mut t = T::new(&[S0]);
     let s = t.queued(1, None, true);
-    t.on(Event::Dispatched {
-        scheduler: s,
-        ids: vec![1],
-    });
+    t.on(dispatched(s, 1));
     let out = t.on(error(s, 1, QueryErrorKind::QuerierFailed));
     assert!(matches!(out[..], [Action::Enqueue { attempt: 2, .. }]));
     assert_eq!(t.table.attempt(1), Some(2));
     t.on(accepted(S0, 1));
-    t.on(Event::Dispatched {
-        scheduler: S0,
-        ids: vec![1],
-    });
+    t.on(dispatched(S0, 1));
     let out = t.on(error(S0, 1, QueryErrorKind::QuerierFailed));
     assert!(matches!(
         out[..],
@@ -501,10 +462,7 @@ fn a_retriable_query_runs_at_most_max_attempts_times() {
 fn a_query_that_is_not_retriable_fails_with_its_querier() {
     let mut t = T::new(&[S0]);
     let s = t.queued(1, None, false);
-    t.on(Event::Dispatched {
-        scheduler: s,
-        ids: vec![1],
-    });
+    t.on(dispatched(s, 1));
     assert!(matches!(
         t.on(error(s, 1, QueryErrorKind::QuerierFailed))[..],
         [Action::Fail {
