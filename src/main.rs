@@ -102,6 +102,9 @@ enum Command {
         /// Each querier worker holds one prefetched query while it runs one.
         #[arg(long)]
         prefetch: bool,
+        /// With --prefetch: a query held this long is given back unstarted (0: never).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+        hold_limit_ms: u64,
         /// Closed loop: submitters per frontend.
         #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=100_000))]
         concurrency: u64,
@@ -312,6 +315,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             slow_service_ms,
             rate,
             prefetch,
+            hold_limit_ms,
             concurrency,
             payload_bytes,
             result_bytes,
@@ -368,6 +372,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 queriers: queriers as usize,
                 workers: workers as usize,
                 prefetch,
+                hold_limit: (hold_limit_ms > 0).then(|| Duration::from_millis(hold_limit_ms)),
                 service: Duration::from_millis(service_ms),
                 slow_share,
                 slow_service: Duration::from_millis(slow_service_ms),

@@ -102,6 +102,8 @@ pub struct BenchConfig {
     pub workers: usize,
     /// Each worker holds one prefetched query (`QuerierConfig::prefetch`).
     pub prefetch: bool,
+    /// How long a prefetched query may be held (`QuerierConfig::hold_limit`).
+    pub hold_limit: Option<Duration>,
     /// Time the querier handler spends per query.
     pub service: Duration,
     /// Share of queries (0–1) for the slow component (`store-gateway`); the rest go to
@@ -135,6 +137,7 @@ impl Default for BenchConfig {
             queriers: 16,
             workers: 4,
             prefetch: false,
+            hold_limit: Some(Duration::from_millis(10)),
             service: Duration::ZERO,
             slow_share: 0.0,
             slow_service: Duration::ZERO,
@@ -388,6 +391,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         let mut config = QuerierConfig::new(format!("bench-querier-{q}"), certs.querier.clone(), addrs.clone());
         config.concurrency = c.workers;
         config.prefetch = c.prefetch;
+        config.hold_limit = c.hold_limit;
         config.gossip = gossip.clone();
         let handler = BenchHandler {
             result: bytes::Bytes::from(vec![b'r'; c.result_bytes]),
@@ -442,6 +446,13 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     for s in &servers {
         dispatched_before += s.status().await.map_err(|e| e.to_string())?.counters.dispatched;
     }
+    let placed_again = |frontends: &[Frontend]| {
+        frontends
+            .iter()
+            .map(|fe| fe.stats())
+            .fold((0, 0), |(r, d), s| (r + s.requeued, d + s.redelivered))
+    };
+    let placed_before = placed_again(&frontends);
     let cpu_before = (crate::metrics::process_cpu_seconds(), schedulers_cpu(&c).await?);
     queue_times.lock().unwrap().clear(); // warm-up queries
     component_times.lock().unwrap().clear();
@@ -464,6 +475,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         let _ = task.await;
     }
     let elapsed = started.elapsed();
+    let placed_after = placed_again(&frontends);
     let cpu_after = (crate::metrics::process_cpu_seconds(), schedulers_cpu(&c).await?);
     let cpu = Cpu {
         own: cpu_before.0.zip(cpu_after.0).map(|(a, b)| b - a),
@@ -490,6 +502,8 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     let measured = Measured {
         elapsed,
         dispatched: own.then(|| counters.iter().map(|k| k.dispatched).sum::<u64>() - dispatched_before),
+        requeued: placed_after.0 - placed_before.0,
+        redelivered: placed_after.1 - placed_before.1,
         cpu,
         offset_ms,
     };

@@ -175,6 +175,10 @@ pub(super) struct Measured {
     pub(super) elapsed: Duration,
     /// What the schedulers dispatched in the measured seconds, when they run in this process.
     pub(super) dispatched: Option<u64>,
+    /// Queries the frontends placed again unstarted (handed back by a scheduler or, with
+    /// prefetch, by a querier) and ran again after their querier died, in the measured seconds.
+    pub(super) requeued: u64,
+    pub(super) redelivered: u64,
     pub(super) cpu: Cpu,
     /// When the measured seconds began, on the clock of the queue times.
     pub(super) offset_ms: u64,
@@ -282,6 +286,7 @@ pub(super) fn report(
             "lost": submitted.saturating_sub(results + rejected + errors),
             "result_bytes_received": o.result_bytes.load(Ordering::Relaxed),
             "dispatched_by_schedulers": m.dispatched,
+            "placed_again_unstarted": m.requeued, "redelivered": m.redelivered,
             "error_kinds": *o.error_kinds.lock().unwrap(),
         },
         "cpu": m.cpu.report(results),
