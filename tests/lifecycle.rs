@@ -2,7 +2,8 @@
 //! process stopped (SIGTERM: drain) or killed (SIGKILL) while queries queue *and* run, then
 //! started again at the same address. The frontend and the querier (the client crate, in
 //! this process) must carry on by themselves: every query ends exactly once, and every
-//! handler runs at most once per query. Loopback only; every child is killed.
+//! handler runs at most once per query; also with prefetch, where queries are held and
+//! given back meanwhile. Loopback only; every child is killed.
 
 mod common;
 
@@ -60,8 +61,9 @@ struct Outcome {
 /// Runs `SUBMITTERS × PER_SUBMITTER` queries (`SUBMITTERS` outstanding at a time, so most
 /// queue while `WORKERS` run) against one scheduler process; once a third
 /// have results, sends it `sig`, starts it again at the same address, and waits for every
-/// query to end.
-async fn restart_the_only_scheduler(sig: &str) -> Outcome {
+/// query to end. With `prefetch`, each worker also holds a query, and gives it back when
+/// held past the 10 ms hold limit (the handlers take 15 ms, so some are).
+async fn restart_the_only_scheduler(sig: &str, prefetch: bool) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
     // A drain too short for the backlog: some queued queries are handed back.
@@ -72,6 +74,7 @@ async fn restart_the_only_scheduler(sig: &str) -> Outcome {
     let handler = Counting::default();
     let mut qc = QuerierConfig::new("querier-1", first.certs.querier.clone(), vec![first.quic]);
     qc.concurrency = WORKERS;
+    qc.prefetch = prefetch;
     qc.idle_timeout = idle;
     let querier = Querier::start(qc, handler.clone()).unwrap();
     assert!(querier.wait_connected(WORKERS, WAIT).await, "workers never registered");
@@ -120,8 +123,9 @@ async fn restart_the_only_scheduler(sig: &str) -> Outcome {
     let second = spawn_scheduler(dir.path(), &args).await;
     assert_eq!(second.quic, first.quic);
     let listening = Instant::now();
+    let slots = if prefetch { 2 * WORKERS } else { WORKERS };
     process_status_until(second.admin, Duration::from_secs(10), "the workers to come back", |s| {
-        s["workers"].as_array().is_some_and(|w| w.len() == WORKERS)
+        s["workers"].as_array().is_some_and(|w| w.len() == slots)
     })
     .await;
     let reconnect = listening.elapsed();
@@ -169,12 +173,24 @@ fn check(sig: &str, o: &Outcome) {
 
 #[tokio::test]
 async fn the_only_scheduler_stopped_under_load_and_restarted_loses_and_repeats_nothing() {
-    let o = restart_the_only_scheduler("TERM").await;
+    let o = restart_the_only_scheduler("TERM", false).await;
     check("TERM", &o);
 }
 
 #[tokio::test]
 async fn the_only_scheduler_killed_under_load_and_restarted_loses_and_repeats_nothing() {
-    let o = restart_the_only_scheduler("KILL").await;
+    let o = restart_the_only_scheduler("KILL", false).await;
     check("KILL", &o);
+}
+
+#[tokio::test]
+async fn with_prefetch_the_only_scheduler_stopped_and_restarted_loses_and_repeats_nothing() {
+    let o = restart_the_only_scheduler("TERM", true).await;
+    check("TERM, prefetch", &o);
+}
+
+#[tokio::test]
+async fn with_prefetch_the_only_scheduler_killed_and_restarted_loses_and_repeats_nothing() {
+    let o = restart_the_only_scheduler("KILL", true).await;
+    check("KILL, prefetch", &o);
 }
