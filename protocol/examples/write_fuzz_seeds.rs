@@ -101,14 +101,20 @@ fn main() {
     ]);
     write(stream_dir, "to-frontend", 1 | (3 << 3), &sf);
     let mut q = frames(&[hello(Role::Querier, StreamKind::DequeueLoop)]);
-    q.extend_from_slice(&frames(&[QuerierToScheduler::Ready {
-        worker: 3,
-        finished: Some(Finished {
-            frontend_id: "fe-1".into(),
-            query_id: 41,
-            measured_cost: Some(9),
-        }),
-    }]));
+    q.extend_from_slice(&frames(&[
+        QuerierToScheduler::Ready {
+            worker: 3,
+            finished: Some(Finished {
+                frontend_id: "fe-1".into(),
+                query_id: 41,
+                measured_cost: Some(9),
+            }),
+        },
+        QuerierToScheduler::HandBack {
+            worker: 4,
+            query_id: 43,
+        },
+    ]));
     write(stream_dir, "querier", 2, &q);
     let sq = frames(&[
         SchedulerToQuerier::Dispatch {
