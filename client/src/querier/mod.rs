@@ -65,13 +65,13 @@ pub struct QuerierConfig {
     pub concurrency: usize,
     /// Each worker holds one more query, dispatched while it runs one and started when
     /// it is done, so a worker does not wait a round trip to the scheduler between
-    /// queries. The scheduler sees two workers per worker loop. Off by default: it pays
-    /// for short queries only (docs/queue.md).
+    /// queries. The scheduler sees two workers per worker loop (loop `k` has slots `k` and
+    /// `k + concurrency`). Off by default: it pays for short queries only (docs/queue.md).
     pub prefetch: bool,
-    /// With prefetch: a query held this long (every worker runs a longer one) is given
+    /// With prefetch: a query held this long (its worker loop runs a longer one) is given
     /// back to its scheduler unstarted and placed again by its frontend, and the slot that
-    /// held it rests until a handler returns within this limit. `None`: a held query waits
-    /// however long the queries before it run. Must be under `confirm_after`.
+    /// held it rests until a handler of its loop returns within this limit. `None`: a held
+    /// query waits however long the query before it runs. Must be under `confirm_after`.
     pub hold_limit: Option<Duration>,
     /// Result body bytes per chunk frame.
     pub chunk_size: usize,

@@ -10,13 +10,14 @@
 //! order: a worker's `Ready` also says that its previous delivery is settled, so at most
 //! one delivery per worker is in flight besides the newest.
 //!
-//! With prefetch, the link has two slots per worker (the scheduler sees both) but runs at
-//! most one handler per worker: a query dispatched while every worker runs one is `Held`
-//! (oldest first) and starts when a handler returns. A held query that is cancelled or
-//! reaches its deadline never runs: its slot reports it at once. One still held after the
-//! hold limit (every worker runs a long query) is given back to the scheduler unstarted
-//! (`HandBack`), and its slot rests, asking for nothing, until a handler returns within the
-//! hold limit: prefetch pays only while queries are short.
+//! With prefetch, the link has two slots per worker loop (the scheduler sees both) but runs
+//! at most one handler per loop: loop `k` has slots `k` and `k + workers`. A query
+//! dispatched to a slot whose loop runs one is `Held` and starts when that handler
+//! returns. A held query that is cancelled or reaches its deadline never runs: its slot
+//! reports it at once. One still held after the hold limit (its loop runs a long query)
+//! is given back to the scheduler unstarted (`HandBack`), and its slot rests, asking for
+//! nothing, until a handler of its loop returns within the hold limit: a loop prefetches
+//! only while its queries are short.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -33,8 +34,8 @@ pub(super) enum State {
     Waiting,
     /// Dispatched, waiting for a worker to run it (prefetch only).
     Held(Run),
-    /// Gave its held query back; asks for work again once a handler returns within the hold
-    /// limit (`woken`) and its deliveries are settled (prefetch only).
+    /// Gave its held query back; asks for work again once a handler of its loop returns
+    /// within the hold limit (`woken`) and its deliveries are settled (prefetch only).
     Resting { woken: bool },
     /// Runs a query.
     Running(Run),
@@ -115,8 +116,6 @@ pub(super) struct Slots {
     running: usize,
     /// Slots in `Held`, oldest dispatch first.
     held: VecDeque<usize>,
-    /// Slots in `Resting`, oldest first.
-    resting: VecDeque<usize>,
     /// How long a query may be held before it is given back; None: as long as it takes.
     hold_limit: Option<Duration>,
     /// Per worker, the deliveries in flight (their numbers), oldest first.
@@ -136,7 +135,6 @@ impl Slots {
             prefetch,
             running: 0,
             held: VecDeque::new(),
-            resting: VecDeque::new(),
             hold_limit: None,
             in_flight: Vec::new(),
             stream: Stream::None,
@@ -220,7 +218,6 @@ impl Slots {
     }
 
     fn settle_on_stream_end(&mut self) {
-        self.resting.clear();
         for s in &mut self.states {
             match s {
                 State::Waiting | State::Resting { .. } => *s = State::Idle,
@@ -262,11 +259,13 @@ impl Slots {
         now: Instant,
         out: &mut Vec<Action>,
     ) -> Result<(), String> {
-        let Some(state) = self.states.get_mut(usize::from(slot)) else {
-            return Err(format!("a dispatch for worker {slot}, which does not exist"));
-        };
-        if *state != State::Waiting {
-            return Err(format!("a dispatch for worker {slot}, which did not ask for work"));
+        let i = usize::from(slot);
+        match self.states.get(i) {
+            None => return Err(format!("a dispatch for worker {slot}, which does not exist")),
+            Some(s) if *s != State::Waiting => {
+                return Err(format!("a dispatch for worker {slot}, which did not ask for work"));
+            }
+            Some(_) => {}
         }
         let mut run = Run {
             query_id,
@@ -277,7 +276,7 @@ impl Slots {
             hand_back_at: None,
             started: None,
         };
-        let held = self.running >= self.workers;
+        let held = self.running >= self.workers || !self.loop_free(i);
         if held {
             run.hand_back_at = self
                 .hold_limit
@@ -288,10 +287,10 @@ impl Slots {
         }
         let next = run.next_moment();
         if held {
-            *state = State::Held(run);
-            self.held.push_back(usize::from(slot));
+            self.states[i] = State::Held(run);
+            self.held.push_back(i);
         } else {
-            *state = State::Running(run);
+            self.states[i] = State::Running(run);
             self.running += 1;
             out.push(Action::Start(slot));
         }
@@ -301,11 +300,30 @@ impl Slots {
         Ok(())
     }
 
-    /// Starts held queries, oldest first, while workers are free.
+    /// Whether no slot of `i`'s worker loop runs a query. Slot `i` belongs to loop
+    /// `i mod workers`: with prefetch, loop `k` has slots `k` and `k + workers`, whose
+    /// numbers are equal modulo any number of components dividing the worker count, so the
+    /// scheduler starts both at the same component (docs/queue.md).
+    fn loop_free(&self, i: usize) -> bool {
+        let w = self.workers.max(1);
+        self.states
+            .iter()
+            .skip(i % w)
+            .step_by(w)
+            .all(|s| !matches!(s, State::Running(_)))
+    }
+
+    /// Starts held queries, oldest first, whose worker loop is free (at most `workers`
+    /// running in all).
     fn start_held(&mut self, now: Instant, out: &mut Vec<Action>) {
-        while self.running < self.workers
-            && let Some(i) = self.held.pop_front()
-        {
+        let mut k = 0;
+        while k < self.held.len() && self.running < self.workers {
+            let i = self.held[k];
+            if !self.loop_free(i) {
+                k += 1;
+                continue;
+            }
+            self.held.remove(k);
             let State::Held(mut run) = std::mem::replace(&mut self.states[i], State::Idle) else {
                 unreachable!("only held slots are queued");
             };
@@ -324,7 +342,6 @@ impl Slots {
             unreachable!("only held queries are given back");
         };
         self.held.retain(|h| *h != i);
-        self.resting.push_back(i);
         out.push(Action::Send(QuerierToScheduler::HandBack {
             worker: slot_of(i),
             query_id: run.query_id,
@@ -332,11 +349,15 @@ impl Slots {
         out.push(Action::Drop(slot_of(i)));
     }
 
-    /// A handler returned within the hold limit: the longest-resting slot may ask again.
-    fn wake_one(&mut self, out: &mut Vec<Action>) {
-        if let Some(i) = self.resting.pop_front() {
-            self.states[i] = State::Resting { woken: true };
-            self.report_if_settled(i, out);
+    /// A handler of `i`'s loop returned within the hold limit: the loop's resting slot may
+    /// ask again.
+    fn wake_loop(&mut self, i: usize, out: &mut Vec<Action>) {
+        let w = self.workers.max(1);
+        for j in (i % w..self.states.len()).step_by(w) {
+            if self.states[j] == (State::Resting { woken: false }) {
+                self.states[j] = State::Resting { woken: true };
+                self.report_if_settled(j, out);
+            }
         }
     }
 
@@ -465,7 +486,7 @@ impl Slots {
         if let (Some(limit), Some(started)) = (self.hold_limit, run.started)
             && now.saturating_duration_since(started) < limit
         {
-            self.wake_one(out);
+            self.wake_loop(i, out);
         }
     }
 

@@ -381,3 +381,67 @@ fn a_held_query_is_not_given_back_once_its_stream_is_gone_and_is_confirmed_inste
         );
     }
 }
+
+#[test]
+fn a_held_query_waits_for_its_own_worker_loop_whose_slots_share_a_component() {
+    // Two workers: loop 0 has slots 0 and 2, loop 1 slots 1 and 3 (equal modulo 2, so the
+    // scheduler starts each loop's two slots at the same component).
+    let mut s = open_prefetching(2);
+    let now = Instant::now();
+    let mut out = Vec::new();
+    for (slot, query) in [(0, 1), (1, 2), (2, 3), (3, 4)] {
+        s.dispatched(slot, query, "fe", None, now, &mut out).unwrap();
+    }
+    assert_eq!(out, vec![Action::Start(0), Action::Start(1)], "3 and 4 are held");
+    out.clear();
+    s.done(1, None, None, now, &mut out);
+    assert_eq!(
+        out[0],
+        Action::Start(3),
+        "loop 1 freed: its own held query 4, not the older 3"
+    );
+    assert!(matches!(s.state(2), Some(State::Held(_))), "3 waits for loop 0");
+    out.clear();
+    s.done(0, None, None, now, &mut out);
+    assert_eq!(out[0], Action::Start(2));
+}
+
+#[test]
+fn a_resting_slot_is_woken_only_by_a_short_handler_of_its_own_loop() {
+    let t0 = Instant::now();
+    let mut s = Slots::new(GRACE, CONFIRM, true).with_hold_limit(Some(HOLD));
+    let mut out = Vec::new();
+    s.grow(2, t0, &mut out);
+    s.opened(&mut out);
+    out.clear();
+    // Loop 0 (slots 0 and 2) runs query 1 and holds query 2 until the limit.
+    s.dispatched(0, 1, "fe", None, t0, &mut out).unwrap();
+    s.dispatched(2, 2, "fe", None, t0, &mut out).unwrap();
+    s.tick(t0 + HOLD, &mut out);
+    assert_eq!(out, vec![Action::Start(0), hand_back(2, 2), Action::Drop(2)]);
+    out.clear();
+    // A short query on loop 1 says nothing about loop 0.
+    let t1 = t0 + HOLD;
+    s.dispatched(1, 3, "fe", None, t1, &mut out).unwrap();
+    s.done(1, None, None, t1 + Duration::from_millis(1), &mut out);
+    assert_eq!(out, vec![Action::Start(1), ready(1, Some(3))]);
+    assert_eq!(s.state(2), Some(&State::Resting { woken: false }));
+    out.clear();
+    // Loop 0's long query ends, then a short one: now slot 2 asks again.
+    s.done(0, None, None, t0 + Duration::from_millis(200), &mut out);
+    let t2 = t0 + Duration::from_millis(200);
+    s.dispatched(0, 4, "fe", None, t2, &mut out).unwrap();
+    s.done(0, None, None, t2 + Duration::from_millis(1), &mut out);
+    assert_eq!(
+        out,
+        vec![
+            ready(0, Some(1)),
+            Action::Start(0),
+            ready(0, Some(4)),
+            Action::Send(QuerierToScheduler::Ready {
+                worker: 2,
+                finished: None
+            })
+        ]
+    );
+}
