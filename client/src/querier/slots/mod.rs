@@ -305,12 +305,13 @@ impl Slots {
     /// numbers are equal modulo any number of components dividing the worker count, so the
     /// scheduler starts both at the same component (docs/queue.md).
     fn loop_free(&self, i: usize) -> bool {
+        self.loop_slots(i).all(|j| !matches!(self.states[j], State::Running(_)))
+    }
+
+    /// The slots of `i`'s worker loop (`i` among them).
+    fn loop_slots(&self, i: usize) -> std::iter::StepBy<std::ops::Range<usize>> {
         let w = self.workers.max(1);
-        self.states
-            .iter()
-            .skip(i % w)
-            .step_by(w)
-            .all(|s| !matches!(s, State::Running(_)))
+        (i % w..self.states.len()).step_by(w)
     }
 
     /// Starts held queries, oldest first, whose worker loop is free (at most `workers`
@@ -352,8 +353,7 @@ impl Slots {
     /// A handler of `i`'s loop returned within the hold limit: the loop's resting slot may
     /// ask again.
     fn wake_loop(&mut self, i: usize, out: &mut Vec<Action>) {
-        let w = self.workers.max(1);
-        for j in (i % w..self.states.len()).step_by(w) {
+        for j in self.loop_slots(i) {
             if self.states[j] == (State::Resting { woken: false }) {
                 self.states[j] = State::Resting { woken: true };
                 self.report_if_settled(j, out);
