@@ -102,6 +102,7 @@ fn main() {
     write(stream_dir, "to-frontend", 1 | (3 << 3), &sf);
     let mut q = frames(&[hello(Role::Querier, StreamKind::DequeueLoop)]);
     q.extend_from_slice(&frames(&[
+        QuerierToScheduler::LoopSlots { slots_per_loop: 2 },
         QuerierToScheduler::Ready {
             worker: 3,
             finished: Some(Finished {

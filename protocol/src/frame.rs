@@ -23,6 +23,7 @@
 //!   Hello                      ─►
 //!                              ◄─ HelloReply::Welcome
 //!                              ◄─ SchedulerToQuerier::Lifeline         (once: how to tie this process to the scheduler)
+//!   QuerierToScheduler::LoopSlots ─►                                    (optional, before the first Ready: prefetch)
 //!   QuerierToScheduler::Ready { worker } ─►                             ("give me work"; also "previous one handed to its sender")
 //!                              ◄─ SchedulerToQuerier::Dispatch { worker }
 //!                              ◄─ SchedulerToQuerier::Cancel { worker } (stop that worker's in-flight query)
@@ -59,7 +60,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks. A peer with another version is refused in
 /// the [`HelloReply`]; the version is the first field of [`Hello`] so it can always be read.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// A frontend-chosen query identifier, unique among that frontend's outstanding queries.
 pub type QueryId = u64;
@@ -311,6 +312,14 @@ pub enum QuerierToScheduler {
     /// again. The worker asks for nothing until its next `Ready` (which reports no
     /// finished query).
     HandBack { worker: WorkerSlot, query_id: QueryId },
+    /// The workers come in groups of `slots_per_loop` (at most
+    /// [`MAX_SLOTS_PER_LOOP`](crate::MAX_SLOTS_PER_LOOP)): slots `k·n … k·n + n − 1` are
+    /// worker loop `k`'s, which runs one query at a time among them (with prefetch, `n` is
+    /// 2: one runs, one holds the next). The scheduler places a loop's slots as one worker:
+    /// they start at the same component, and a loop's slots are reserved for high
+    /// priorities together. Sent at most once, before the stream's first `Ready`; without
+    /// it every slot is a loop of its own.
+    LoopSlots { slots_per_loop: u8 },
 }
 
 /// The query a worker just finished, reported with its next [`QuerierToScheduler::Ready`].

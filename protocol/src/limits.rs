@@ -10,6 +10,10 @@ pub const MAX_ID_LEN: usize = 256;
 /// above it closes the connection.
 pub const MAX_WORKERS_PER_STREAM: u16 = 1024;
 
+/// Most worker slots one worker loop may have ([`QuerierToScheduler::LoopSlots`](crate::QuerierToScheduler::LoopSlots));
+/// a larger group, or none, closes the connection.
+pub const MAX_SLOTS_PER_LOOP: u8 = 16;
+
 /// The largest frame any peer may be configured to accept: 64 MiB.
 pub const HARD_MAX_FRAME_LEN: u32 = 64 * 1024 * 1024;
 

@@ -169,6 +169,7 @@ fn querier_to_scheduler() -> impl Strategy<Value = QuerierToScheduler> {
                 }),
             }),
         (any::<u16>(), any::<u64>()).prop_map(|(worker, query_id)| QuerierToScheduler::HandBack { worker, query_id }),
+        any::<u8>().prop_map(|slots_per_loop| QuerierToScheduler::LoopSlots { slots_per_loop }),
     ]
 }
 

@@ -22,21 +22,21 @@ impl<R: Queued> TreeQueue<R> {
     ///
     /// A reserved worker with nothing it is reserved for may be lent to the lower classes,
     /// highest first, for requests costing at most `lend_max_cost`.
-    pub(super) fn select(&self, q: u32, slot: u32, reserved: bool) -> Option<(usize, (u32, u32, bool))> {
+    pub(super) fn select(&self, q: u32, lane: u16, reserved: bool) -> Option<(usize, (u32, u32, bool))> {
         let floor = if reserved { self.config.reserved_min_priority } else { 0 };
         let allowed = self.classes.iter().take_while(|k| k.priority >= floor).count();
-        let Some((first, pick)) = (0..allowed).find_map(|k| self.select_in(k, q, slot, None).map(|p| (k, p))) else {
+        let Some((first, pick)) = (0..allowed).find_map(|k| self.select_in(k, q, lane, None).map(|p| (k, p))) else {
             let lend = self.config.lend_max_cost;
             if !reserved || lend == 0 {
                 return None;
             }
-            return (allowed..self.classes.len()).find_map(|k| self.select_in(k, q, slot, Some(lend)).map(|p| (k, p)));
+            return (allowed..self.classes.len()).find_map(|k| self.select_in(k, q, lane, Some(lend)).map(|p| (k, p)));
         };
         if !reserved {
             let limit = self.config.max_priority_skips;
             for k in first + 1..allowed {
                 if self.classes[k].passed >= limit
-                    && let Some(p) = self.select_in(k, q, slot, None)
+                    && let Some(p) = self.select_in(k, q, lane, None)
                 {
                     return Some((k, p));
                 }
@@ -45,16 +45,18 @@ impl<R: Queued> TreeQueue<R> {
         Some((first, pick))
     }
 
-    /// Whether `worker` is one of its querier's workers reserved for high priorities: the
-    /// lowest-numbered `reserved_workers_percent` of its connected workers, rounded down.
+    /// Whether `worker` is one of its querier's workers reserved for high priorities: those
+    /// in the lowest `reserved_workers_percent` of its connected lanes, rounded down (one
+    /// lane per worker unless a worker loop's slots share one).
     pub(super) fn is_reserved(&self, worker: WorkerId) -> bool {
         let pct = u32::from(self.config.reserved_workers_percent);
         if pct == 0 {
             return false;
         }
         let q = &self.queriers.slab[worker.querier];
-        let reserved = q.connected * pct / 100;
-        let rank = q.workers[..worker.slot as usize].iter().filter(|&&used| used).count() as u32;
+        let reserved = q.lanes_connected * pct / 100;
+        let below = q.lanes.get(..usize::from(worker.lane)).unwrap_or(&q.lanes);
+        let rank = below.iter().filter(|&&n| n > 0).count() as u32;
         rank < reserved
     }
 

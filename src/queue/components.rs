@@ -1,5 +1,5 @@
 //! The component level: the backends a class's requests will hit, in name order. A
-//! worker starts at component `slot mod n` and moves on when that one has nothing for it,
+//! worker starts at component `lane mod n` (its lane: usually its slot) and moves on when that one has nothing for it,
 //! so workers spread over backends; a component that empties is parked until the sweep.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -119,20 +119,20 @@ impl<R: Queued> TreeQueue<R> {
         self.classes.retain(|k| !k.by_name.is_empty());
     }
 
-    /// Picks the (component, tenant) a worker of querier index `q` with slot `slot` is
+    /// Picks the (component, tenant) a worker of querier index `q` in lane `lane` is
     /// served from next within class `k`, and whether that continues the querier's visit
     /// to the tenant.
     ///
     /// `max_cost`: only a pick whose next request costs at most this (a reserved worker
     /// lent to a lower class); the tenant the rotation names is then taken or passed, never
     /// replaced by another, so lending changes no tenant's turn.
-    pub(super) fn select_in(&self, k: usize, q: u32, slot: u32, max_cost: Option<u32>) -> Option<(u32, u32, bool)> {
+    pub(super) fn select_in(&self, k: usize, q: u32, lane: u16, max_cost: Option<u32>) -> Option<(u32, u32, bool)> {
         let order = &self.classes[k].order;
         let n = order.len();
         if n == 0 {
             return None;
         }
-        let start = slot as usize % n;
+        let start = usize::from(lane) % n;
         let cheap_enough = |c: u32, t: u32| max_cost.is_none_or(|max| self.next_cost(c, t).is_some_and(|x| x <= max));
         (0..n).find_map(|i| {
             let c = order[(start + i) % n];

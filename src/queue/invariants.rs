@@ -23,6 +23,26 @@ pub(super) fn check<R: Queued>(q: &TreeQueue<R>) -> Result<(), String> {
     );
     ensure!(q.by_key.len() == q.requests.len(), "key index size");
 
+    // Queriers: connected workers and their lanes counted.
+    for (_, querier) in q.queriers.slab.iter() {
+        let lanes: Vec<u16> = querier.workers.iter().flatten().copied().collect();
+        ensure!(
+            querier.connected as usize == lanes.len(),
+            "{}: connected count",
+            querier.id
+        );
+        for (l, &n) in querier.lanes.iter().enumerate() {
+            let want = lanes.iter().filter(|&&x| usize::from(x) == l).count();
+            ensure!(n as usize == want, "{}: lane {l} counts {n}, has {want}", querier.id);
+        }
+        let live = querier.lanes.iter().filter(|&&n| n > 0).count();
+        ensure!(
+            querier.lanes_connected as usize == live,
+            "{}: lanes connected",
+            querier.id
+        );
+    }
+
     // Requests: indexed, counted per tenant/component, present in their leaf's FIFO.
     let mut per_tenant: HashMap<u32, (u32, u64)> = HashMap::new();
     let mut per_component: HashMap<u32, u32> = HashMap::new();

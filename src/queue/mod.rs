@@ -387,7 +387,7 @@ impl<R: Queued> TreeQueue<R> {
         let Some(q) = self.queriers.slab.get(worker.querier) else {
             return Dequeue::UnknownWorker;
         };
-        if !q.workers.get(worker.slot as usize).copied().unwrap_or(false) {
+        if q.workers.get(worker.slot as usize).copied().flatten().is_none() {
             return Dequeue::UnknownWorker;
         }
         if q.shutting_down {
@@ -398,7 +398,7 @@ impl<R: Queued> TreeQueue<R> {
         let now_ns = self.nanos(now);
         let mut skipped: Vec<(u32, u32)> = Vec::new();
         loop {
-            let Some((k, (c, t, continued))) = self.select(qi, worker.slot, reserved) else {
+            let Some((k, (c, t, continued))) = self.select(qi, worker.lane, reserved) else {
                 return Dequeue::Empty;
             };
             let (c, t) = if continued {
@@ -542,9 +542,20 @@ impl<R: Queued> TreeQueue<R> {
     }
 
     /// Registers a worker of querier `querier` (a new querier joins the shards; one
-    /// inside its forget delay gets its old place back).
-    pub fn register_worker(&mut self, _now: Instant, querier: &str) -> WorkerId {
-        let (w, membership) = self.queriers.register(querier);
+    /// inside its forget delay gets its old place back), in a lane of its own.
+    pub fn register_worker(&mut self, now: Instant, querier: &str) -> WorkerId {
+        self.register(now, querier, None)
+    }
+
+    /// Registers a worker of querier `querier` in `lane`: the workers of one lane take
+    /// turns on one handler (a prefetching worker loop's slots), so they start at the same
+    /// component and are reserved for high priorities together ([`WorkerId::lane`]).
+    pub fn register_worker_in_lane(&mut self, now: Instant, querier: &str, lane: u16) -> WorkerId {
+        self.register(now, querier, Some(lane))
+    }
+
+    fn register(&mut self, _now: Instant, querier: &str, lane: Option<u16>) -> WorkerId {
+        let (w, membership) = self.queriers.register(querier, lane);
         if membership == Membership::Changed {
             self.reshard();
         }

@@ -12,15 +12,23 @@ pub struct WorkerId {
     pub(crate) querier: Handle,
     /// The worker's slot within its querier: the lowest free one when it registered.
     pub slot: u32,
+    /// Its place among its querier's workers: it starts at component `lane mod n`, and the
+    /// lowest lanes are reserved for high priorities. Workers that take turns on one
+    /// handler (a prefetching worker loop's slots) share a lane.
+    pub lane: u16,
 }
 
 #[derive(Debug)]
 pub(crate) struct Querier {
     pub(crate) id: Box<str>,
     pub(crate) hash: u64,
-    /// Worker slots in use.
-    pub(crate) workers: Vec<bool>,
+    /// Worker slots: the lane of each one in use.
+    pub(crate) workers: Vec<Option<u16>>,
     pub(crate) connected: u32,
+    /// Connected workers per lane.
+    pub(crate) lanes: Vec<u32>,
+    /// Lanes with a connected worker.
+    pub(crate) lanes_connected: u32,
     pub(crate) shutting_down: bool,
     /// When the last worker left (queue nanoseconds), if none is connected.
     pub(crate) disconnected_at: Option<u64>,
@@ -40,9 +48,10 @@ pub(crate) enum Membership {
 }
 
 impl Queriers {
-    /// Adds a worker for querier `id`, creating the querier if it is new. A querier that
-    /// had announced shutdown and registers a new worker is taken to have restarted.
-    pub(crate) fn register(&mut self, id: &str) -> (WorkerId, Membership) {
+    /// Adds a worker for querier `id` in `lane` (None: its own lane, numbered like its
+    /// slot), creating the querier if it is new. A querier that had announced shutdown and
+    /// registers a new worker is taken to have restarted.
+    pub(crate) fn register(&mut self, id: &str, lane: Option<u16>) -> (WorkerId, Membership) {
         let (h, membership) = match self.by_id.get(id) {
             Some(&h) => (h, Membership::Unchanged),
             None => {
@@ -51,6 +60,8 @@ impl Queriers {
                     hash: stable_hash(id),
                     workers: Vec::new(),
                     connected: 0,
+                    lanes: Vec::new(),
+                    lanes_connected: 0,
                     shutting_down: false,
                     disconnected_at: None,
                 });
@@ -62,20 +73,28 @@ impl Queriers {
         q.disconnected_at = None;
         q.shutting_down = false;
         q.connected += 1;
-        let slot = match q.workers.iter().position(|used| !used) {
-            Some(i) => {
-                q.workers[i] = true;
-                i
-            }
-            None => {
-                q.workers.push(true);
-                q.workers.len() - 1
-            }
-        };
+        let free = q.workers.iter().position(Option::is_none);
+        let slot = free.unwrap_or(q.workers.len());
+        // Slots are bounded by the workers a querier registers, which its streams bound.
+        let lane = lane.unwrap_or(u16::try_from(slot).unwrap_or(u16::MAX));
+        if free.is_some() {
+            q.workers[slot] = Some(lane);
+        } else {
+            q.workers.push(Some(lane));
+        }
+        let l = usize::from(lane);
+        if q.lanes.len() <= l {
+            q.lanes.resize(l + 1, 0);
+        }
+        if q.lanes[l] == 0 {
+            q.lanes_connected += 1;
+        }
+        q.lanes[l] += 1;
         (
             WorkerId {
                 querier: h,
                 slot: slot as u32,
+                lane,
             },
             membership,
         )
@@ -87,11 +106,15 @@ impl Queriers {
         let Some(q) = self.slab.get_mut(w.querier) else {
             return Membership::Unchanged;
         };
-        match q.workers.get_mut(w.slot as usize) {
-            Some(used) if *used => *used = false,
-            _ => return Membership::Unchanged,
-        }
+        let Some(lane) = q.workers.get_mut(w.slot as usize).and_then(Option::take) else {
+            return Membership::Unchanged;
+        };
         q.connected -= 1;
+        let n = &mut q.lanes[usize::from(lane)];
+        *n -= 1;
+        if *n == 0 {
+            q.lanes_connected -= 1;
+        }
         if q.connected > 0 {
             return Membership::Unchanged;
         }

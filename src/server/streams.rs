@@ -292,6 +292,7 @@ async fn worker_loop(s: Opened) {
                 worker,
                 query: query_id,
             },
+            QuerierToScheduler::LoopSlots { slots_per_loop } => Command::LoopSlots { stream, slots_per_loop },
         },
         |stream, _| Command::DequeueClosed { stream },
     )

@@ -65,8 +65,8 @@ pub struct QuerierConfig {
     pub concurrency: usize,
     /// Each worker holds one more query, dispatched while it runs one and started when
     /// it is done, so a worker does not wait a round trip to the scheduler between
-    /// queries. The scheduler sees two workers per worker loop (loop `k` has slots `k` and
-    /// `k + concurrency`). Off by default: it pays for short queries only (docs/queue.md).
+    /// queries. The scheduler sees two workers per worker loop (loop `k` has slots `2k` and
+    /// `2k + 1`) and places them as one. Off by default: it pays for short queries only (docs/queue.md).
     pub prefetch: bool,
     /// With prefetch: a query held this long (its worker loop runs a longer one) is given
     /// back to its scheduler unstarted and placed again by its frontend, and the slot that

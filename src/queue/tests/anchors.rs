@@ -486,6 +486,7 @@ fn forget_delay_keeps_shards_for_a_crashed_querier_and_restores_on_reconnect() {
         WorkerId {
             querier: q0.querier,
             slot: 0,
+            lane: 0,
         },
     );
     f.advance(delay);
@@ -531,6 +532,31 @@ fn workers_spread_over_components_and_move_on_when_theirs_is_empty() {
     assert_eq!(f.next(w0).as_deref(), Some("sg2"));
     assert_eq!(f.next(w1), None);
     assert!(f.q.component_lengths().is_empty(), "empty components disappear");
+    f.assert_ok();
+}
+
+#[test]
+fn workers_of_one_lane_start_at_the_same_component_whatever_the_component_count() {
+    let mut f = Fixture::new(no_forget());
+    // Four worker loops of two slots each (prefetch), three components: loop k's slots
+    // are in lane k, so both start at component k mod 3.
+    let ws: Vec<(u16, WorkerId)> = (0..4u16)
+        .flat_map(|lane| [lane, lane])
+        .map(|lane| (lane, f.worker_in_lane("q", lane)))
+        .collect();
+    let names = ["a", "b", "c"];
+    for i in 0..8 {
+        for name in names {
+            f.push(in_component(req("t", &[], &format!("{name}{i}")), name));
+        }
+    }
+    for &(lane, w) in &ws {
+        let got = f.next(w).expect("every component has work");
+        assert!(
+            got.starts_with(names[usize::from(lane) % 3]),
+            "a worker of lane {lane} started at {got}"
+        );
+    }
     f.assert_ok();
 }
 

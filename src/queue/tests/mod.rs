@@ -117,6 +117,12 @@ impl Fixture {
         self.q.register_worker(now, querier)
     }
 
+    /// A worker of `querier` in `lane` (a prefetching worker loop's slots share one).
+    pub fn worker_in_lane(&mut self, querier: &str, lane: u16) -> WorkerId {
+        let now = self.now;
+        self.q.register_worker_in_lane(now, querier, lane)
+    }
+
     /// What `w` gets next, or `None` if nothing; panics on any other answer.
     pub fn take(&mut self, w: WorkerId) -> Option<Req> {
         let now = self.now;

@@ -188,6 +188,40 @@ fn reserved_workers_take_only_high_priorities() {
     f.assert_ok();
 }
 
+#[test]
+fn a_lanes_workers_are_reserved_together() {
+    let mut f = Fixture::new(QueueConfig {
+        reserved_workers_percent: 50,
+        reserved_min_priority: 2,
+        ..config()
+    });
+    // Three worker loops of two slots each: half of three lanes is one, lane 0, both its
+    // slots (half of six slots would have been three: a loop split in two).
+    let ws: Vec<WorkerId> = [0, 0, 1, 1, 2, 2]
+        .into_iter()
+        .map(|lane| f.worker_in_lane("q", lane))
+        .collect();
+    for _ in 0..10 {
+        f.push(at_priority("bulk", 0));
+    }
+    assert_eq!(f.next(ws[0]), None);
+    assert_eq!(f.next(ws[1]), None, "a reserved loop's second slot is reserved too");
+    for &w in &ws[2..] {
+        assert_eq!(f.next(w).as_deref(), Some("0"), "lanes 1 and 2 are not reserved");
+    }
+    f.push(at_priority("alerts", 2));
+    assert_eq!(f.next(ws[1]).as_deref(), Some("2"));
+    // The loop's first slot going leaves its lane reserved, by its second slot.
+    f.q.unregister_worker(f.now, ws[0]);
+    assert_eq!(f.next(ws[1]), None);
+    // With lane 2 gone as well, half of two lanes is still lane 0.
+    f.q.unregister_worker(f.now, ws[4]);
+    f.q.unregister_worker(f.now, ws[5]);
+    assert_eq!(f.next(ws[1]), None);
+    assert_eq!(f.next(ws[2]).as_deref(), Some("0"));
+    f.assert_ok();
+}
+
 /// A request of `tenant` at `priority` costing `cost`, labelled `priority/cost`.
 fn priced(tenant: &str, priority: u8, cost: u32) -> Req {
     Req {

@@ -34,6 +34,8 @@ enum Op {
     Expire,
     AddWorker {
         querier: u8,
+        /// None: a lane of its own; some: shared with the querier's other workers in it.
+        lane: Option<u8>,
     },
     RemoveWorker {
         pick: u8,
@@ -66,7 +68,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::CancelFrontend),
         2 => (0u16..300).prop_map(|ms| Op::Advance { ms }),
         1 => Just(Op::Expire),
-        2 => (0u8..5).prop_map(|querier| Op::AddWorker { querier }),
+        2 => (0u8..5, proptest::option::of(0u8..4)).prop_map(|(querier, lane)| Op::AddWorker { querier, lane }),
         1 => any::<u8>().prop_map(|pick| Op::RemoveWorker { pick }),
         1 => (0u8..5).prop_map(|querier| Op::Shutdown { querier }),
         1 => Just(Op::Forget),
@@ -151,9 +153,13 @@ proptest! {
                 }
                 Op::Advance { ms } => f.advance(Duration::from_millis(ms.into())),
                 Op::Expire => { f.q.expire(f.now); }
-                Op::AddWorker { querier } => {
+                Op::AddWorker { querier, lane } => {
                     let id = format!("q{querier}");
-                    workers.push((f.worker(&id), id));
+                    let w = match lane {
+                        Some(lane) => f.worker_in_lane(&id, lane.into()),
+                        None => f.worker(&id),
+                    };
+                    workers.push((w, id));
                 }
                 Op::RemoveWorker { pick } => {
                     if workers.is_empty() { continue; }

@@ -53,6 +53,11 @@ pub(crate) enum Command {
         worker: WorkerSlot,
         finished: Option<Finished>,
     },
+    /// The stream's workers come in groups of `slots_per_loop` slots per worker loop.
+    LoopSlots {
+        stream: u64,
+        slots_per_loop: u8,
+    },
     /// A worker gives back its query unstarted (it was held behind a long one).
     HandBack {
         stream: u64,

@@ -271,6 +271,7 @@ impl Dispatcher {
                     querier,
                     tx,
                     workers: FastMap::default(),
+                    slots_per_loop: None,
                     told_shutting_down: false,
                 };
                 // A querier that joins during the drain helps empty the queue.
@@ -289,6 +290,7 @@ impl Dispatcher {
                     self.ready(now, worker, finished);
                 }
             }
+            Command::LoopSlots { stream, slots_per_loop } => self.loop_slots(stream, slots_per_loop),
             Command::HandBack { stream, worker, query } => {
                 if let Some(worker) = self.worker_of(now, stream, worker) {
                     self.hand_back(worker, query);

@@ -7,7 +7,8 @@ use std::time::Instant;
 use metrics::counter;
 use sluice_client::trace::TraceParent;
 use sluice_protocol::{
-    Dispatch, Finished, MAX_WORKERS_PER_STREAM, QueryErrorKind, QueryId, SchedulerToQuerier, WorkerSlot,
+    Dispatch, Finished, MAX_SLOTS_PER_LOOP, MAX_WORKERS_PER_STREAM, QueryErrorKind, QueryId, SchedulerToQuerier,
+    WorkerSlot,
 };
 use tracing::{debug, warn};
 
@@ -21,6 +22,9 @@ pub(super) struct DequeueStream {
     pub(super) querier: String,
     pub(super) tx: WorkerTx,
     pub(super) workers: FastMap<WorkerSlot, WorkerId>,
+    /// Slots per worker loop, if the querier said (`LoopSlots`): worker `slot` is in the
+    /// queue's lane `slot / slots_per_loop` (otherwise `slot`).
+    pub(super) slots_per_loop: Option<u8>,
     /// It was told `ShuttingDown` (once per stream, not once per worker).
     pub(super) told_shutting_down: bool,
 }
@@ -78,7 +82,8 @@ impl Dispatcher {
             s.tx.protocol_violation();
             return None;
         }
-        let id = self.queue.register_worker(now, &s.querier);
+        let lane = slot / u16::from(s.slots_per_loop.unwrap_or(1));
+        let id = self.queue.register_worker_in_lane(now, &s.querier, lane);
         s.workers.insert(slot, id);
         let worker = Worker {
             querier: s.querier.clone(),
@@ -91,6 +96,19 @@ impl Dispatcher {
         };
         self.workers.insert(id, worker);
         Some(id)
+    }
+
+    /// The querier says its workers on `stream` come in groups of `n` slots per worker loop
+    /// (prefetch). Allowed once, before the stream's first worker registers; anything else
+    /// closes the connection.
+    pub(super) fn loop_slots(&mut self, stream: u64, n: u8) {
+        let Some(s) = self.streams.get_mut(&stream) else { return };
+        if n == 0 || n > MAX_SLOTS_PER_LOOP || s.slots_per_loop.is_some() || !s.workers.is_empty() {
+            warn!(querier = %s.querier, slots_per_loop = n, max = MAX_SLOTS_PER_LOOP, "LoopSlots out of bounds, repeated or after a Ready; closing the connection");
+            s.tx.protocol_violation();
+            return;
+        }
+        s.slots_per_loop = Some(n);
     }
 
     pub(super) fn ready(&mut self, now: Instant, worker: WorkerId, finished: Option<Finished>) {

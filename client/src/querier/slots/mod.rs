@@ -10,8 +10,9 @@
 //! order: a worker's `Ready` also says that its previous delivery is settled, so at most
 //! one delivery per worker is in flight besides the newest.
 //!
-//! With prefetch, the link has two slots per worker loop (the scheduler sees both) but runs
-//! at most one handler per loop: loop `k` has slots `k` and `k + workers`. A query
+//! With prefetch, the link has two slots per worker loop (the scheduler sees both, and is
+//! told at the stream's start that they come in pairs: `LoopSlots`) but runs at most one
+//! handler per loop: loop `k` has slots `2k` and `2k + 1`. A query
 //! dispatched to a slot whose loop runs one is `Held` and starts when that handler
 //! returns. A held query that is cancelled or reaches its deadline never runs: its slot
 //! reports it at once. One still held after the hold limit (its loop runs a long query)
@@ -198,9 +199,13 @@ impl Slots {
         }
     }
 
-    /// A dequeue stream was opened: every free worker asks for work on it.
+    /// A dequeue stream was opened: every free worker asks for work on it (with prefetch,
+    /// once the scheduler is told that the slots come in pairs).
     pub(super) fn opened(&mut self, out: &mut Vec<Action>) {
         self.stream = Stream::Open;
+        if self.prefetch {
+            out.push(Action::Send(QuerierToScheduler::LoopSlots { slots_per_loop: 2 }));
+        }
         for slot in 0..self.states.len() {
             if matches!(self.states[slot], State::Idle | State::Waiting) {
                 self.ask(slot, None, out);
@@ -300,18 +305,18 @@ impl Slots {
         Ok(())
     }
 
-    /// Whether no slot of `i`'s worker loop runs a query. Slot `i` belongs to loop
-    /// `i mod workers`: with prefetch, loop `k` has slots `k` and `k + workers`, whose
-    /// numbers are equal modulo any number of components dividing the worker count, so the
-    /// scheduler starts both at the same component (docs/queue.md).
+    /// Whether no slot of `i`'s worker loop runs a query.
     fn loop_free(&self, i: usize) -> bool {
         self.loop_slots(i).all(|j| !matches!(self.states[j], State::Running(_)))
     }
 
-    /// The slots of `i`'s worker loop (`i` among them).
-    fn loop_slots(&self, i: usize) -> std::iter::StepBy<std::ops::Range<usize>> {
-        let w = self.workers.max(1);
-        (i % w..self.states.len()).step_by(w)
+    /// The slots of `i`'s worker loop (`i` among them): with prefetch, loop `k` has slots
+    /// `2k` and `2k + 1`, numbers that stay when the link grows. The scheduler places them
+    /// as one worker (docs/queue.md).
+    fn loop_slots(&self, i: usize) -> std::ops::Range<usize> {
+        let n = if self.prefetch { 2 } else { 1 };
+        let first = i / n * n;
+        first..(first + n).min(self.states.len())
     }
 
     /// Starts held queries, oldest first, whose worker loop is free (at most `workers`

@@ -30,8 +30,17 @@ fn open_prefetching(workers: usize) -> Slots {
     let mut out = Vec::new();
     s.grow(workers, Instant::now(), &mut out);
     s.opened(&mut out);
-    assert_eq!(out.len(), workers * 2, "two slots per worker ask: {out:?}");
+    assert_eq!(
+        out[0],
+        loop_slots(),
+        "the scheduler hears first that the slots come in pairs"
+    );
+    assert_eq!(out.len(), 1 + workers * 2, "two slots per worker ask: {out:?}");
     s
+}
+
+fn loop_slots() -> Action {
+    Action::Send(QuerierToScheduler::LoopSlots { slots_per_loop: 2 })
 }
 
 #[test]
@@ -59,22 +68,30 @@ fn with_prefetch_each_worker_holds_one_query_and_runs_one_at_a_time() {
 }
 
 #[test]
-fn held_queries_start_oldest_first_and_new_workers_take_them() {
-    let mut s = open_prefetching(2);
+fn a_link_grows_by_whole_loops_and_held_queries_stay_with_their_own() {
+    let mut s = open_prefetching(1);
     let now = Instant::now();
     let mut out = Vec::new();
-    for (slot, query) in [(0, 1), (1, 2), (3, 3), (2, 4)] {
-        s.dispatched(slot, query, "fe", None, now, &mut out).unwrap();
-    }
-    assert_eq!(out, vec![Action::Start(0), Action::Start(1)]);
+    s.dispatched(0, 1, "fe", None, now, &mut out).unwrap();
+    s.dispatched(1, 2, "fe", None, now, &mut out).unwrap();
+    assert_eq!(out, vec![Action::Start(0)]);
     out.clear();
-    s.done(1, None, None, Instant::now(), &mut out);
-    assert_eq!(out[0], Action::Start(3), "query 3 was held first");
+    s.grow(2, now, &mut out);
+    assert_eq!(out, vec![ready(2, None), ready(3, None)], "loop 1's slots ask at once");
+    assert!(matches!(s.state(1), Some(State::Held(_))), "query 2 waits for loop 0");
+    assert_eq!((s.len(), s.workers()), (4, 2));
     out.clear();
-    s.grow(3, Instant::now(), &mut out);
-    assert_eq!(out[0], Action::Start(2), "a new worker runs the other held query");
-    assert_eq!(s.len(), 6);
-    assert_eq!(s.workers(), 3);
+    s.done(0, None, None, now, &mut out);
+    assert_eq!(out, vec![Action::Start(1), ready(0, Some(1))]);
+}
+
+#[test]
+fn every_new_stream_hears_first_that_the_slots_come_in_pairs() {
+    let mut s = open_prefetching(1);
+    let mut out = Vec::new();
+    s.closed();
+    s.opened(&mut out);
+    assert_eq!(out, vec![loop_slots(), ready(0, None), ready(1, None)]);
 }
 
 #[test]
@@ -383,27 +400,27 @@ fn a_held_query_is_not_given_back_once_its_stream_is_gone_and_is_confirmed_inste
 }
 
 #[test]
-fn a_held_query_waits_for_its_own_worker_loop_whose_slots_share_a_component() {
-    // Two workers: loop 0 has slots 0 and 2, loop 1 slots 1 and 3 (equal modulo 2, so the
-    // scheduler starts each loop's two slots at the same component).
+fn a_held_query_waits_for_its_own_worker_loop() {
+    // Two workers: loop 0 has slots 0 and 1, loop 1 slots 2 and 3 (the scheduler, told
+    // `LoopSlots`, starts each loop's two slots at the same component).
     let mut s = open_prefetching(2);
     let now = Instant::now();
     let mut out = Vec::new();
-    for (slot, query) in [(0, 1), (1, 2), (2, 3), (3, 4)] {
+    for (slot, query) in [(0, 1), (2, 2), (1, 3), (3, 4)] {
         s.dispatched(slot, query, "fe", None, now, &mut out).unwrap();
     }
-    assert_eq!(out, vec![Action::Start(0), Action::Start(1)], "3 and 4 are held");
+    assert_eq!(out, vec![Action::Start(0), Action::Start(2)], "3 and 4 are held");
     out.clear();
-    s.done(1, None, None, now, &mut out);
+    s.done(2, None, None, now, &mut out);
     assert_eq!(
         out[0],
         Action::Start(3),
         "loop 1 freed: its own held query 4, not the older 3"
     );
-    assert!(matches!(s.state(2), Some(State::Held(_))), "3 waits for loop 0");
+    assert!(matches!(s.state(1), Some(State::Held(_))), "3 waits for loop 0");
     out.clear();
     s.done(0, None, None, now, &mut out);
-    assert_eq!(out[0], Action::Start(2));
+    assert_eq!(out[0], Action::Start(1));
 }
 
 #[test]
@@ -414,20 +431,20 @@ fn a_resting_slot_is_woken_only_by_a_short_handler_of_its_own_loop() {
     s.grow(2, t0, &mut out);
     s.opened(&mut out);
     out.clear();
-    // Loop 0 (slots 0 and 2) runs query 1 and holds query 2 until the limit.
+    // Loop 0 (slots 0 and 1) runs query 1 and holds query 2 until the limit.
     s.dispatched(0, 1, "fe", None, t0, &mut out).unwrap();
-    s.dispatched(2, 2, "fe", None, t0, &mut out).unwrap();
+    s.dispatched(1, 2, "fe", None, t0, &mut out).unwrap();
     s.tick(t0 + HOLD, &mut out);
-    assert_eq!(out, vec![Action::Start(0), hand_back(2, 2), Action::Drop(2)]);
+    assert_eq!(out, vec![Action::Start(0), hand_back(1, 2), Action::Drop(1)]);
     out.clear();
     // A short query on loop 1 says nothing about loop 0.
     let t1 = t0 + HOLD;
-    s.dispatched(1, 3, "fe", None, t1, &mut out).unwrap();
-    s.done(1, None, None, t1 + Duration::from_millis(1), &mut out);
-    assert_eq!(out, vec![Action::Start(1), ready(1, Some(3))]);
-    assert_eq!(s.state(2), Some(&State::Resting { woken: false }));
+    s.dispatched(2, 3, "fe", None, t1, &mut out).unwrap();
+    s.done(2, None, None, t1 + Duration::from_millis(1), &mut out);
+    assert_eq!(out, vec![Action::Start(2), ready(2, Some(3))]);
+    assert_eq!(s.state(1), Some(&State::Resting { woken: false }));
     out.clear();
-    // Loop 0's long query ends, then a short one: now slot 2 asks again.
+    // Loop 0's long query ends, then a short one: now slot 1 asks again.
     s.done(0, None, None, t0 + Duration::from_millis(200), &mut out);
     let t2 = t0 + Duration::from_millis(200);
     s.dispatched(0, 4, "fe", None, t2, &mut out).unwrap();
@@ -439,7 +456,7 @@ fn a_resting_slot_is_woken_only_by_a_short_handler_of_its_own_loop() {
             Action::Start(0),
             ready(0, Some(4)),
             Action::Send(QuerierToScheduler::Ready {
-                worker: 2,
+                worker: 1,
                 finished: None
             })
         ]

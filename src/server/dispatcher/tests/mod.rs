@@ -8,6 +8,7 @@ use sluice_protocol::{Enqueue, EnqueueStatus, Finished};
 
 mod cluster;
 mod hand_back;
+mod loop_slots;
 
 struct Harness {
     d: Dispatcher,
@@ -75,14 +76,7 @@ impl Harness {
     /// A worker that asked for work and was handed the queued query.
     fn busy_worker(&mut self) -> (u64, mpsc::Receiver<SchedulerToQuerier>) {
         let (w, mut rx) = self.worker();
-        self.d.handle(
-            Command::Ready {
-                stream: w,
-                worker: 0,
-                finished: None,
-            },
-            self.now,
-        );
+        self.ready(w);
         assert!(matches!(rx.try_recv(), Ok(SchedulerToQuerier::Dispatch { .. })));
         (w, rx)
     }
@@ -118,11 +112,17 @@ impl Harness {
             .collect()
     }
 
+    /// Slot 0 of dequeue stream `worker` asks for work.
     fn ready(&mut self, worker: u64) {
+        self.ready_slot(worker, 0);
+    }
+
+    /// Slot `worker` of dequeue stream `stream` asks for work, with nothing finished.
+    fn ready_slot(&mut self, stream: u64, worker: WorkerSlot) {
         self.d.handle(
             Command::Ready {
-                stream: worker,
-                worker: 0,
+                stream,
+                worker,
                 finished: None,
             },
             self.now,
@@ -234,14 +234,7 @@ fn waiting_workers_are_served_longest_waiting_first() {
     let mut h = harness();
     let workers: Vec<_> = (0..3).map(|_| h.worker()).collect();
     for (w, _) in &workers {
-        h.d.handle(
-            Command::Ready {
-                stream: *w,
-                worker: 0,
-                finished: None,
-            },
-            h.now,
-        );
+        h.ready(*w);
     }
     let mut rxs: Vec<_> = workers.into_iter().map(|(_, rx)| rx).collect();
     for (i, query) in [(0usize, 1u64), (1, 2), (2, 3)] {
@@ -550,19 +543,9 @@ fn the_last_worker_of_a_querier_that_said_goodbye_hands_its_shard_on_at_once() {
 fn a_stream_hears_shutting_down_once_however_many_workers_ask_after_it() {
     let mut h = harness();
     let (stream, mut rx) = h.worker();
-    let ready = |h: &mut Harness, worker| {
-        h.d.handle(
-            Command::Ready {
-                stream,
-                worker,
-                finished: None,
-            },
-            h.now,
-        );
-    };
     for q in 1..=3 {
         h.enqueue(q);
-        ready(&mut h, q as WorkerSlot - 1);
+        h.ready_slot(stream, q as WorkerSlot - 1);
     }
     let (reply, _) = oneshot::channel();
     h.d.handle(
@@ -575,7 +558,7 @@ fn a_stream_hears_shutting_down_once_however_many_workers_ask_after_it() {
     // Each busy worker finishes and asks again with work queued: the queue turns each away.
     h.enqueue(4);
     for worker in 0..3 {
-        ready(&mut h, worker);
+        h.ready_slot(stream, worker);
     }
     let _drained = h.shutdown(Duration::ZERO);
     h.d.tick(h.now);
