@@ -160,7 +160,7 @@ async fn load_through_a_disruption(disrupt: &str, extra: &[&str]) -> (usize, usi
     let b = spawn_scheduler(dir.path(), &[]).await;
     let idle = Duration::from_millis(800);
     let mut fc = FrontendConfig::new("fe", a.certs.frontend.clone(), vec![a.quic, b.quic]);
-    fc.idle_timeout = idle;
+    fc.client.idle_timeout = idle;
     let fe = Frontend::connect(fc).await.unwrap();
     let connected_by = Instant::now() + WAIT;
     while fe.connected_schedulers() < 2 {
@@ -168,7 +168,7 @@ async fn load_through_a_disruption(disrupt: &str, extra: &[&str]) -> (usize, usi
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let mut qc = QuerierConfig::new("querier-1", a.certs.querier.clone(), vec![a.quic, b.quic]);
-    qc.idle_timeout = idle;
+    qc.client.idle_timeout = idle;
     qc.concurrency = 4;
     let querier = Querier::start(qc, Echo).unwrap();
 

@@ -10,6 +10,16 @@ use common::*;
 use sluice_client::*;
 
 #[tokio::test]
+async fn a_client_given_no_scheduler_is_refused_at_start() {
+    let t = start(|_| {}).await;
+    let fe = Frontend::connect(FrontendConfig::new("fe", t.certs.frontend.clone(), Vec::new())).await;
+    assert!(matches!(fe, Err(ClientError::NoSchedulers)), "{:?}", fe.err());
+    let (h, _events) = handler(Duration::ZERO);
+    let q = Querier::start(QuerierConfig::new("q", t.certs.querier.clone(), Vec::new()), h);
+    assert!(matches!(q, Err(ClientError::NoSchedulers)), "{:?}", q.err());
+}
+
+#[tokio::test]
 async fn dropping_a_handle_cancels_a_queued_query() {
     let t = start(|_| {}).await;
     let fe = frontend_for(&[&t]).await;

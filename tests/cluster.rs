@@ -84,10 +84,10 @@ fn held_elsewhere(status: &Value) -> u64 {
 }
 
 async fn frontend(certs: &sluice::tls::CertSet, schedulers: Vec<SocketAddr>) -> Frontend {
+    let n = schedulers.len();
     let mut config = FrontendConfig::new("burst-frontend", certs.frontend.clone(), schedulers);
     // A killed scheduler is noticed by its silence.
-    config.idle_timeout = Duration::from_secs(1);
-    let n = config.schedulers.len();
+    config.client.idle_timeout = Duration::from_secs(1);
     let f = Frontend::connect(config).await.unwrap();
     f.ready(Readiness::AllKnown, WAIT).await.unwrap();
     tokio::time::timeout(WAIT, async {

@@ -370,8 +370,8 @@ async fn probed_frontend(
 ) -> (sluice_client::Frontend, quinn::Connection) {
     let mut config =
         sluice_client::FrontendConfig::new("fe-probed", t.certs.frontend.clone(), vec![t.server.quic_addr()]);
-    config.max_frame_len = max_frame_len;
-    config.idle_timeout = idle;
+    config.client.max_frame_len = max_frame_len;
+    config.client.idle_timeout = idle;
     let fe = sluice_client::Frontend::connect(config).await.unwrap();
     let addr: std::net::SocketAddr = fe.result_address().address.parse().unwrap();
     let conn = connect(addr, &t.certs.querier).await.unwrap();

@@ -75,11 +75,11 @@ async fn restart_the_only_scheduler(sig: &str, prefetch: bool) -> Outcome {
     let mut qc = QuerierConfig::new("querier-1", first.certs.querier.clone(), vec![first.quic]);
     qc.concurrency = WORKERS;
     qc.prefetch = prefetch;
-    qc.idle_timeout = idle;
+    qc.client.idle_timeout = idle;
     let querier = Querier::start(qc, handler.clone()).unwrap();
     assert!(querier.wait_connected(WORKERS, WAIT).await, "workers never registered");
     let mut fc = FrontendConfig::new("fe", first.certs.frontend.clone(), vec![first.quic]);
-    fc.idle_timeout = idle;
+    fc.client.idle_timeout = idle;
     let fe = Frontend::connect(fc).await.unwrap();
 
     let results = Arc::new(AtomicUsize::new(0));

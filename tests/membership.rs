@@ -126,13 +126,13 @@ async fn clients_follow_the_live_schedulers_through_a_crash_a_restart_and_a_leav
     }
 
     let mut fc = FrontendConfig::new("frontend-1", s1.certs.frontend.clone(), vec![]);
-    fc.gossip = Some(client_gossip(seed));
+    fc = fc.with_gossip(client_gossip(seed));
     // Far above the detection target: only the gossip can drop a killed scheduler in time.
-    fc.idle_timeout = Duration::from_secs(30);
+    fc.client.idle_timeout = Duration::from_secs(30);
     let frontend = Frontend::connect(fc).await.unwrap();
     let mut qc = QuerierConfig::new("querier-1", s1.certs.querier.clone(), vec![]);
-    qc.gossip = Some(client_gossip(seed));
-    qc.idle_timeout = Duration::from_secs(30);
+    qc = qc.with_gossip(client_gossip(seed));
+    qc.client.idle_timeout = Duration::from_secs(30);
     let querier = Querier::start(qc, Slow).unwrap();
     let all = {
         let mut v = vec![s1.server.quic_addr(), s2.quic, s3.server.quic_addr()];
@@ -262,8 +262,8 @@ async fn frontends_use_the_first_max_used_instances_and_queriers_keep_one_worker
     a.status_until("a to see b and c", |s| active_schedulers(s).len() == 2)
         .await;
     let mut fc = FrontendConfig::new("frontend-1", a.certs.frontend.clone(), vec![]);
-    fc.gossip = Some(client_gossip(seed));
-    fc.max_used_instances = 2;
+    fc = fc.with_gossip(client_gossip(seed));
+    fc.client.max_used_instances = 2;
     let frontend = Frontend::connect(fc).await.unwrap();
     let mut first_two = vec![a.server.quic_addr(), b.server.quic_addr()];
     first_two.sort();
@@ -272,8 +272,8 @@ async fn frontends_use_the_first_max_used_instances_and_queriers_keep_one_worker
     })
     .await;
     let mut qc = QuerierConfig::new("querier-1", a.certs.querier.clone(), vec![]);
-    qc.gossip = Some(client_gossip(seed));
-    qc.max_used_instances = 2;
+    qc = qc.with_gossip(client_gossip(seed));
+    qc.client.max_used_instances = 2;
     let querier = Querier::start(qc, Slow).unwrap();
     let mut want = vec![
         (a.server.quic_addr(), 4),

@@ -398,7 +398,7 @@ async fn shared_stream_fails(silent: bool) {
     let mut config = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()]);
     config.concurrency = 1;
     // How long a shared stream may leave a result unacknowledged.
-    config.idle_timeout = Duration::from_secs(1);
+    config.client.idle_timeout = Duration::from_secs(1);
     let q = Querier::start(config, handler).unwrap();
     let (kind, frame) = wait("the shared stream", seen.recv()).await.unwrap();
     assert_eq!(kind, StreamKind::Results);

@@ -25,10 +25,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut config = FrontendConfig::new("frontend-1", Identity::in_dir(&certs, Role::Frontend), vec![scheduler]);
     if let Some(gossip) = GossipConfig::from_env()? {
-        config.schedulers.clear();
-        config.gossip = Some(gossip);
+        config = config.with_gossip(gossip);
         if let Ok(n) = std::env::var("SLUICE_MAX_USED_INSTANCES") {
-            config.max_used_instances = n.parse()?;
+            config.client.max_used_instances = n.parse()?;
         }
     }
     let frontend = Frontend::connect(config).await?;

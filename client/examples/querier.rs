@@ -46,8 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = QuerierConfig::new(id, Identity::in_dir(&certs, Role::Querier), vec![scheduler]);
     if let Some(gossip) = GossipConfig::from_env()? {
         println!("querier following the gossip through {:?}", gossip.seeds);
-        config.schedulers.clear();
-        config.gossip = Some(gossip);
+        config = config.with_gossip(gossip);
     } else {
         println!("querier running against {scheduler}");
     }

@@ -28,57 +28,50 @@ pub(crate) struct Discovery {
 }
 
 impl Discovery {
-    /// A static list (every address in use), or a gossip member of `role` following the
-    /// live schedulers, the first `max_used` of them in use (0: all).
-    pub(crate) fn start(
+    /// A static list: every address in use, for good.
+    pub(crate) fn fixed(schedulers: &[SocketAddr]) -> Discovery {
+        let targets = schedulers
+            .iter()
+            .map(|&addr| Target {
+                addr,
+                in_use: true,
+                leaving: false,
+            })
+            .collect();
+        let (_, targets) = watch::channel(targets);
+        Discovery {
+            targets,
+            gossip: None,
+            task: None,
+        }
+    }
+
+    /// A gossip member of `role` following the live schedulers, the first `max_used` of
+    /// them in use (0: all).
+    pub(crate) fn gossip(
         id: &str,
         role: MemberRole,
-        schedulers: &[SocketAddr],
-        gossip: Option<&GossipConfig>,
+        config: &GossipConfig,
         max_used: usize,
     ) -> Result<Discovery, ClientError> {
-        match (gossip, schedulers.is_empty()) {
-            (None, true) => Err(ClientError::NoSchedulers),
-            (Some(_), false) => Err(ClientError::Config(
-                "give either a static scheduler list or a gossip configuration, not both".into(),
-            )),
-            (None, false) => {
-                let targets = schedulers
-                    .iter()
-                    .map(|&addr| Target {
-                        addr,
-                        in_use: true,
-                        leaving: false,
-                    })
-                    .collect();
-                let (_, targets) = watch::channel(targets);
-                Ok(Discovery {
-                    targets,
-                    gossip: None,
-                    task: None,
-                })
-            }
-            (Some(config), true) => {
-                let gossip = Gossip::start(id, role, None, MemberState::Active, config.clone())?;
-                let mut members = gossip.members();
-                let (tx, targets) = watch::channel(targets_of(&members.borrow_and_update(), max_used));
-                let task = tokio::spawn(async move {
-                    while members.changed().await.is_ok() {
-                        let next = targets_of(&members.borrow_and_update(), max_used);
-                        tx.send_if_modified(|current| {
-                            let changed = *current != next;
-                            *current = next;
-                            changed
-                        });
-                    }
+        let gossip = Gossip::start(id, role, None, MemberState::Active, config.clone())?;
+        let mut members = gossip.members();
+        let (tx, targets) = watch::channel(targets_of(&members.borrow_and_update(), max_used));
+        let task = tokio::spawn(async move {
+            while members.changed().await.is_ok() {
+                let next = targets_of(&members.borrow_and_update(), max_used);
+                tx.send_if_modified(|current| {
+                    let changed = *current != next;
+                    *current = next;
+                    changed
                 });
-                Ok(Discovery {
-                    targets,
-                    gossip: Some(gossip),
-                    task: Some(task),
-                })
             }
-        }
+        });
+        Ok(Discovery {
+            targets,
+            gossip: Some(gossip),
+            task: Some(task),
+        })
     }
 
     /// Applies the current set at once, then every change, until `stop`; the returned

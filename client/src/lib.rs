@@ -5,7 +5,7 @@
 //! - [`Querier`]: run worker loops against every scheduler, execute what they are handed
 //!   with your [`Handler`], and send results straight to the frontend that asked.
 //! - [`gossip`]: SWIM membership of schedulers; either client can follow the live schedulers
-//!   through it (`gossip` in its config) instead of a static list.
+//!   through it ([`SchedulerSource::Gossip`] in its [`ClientConfig`]) instead of a static list.
 //!
 //! # A query's life, as a caller sees it
 //!
@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 mod backoff;
+mod config;
 mod discovery;
 mod error;
 mod frontend;
@@ -40,6 +41,7 @@ pub mod tls;
 pub mod trace;
 pub mod transport;
 
+pub use config::{ClientConfig, SchedulerSource};
 pub use error::{ClientError, QueryError};
 pub use frontend::{
     Body, CancelOutcome, Frontend, FrontendConfig, FrontendStats, Placement, QueryHandle, QueryRequest, QueryResponse,

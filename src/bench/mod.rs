@@ -23,7 +23,7 @@ use serde_json::Value;
 use sluice_client::gossip::GossipConfig;
 use sluice_client::{
     Frontend, FrontendConfig, Handler, HandlerError, Querier, QuerierConfig, QueryError, QueryRequest, Request,
-    Response,
+    Response, SchedulerSource,
 };
 
 use crate::config::Settings;
@@ -374,13 +374,18 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         let config = settings.resolve().map_err(|e| e.to_string())?;
         servers.push(Server::start(config).await.map_err(|e| e.to_string())?);
     }
-    let (certs, addrs, gossip) = match &c.target {
+    let (certs, schedulers) = match &c.target {
         None => (
             servers[0].dev_certs().cloned().ok_or("no development certificates")?,
-            servers.iter().map(Server::quic_addr).collect::<Vec<SocketAddr>>(),
-            None,
+            SchedulerSource::Static(servers.iter().map(Server::quic_addr).collect()),
         ),
-        Some(t) => (CertSet::in_dir(&t.certs), t.schedulers.clone(), t.gossip.clone()),
+        Some(t) => (
+            CertSet::in_dir(&t.certs),
+            match &t.gossip {
+                Some(g) => SchedulerSource::Gossip(g.clone()),
+                None => SchedulerSource::Static(t.schedulers.clone()),
+            },
+        ),
     };
 
     let queue_times: QueueTimes = Arc::default();
@@ -388,11 +393,11 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     let clock = Instant::now();
     let mut queriers = Vec::new();
     for q in 0..c.queriers {
-        let mut config = QuerierConfig::new(format!("bench-querier-{q}"), certs.querier.clone(), addrs.clone());
+        let mut config = QuerierConfig::new(format!("bench-querier-{q}"), certs.querier.clone(), Vec::new());
+        config.client.schedulers = schedulers.clone();
         config.concurrency = c.workers;
         config.prefetch = c.prefetch;
         config.hold_limit = c.hold_limit;
-        config.gossip = gossip.clone();
         let handler = BenchHandler {
             result: bytes::Bytes::from(vec![b'r'; c.result_bytes]),
             service: c.service,
@@ -405,8 +410,8 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     }
     let mut frontends = Vec::new();
     for f in 0..c.frontends {
-        let mut config = FrontendConfig::new(format!("bench-frontend-{f}"), certs.frontend.clone(), addrs.clone());
-        config.gossip = gossip.clone();
+        let mut config = FrontendConfig::new(format!("bench-frontend-{f}"), certs.frontend.clone(), Vec::new());
+        config.client.schedulers = schedulers.clone();
         frontends.push(Frontend::connect(config).await.map_err(|e| e.to_string())?);
     }
     if c.target.is_some() {

@@ -44,7 +44,7 @@ async fn serve_scheduler(
     backoff: &mut Backoff,
 ) -> Result<(), String> {
     let connecting = endpoint
-        .connect(link.addr, &shared.config.scheduler_server_name)
+        .connect(link.addr, &shared.config.client.scheduler_server_name)
         .map_err(|e| e.to_string())?;
     let conn = tokio::select! {
         conn = connecting => conn.map_err(|e| e.to_string())?,
@@ -52,11 +52,15 @@ async fn serve_scheduler(
     };
     tls::expect_peer_role(&conn, Role::Scheduler)?;
     let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let max = shared.config.max_frame_len;
+    let max = shared.config.client.max_frame_len;
     let mut writer = FramedWrite::new(send, max);
     let mut reader = FramedRead::new(recv, max);
     writer
-        .send(&Hello::new(Role::Frontend, &shared.config.id, StreamKind::FrontendLoop))
+        .send(&Hello::new(
+            Role::Frontend,
+            &shared.config.client.id,
+            StreamKind::FrontendLoop,
+        ))
         .await
         .map_err(|e| e.to_string())?;
     match reader.next::<HelloReply>().await.map_err(|e| e.to_string())? {

@@ -1,7 +1,7 @@
 //! The frontend client: enqueue sub-queries on the schedulers, receive their results.
 //!
 //! A [`Frontend`] keeps one connection per scheduler in use (reconnecting with backoff; the
-//! set is static or follows the gossip, see [`FrontendConfig::gossip`]) and runs
+//! set is static or follows the gossip, see [`SchedulerSource`](crate::SchedulerSource)) and runs
 //! a QUIC *result endpoint* that queriers send results to directly. Only querier
 //! certificates may deliver results, and only for queries this frontend has outstanding,
 //! for the same tenant.
@@ -118,7 +118,7 @@ impl QueryHandle {
         let Some(ack) = ack else {
             return CancelOutcome::Cancelled;
         };
-        let outcome = match tokio::time::timeout(self.shared.config.idle_timeout, ack).await {
+        let outcome = match tokio::time::timeout(self.shared.config.client.idle_timeout, ack).await {
             Ok(Ok(())) => CancelOutcome::Acknowledged,
             _ => CancelOutcome::Unacknowledged,
         };
@@ -193,14 +193,8 @@ impl Frontend {
                 "max_attempts and default_timeout must be above zero".into(),
             ));
         }
-        let discovery = Discovery::start(
-            &config.id,
-            MemberRole::Frontend,
-            &config.schedulers,
-            config.gossip.as_ref(),
-            config.max_used_instances,
-        )?;
-        let mut server_config = tls::quic_server(&config.identity)?;
+        let discovery = config.client.discovery(MemberRole::Frontend)?;
+        let mut server_config = tls::quic_server(&config.client.identity)?;
         let mut transport = quinn::TransportConfig::default();
         crate::transport::fewer_acks(&mut transport).max_concurrent_bidi_streams(1024u32.into());
         server_config.transport_config(Arc::new(transport));
@@ -209,15 +203,13 @@ impl Frontend {
                 addr: config.result_listen,
                 error,
             })?;
-        let mut client_config = tls::quic_client(&config.identity)?;
-        client_config.transport_config(Arc::new(crate::transport::with_idle(config.idle_timeout)?));
-        result_endpoint.set_default_client_config(client_config);
+        result_endpoint.set_default_client_config(config.client.quic_client()?);
         let bound = result_endpoint.local_addr().map_err(|error| ClientError::Bind {
             addr: config.result_listen,
             error,
         })?;
         let address = FrontendAddress {
-            id: config.id.clone(),
+            id: config.client.id.clone(),
             address: config.result_advertise.clone().unwrap_or_else(|| bound.to_string()),
             server_name: config.result_server_name.clone(),
         };

@@ -41,7 +41,7 @@ pub(super) async fn endpoint_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint
                 }
             }
             // Whatever one querier connection's streams buffer, together.
-            let budget = ReceiveBudget::new(shared.config.max_frame_len as usize * FRAMES_PER_CONNECTION);
+            let budget = ReceiveBudget::new(shared.config.client.max_frame_len as usize * FRAMES_PER_CONNECTION);
             while let Ok((send, recv)) = conn.accept_bi().await {
                 tokio::spawn(receive_result(shared.clone(), conn.clone(), budget.clone(), send, recv));
             }
@@ -57,14 +57,14 @@ async fn receive_result(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
-    let max = shared.config.max_frame_len;
+    let max = shared.config.client.max_frame_len;
     let mut reader = FramedRead::new(recv, max)
         .with_budget(budget)
-        .with_frame_timeout(shared.config.idle_timeout);
+        .with_frame_timeout(shared.config.client.idle_timeout);
     let mut writer = FramedWrite::new(send, max);
     // The hello is not answered: the result follows it at once. A querier whose hello
     // cannot be accepted loses its connection, with the reason.
-    let refusal = match tokio::time::timeout(shared.config.idle_timeout, reader.hello()).await {
+    let refusal = match tokio::time::timeout(shared.config.client.idle_timeout, reader.hello()).await {
         Ok(Ok(Some(h))) if h.role == Role::Querier && h.stream == StreamKind::Result => None,
         Ok(Ok(Some(h))) if h.role == Role::Querier && h.stream == StreamKind::Results => {
             return receive_results(&shared, &conn, reader, writer).await;

@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sluice_protocol::{Limits, Metadata};
+use sluice_protocol::Metadata;
 use tokio::sync::mpsc;
 
+use crate::config::{ClientConfig, SchedulerSource};
 use crate::error::QueryError;
 use crate::gossip::GossipConfig;
 use crate::tls::Identity;
@@ -17,21 +18,9 @@ use crate::tls::Identity;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct FrontendConfig {
-    /// This frontend's id, unique among frontends.
-    pub id: String,
-    /// Its certificate (role `frontend`), key, and the CA.
-    pub identity: Identity,
-    /// Scheduler QUIC addresses (a static list; leave it empty when `gossip` is set).
-    pub schedulers: Vec<SocketAddr>,
-    /// Learn the live schedulers by joining their gossip (as a `frontend` member) instead
-    /// of a static list: schedulers that die or leave stop being used, new or restarted
-    /// ones are used as they appear.
-    pub gossip: Option<GossipConfig>,
-    /// Use only the first N active schedulers, in a stable order (by scheduler id), as
-    /// Mimir's `max_used_instances`; 0: all. Applies to gossip discovery.
-    pub max_used_instances: usize,
-    /// TLS name the schedulers' certificates are checked against.
-    pub scheduler_server_name: String,
+    /// Its id (unique among frontends), certificate (role `frontend`), schedulers, and how
+    /// it talks to them (a silent scheduler's queued queries go elsewhere).
+    pub client: ClientConfig,
     /// Where the result endpoint listens.
     pub result_listen: SocketAddr,
     /// `host:port` queriers dial for results; defaults to the bound address.
@@ -54,17 +43,12 @@ pub struct FrontendConfig {
     /// querier to confirm it (queriers confirm within their `confirm_after`) before taking
     /// the dispatch as lost with the scheduler and placing the query again.
     pub confirm_grace: Duration,
-    /// A scheduler silent for this long is taken as gone (its queued queries go
-    /// elsewhere). Pings go out every fifth of it.
-    pub idle_timeout: Duration,
-    /// Largest frame sent or accepted.
-    pub max_frame_len: u32,
 }
 
 impl FrontendConfig {
     /// Follows the schedulers' gossip instead of a static list.
     pub fn with_gossip(mut self, gossip: GossipConfig) -> Self {
-        self.gossip = Some(gossip);
+        self.client.schedulers = SchedulerSource::Gossip(gossip);
         self
     }
 
@@ -87,17 +71,12 @@ impl FrontendConfig {
         self
     }
 
-    /// Defaults for a frontend on this host: result endpoint on 127.0.0.1 (any port),
-    /// TLS names `localhost` (as in the development certificates), queries time out
+    /// Defaults for a frontend on this host: [`ClientConfig::new`]'s, result endpoint on
+    /// 127.0.0.1 (any port), TLS name `localhost` (as in the development certificates), queries time out
     /// after 2 minutes unless they say otherwise, retriable queries run at most twice.
     pub fn new(id: impl Into<String>, identity: Identity, schedulers: Vec<SocketAddr>) -> Self {
         FrontendConfig {
-            id: id.into(),
-            identity,
-            schedulers,
-            gossip: None,
-            max_used_instances: 0,
-            scheduler_server_name: "localhost".into(),
+            client: ClientConfig::new(id, identity, schedulers),
             result_listen: "127.0.0.1:0".parse().expect("valid address"),
             result_advertise: None,
             result_server_name: "localhost".into(),
@@ -106,8 +85,6 @@ impl FrontendConfig {
             default_timeout: Duration::from_secs(120),
             max_attempts: 2,
             confirm_grace: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(5),
-            max_frame_len: Limits::default().max_frame_len,
         }
     }
 }

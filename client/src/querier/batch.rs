@@ -85,13 +85,13 @@ pub(super) fn send(shared: &Shared, to: &FrontendAddress, frame: ResultFrame, re
     let (tx, rx) = mpsc::unbounded_channel();
     let _ = tx.send(whole);
     batches.insert(to.address.clone(), tx);
-    let hello = Hello::new(Role::Querier, &shared.config.id, StreamKind::Results);
+    let hello = Hello::new(Role::Querier, &shared.config.client.id, StreamKind::Results);
     let task = Task {
         endpoint: shared.endpoint.clone(),
         slot: Arc::downgrade(&shared.frontends.slot(&to.address)),
         to: to.clone(),
-        max_frame_len: shared.config.max_frame_len,
-        stalled_after: shared.config.idle_timeout,
+        max_frame_len: shared.config.client.max_frame_len,
+        stalled_after: shared.config.client.idle_timeout,
     };
     tokio::spawn(task.run(hello, rx));
 }

@@ -25,9 +25,9 @@ async fn frontend_connection(shared: &Shared, to: &FrontendAddress) -> Result<qu
 /// stream's first frames. The frontend sends nothing back but the receipt.
 async fn open_result(shared: &Shared, conn: &quinn::Connection) -> Result<Stream, String> {
     let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let max = shared.config.max_frame_len;
+    let max = shared.config.client.max_frame_len;
     let (mut w, r) = (FramedWrite::new(send, max), FramedRead::new(recv, max));
-    w.buffer(&Hello::new(Role::Querier, &shared.config.id, StreamKind::Result))
+    w.buffer(&Hello::new(Role::Querier, &shared.config.client.id, StreamKind::Result))
         .map_err(|e| e.to_string())?;
     Ok((w, r))
 }

@@ -101,7 +101,7 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
                 // (bounded) for the scheduler to acknowledge it.
                 let stream = s.w.get_mut();
                 if stream.finish().is_ok() {
-                    let _ = tokio::time::timeout(d.shared.config.idle_timeout, stream.stopped()).await;
+                    let _ = tokio::time::timeout(d.shared.config.client.idle_timeout, stream.stopped()).await;
                 }
                 drop_connection(&d.link, &s.conn).await;
             }
@@ -527,7 +527,7 @@ async fn scheduler_connection(shared: &Shared, link: &Link) -> Result<quinn::Con
     }
     let conn = shared
         .endpoint
-        .connect(link.addr, &shared.config.scheduler_server_name)
+        .connect(link.addr, &shared.config.client.scheduler_server_name)
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| e.to_string())?;
@@ -550,9 +550,9 @@ async fn drop_connection(link: &Link, conn: &quinn::Connection) {
 pub(super) async fn open(shared: &Shared, conn: &quinn::Connection, kind: StreamKind) -> Result<Stream, String> {
     let setup = async {
         let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        let max = shared.config.max_frame_len;
+        let max = shared.config.client.max_frame_len;
         let (mut w, mut r) = (FramedWrite::new(send, max), FramedRead::new(recv, max));
-        w.send(&Hello::new(Role::Querier, &shared.config.id, kind))
+        w.send(&Hello::new(Role::Querier, &shared.config.client.id, kind))
             .await
             .map_err(|e| e.to_string())?;
         match r.next::<HelloReply>().await.map_err(|e| e.to_string())? {
@@ -561,7 +561,7 @@ pub(super) async fn open(shared: &Shared, conn: &quinn::Connection, kind: Stream
             None => Err("closed before the hello reply".into()),
         }
     };
-    tokio::time::timeout(shared.config.idle_timeout, setup)
+    tokio::time::timeout(shared.config.client.idle_timeout, setup)
         .await
         .map_err(|_| "no hello reply in time".to_string())?
 }
@@ -594,7 +594,7 @@ async fn hold_lifeline(shared: &Shared, link: &Link, port: u16, token: u128) {
         return;
     }
     let addr = SocketAddr::new(link.addr.ip(), port);
-    let timeout = shared.config.idle_timeout;
+    let timeout = shared.config.client.idle_timeout;
     let task = tokio::spawn(async move {
         let mut socket = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(socket)) => socket,

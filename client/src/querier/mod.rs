@@ -2,7 +2,7 @@
 //! them through your [`Handler`], and send the results straight to the frontend that asked.
 //!
 //! The schedulers are a static list or the live members of the gossip
-//! ([`QuerierConfig::gossip`]). A querier serves every scheduler it knows of: the ones in
+//! ([`SchedulerSource`](crate::SchedulerSource)). A querier serves every scheduler it knows of: the ones in
 //! use with `concurrency` workers, the others with one, so that nothing queued on a
 //! scheduler outside the frontends' `max_used_instances` is stranded. A scheduler that
 //! comes into use gets its full count at once; one that drops out of use keeps the
@@ -28,16 +28,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sluice_protocol::{FramedRead, FramedWrite, Limits, Metadata, close_code};
+use sluice_protocol::{FramedRead, FramedWrite, Metadata, close_code};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::config::{ClientConfig, SchedulerSource};
 use crate::discovery::{Discovery, Target};
 use crate::error::ClientError;
 use crate::gossip::{GossipConfig, MemberRole};
-use crate::tls::{self, Identity};
+use crate::tls::Identity;
 
 /// A bidirectional stream with its framing: a dequeue loop, a shutdown notice, or a
 /// result stream.
@@ -47,20 +48,11 @@ type Stream = (FramedWrite<quinn::SendStream>, FramedRead<quinn::RecvStream>);
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct QuerierConfig {
-    /// This querier's id: stable across restarts, so its shuffle shards are kept.
-    pub id: String,
-    /// Its certificate (role `querier`), key, and the CA.
-    pub identity: Identity,
-    /// Scheduler QUIC addresses; the querier serves all of them (a static list; leave it
-    /// empty when `gossip` is set).
-    pub schedulers: Vec<SocketAddr>,
-    /// Learn the live schedulers by joining their gossip (as a `querier` member) instead
-    /// of a static list.
-    pub gossip: Option<GossipConfig>,
-    /// The frontends' `max_used_instances` (0: all): schedulers beyond it get one worker.
-    pub max_used_instances: usize,
-    /// TLS name the schedulers' certificates are checked against.
-    pub scheduler_server_name: String,
+    /// Its id (stable across restarts, so its shuffle shards are kept), certificate (role
+    /// `querier`), schedulers, and how it talks to them and to frontends. It serves every
+    /// scheduler it knows of; those beyond the frontends' `max_used_instances` get one
+    /// worker each.
+    pub client: ClientConfig,
     /// Worker loops per scheduler (queries run at once, per scheduler).
     pub concurrency: usize,
     /// Each worker holds one more query, dispatched while it runs one and started when
@@ -86,11 +78,6 @@ pub struct QuerierConfig {
     /// before its task is aborted (so a handler that ignores cancellation cannot hold a
     /// worker forever).
     pub cancel_grace: Duration,
-    /// A scheduler or frontend silent for this long is taken as gone. Pings go out every
-    /// fifth of it.
-    pub idle_timeout: Duration,
-    /// Largest frame sent or accepted.
-    pub max_frame_len: u32,
 }
 
 impl QuerierConfig {
@@ -114,7 +101,7 @@ impl QuerierConfig {
 
     /// Follows the schedulers' gossip instead of a static list.
     pub fn with_gossip(mut self, gossip: GossipConfig) -> Self {
-        self.gossip = Some(gossip);
+        self.client.schedulers = SchedulerSource::Gossip(gossip);
         self
     }
 
@@ -123,12 +110,7 @@ impl QuerierConfig {
     /// `localhost` (as in the development certificates).
     pub fn new(id: impl Into<String>, identity: Identity, schedulers: Vec<SocketAddr>) -> Self {
         QuerierConfig {
-            id: id.into(),
-            identity,
-            schedulers,
-            gossip: None,
-            max_used_instances: 0,
-            scheduler_server_name: "localhost".into(),
+            client: ClientConfig::new(id, identity, schedulers),
             concurrency: 4,
             prefetch: false,
             hold_limit: Some(Duration::from_millis(10)),
@@ -136,8 +118,6 @@ impl QuerierConfig {
             delivery_attempts: 3,
             confirm_after: Duration::from_millis(100),
             cancel_grace: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(5),
-            max_frame_len: Limits::default().max_frame_len,
         }
     }
 }
@@ -462,16 +442,8 @@ impl Querier {
         }
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|error| ClientError::Bind { addr: bind, error })?;
-        let mut client = tls::quic_client(&config.identity)?;
-        client.transport_config(Arc::new(crate::transport::with_idle(config.idle_timeout)?));
-        endpoint.set_default_client_config(client);
-        let discovery = Discovery::start(
-            &config.id,
-            MemberRole::Querier,
-            &config.schedulers,
-            config.gossip.as_ref(),
-            config.max_used_instances,
-        )?;
+        endpoint.set_default_client_config(config.client.quic_client()?);
+        let discovery = config.client.discovery(MemberRole::Querier)?;
         let shared = Arc::new(Shared {
             config,
             endpoint,
@@ -541,7 +513,7 @@ impl Querier {
     pub async fn shutdown(self) {
         self.shared.stopping.cancel();
         self.follower.abort();
-        let bound = self.shared.config.idle_timeout;
+        let bound = self.shared.config.client.idle_timeout;
         for link in self.shared.live_links() {
             // A scheduler that is gone cannot be told; wait no longer than it takes to
             // notice that.
