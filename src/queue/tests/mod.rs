@@ -4,6 +4,7 @@ mod anchors;
 mod explain;
 mod policies;
 mod props;
+mod shards;
 
 use std::time::{Duration, Instant};
 
