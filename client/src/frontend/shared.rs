@@ -210,13 +210,11 @@ impl Shared {
         self.schedulers.read().unwrap().clone()
     }
 
+    /// The link to scheduler `s`.
     pub(super) fn link(&self, s: SchedulerIx) -> Arc<Link> {
         self.schedulers.read().unwrap()[s].clone()
     }
 
-    /// Connects to the schedulers discovery wants (those in use, and leaving ones whose
-    /// queued work may still run) and stops the links to the others; their queries that
-    /// had not started are placed again elsewhere.
     /// A scheduler acknowledged the cancel of `id`.
     pub(super) fn cancel_acknowledged(&self, id: QueryId) {
         if let Some(waiter) = self.cancels.lock().unwrap().remove(&id) {
@@ -232,6 +230,9 @@ impl Shared {
             .count()
     }
 
+    /// Connects to the schedulers discovery wants (those in use, and leaving ones whose
+    /// queued work may still run) and stops the links to the others; their queries that
+    /// had not started are placed again elsewhere.
     pub(super) fn reconcile(self: &Arc<Self>, targets: &[Target]) {
         let wanted = |t: &&Target| t.in_use || t.leaving;
         let mut changed = Vec::new();
