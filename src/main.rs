@@ -132,7 +132,7 @@ enum Command {
         #[arg(long, default_value = "sluice-data")]
         certs: PathBuf,
         /// With --connect or --gossip-seeds: the driven schedulers' admin addresses
-        /// (comma-separated), to report their CPU time per query.
+        /// (comma-separated), to report their CPU time and QUIC datagrams per query.
         #[arg(long, value_delimiter = ',')]
         admin: Vec<std::net::SocketAddr>,
     },
@@ -444,13 +444,18 @@ fn runtime_with(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtim
 /// One line for a person: throughput, latency and CPU per query.
 fn bench_summary(report: &serde_json::Value) -> String {
     let f = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
+    let g = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
+    let d = &report["schedulers_datagrams_per_query"];
     format!(
-        "{:.0} queries/s, p99 {} ms; CPU per query: schedulers {} µs, this process {} µs ({})",
+        "{:.0} queries/s, p99 {} ms; CPU per query: schedulers {} µs, this process {} µs ({}); \
+         schedulers' datagrams per query: {} sent, {} received",
         report["throughput_per_second"].as_f64().unwrap_or(0.0),
         f(&report["latency_ms"]["p99"]),
         f(&report["cpu"]["schedulers_us_per_query"]),
         f(&report["cpu"]["this_process_us_per_query"]),
         report["cpu"]["this_process_holds"].as_str().unwrap_or(""),
+        g(&d["sent"]),
+        g(&d["received"]),
     )
 }
 

@@ -56,6 +56,21 @@ pub const GOSSIP_PACKETS: &str = "sluice_query_scheduler_gossip_packets_total";
 /// Querier workers connected and waiting for work (gauge).
 pub const IDLE_QUERIER_WORKERS: &str = "sluice_query_scheduler_idle_querier_workers";
 
+/// QUIC connections open, per peer role (gauge; `role`: `frontend`, `querier`).
+pub const QUIC_CONNECTIONS: &str = "sluice_query_scheduler_quic_connections";
+/// UDP datagrams of the scheduler's QUIC connections (counter; `role`: `frontend`,
+/// `querier`; `direction`: `sent`, `received`).
+pub const QUIC_DATAGRAMS: &str = "sluice_query_scheduler_quic_datagrams_total";
+/// Bytes in those datagrams (counter; `role`, `direction`).
+pub const QUIC_BYTES: &str = "sluice_query_scheduler_quic_bytes_total";
+/// System calls that sent them: fewer than the datagrams sent when several go in one
+/// (counter; `role`).
+pub const QUIC_SEND_CALLS: &str = "sluice_query_scheduler_quic_send_calls_total";
+/// Packets QUIC declared lost and sent again (counter; `role`).
+pub const QUIC_LOST_PACKETS: &str = "sluice_query_scheduler_quic_lost_packets_total";
+/// Times a connection's congestion window was cut (counter; `role`).
+pub const QUIC_CONGESTION_EVENTS: &str = "sluice_query_scheduler_quic_congestion_events_total";
+
 /// CPU time this process has used, user and system (seconds, only growing; exported as a
 /// gauge because `metrics` counters are integers; Linux only). The name is Prometheus's
 /// standard process metric.
@@ -107,6 +122,18 @@ pub const ALL: &[(&str, &str)] = &[
     (INFLIGHT_REQUESTS, "Queries dispatched and not yet finished."),
     (QUERIER_INFLIGHT_REQUESTS, "Queries running, per component."),
     (IDLE_QUERIER_WORKERS, "Querier workers waiting for work."),
+    (QUIC_CONNECTIONS, "QUIC connections open, by peer role."),
+    (
+        QUIC_DATAGRAMS,
+        "UDP datagrams of the QUIC connections, by peer role and direction.",
+    ),
+    (QUIC_BYTES, "Bytes in those datagrams, by peer role and direction."),
+    (QUIC_SEND_CALLS, "System calls that sent the datagrams, by peer role."),
+    (QUIC_LOST_PACKETS, "Packets QUIC declared lost, by peer role."),
+    (
+        QUIC_CONGESTION_EVENTS,
+        "Congestion window cuts of the QUIC connections, by peer role.",
+    ),
     (
         PROCESS_CPU_SECONDS,
         "User and system CPU time of this process, in seconds.",

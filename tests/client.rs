@@ -34,6 +34,77 @@ async fn a_measured_cost_reaches_the_schedulers_account() {
     q.shutdown().await;
 }
 
+/// The value of the metric line that starts with `series` (name and labels), if any.
+fn metric(metrics: &str, series: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn the_schedulers_quic_traffic_is_counted_per_role_and_outlives_its_connections() {
+    let t = start(|_| {}).await;
+    let (fe, q, _events) = frontend_and_querier(&t, 2, Duration::ZERO).await;
+    for i in 0..20 {
+        let q = format!("q{i}");
+        assert_eq!(
+            body_of(fe.submit(QueryRequest::new("t", q.clone())).await.unwrap())
+                .await
+                .unwrap(),
+            q.as_bytes()
+        );
+    }
+    let series = |role: &str, what: &str| match what {
+        "send_calls" => format!("sluice_query_scheduler_quic_send_calls_total{{role=\"{role}\"}}"),
+        direction => {
+            format!("sluice_query_scheduler_quic_datagrams_total{{role=\"{role}\",direction=\"{direction}\"}}")
+        }
+    };
+    let (_, before) = get(t.server.admin_addr(), "/metrics").await;
+    let querier_sent = metric(&before, &series("querier", "sent")).expect("querier datagrams sent");
+    for role in ["frontend", "querier"] {
+        let sent = metric(&before, &series(role, "sent")).unwrap();
+        let received = metric(&before, &series(role, "received")).unwrap();
+        let calls = metric(&before, &series(role, "send_calls")).unwrap();
+        // 20 queries each way at least took some datagrams; a send call carries one or more.
+        assert!(sent > 0 && received > 0, "{role}: {sent} sent, {received} received");
+        assert!(
+            (1..=sent).contains(&calls),
+            "{role}: {calls} send calls for {sent} datagrams"
+        );
+    }
+    // The querier's connection closes and another querier runs one query: what the first
+    // carried still counts beside the second's (not only the larger of the two).
+    q.shutdown().await;
+    let open = "sluice_query_scheduler_quic_connections{role=\"querier\"}";
+    assert_eq!(metric(&before, open), Some(1));
+    wait("the querier's connection closed", async {
+        loop {
+            let (_, m) = get(t.server.admin_addr(), "/metrics").await;
+            if metric(&m, open) == Some(0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let (h, _events) = handler(Duration::ZERO);
+    let q2 = querier_for("querier-2", &[&t], 1, h);
+    assert_eq!(
+        body_of(fe.submit(QueryRequest::new("t", "last")).await.unwrap())
+            .await
+            .unwrap(),
+        b"last"
+    );
+    let (_, after) = get(t.server.admin_addr(), "/metrics").await;
+    assert_eq!(metric(&after, open), Some(1));
+    assert!(
+        metric(&after, &series("querier", "sent")).unwrap() > querier_sent,
+        "{after}"
+    );
+    q2.shutdown().await;
+}
+
 #[tokio::test]
 async fn request_to_result() {
     let t = start(|_| {}).await;

@@ -31,6 +31,7 @@ use crate::server::Server;
 use crate::tls::CertSet;
 
 mod report;
+mod scrape;
 use report::{Cpu, Measured, plot_waits, report};
 
 /// Schedulers that are already running, to drive instead of starting our own.
@@ -43,46 +44,9 @@ pub struct Target {
     /// Directory with the CA and the frontend and querier certificates (as `sluice certs
     /// init` or a development `sluice serve` writes them).
     pub certs: std::path::PathBuf,
-    /// Admin addresses of the driven schedulers: their CPU time is read from
+    /// Admin addresses of the driven schedulers: their CPU time and QUIC datagrams are read from
     /// `/metrics` before and after the load, and reported per query.
     pub admin: Vec<SocketAddr>,
-}
-
-/// The `process_cpu_seconds_total` a scheduler's admin endpoint reports now.
-async fn scraped_cpu_seconds(admin: SocketAddr) -> Result<f64, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fail = |e: &dyn std::fmt::Display| format!("reading {admin}/metrics: {e}");
-    let fetch = async {
-        let mut socket = tokio::net::TcpStream::connect(admin).await.map_err(|e| fail(&e))?;
-        let request = format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
-        socket.write_all(request.as_bytes()).await.map_err(|e| fail(&e))?;
-        let mut text = String::new();
-        socket.read_to_string(&mut text).await.map_err(|e| fail(&e))?;
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(crate::metrics::PROCESS_CPU_SECONDS)?
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
-            .ok_or_else(|| fail(&"no process_cpu_seconds_total (is it a Linux scheduler?)"))
-    };
-    tokio::time::timeout(Duration::from_secs(5), fetch)
-        .await
-        .map_err(|_| fail(&"timed out"))?
-}
-
-/// CPU seconds used by the driven schedulers together.
-async fn schedulers_cpu(c: &BenchConfig) -> Result<Option<f64>, String> {
-    let Some(t) = &c.target else { return Ok(None) };
-    if t.admin.is_empty() {
-        return Ok(None);
-    }
-    let mut total = 0.0;
-    for &a in &t.admin {
-        total += scraped_cpu_seconds(a).await?;
-    }
-    Ok(Some(total))
 }
 
 /// What to run.
@@ -458,7 +422,8 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
             .fold((0, 0), |(r, d), s| (r + s.requeued, d + s.redelivered))
     };
     let placed_before = placed_again(&frontends);
-    let cpu_before = (crate::metrics::process_cpu_seconds(), schedulers_cpu(&c).await?);
+    let admin = c.target.as_ref().map_or(&[][..], |t| &t.admin[..]);
+    let cpu_before = (crate::metrics::process_cpu_seconds(), scrape::schedulers(admin).await?);
     queue_times.lock().unwrap().clear(); // warm-up queries
     component_times.lock().unwrap().clear();
     let started = Instant::now();
@@ -481,10 +446,10 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     }
     let elapsed = started.elapsed();
     let placed_after = placed_again(&frontends);
-    let cpu_after = (crate::metrics::process_cpu_seconds(), schedulers_cpu(&c).await?);
+    let cpu_after = (crate::metrics::process_cpu_seconds(), scrape::schedulers(admin).await?);
     let cpu = Cpu {
         own: cpu_before.0.zip(cpu_after.0).map(|(a, b)| b - a),
-        schedulers: cpu_before.1.zip(cpu_after.1).map(|(a, b)| b - a),
+        schedulers: cpu_before.1.zip(cpu_after.1).map(|(a, b)| b.since(a)),
         in_process: c.target.is_none(),
     };
 

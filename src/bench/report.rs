@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::scrape::Scraped;
 use super::{BenchConfig, Outcomes, QueueTimes};
 
 /// CPU seconds used during the load.
@@ -14,8 +15,9 @@ pub(super) struct Cpu {
     /// By this process: frontends, queriers and the load generator (and the schedulers
     /// when they run in it).
     pub(super) own: Option<f64>,
-    /// By the driven schedulers, read from their admin endpoints.
-    pub(super) schedulers: Option<f64>,
+    /// By the driven schedulers, read from their admin endpoints (with their QUIC
+    /// datagrams).
+    pub(super) schedulers: Option<Scraped>,
     pub(super) in_process: bool,
 }
 
@@ -30,9 +32,23 @@ impl Cpu {
             } else {
                 "frontends, queriers and the load generator"
             },
-            "schedulers_seconds": self.schedulers,
-            "schedulers_us_per_query": per_query(self.schedulers),
+            "schedulers_seconds": self.schedulers.map(|s| s.cpu_seconds),
+            "schedulers_us_per_query": per_query(self.schedulers.map(|s| s.cpu_seconds)),
         })
+    }
+
+    /// The driven schedulers' UDP datagrams per query, each way, and the system calls that
+    /// sent theirs: every datagram costs a system call and a wake-up on each side.
+    fn datagrams(&self, results: u64) -> Value {
+        let per_query = |n: u64| n as f64 / results.max(1) as f64;
+        match self.schedulers {
+            None => Value::Null,
+            Some(s) => json!({
+                "sent": per_query(s.datagrams_sent),
+                "received": per_query(s.datagrams_received),
+                "send_calls": per_query(s.send_calls),
+            }),
+        }
     }
 }
 
@@ -290,6 +306,7 @@ pub(super) fn report(
             "error_kinds": *o.error_kinds.lock().unwrap(),
         },
         "cpu": m.cpu.report(results),
+        "schedulers_datagrams_per_query": m.cpu.datagrams(results),
         "fairness": { "jain_index_equal_tenants": jain, "noisy_tenant_share": noisy_share },
         "components": components,
         "tenants": tenants,

@@ -24,6 +24,7 @@ use sluice_client::gossip::{MemberRole, MemberState};
 
 use super::accept::AcceptErrors;
 use super::dispatcher::Command;
+use super::quic_stats::{QuicStats, ROLES};
 use super::status::{GossipView, Status};
 use crate::metrics::{self as m, Metrics};
 
@@ -33,6 +34,7 @@ pub(crate) struct AdminState {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) draining: Arc<AtomicBool>,
     pub(crate) gossip: Option<GossipView>,
+    pub(crate) quic: Arc<QuicStats>,
 }
 
 /// Admin connections served at once; more are closed as they arrive.
@@ -110,6 +112,22 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             }
         });
     }
+    let quic = s.quic.totals();
+    s.metrics.record(|| {
+        for ((_, role), t) in ROLES.iter().zip(quic) {
+            for (direction, datagrams, bytes) in [
+                ("sent", t.datagrams_sent, t.bytes_sent),
+                ("received", t.datagrams_received, t.bytes_received),
+            ] {
+                counter!(m::QUIC_DATAGRAMS, "role" => *role, "direction" => direction).absolute(datagrams);
+                counter!(m::QUIC_BYTES, "role" => *role, "direction" => direction).absolute(bytes);
+            }
+            gauge!(m::QUIC_CONNECTIONS, "role" => *role).set(t.connections as f64);
+            counter!(m::QUIC_SEND_CALLS, "role" => *role).absolute(t.send_calls);
+            counter!(m::QUIC_LOST_PACKETS, "role" => *role).absolute(t.lost_packets);
+            counter!(m::QUIC_CONGESTION_EVENTS, "role" => *role).absolute(t.congestion_events);
+        }
+    });
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         s.metrics.render(),

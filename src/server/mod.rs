@@ -6,6 +6,7 @@ mod accept;
 mod admin;
 mod dispatcher;
 mod lifeline;
+mod quic_stats;
 pub mod status;
 mod streams;
 
@@ -233,6 +234,7 @@ impl Server {
             stats: g.stats(),
         });
         let draining = Arc::new(AtomicBool::new(false));
+        let quic = Arc::new(quic_stats::QuicStats::default());
         let admin_task = tokio::spawn(admin::serve(
             admin_listener,
             admin::AdminState {
@@ -240,6 +242,7 @@ impl Server {
                 metrics,
                 draining: draining.clone(),
                 gossip: gossip_view.clone(),
+                quic: quic.clone(),
             },
             stop_accepting.clone(),
         ));
@@ -258,6 +261,7 @@ impl Server {
             stream_limits,
             config.max_connections,
             lifelines,
+            quic,
             stop_accepting.clone(),
         ));
         if let Some(g) = &gossip {
@@ -420,6 +424,7 @@ async fn accept_loop(
     limits: StreamLimits,
     max_connections: u32,
     lifelines: Arc<lifeline::Lifelines>,
+    quic: Arc<quic_stats::QuicStats>,
     stop: CancellationToken,
 ) {
     let open = Arc::new(AtomicU32::new(0));
@@ -437,15 +442,16 @@ async fn accept_loop(
             continue;
         }
         open.fetch_add(1, Ordering::Relaxed);
-        let (commands, limits, open, stop, lifelines) = (
+        let (commands, limits, open, stop, lifelines, quic) = (
             commands.clone(),
             limits.clone(),
             open.clone(),
             stop.clone(),
             lifelines.clone(),
+            quic.clone(),
         );
         tokio::spawn(async move {
-            handle_connection(incoming, commands, limits, lifelines, stop).await;
+            handle_connection(incoming, commands, limits, lifelines, &quic, stop).await;
             open.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -456,6 +462,7 @@ async fn handle_connection(
     commands: mpsc::Sender<Command>,
     limits: StreamLimits,
     lifelines: Arc<lifeline::Lifelines>,
+    quic: &quic_stats::QuicStats,
     stop: CancellationToken,
 ) {
     let remote = incoming.remote_address();
@@ -476,6 +483,7 @@ async fn handle_connection(
         }
     };
     debug!(%remote, ?role, "connected");
+    let _counted = quic.track(role, &conn);
     let lifeline = if role == Role::Querier {
         lifelines.register(&conn)
     } else {
