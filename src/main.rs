@@ -445,17 +445,19 @@ fn runtime_with(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtim
 fn bench_summary(report: &serde_json::Value) -> String {
     let f = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
     let g = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
-    let d = &report["schedulers_datagrams_per_query"];
+    let d = &report["datagrams_per_query"];
     format!(
         "{:.0} queries/s, p99 {} ms; CPU per query: schedulers {} µs, this process {} µs ({}); \
-         schedulers' datagrams per query: {} sent, {} received",
+         datagrams per query: this process {} sent, {} received; schedulers {} sent, {} received",
         report["throughput_per_second"].as_f64().unwrap_or(0.0),
         f(&report["latency_ms"]["p99"]),
         f(&report["cpu"]["schedulers_us_per_query"]),
         f(&report["cpu"]["this_process_us_per_query"]),
         report["cpu"]["this_process_holds"].as_str().unwrap_or(""),
-        g(&d["sent"]),
-        g(&d["received"]),
+        g(&d["this_process_clients"]["sent"]),
+        g(&d["this_process_clients"]["received"]),
+        g(&d["schedulers"]["sent"]),
+        g(&d["schedulers"]["received"]),
     )
 }
 

@@ -100,6 +100,7 @@ fn the_modules_every_peer_shares_know_nothing_of_frontends_and_queriers() {
         "tls.rs",
         "trace.rs",
         "transport.rs",
+        "quic_stats.rs",
         "backoff.rs",
     ]
     .iter()

@@ -34,6 +34,15 @@ async fn a_measured_cost_reaches_the_schedulers_account() {
     q.shutdown().await;
 }
 
+/// Runs `n` queries through `fe`, each answered with its own query text.
+async fn echo_queries(fe: &Frontend, n: usize) {
+    for i in 0..n {
+        let q = format!("q{i}");
+        let answer = body_of(fe.submit(QueryRequest::new("t", q.clone())).await.unwrap()).await;
+        assert_eq!(answer.unwrap(), q.as_bytes());
+    }
+}
+
 /// The value of the metric line that starts with `series` (name and labels), if any.
 fn metric(metrics: &str, series: &str) -> Option<u64> {
     metrics
@@ -45,15 +54,7 @@ fn metric(metrics: &str, series: &str) -> Option<u64> {
 async fn the_schedulers_quic_traffic_is_counted_per_role_and_outlives_its_connections() {
     let t = start(|_| {}).await;
     let (fe, q, _events) = frontend_and_querier(&t, 2, Duration::ZERO).await;
-    for i in 0..20 {
-        let q = format!("q{i}");
-        assert_eq!(
-            body_of(fe.submit(QueryRequest::new("t", q.clone())).await.unwrap())
-                .await
-                .unwrap(),
-            q.as_bytes()
-        );
-    }
+    echo_queries(&fe, 20).await;
     let series = |role: &str, what: &str| match what {
         "send_calls" => format!("sluice_query_scheduler_quic_send_calls_total{{role=\"{role}\"}}"),
         direction => {
@@ -103,6 +104,37 @@ async fn the_schedulers_quic_traffic_is_counted_per_role_and_outlives_its_connec
         "{after}"
     );
     q2.shutdown().await;
+}
+
+#[tokio::test]
+async fn clients_count_their_quic_traffic_per_peer_and_it_matches_what_the_peers_counted() {
+    let t = start(|_| {}).await;
+    let (fe, q, _events) = frontend_and_querier(&t, 2, Duration::ZERO).await;
+    echo_queries(&fe, 20).await;
+    let fe_to_scheduler = fe.quic_stats(Role::Scheduler);
+    let fe_from_queriers = fe.quic_stats(Role::Querier);
+    let q_to_scheduler = q.quic_stats(Role::Scheduler);
+    let q_to_frontends = q.quic_stats(Role::Frontend);
+    for (what, s) in [
+        ("frontend-scheduler", fe_to_scheduler),
+        ("frontend-queriers", fe_from_queriers),
+        ("querier-scheduler", q_to_scheduler),
+        ("querier-frontends", q_to_frontends),
+    ] {
+        assert_eq!(s.connections, 1, "{what}: {s:?}");
+        assert!(s.datagrams_sent > 0 && s.datagrams_received > 0, "{what}: {s:?}");
+        assert!((1..=s.datagrams_sent).contains(&s.send_calls), "{what}: {s:?}");
+    }
+    // A frontend that never connected to a querier's role has nothing to report.
+    assert_eq!(fe.quic_stats(Role::Frontend), QuicTotals::default());
+    // The two ends of one connection agree, give or take what is still in flight (loopback
+    // loses nothing): the querier's datagrams to frontends are the frontend's from queriers.
+    let (sent, received) = (q_to_frontends.datagrams_sent, fe_from_queriers.datagrams_received);
+    assert!(
+        received <= sent + 2 && sent <= received + 16,
+        "querier sent {sent}, frontend received {received}"
+    );
+    q.shutdown().await;
 }
 
 #[tokio::test]

@@ -37,6 +37,7 @@ mod frontend;
 pub mod gossip;
 mod lifecycle;
 mod querier;
+pub mod quic_stats;
 pub mod tls;
 pub mod trace;
 pub mod transport;
@@ -51,6 +52,7 @@ pub use querier::{
     BodyClosed, BodySender, BodyStream, BoxedResponse, DynHandler, Handler, HandlerError, HandlerFn, Querier,
     QuerierConfig, Request, Response, ResponseBody, SchedulerWorkers, handler_fn,
 };
+pub use quic_stats::QuicTotals;
 pub use sluice_protocol::{FrontendAddress, Metadata, QueryId, Role};
 /// The token in [`Request::cancelled`] (from `tokio-util`).
 pub use tokio_util::sync::CancellationToken;

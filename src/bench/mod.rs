@@ -33,6 +33,7 @@ use crate::tls::CertSet;
 mod report;
 mod scrape;
 use report::{Cpu, Measured, plot_waits, report};
+use scrape::Datagrams;
 
 /// Schedulers that are already running, to drive instead of starting our own.
 #[derive(Debug, Clone)]
@@ -424,6 +425,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     let placed_before = placed_again(&frontends);
     let admin = c.target.as_ref().map_or(&[][..], |t| &t.admin[..]);
     let cpu_before = (crate::metrics::process_cpu_seconds(), scrape::schedulers(admin).await?);
+    let datagrams_before = Datagrams::of_clients(&frontends, &queriers);
     queue_times.lock().unwrap().clear(); // warm-up queries
     component_times.lock().unwrap().clear();
     let started = Instant::now();
@@ -447,9 +449,11 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     let elapsed = started.elapsed();
     let placed_after = placed_again(&frontends);
     let cpu_after = (crate::metrics::process_cpu_seconds(), scrape::schedulers(admin).await?);
+    let own_datagrams = Datagrams::of_clients(&frontends, &queriers).since(datagrams_before);
     let cpu = Cpu {
         own: cpu_before.0.zip(cpu_after.0).map(|(a, b)| b - a),
         schedulers: cpu_before.1.zip(cpu_after.1).map(|(a, b)| b.since(a)),
+        own_datagrams,
         in_process: c.target.is_none(),
     };
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::scrape::Scraped;
+use super::scrape::{Datagrams, Scraped};
 use super::{BenchConfig, Outcomes, QueueTimes};
 
 /// CPU seconds used during the load.
@@ -18,6 +18,8 @@ pub(super) struct Cpu {
     /// By the driven schedulers, read from their admin endpoints (with their QUIC
     /// datagrams).
     pub(super) schedulers: Option<Scraped>,
+    /// This process's frontends' and queriers' datagrams.
+    pub(super) own_datagrams: Datagrams,
     pub(super) in_process: bool,
 }
 
@@ -37,18 +39,18 @@ impl Cpu {
         })
     }
 
-    /// The driven schedulers' UDP datagrams per query, each way, and the system calls that
-    /// sent theirs: every datagram costs a system call and a wake-up on each side.
+    /// UDP datagrams per query each way, and the system calls that sent them, of this
+    /// process's frontends and queriers and of the driven schedulers: every datagram costs
+    /// a system call and a wake-up on each side.
     fn datagrams(&self, results: u64) -> Value {
-        let per_query = |n: u64| n as f64 / results.max(1) as f64;
-        match self.schedulers {
-            None => Value::Null,
-            Some(s) => json!({
-                "sent": per_query(s.datagrams_sent),
-                "received": per_query(s.datagrams_received),
-                "send_calls": per_query(s.send_calls),
-            }),
-        }
+        let per_query = |d: Datagrams| {
+            let n = |v: u64| v as f64 / results.max(1) as f64;
+            json!({ "sent": n(d.sent), "received": n(d.received), "send_calls": n(d.send_calls) })
+        };
+        json!({
+            "this_process_clients": per_query(self.own_datagrams),
+            "schedulers": self.schedulers.map(|s| per_query(s.datagrams)),
+        })
     }
 }
 
@@ -306,7 +308,7 @@ pub(super) fn report(
             "error_kinds": *o.error_kinds.lock().unwrap(),
         },
         "cpu": m.cpu.report(results),
-        "schedulers_datagrams_per_query": m.cpu.datagrams(results),
+        "datagrams_per_query": m.cpu.datagrams(results),
         "fairness": { "jain_index_equal_tenants": jain, "noisy_tenant_share": noisy_share },
         "components": components,
         "tenants": tenants,

@@ -1,25 +1,72 @@
-//! What the driven schedulers' admin endpoints report before and after the load: their CPU
-//! time and the datagrams of their QUIC connections, summed over the schedulers.
+//! What the driven schedulers' admin endpoints report before and after the load (their CPU
+//! time and the datagrams of their QUIC connections, summed over the schedulers), and the
+//! datagrams of this process's frontends and queriers.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use sluice_client::{Frontend, Querier, Role};
+
 use crate::metrics as m;
+
+/// UDP datagrams each way and the system calls that sent them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Datagrams {
+    pub(super) sent: u64,
+    pub(super) received: u64,
+    pub(super) send_calls: u64,
+}
+
+impl Datagrams {
+    fn add(self, o: Datagrams) -> Datagrams {
+        Datagrams {
+            sent: self.sent + o.sent,
+            received: self.received + o.received,
+            send_calls: self.send_calls + o.send_calls,
+        }
+    }
+
+    /// What grew from `before` to `self`.
+    pub(super) fn since(self, before: Datagrams) -> Datagrams {
+        Datagrams {
+            sent: self.sent.saturating_sub(before.sent),
+            received: self.received.saturating_sub(before.received),
+            send_calls: self.send_calls.saturating_sub(before.send_calls),
+        }
+    }
+
+    /// Every connection of these frontends and queriers (this process's QUIC traffic).
+    pub(super) fn of_clients(frontends: &[Frontend], queriers: &[Querier]) -> Datagrams {
+        let totals = frontends
+            .iter()
+            .flat_map(|f| [f.quic_stats(Role::Scheduler), f.quic_stats(Role::Querier)])
+            .chain(
+                queriers
+                    .iter()
+                    .flat_map(|q| [q.quic_stats(Role::Scheduler), q.quic_stats(Role::Frontend)]),
+            );
+        totals.fold(Datagrams::default(), |d, t| {
+            d.add(Datagrams {
+                sent: t.datagrams_sent,
+                received: t.datagrams_received,
+                send_calls: t.send_calls,
+            })
+        })
+    }
+}
 
 /// The figures of one or more schedulers' `/metrics`, summed.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(super) struct Scraped {
     pub(super) cpu_seconds: f64,
-    pub(super) datagrams_sent: u64,
-    pub(super) datagrams_received: u64,
-    pub(super) send_calls: u64,
+    pub(super) datagrams: Datagrams,
 }
 
 impl Scraped {
     /// Reads the figures from a Prometheus text exposition; `None` without the CPU time
     /// (a scheduler not on Linux).
     pub(super) fn parse(text: &str) -> Option<Scraped> {
-        let mut s = Scraped::default();
+        let mut d = Datagrams::default();
         let mut cpu = None;
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let Some((series, value)) = line.rsplit_once(' ') else {
@@ -29,22 +76,22 @@ impl Scraped {
             let whole = || value.parse::<u64>().unwrap_or(0);
             match name {
                 m::PROCESS_CPU_SECONDS => cpu = value.parse::<f64>().ok(),
-                m::QUIC_DATAGRAMS if series.contains("direction=\"sent\"") => s.datagrams_sent += whole(),
-                m::QUIC_DATAGRAMS if series.contains("direction=\"received\"") => s.datagrams_received += whole(),
-                m::QUIC_SEND_CALLS => s.send_calls += whole(),
+                m::QUIC_DATAGRAMS if series.contains("direction=\"sent\"") => d.sent += whole(),
+                m::QUIC_DATAGRAMS if series.contains("direction=\"received\"") => d.received += whole(),
+                m::QUIC_SEND_CALLS => d.send_calls += whole(),
                 _ => {}
             }
         }
-        s.cpu_seconds = cpu?;
-        Some(s)
+        Some(Scraped {
+            cpu_seconds: cpu?,
+            datagrams: d,
+        })
     }
 
     fn add(self, o: Scraped) -> Scraped {
         Scraped {
             cpu_seconds: self.cpu_seconds + o.cpu_seconds,
-            datagrams_sent: self.datagrams_sent + o.datagrams_sent,
-            datagrams_received: self.datagrams_received + o.datagrams_received,
-            send_calls: self.send_calls + o.send_calls,
+            datagrams: self.datagrams.add(o.datagrams),
         }
     }
 
@@ -52,9 +99,7 @@ impl Scraped {
     pub(super) fn since(self, before: Scraped) -> Scraped {
         Scraped {
             cpu_seconds: self.cpu_seconds - before.cpu_seconds,
-            datagrams_sent: self.datagrams_sent.saturating_sub(before.datagrams_sent),
-            datagrams_received: self.datagrams_received.saturating_sub(before.datagrams_received),
-            send_calls: self.send_calls.saturating_sub(before.send_calls),
+            datagrams: self.datagrams.since(before.datagrams),
         }
     }
 }
@@ -106,9 +151,11 @@ mod tests {
             s,
             Scraped {
                 cpu_seconds: 12.5,
-                datagrams_sent: 15,
-                datagrams_received: 7,
-                send_calls: 4
+                datagrams: Datagrams {
+                    sent: 15,
+                    received: 7,
+                    send_calls: 4
+                }
             }
         );
         assert_eq!(

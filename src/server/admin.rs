@@ -21,10 +21,11 @@ use tokio_util::sync::CancellationToken;
 
 use metrics::{counter, gauge};
 use sluice_client::gossip::{MemberRole, MemberState};
+use sluice_client::quic_stats::QuicStats;
+use sluice_protocol::Role;
 
 use super::accept::AcceptErrors;
 use super::dispatcher::Command;
-use super::quic_stats::{QuicStats, ROLES};
 use super::status::{GossipView, Status};
 use crate::metrics::{self as m, Metrics};
 
@@ -112,20 +113,20 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             }
         });
     }
-    let quic = s.quic.totals();
     s.metrics.record(|| {
-        for ((_, role), t) in ROLES.iter().zip(quic) {
+        for (r, role) in [(Role::Frontend, "frontend"), (Role::Querier, "querier")] {
+            let t = s.quic.totals(r);
             for (direction, datagrams, bytes) in [
                 ("sent", t.datagrams_sent, t.bytes_sent),
                 ("received", t.datagrams_received, t.bytes_received),
             ] {
-                counter!(m::QUIC_DATAGRAMS, "role" => *role, "direction" => direction).absolute(datagrams);
-                counter!(m::QUIC_BYTES, "role" => *role, "direction" => direction).absolute(bytes);
+                counter!(m::QUIC_DATAGRAMS, "role" => role, "direction" => direction).absolute(datagrams);
+                counter!(m::QUIC_BYTES, "role" => role, "direction" => direction).absolute(bytes);
             }
-            gauge!(m::QUIC_CONNECTIONS, "role" => *role).set(t.connections as f64);
-            counter!(m::QUIC_SEND_CALLS, "role" => *role).absolute(t.send_calls);
-            counter!(m::QUIC_LOST_PACKETS, "role" => *role).absolute(t.lost_packets);
-            counter!(m::QUIC_CONGESTION_EVENTS, "role" => *role).absolute(t.congestion_events);
+            gauge!(m::QUIC_CONNECTIONS, "role" => role).set(t.connections as f64);
+            counter!(m::QUIC_SEND_CALLS, "role" => role).absolute(t.send_calls);
+            counter!(m::QUIC_LOST_PACKETS, "role" => role).absolute(t.lost_packets);
+            counter!(m::QUIC_CONGESTION_EVENTS, "role" => role).absolute(t.congestion_events);
         }
     });
     (

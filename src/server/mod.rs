@@ -6,7 +6,6 @@ mod accept;
 mod admin;
 mod dispatcher;
 mod lifeline;
-mod quic_stats;
 pub mod status;
 mod streams;
 
@@ -30,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::queue::QueueConfig;
 use crate::tls::{self, CertError, CertSet, Identity, TlsError};
 use sluice_client::gossip::{Gossip, MemberRole, MemberState};
+use sluice_client::quic_stats::QuicStats;
 
 use status::GossipView;
 pub use status::{ClusterStatus, GossipStatus, Status, WorkerStatus};
@@ -234,7 +234,7 @@ impl Server {
             stats: g.stats(),
         });
         let draining = Arc::new(AtomicBool::new(false));
-        let quic = Arc::new(quic_stats::QuicStats::default());
+        let quic = Arc::new(QuicStats::default());
         let admin_task = tokio::spawn(admin::serve(
             admin_listener,
             admin::AdminState {
@@ -424,7 +424,7 @@ async fn accept_loop(
     limits: StreamLimits,
     max_connections: u32,
     lifelines: Arc<lifeline::Lifelines>,
-    quic: Arc<quic_stats::QuicStats>,
+    quic: Arc<QuicStats>,
     stop: CancellationToken,
 ) {
     let open = Arc::new(AtomicU32::new(0));
@@ -462,7 +462,7 @@ async fn handle_connection(
     commands: mpsc::Sender<Command>,
     limits: StreamLimits,
     lifelines: Arc<lifeline::Lifelines>,
-    quic: &quic_stats::QuicStats,
+    quic: &QuicStats,
     stop: CancellationToken,
 ) {
     let remote = incoming.remote_address();
@@ -483,7 +483,7 @@ async fn handle_connection(
         }
     };
     debug!(%remote, ?role, "connected");
-    let _counted = quic.track(role, &conn);
+    quic.track(role, &conn);
     let lifeline = if role == Role::Querier {
         lifelines.register(&conn)
     } else {

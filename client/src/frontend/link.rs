@@ -51,6 +51,7 @@ async fn serve_scheduler(
         _ = link.stop.cancelled() => return Ok(()),
     };
     tls::expect_peer_role(&conn, Role::Scheduler)?;
+    shared.quic.track(Role::Scheduler, &conn);
     let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let max = shared.config.client.max_frame_len;
     let mut writer = FramedWrite::new(send, max);

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use sluice_protocol::{Capability, FrontendAddress, QueryId, close_code};
+use sluice_protocol::{Capability, FrontendAddress, QueryId, Role, close_code};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -38,6 +38,7 @@ use crate::discovery::Discovery;
 use crate::error::{ClientError, QueryError};
 use crate::gossip::MemberRole;
 use crate::lifecycle::{Event, Policy, QueryTable, SchedulerIx, State};
+use crate::quic_stats::{QuicStats, QuicTotals};
 use crate::tls;
 
 /// An accepted query. Await [`response`](Self::response); dropping the handle before the
@@ -234,6 +235,7 @@ impl Frontend {
             stop: CancellationToken::new(),
             result_endpoint: result_endpoint.clone(),
             cancels: Mutex::new(HashMap::new()),
+            quic: QuicStats::default(),
         });
         tokio::spawn(results::endpoint_loop(shared.clone(), result_endpoint.clone()));
         tokio::spawn(timer_loop(shared.clone()));
@@ -382,6 +384,13 @@ impl Frontend {
             requeued: c.requeued,
             redelivered: c.redelivered,
         }
+    }
+
+    /// The QUIC figures of this frontend's connections to peers of `role`
+    /// ([`Role::Scheduler`] for the enqueue loops, [`Role::Querier`] for the results),
+    /// closed ones included.
+    pub fn quic_stats(&self, role: Role) -> QuicTotals {
+        self.shared.quic.totals(role)
     }
 
     /// Stops every connection and the result endpoint; outstanding queries fail as

@@ -40,6 +40,7 @@ pub(super) async fn endpoint_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint
                     return;
                 }
             }
+            shared.quic.track(Role::Querier, &conn);
             // Whatever one querier connection's streams buffer, together.
             let budget = ReceiveBudget::new(shared.config.client.max_frame_len as usize * FRAMES_PER_CONNECTION);
             while let Ok((send, recv)) = conn.accept_bi().await {

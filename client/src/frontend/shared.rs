@@ -18,6 +18,7 @@ use crate::FastMap;
 use crate::discovery::Target;
 use crate::error::QueryError;
 use crate::lifecycle::{Action, Event, QueryTable, SchedulerIx};
+use crate::quic_stats::QuicStats;
 
 /// What the shell holds for a query beside its state in the table.
 #[derive(Debug)]
@@ -97,6 +98,8 @@ pub(super) struct Shared {
     pub(super) result_endpoint: quinn::Endpoint,
     /// `QueryHandle::cancel` calls waiting for their scheduler's acknowledgement.
     pub(super) cancels: Mutex<HashMap<QueryId, oneshot::Sender<()>>>,
+    /// The QUIC figures of its connections to schedulers and from queriers.
+    pub(super) quic: QuicStats,
 }
 
 impl Shared {

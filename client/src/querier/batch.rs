@@ -25,6 +25,7 @@ use tracing::debug;
 use super::frontends::{FrontendSlot, connect};
 use super::{HandlerError, Response, ResponseBody, Shared};
 use crate::FastMap;
+use crate::quic_stats::QuicStats;
 
 /// Largest body sent on the shared stream: a larger one would hold up the results behind
 /// it, so it gets a stream of its own.
@@ -88,6 +89,7 @@ pub(super) fn send(shared: &Shared, to: &FrontendAddress, frame: ResultFrame, re
     let hello = Hello::new(Role::Querier, &shared.config.client.id, StreamKind::Results);
     let task = Task {
         endpoint: shared.endpoint.clone(),
+        quic: shared.quic.clone(),
         slot: Arc::downgrade(&shared.frontends.slot(&to.address)),
         to: to.clone(),
         max_frame_len: shared.config.client.max_frame_len,
@@ -144,6 +146,7 @@ pub(super) fn unwhole(frame: ResultFrame) -> Result<Response, HandlerError> {
 
 struct Task {
     endpoint: quinn::Endpoint,
+    quic: Arc<QuicStats>,
     /// Weak: the task ends when the querier lets go of its connections (the channel closes).
     slot: Weak<FrontendSlot>,
     to: FrontendAddress,
@@ -180,7 +183,7 @@ impl Task {
         waiting: &mut FastMap<QueryId, VecDeque<(Reply, ResultFrame)>>,
     ) -> Result<(), String> {
         let slot = self.slot.upgrade().ok_or("the querier stopped")?;
-        let conn = connect(&self.endpoint, &slot, &self.to).await?;
+        let conn = connect(&self.endpoint, &slot, &self.to, &self.quic).await?;
         drop(slot);
         let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         let (mut w, mut r) = (

@@ -18,7 +18,7 @@ use sluice_protocol::{
 use super::{HandlerError, Response, ResponseBody, Shared, Stream, frontends};
 
 async fn frontend_connection(shared: &Shared, to: &FrontendAddress) -> Result<quinn::Connection, String> {
-    frontends::connect(&shared.endpoint, &shared.frontends.slot(&to.address), to).await
+    frontends::connect(&shared.endpoint, &shared.frontends.slot(&to.address), to, &shared.quic).await
 }
 
 /// Opens a result stream on `conn` with its hello buffered (not sent): it leaves with the

@@ -532,6 +532,7 @@ async fn scheduler_connection(shared: &Shared, link: &Link) -> Result<quinn::Con
         .await
         .map_err(|e| e.to_string())?;
     crate::tls::expect_peer_role(&conn, Role::Scheduler)?;
+    shared.quic.track(Role::Scheduler, &conn);
     *slot = Some(conn.clone());
     Ok(conn)
 }

@@ -9,6 +9,7 @@ use sluice_protocol::{FrontendAddress, Role};
 use tokio::sync::Mutex;
 
 use crate::FastMap;
+use crate::quic_stats::QuicStats;
 
 /// Frontend addresses kept before closed connections are swept from the cache.
 const SWEEP_ABOVE: usize = 64;
@@ -48,6 +49,7 @@ pub(super) async fn connect(
     endpoint: &quinn::Endpoint,
     slot: &FrontendSlot,
     to: &FrontendAddress,
+    quic: &QuicStats,
 ) -> Result<quinn::Connection, String> {
     let mut slot = slot.conn.lock().await;
     if let Some(c) = slot.as_ref()
@@ -66,6 +68,7 @@ pub(super) async fn connect(
         .await
         .map_err(|e| e.to_string())?;
     crate::tls::expect_peer_role(&conn, Role::Frontend)?;
+    quic.track(Role::Frontend, &conn);
     *slot = Some(conn.clone());
     Ok(conn)
 }

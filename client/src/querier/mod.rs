@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sluice_protocol::{FramedRead, FramedWrite, Metadata, close_code};
+use sluice_protocol::{FramedRead, FramedWrite, Metadata, Role, close_code};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +38,7 @@ use crate::config::{ClientConfig, SchedulerSource};
 use crate::discovery::{Discovery, Target};
 use crate::error::ClientError;
 use crate::gossip::{GossipConfig, MemberRole};
+use crate::quic_stats::{QuicStats, QuicTotals};
 use crate::tls::Identity;
 
 /// A bidirectional stream with its framing: a dequeue loop, a shutdown notice, or a
@@ -373,6 +374,8 @@ struct Shared {
     registration: watch::Sender<()>,
     /// Stop asking for work (graceful shutdown: after the current query).
     stopping: CancellationToken,
+    /// The QUIC figures of its connections to schedulers and frontends.
+    quic: Arc<QuicStats>,
 }
 
 /// Workers of one scheduler, as [`Querier::workers`] reports them.
@@ -452,6 +455,7 @@ impl Querier {
             frontends: frontends::Connections::default(),
             batches: batch::Batches::default(),
             lifelines: Mutex::new(HashMap::new()),
+            quic: Arc::default(),
             registration: watch::channel(()).0,
             stopping: CancellationToken::new(),
         });
@@ -473,6 +477,13 @@ impl Querier {
     /// sorted.
     pub fn schedulers(&self) -> Vec<(SocketAddr, usize)> {
         self.workers().iter().map(|w| (w.scheduler, w.workers)).collect()
+    }
+
+    /// The QUIC figures of this querier's connections to peers of `role`
+    /// ([`Role::Scheduler`] for the dequeue loops, [`Role::Frontend`] for the results),
+    /// closed ones included.
+    pub fn quic_stats(&self, role: Role) -> QuicTotals {
+        self.shared.quic.totals(role)
     }
 
     /// Per scheduler served: worker loops and how many of them are registered now, sorted
