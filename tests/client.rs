@@ -125,7 +125,7 @@ async fn clients_count_their_quic_traffic_per_peer_and_it_matches_what_the_peers
         assert!(s.datagrams_sent > 0 && s.datagrams_received > 0, "{what}: {s:?}");
         assert!((1..=s.datagrams_sent).contains(&s.send_calls), "{what}: {s:?}");
     }
-    // A frontend that never connected to a querier's role has nothing to report.
+    // A frontend has no connections to other frontends: nothing to report for that role.
     assert_eq!(fe.quic_stats(Role::Frontend), QuicTotals::default());
     // The two ends of one connection agree, give or take what is still in flight (loopback
     // loses nothing): the querier's datagrams to frontends are the frontend's from queriers.

@@ -5,8 +5,9 @@
 //!
 //! A connection is registered once, when it is established; the figures are read from quinn
 //! when asked for. A closed connection's last figures join its role's closed totals at the
-//! next registration or reading, so every figure only grows, and the closed connections kept
-//! between two sweeps are never more than the open ones.
+//! sweep, so every figure only grows. A sweep runs at every reading and after as many
+//! registrations as there were open connections at the last one (at least 16), so the
+//! closed connections kept are never more than the open ones, or 16.
 
 use std::sync::Mutex;
 

@@ -431,11 +431,8 @@ impl Querier {
             )));
         }
         // The scheduler sees a worker per slot: two per worker loop with prefetch.
-        let (slots, with) = if config.prefetch {
-            (2, " with prefetch")
-        } else {
-            (1, "")
-        };
+        let slots = usize::from(slots::slots_per_loop(config.prefetch));
+        let with = if config.prefetch { " with prefetch" } else { "" };
         let max = usize::from(sluice_protocol::MAX_WORKERS_PER_STREAM) / slots;
         if config.concurrency > max {
             return Err(ClientError::Config(format!(

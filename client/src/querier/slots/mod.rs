@@ -105,6 +105,12 @@ pub(super) enum Action {
     Drop(WorkerSlot),
 }
 
+/// Slots per worker loop: two with prefetch (one runs, one holds the next), else one.
+/// The scheduler is told it (`LoopSlots`) and sees one worker per slot.
+pub(super) fn slots_per_loop(prefetch: bool) -> u8 {
+    if prefetch { 2 } else { 1 }
+}
+
 /// The workers of one link.
 #[derive(Debug)]
 pub(super) struct Slots {
@@ -187,7 +193,7 @@ impl Slots {
         let max_slots = usize::from(MAX_WORKERS_PER_STREAM);
         let n = n.min(max_slots);
         self.workers = self.workers.max(n);
-        let slots = if self.prefetch { n * 2 } else { n }.min(max_slots);
+        let slots = (n * usize::from(slots_per_loop(self.prefetch))).min(max_slots);
         self.start_held(now, out);
         while self.states.len() < slots {
             let slot = self.states.len();
@@ -204,7 +210,9 @@ impl Slots {
     pub(super) fn opened(&mut self, out: &mut Vec<Action>) {
         self.stream = Stream::Open;
         if self.prefetch {
-            out.push(Action::Send(QuerierToScheduler::LoopSlots { slots_per_loop: 2 }));
+            out.push(Action::Send(QuerierToScheduler::LoopSlots {
+                slots_per_loop: slots_per_loop(true),
+            }));
         }
         for slot in 0..self.states.len() {
             if matches!(self.states[slot], State::Idle | State::Waiting) {
@@ -314,7 +322,7 @@ impl Slots {
     /// `2k` and `2k + 1`, numbers that stay when the link grows. The scheduler places them
     /// as one worker (docs/queue.md).
     fn loop_slots(&self, i: usize) -> std::ops::Range<usize> {
-        let n = if self.prefetch { 2 } else { 1 };
+        let n = usize::from(slots_per_loop(self.prefetch));
         let first = i / n * n;
         first..(first + n).min(self.states.len())
     }
