@@ -1,7 +1,8 @@
 //! A querier whose workers prefetch (`QuerierConfig::prefetch`), against a real scheduler
 //! over QUIC on loopback: a worker holds one query while it runs another, never runs two
 //! at once, never runs a held query that was cancelled or reached its deadline, and gives
-//! back one held past its hold limit, which then runs elsewhere, once.
+//! back one held past its hold limit, which then runs elsewhere, once. A loop reserved for
+//! high priorities keeps both its slots for them.
 
 mod common;
 
@@ -271,4 +272,66 @@ async fn a_query_held_behind_a_long_one_is_given_back_and_runs_once_on_another_q
     }
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// Two prefetching worker loops, half of them reserved for high priorities: the reserved
+/// loop's two slots are one lane and are reserved together. A low-priority backlog fills
+/// the other loop (one running, one held) and then waits, though the reserved loop's slots
+/// are free; a high-priority query starts on the reserved loop at once, and the next one is
+/// held there, not queued.
+#[tokio::test]
+async fn a_reserved_worker_loop_keeps_both_its_slots_for_high_priorities() {
+    let t = start(|s| {
+        s.reserved_workers_percent = Some(50);
+        s.reserved_min_priority = Some(1);
+        s.lend_max_cost = Some(0);
+    })
+    .await;
+    let fe = common::client::frontend_for(&[&t]).await;
+    let (h, mut started) = gated();
+    let (gate, runs) = (h.gate.clone(), h.runs.clone());
+    let config = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()])
+        .with_concurrency(2)
+        .with_prefetch(true)
+        .with_hold_limit(None);
+    let q = Querier::start(config, h).unwrap();
+    t.status_until("two loops, four slots", |s| s.workers.len() == 4).await;
+    let low = |body: &'static str| QueryRequest::new("low", body);
+    let high = |body: &'static str| QueryRequest::new("high", body).with_priority(1);
+
+    let a = fe.submit(low("a")).await.unwrap();
+    assert_eq!(wait("a started", started.recv()).await.unwrap().0, a.id());
+    let b = fe.submit(low("b")).await.unwrap();
+    t.status_until("b held beside a", |st| st.running == 2 && st.queued == 0)
+        .await;
+    let c = fe.submit(low("c")).await.unwrap();
+    let st = t.status_until("c placed", |st| st.running + st.queued == 3).await;
+    assert_eq!(
+        (st.running, st.queued),
+        (2, 1),
+        "no reserved slot takes a low-priority query"
+    );
+
+    let h1 = fe.submit(high("h1")).await.unwrap();
+    assert_eq!(wait("h1 started", started.recv()).await.unwrap().0, h1.id());
+    let h2 = fe.submit(high("h2")).await.unwrap();
+    t.status_until("h2 held on the reserved loop", |st| st.running == 4 && st.queued == 1)
+        .await;
+    assert!(started.try_recv().is_err(), "one handler per loop");
+
+    gate.add_permits(5);
+    for (handle, body) in [(a, "a"), (b, "b"), (c, "c"), (h1, "h1"), (h2, "h2")] {
+        assert_eq!(wait(body, body_of(handle)).await.unwrap(), body.as_bytes());
+    }
+    {
+        let r = runs.lock().unwrap();
+        assert!(
+            r.per_query.values().all(|&n| n == 1),
+            "each ran once: {:?}",
+            r.per_query
+        );
+        assert_eq!(r.per_query.len(), 5);
+        assert_eq!(r.most, 2, "two loops, one handler each");
+    }
+    q.shutdown().await;
 }

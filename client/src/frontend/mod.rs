@@ -301,7 +301,10 @@ impl Frontend {
         let trace = TraceParent::of(&request.metadata).map_or_else(TraceParent::root, |t| t.child());
         trace.set(&mut request.metadata);
         let span =
-            tracing::debug_span!("query", query = id, tenant = %request.tenant, trace_id = %trace.trace_id_hex());
+            tracing::debug_span!("query", query = id, tenant = %request.tenant, trace_id = tracing::field::Empty);
+        if !span.is_disabled() {
+            span.record("trace_id", trace.trace_id_hex());
+        }
         span.in_scope(|| debug!("submitted"));
         let timeout = request.timeout.unwrap_or(self.shared.config.default_timeout);
         let deadline = Instant::now().checked_add(timeout);
