@@ -94,6 +94,43 @@ async fn a_deadline_passed_in_the_queue_is_an_error() {
     assert!(matches!(err, QueryError::DeadlineExceeded(_)), "{err:?}");
 }
 
+/// `Frontend::query` is `submit` and `response` in one call: it answers, fails as `submit`
+/// would when every scheduler refuses, and cancels the query when its future is dropped.
+#[tokio::test]
+async fn query_answers_in_one_call_fails_as_submit_would_and_cancels_when_dropped() {
+    let t = start(|s| s.max_outstanding_per_tenant = Some(1)).await;
+    let (fe, q, mut events) = frontend_and_querier(&t, 1, Duration::ZERO).await;
+    let response = wait("answer", fe.query(QueryRequest::new("t", "one"))).await.unwrap();
+    assert_eq!(response.body.collect().await.unwrap(), b"one");
+    wait("one started", events.started.recv()).await.unwrap();
+
+    // The one worker runs `hang` until it is cancelled.
+    let running = tokio::spawn({
+        let fe = fe.clone();
+        async move { fe.query(QueryRequest::new("u", "hang")).await }
+    });
+    let id = wait("hang started", events.started.recv()).await.unwrap();
+    // Tenant `t` at its limit (one queued): refused, as `submit` is.
+    let queued = fe.submit(QueryRequest::new("t", "queued")).await.unwrap();
+    let err = fe.query(QueryRequest::new("t", "two")).await.unwrap_err();
+    assert_eq!(err, QueryError::TooManyOutstanding { limit: 1 });
+    drop(queued);
+
+    // Dropping the waiting future cancels the running query, and the worker is free again.
+    assert!(!running.is_finished());
+    running.abort();
+    assert_eq!(wait("handler saw the cancel", events.cancelled.recv()).await, Some(id));
+    // (The queue counts the queued one as cancelled; the running one was dispatched.)
+    t.status_until("both gone", |s| {
+        s.counters.cancelled == 1 && s.running == 0 && s.queued == 0
+    })
+    .await;
+    let response = wait("after", fe.query(QueryRequest::new("t", "after"))).await.unwrap();
+    assert_eq!(response.body.collect().await.unwrap(), b"after");
+    assert_eq!(fe.outstanding(), 0);
+    q.shutdown().await;
+}
+
 #[tokio::test]
 async fn too_many_outstanding_is_retried_on_another_scheduler() {
     let dir = cluster_dir();

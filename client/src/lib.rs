@@ -14,7 +14,8 @@
 //! [`QueryHandle`] once a scheduler accepted the [`QueryRequest`] (built with its `with_`
 //! methods); [`QueryHandle::placement`] says where it is, [`QueryHandle::response`] waits for
 //! the [`QueryResponse`] whose [`Body`] streams in (also as a `futures` `Stream`), and
-//! [`QueryHandle::cancel`] (or dropping the handle) cancels it. Every query ends exactly once,
+//! [`QueryHandle::cancel`] (or dropping the handle) cancels it. [`Frontend::query`] does both
+//! steps in one call (dropping its future cancels). Every query ends exactly once,
 //! by its deadline at the latest: with its result or a typed [`QueryError`], whose
 //! [`is_retryable`](QueryError::is_retryable) says whether submitting it again may help.
 //!

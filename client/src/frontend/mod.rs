@@ -294,7 +294,37 @@ impl Frontend {
     /// for the tenant or shutting down is skipped for another; the error is returned only
     /// when every scheduler refused, or none could be reached within `enqueue_wait`.
     /// Dropping the returned future withdraws the query.
-    pub async fn submit(&self, mut request: QueryRequest) -> Result<QueryHandle, QueryError> {
+    pub async fn submit(&self, request: QueryRequest) -> Result<QueryHandle, QueryError> {
+        let (placed, placed_rx) = oneshot::channel();
+        let mut handle = self.enqueue(request, Some(placed));
+        match placed_rx.await {
+            Ok(Ok(())) => Ok(handle),
+            Ok(Err(e)) => {
+                handle.armed = false;
+                Err(e)
+            }
+            Err(_) => {
+                handle.armed = false;
+                Err(QueryError::Cancelled("the frontend client stopped".into()))
+            }
+        }
+    }
+
+    /// Enqueues a query and waits for its response: [`submit`](Self::submit), then
+    /// [`QueryHandle::response`], without waking the caller in between, when a scheduler
+    /// accepts the query. It fails as they would (every scheduler refused, none reached
+    /// within `enqueue_wait`, the deadline). Dropping the future cancels the query.
+    pub async fn query(&self, request: QueryRequest) -> Result<QueryResponse, QueryError> {
+        self.enqueue(request, None).response().await
+    }
+
+    /// Records a new query and sends it to a scheduler; `placed` hears when one accepts
+    /// it (without it, a failure before that goes to the response).
+    fn enqueue(
+        &self,
+        mut request: QueryRequest,
+        placed: Option<oneshot::Sender<Result<(), QueryError>>>,
+    ) -> QueryHandle {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         // Continue the caller's trace (or start one), with this frontend as the parent of
         // the scheduler's and querier's hops.
@@ -308,7 +338,6 @@ impl Frontend {
         span.in_scope(|| debug!("submitted"));
         let timeout = request.timeout.unwrap_or(self.shared.config.default_timeout);
         let deadline = Instant::now().checked_add(timeout);
-        let (placed, placed_rx) = oneshot::channel();
         let (done, rx) = oneshot::channel();
         let capability: Capability = rand::random();
         let event = Event::Submit {
@@ -321,12 +350,12 @@ impl Frontend {
         let entry = Entry {
             request,
             capability,
-            placed: Some(placed),
+            placed,
             done: Some(done),
             abort: None,
         };
-        // Armed before anything is sent: a dropped `submit` future cancels the query.
-        let mut handle = QueryHandle {
+        // Armed before anything is sent: a dropped future cancels the query.
+        let handle = QueryHandle {
             id,
             shared: self.shared.clone(),
             rx: Some(rx),
@@ -335,17 +364,7 @@ impl Frontend {
             trace,
         };
         self.shared.event_with(event, Some((id, entry)));
-        match placed_rx.await {
-            Ok(Ok(())) => Ok(handle),
-            Ok(Err(e)) => {
-                handle.armed = false;
-                Err(e)
-            }
-            Err(_) => {
-                handle.armed = false;
-                Err(QueryError::Cancelled("the frontend client stopped".into()))
-            }
-        }
+        handle
     }
 
     /// The address queriers send results to.
