@@ -1,4 +1,5 @@
-//! Failures with real processes: a querier process killed with SIGKILL mid-query.
+//! Failures with real processes: a querier process killed with SIGKILL mid-query (also one
+//! that holds a prefetched query), and schedulers killed or stopped under load.
 //!
 //! The test binary runs itself again as the querier process (selected by an environment
 //! variable), so no other program is needed. Loopback only; every child is killed.
@@ -28,11 +29,20 @@ async fn kill_and_await_querier_failed(mut child: tokio::process::Child, fe: &mu
     killed.elapsed()
 }
 
+/// Set (to anything) for a querier process whose worker prefetches.
+const PREFETCH_VAR: &str = "SLUICE_CHAOS_PREFETCH";
+
 /// Runs this test binary again as the querier process named by `test` (an ignored test)
 /// against `t`, and returns once it holds query 1.
 async fn querier_child(t: &TestServer, test: &str) -> tokio::process::Child {
+    querier_child_with(t, test, &[]).await
+}
+
+/// [`querier_child`] with more environment for the child.
+async fn querier_child_with(t: &TestServer, test: &str, env: &[(&str, &str)]) -> tokio::process::Child {
     let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
         .args([test, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .envs(env.iter().copied())
         .env(ROLE_VAR, t.server.quic_addr().to_string())
         .env("SLUICE_CHAOS_CA", &t.certs.querier.ca)
         .env("SLUICE_CHAOS_CERT", &t.certs.querier.cert)
@@ -65,7 +75,8 @@ impl sluice_client::Handler for Hang {
 }
 
 /// The querier process: the client crate's querier with one worker that takes a query and
-/// hangs, as a querier stuck in a long query would, until it is killed.
+/// hangs, as a querier stuck in a long query would, until it is killed. With
+/// [`PREFETCH_VAR`], the worker also holds the next query.
 #[tokio::test]
 #[ignore = "not a test: the querier process that the test below starts and kills"]
 async fn querier_process() {
@@ -77,6 +88,8 @@ async fn querier_process() {
     };
     let mut config = sluice_client::QuerierConfig::new("doomed-querier", id, vec![addr.parse().unwrap()]);
     config.concurrency = 1;
+    config.prefetch = std::env::var_os(PREFETCH_VAR).is_some();
+    config.hold_limit = None;
     let _querier = sluice_client::Querier::start(config, Hang).unwrap();
     tokio::time::sleep(Duration::from_secs(600)).await;
 }
@@ -93,6 +106,42 @@ async fn a_querier_killed_mid_query_is_reported_at_once() {
     let took = kill_and_await_querier_failed(child, &mut fe).await;
     println!("querier SIGKILL → frontend error: {took:?}");
     assert!(took < Duration::from_secs(1), "took {took:?}; the idle timeout is 5 s");
+}
+
+/// A prefetching querier killed while it runs one query and holds the next: both end at
+/// once, as failed on their querier (the scheduler cannot know that the held one never
+/// started), and neither is left waiting for a deadline.
+#[tokio::test]
+async fn a_prefetching_querier_killed_mid_query_fails_its_running_and_held_queries_at_once() {
+    let t = start(|_| {}).await;
+    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
+    let mut fe = frontend(&fe_conn, "fe-1").await;
+    accepted(&mut fe, 1, "t").await;
+    let mut child = querier_child_with(&t, "querier_process", &[(PREFETCH_VAR, "1")]).await;
+    accepted(&mut fe, 2, "t").await;
+    t.status_until("2 held beside the running 1", |s| s.running == 2 && s.queued == 0)
+        .await;
+
+    let killed = Instant::now();
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let mut failed = Vec::new();
+    while failed.len() < 2 {
+        match fe.next_from_scheduler().await {
+            SchedulerToFrontend::QueryError { query_id, kind, .. } => {
+                assert_eq!(kind, QueryErrorKind::QuerierFailed, "query {query_id}");
+                failed.push(query_id);
+            }
+            other => panic!("expected querier-failed, got {other:?}"),
+        }
+    }
+    let took = killed.elapsed();
+    failed.sort_unstable();
+    assert_eq!(failed, [1, 2]);
+    println!("prefetching querier SIGKILL → both queries failed: {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}; the idle timeout is 5 s");
+    let s = t.status_until("nothing left", |s| s.running == 0).await;
+    assert_eq!(s.queued, 0);
 }
 
 /// Without a lifeline, as when a whole host is lost, a killed querier is noticed at the
