@@ -448,7 +448,8 @@ fn bench_summary(report: &serde_json::Value) -> String {
     let d = &report["datagrams_per_query"];
     format!(
         "{:.0} queries/s, p99 {} ms; CPU per query: schedulers {} µs, this process {} µs ({}); \
-         datagrams per query: this process {} sent, {} received; schedulers {} sent, {} received",
+         datagrams per query: this process {} sent, {} received; schedulers {} sent, {} received; \
+         task polls per query: this process {}, schedulers {}",
         report["throughput_per_second"].as_f64().unwrap_or(0.0),
         f(&report["latency_ms"]["p99"]),
         f(&report["cpu"]["schedulers_us_per_query"]),
@@ -458,6 +459,8 @@ fn bench_summary(report: &serde_json::Value) -> String {
         g(&d["this_process_clients"]["received"]),
         g(&d["schedulers"]["sent"]),
         g(&d["schedulers"]["received"]),
+        g(&report["tasks_per_query"]["this_process"]["polls"]),
+        g(&report["tasks_per_query"]["schedulers"]["polls"]),
     )
 }
 

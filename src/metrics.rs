@@ -71,6 +71,15 @@ pub const QUIC_LOST_PACKETS: &str = "sluice_query_scheduler_quic_lost_packets_to
 /// Times a connection's congestion window was cut (counter; `role`).
 pub const QUIC_CONGESTION_EVENTS: &str = "sluice_query_scheduler_quic_congestion_events_total";
 
+/// Polls of this process's async tasks: a task woken and run (counter; read at scrape
+/// time; needs `--cfg tokio_unstable`, set in .cargo/config.toml).
+pub const RUNTIME_TASK_POLLS: &str = "sluice_query_scheduler_runtime_task_polls_total";
+/// Tasks one runtime thread took from another's queue (counter; as above).
+pub const RUNTIME_TASK_STEALS: &str = "sluice_query_scheduler_runtime_task_steals_total";
+/// Times a runtime thread went to sleep for want of work: each one is woken again by an
+/// event (counter; read at scrape time).
+pub const RUNTIME_THREAD_PARKS: &str = "sluice_query_scheduler_runtime_thread_parks_total";
+
 /// CPU time this process has used, user and system (seconds, only growing; exported as a
 /// gauge because `metrics` counters are integers; Linux only). The name is Prometheus's
 /// standard process metric.
@@ -139,7 +148,64 @@ pub const ALL: &[(&str, &str)] = &[
         "User and system CPU time of this process, in seconds.",
     ),
     (PROCESS_RESIDENT_MEMORY, "Resident memory of this process, in bytes."),
+    (RUNTIME_TASK_POLLS, "Polls of this process's async tasks."),
+    (
+        RUNTIME_TASK_STEALS,
+        "Async tasks a runtime thread took from another's queue.",
+    ),
+    (
+        RUNTIME_THREAD_PARKS,
+        "Times a runtime thread went to sleep for want of work.",
+    ),
 ];
+
+/// The async runtime's counters so far, summed over its worker threads: the hops between
+/// tasks that datagrams and system calls do not show. Polls, steals and spawns need
+/// `--cfg tokio_unstable` (.cargo/config.toml sets it); without it they are `None`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuntimeCounts {
+    /// Task polls: a task woken and run.
+    pub polls: Option<u64>,
+    /// Tasks taken from another thread's queue.
+    pub steals: Option<u64>,
+    /// Tasks spawned.
+    pub spawned: Option<u64>,
+    /// Times a thread went to sleep for want of work.
+    pub parks: u64,
+}
+
+impl RuntimeCounts {
+    /// The counters of the runtime this is called on; `None` outside one.
+    pub fn now() -> Option<RuntimeCounts> {
+        let m = tokio::runtime::Handle::try_current().ok()?.metrics();
+        let workers = 0..m.num_workers();
+        #[cfg(tokio_unstable)]
+        let (polls, steals, spawned) = (
+            Some(workers.clone().map(|w| m.worker_poll_count(w)).sum()),
+            Some(workers.clone().map(|w| m.worker_steal_count(w)).sum()),
+            Some(m.spawned_tasks_count()),
+        );
+        #[cfg(not(tokio_unstable))]
+        let (polls, steals, spawned) = (None, None, None);
+        Some(RuntimeCounts {
+            polls,
+            steals,
+            spawned,
+            parks: workers.map(|w| m.worker_park_count(w)).sum(),
+        })
+    }
+
+    /// What grew from `before` to `self`.
+    pub fn since(self, before: RuntimeCounts) -> RuntimeCounts {
+        let d = |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| a.saturating_sub(b));
+        RuntimeCounts {
+            polls: d(self.polls, before.polls),
+            steals: d(self.steals, before.steals),
+            spawned: d(self.spawned, before.spawned),
+            parks: self.parks.saturating_sub(before.parks),
+        }
+    }
+}
 
 /// This process's CPU time so far (user + system), from `/proc/self/stat`; `None` where
 /// there is no procfs.
@@ -208,8 +274,8 @@ impl Metrics {
         self.handle.run_upkeep();
     }
 
-    /// The Prometheus text exposition of every live series, with the process's CPU and
-    /// memory read now.
+    /// The Prometheus text exposition of every live series, with the process's CPU,
+    /// memory and runtime counters read now.
     pub fn render(&self) -> String {
         self.record(|| {
             if let Some(cpu) = process_cpu_seconds() {
@@ -218,6 +284,13 @@ impl Metrics {
             }
             if let Some(rss) = process_resident_bytes() {
                 metrics::gauge!(PROCESS_RESIDENT_MEMORY).set(rss as f64);
+            }
+            if let Some(r) = RuntimeCounts::now() {
+                metrics::counter!(RUNTIME_THREAD_PARKS).absolute(r.parks);
+                if let (Some(polls), Some(steals)) = (r.polls, r.steals) {
+                    metrics::counter!(RUNTIME_TASK_POLLS).absolute(polls);
+                    metrics::counter!(RUNTIME_TASK_STEALS).absolute(steals);
+                }
             }
         });
         self.handle.run_upkeep();
@@ -228,6 +301,35 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runtime_counts_grow_with_the_tasks_run() {
+        let before = RuntimeCounts::now().expect("on a runtime");
+        for _ in 0..100 {
+            tokio::spawn(async {}).await.unwrap();
+        }
+        let d = RuntimeCounts::now().unwrap().since(before);
+        if cfg!(tokio_unstable) {
+            assert!(d.spawned.is_some_and(|n| n >= 100), "{d:?}");
+            assert!(d.polls.is_some_and(|n| n >= 100), "{d:?}");
+        } else {
+            assert_eq!((d.polls, d.spawned), (None, None));
+        }
+        assert_eq!(
+            RuntimeCounts::now().unwrap().since(RuntimeCounts::now().unwrap()).parks,
+            0
+        );
+        let text = Metrics::new(Duration::from_secs(60)).render();
+        assert!(text.contains(RUNTIME_THREAD_PARKS), "{text}");
+        assert_eq!(text.contains(RUNTIME_TASK_POLLS), cfg!(tokio_unstable), "{text}");
+    }
+
+    #[test]
+    fn no_runtime_counts_outside_a_runtime() {
+        assert_eq!(RuntimeCounts::now(), None);
+        let text = Metrics::new(Duration::from_secs(60)).render();
+        assert!(!text.contains(RUNTIME_THREAD_PARKS), "{text}");
+    }
 
     #[test]
     fn series_of_an_idle_tenant_disappear() {

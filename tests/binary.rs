@@ -254,6 +254,17 @@ async fn bench_drives_a_running_scheduler() {
             "{cpu}"
         );
     }
+    // The hops between tasks per query (polls and spawns need `--cfg tokio_unstable`,
+    // which .cargo/config.toml sets).
+    let tasks = &report["tasks_per_query"];
+    for side in ["this_process", "schedulers"] {
+        let t = &tasks[side];
+        assert!(t["parks"].as_f64().is_some(), "{tasks}");
+        assert!(
+            t["polls"].is_null() || t["polls"].as_f64().is_some_and(|x| x >= 1.0),
+            "{tasks}"
+        );
+    }
     assert!(String::from_utf8_lossy(&out.stderr).contains("queries/s"));
     // The queries went through our scheduler: its own count has them (and the warm-up).
     let dispatched = t.server.status().await.unwrap().counters.dispatched;

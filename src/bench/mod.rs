@@ -426,6 +426,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     let admin = c.target.as_ref().map_or(&[][..], |t| &t.admin[..]);
     let cpu_before = (crate::metrics::process_cpu_seconds(), scrape::schedulers(admin).await?);
     let datagrams_before = Datagrams::of_clients(&frontends, &queriers);
+    let tasks_before = crate::metrics::RuntimeCounts::now().unwrap_or_default();
     queue_times.lock().unwrap().clear(); // warm-up queries
     component_times.lock().unwrap().clear();
     let started = Instant::now();
@@ -449,11 +450,15 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     let elapsed = started.elapsed();
     let placed_after = placed_again(&frontends);
     let cpu_after = (crate::metrics::process_cpu_seconds(), scrape::schedulers(admin).await?);
+    let own_tasks = crate::metrics::RuntimeCounts::now()
+        .unwrap_or_default()
+        .since(tasks_before);
     let own_datagrams = Datagrams::of_clients(&frontends, &queriers).since(datagrams_before);
     let cpu = Cpu {
         own: cpu_before.0.zip(cpu_after.0).map(|(a, b)| b - a),
         schedulers: cpu_before.1.zip(cpu_after.1).map(|(a, b)| b.since(a)),
         own_datagrams,
+        own_tasks,
         in_process: c.target.is_none(),
     };
 

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use super::scrape::{Datagrams, Scraped};
 use super::{BenchConfig, Outcomes, QueueTimes};
+use crate::metrics::RuntimeCounts;
 
 /// CPU seconds used during the load.
 pub(super) struct Cpu {
@@ -20,6 +21,8 @@ pub(super) struct Cpu {
     pub(super) schedulers: Option<Scraped>,
     /// This process's frontends' and queriers' datagrams.
     pub(super) own_datagrams: Datagrams,
+    /// This process's runtime: task polls, steals, spawns and thread sleeps.
+    pub(super) own_tasks: RuntimeCounts,
     pub(super) in_process: bool,
 }
 
@@ -50,6 +53,24 @@ impl Cpu {
         json!({
             "this_process_clients": per_query(self.own_datagrams),
             "schedulers": self.schedulers.map(|s| per_query(s.datagrams)),
+        })
+    }
+}
+
+impl Cpu {
+    /// The async runtimes' task polls, steals, spawns and thread sleeps per query, of this
+    /// process and of the driven schedulers: the hops between tasks.
+    fn tasks(&self, results: u64) -> Value {
+        let per_query = |t: RuntimeCounts| {
+            let n = |v: u64| v as f64 / results.max(1) as f64;
+            json!({
+                "polls": t.polls.map(n), "steals": t.steals.map(n),
+                "spawned": t.spawned.map(n), "parks": n(t.parks),
+            })
+        };
+        json!({
+            "this_process": per_query(self.own_tasks),
+            "schedulers": self.schedulers.map(|s| per_query(s.tasks)),
         })
     }
 }
@@ -309,6 +330,7 @@ pub(super) fn report(
         },
         "cpu": m.cpu.report(results),
         "datagrams_per_query": m.cpu.datagrams(results),
+        "tasks_per_query": m.cpu.tasks(results),
         "fairness": { "jain_index_equal_tenants": jain, "noisy_tenant_share": noisy_share },
         "components": components,
         "tenants": tenants,

@@ -1,13 +1,13 @@
 //! What the driven schedulers' admin endpoints report before and after the load (their CPU
-//! time and the datagrams of their QUIC connections, summed over the schedulers), and the
-//! datagrams of this process's frontends and queriers.
+//! time, the datagrams of their QUIC connections and their runtimes' task counts, summed
+//! over the schedulers), and the datagrams of this process's frontends and queriers.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use sluice_client::{Frontend, Querier, Role};
 
-use crate::metrics as m;
+use crate::metrics::{self as m, RuntimeCounts};
 
 /// UDP datagrams each way and the system calls that sent them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -60,6 +60,7 @@ impl Datagrams {
 pub(super) struct Scraped {
     pub(super) cpu_seconds: f64,
     pub(super) datagrams: Datagrams,
+    pub(super) tasks: RuntimeCounts,
 }
 
 impl Scraped {
@@ -67,6 +68,7 @@ impl Scraped {
     /// (a scheduler not on Linux).
     pub(super) fn parse(text: &str) -> Option<Scraped> {
         let mut d = Datagrams::default();
+        let mut t = RuntimeCounts::default();
         let mut cpu = None;
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let Some((series, value)) = line.rsplit_once(' ') else {
@@ -79,19 +81,30 @@ impl Scraped {
                 m::QUIC_DATAGRAMS if series.contains("direction=\"sent\"") => d.sent += whole(),
                 m::QUIC_DATAGRAMS if series.contains("direction=\"received\"") => d.received += whole(),
                 m::QUIC_SEND_CALLS => d.send_calls += whole(),
+                m::RUNTIME_TASK_POLLS => t.polls = Some(t.polls.unwrap_or(0) + whole()),
+                m::RUNTIME_TASK_STEALS => t.steals = Some(t.steals.unwrap_or(0) + whole()),
+                m::RUNTIME_THREAD_PARKS => t.parks += whole(),
                 _ => {}
             }
         }
         Some(Scraped {
             cpu_seconds: cpu?,
             datagrams: d,
+            tasks: t,
         })
     }
 
     fn add(self, o: Scraped) -> Scraped {
+        let sum = |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| a + b);
         Scraped {
             cpu_seconds: self.cpu_seconds + o.cpu_seconds,
             datagrams: self.datagrams.add(o.datagrams),
+            tasks: RuntimeCounts {
+                polls: sum(self.tasks.polls, o.tasks.polls),
+                steals: sum(self.tasks.steals, o.tasks.steals),
+                spawned: sum(self.tasks.spawned, o.tasks.spawned),
+                parks: self.tasks.parks + o.tasks.parks,
+            },
         }
     }
 
@@ -100,6 +113,7 @@ impl Scraped {
         Scraped {
             cpu_seconds: self.cpu_seconds - before.cpu_seconds,
             datagrams: self.datagrams.since(before.datagrams),
+            tasks: self.tasks.since(before.tasks),
         }
     }
 }
@@ -123,14 +137,12 @@ async fn scrape(admin: SocketAddr) -> Result<Scraped, String> {
 
 /// The schedulers at `admin` together; `None` when there are none to read.
 pub(super) async fn schedulers(admin: &[SocketAddr]) -> Result<Option<Scraped>, String> {
-    if admin.is_empty() {
-        return Ok(None);
-    }
-    let mut total = Scraped::default();
+    let mut total: Option<Scraped> = None;
     for &a in admin {
-        total = total.add(scrape(a).await?);
+        let one = scrape(a).await?;
+        total = Some(total.map_or(one, |t| t.add(one)));
     }
-    Ok(Some(total))
+    Ok(total)
 }
 
 #[cfg(test)]
@@ -145,7 +157,9 @@ mod tests {
             sluice_query_scheduler_quic_datagrams_total{role=\"querier\",direction=\"sent\"} 5\n\
             sluice_query_scheduler_quic_datagrams_total{role=\"querier\",direction=\"received\"} 7\n\
             sluice_query_scheduler_quic_send_calls_total{role=\"querier\"} 4\n\
-            sluice_query_scheduler_quic_bytes_total{role=\"querier\",direction=\"sent\"} 9000\n";
+            sluice_query_scheduler_quic_bytes_total{role=\"querier\",direction=\"sent\"} 9000\n\
+            sluice_query_scheduler_runtime_task_polls_total 300\n\
+            sluice_query_scheduler_runtime_thread_parks_total 20\n";
         let s = Scraped::parse(text).unwrap();
         assert_eq!(
             s,
@@ -155,6 +169,12 @@ mod tests {
                     sent: 15,
                     received: 7,
                     send_calls: 4
+                },
+                tasks: RuntimeCounts {
+                    polls: Some(300),
+                    steals: None,
+                    spawned: None,
+                    parks: 20
                 }
             }
         );
