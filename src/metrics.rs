@@ -174,6 +174,21 @@ pub struct RuntimeCounts {
     pub parks: u64,
 }
 
+/// Two runtimes' counters together (a counter is known only if both know it).
+impl std::ops::Add for RuntimeCounts {
+    type Output = RuntimeCounts;
+
+    fn add(self, o: RuntimeCounts) -> RuntimeCounts {
+        let sum = |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| a + b);
+        RuntimeCounts {
+            polls: sum(self.polls, o.polls),
+            steals: sum(self.steals, o.steals),
+            spawned: sum(self.spawned, o.spawned),
+            parks: self.parks + o.parks,
+        }
+    }
+}
+
 impl RuntimeCounts {
     /// The counters of the runtime this is called on; `None` outside one.
     pub fn now() -> Option<RuntimeCounts> {
@@ -308,17 +323,39 @@ mod tests {
         for _ in 0..100 {
             tokio::spawn(async {}).await.unwrap();
         }
-        let d = RuntimeCounts::now().unwrap().since(before);
         if cfg!(tokio_unstable) {
+            // A runtime thread hands its counts over in batches (when it parks, at the
+            // latest): wait for them, bounded.
+            let d = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    let d = RuntimeCounts::now().unwrap().since(before);
+                    if d.polls.is_some_and(|n| n >= 100) {
+                        return d;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("100 polls counted");
             assert!(d.spawned.is_some_and(|n| n >= 100), "{d:?}");
-            assert!(d.polls.is_some_and(|n| n >= 100), "{d:?}");
         } else {
+            let d = RuntimeCounts::now().unwrap().since(before);
             assert_eq!((d.polls, d.spawned), (None, None));
         }
-        assert_eq!(
-            RuntimeCounts::now().unwrap().since(RuntimeCounts::now().unwrap()).parks,
-            0
+        let (more, fewer) = (
+            RuntimeCounts {
+                parks: 7,
+                polls: Some(9),
+                ..RuntimeCounts::default()
+            },
+            RuntimeCounts {
+                parks: 5,
+                ..RuntimeCounts::default()
+            },
         );
+        assert_eq!(fewer.since(more).parks, 0, "never below zero");
+        assert_eq!((more + fewer).parks, 12);
+        assert_eq!((more + fewer).polls, None, "unknown on one side");
         let text = Metrics::new(Duration::from_secs(60)).render();
         assert!(text.contains(RUNTIME_THREAD_PARKS), "{text}");
         assert_eq!(text.contains(RUNTIME_TASK_POLLS), cfg!(tokio_unstable), "{text}");
