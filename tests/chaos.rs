@@ -16,16 +16,28 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 const ROLE_VAR: &str = "SLUICE_CHAOS_QUERIER";
 
-/// SIGKILLs the querier child holding query 1 and returns how long until its frontend is
-/// told `QuerierFailed` for it.
-async fn kill_and_await_querier_failed(mut child: tokio::process::Child, fe: &mut Peer) -> Duration {
+/// SIGKILLs the querier child holding `queries` and returns how long until its frontend is
+/// told `QuerierFailed` for every one of them (and nothing else).
+async fn kill_and_await_querier_failed(
+    mut child: tokio::process::Child,
+    fe: &mut Peer,
+    queries: &[QueryId],
+) -> Duration {
     let killed = Instant::now();
     child.start_kill().unwrap();
     child.wait().await.unwrap();
-    match fe.next_from_scheduler().await {
-        SchedulerToFrontend::QueryError { query_id: 1, kind, .. } => assert_eq!(kind, QueryErrorKind::QuerierFailed),
-        other => panic!("expected querier-failed, got {other:?}"),
+    let mut failed = Vec::new();
+    while failed.len() < queries.len() {
+        match fe.next_from_scheduler().await {
+            SchedulerToFrontend::QueryError { query_id, kind, .. } => {
+                assert_eq!(kind, QueryErrorKind::QuerierFailed, "query {query_id}");
+                failed.push(query_id);
+            }
+            other => panic!("expected querier-failed, got {other:?}"),
+        }
     }
+    failed.sort_unstable();
+    assert_eq!(failed, queries);
     killed.elapsed()
 }
 
@@ -103,7 +115,7 @@ async fn a_querier_killed_mid_query_is_reported_at_once() {
     accepted(&mut fe, 1, "t").await;
 
     let child = querier_child(&t, "querier_process").await;
-    let took = kill_and_await_querier_failed(child, &mut fe).await;
+    let took = kill_and_await_querier_failed(child, &mut fe, &[1]).await;
     println!("querier SIGKILL → frontend error: {took:?}");
     assert!(took < Duration::from_secs(1), "took {took:?}; the idle timeout is 5 s");
 }
@@ -117,27 +129,12 @@ async fn a_prefetching_querier_killed_mid_query_fails_its_running_and_held_queri
     let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
     let mut fe = frontend(&fe_conn, "fe-1").await;
     accepted(&mut fe, 1, "t").await;
-    let mut child = querier_child_with(&t, "querier_process", &[(PREFETCH_VAR, "1")]).await;
+    let child = querier_child_with(&t, "querier_process", &[(PREFETCH_VAR, "1")]).await;
     accepted(&mut fe, 2, "t").await;
     t.status_until("2 held beside the running 1", |s| s.running == 2 && s.queued == 0)
         .await;
 
-    let killed = Instant::now();
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
-    let mut failed = Vec::new();
-    while failed.len() < 2 {
-        match fe.next_from_scheduler().await {
-            SchedulerToFrontend::QueryError { query_id, kind, .. } => {
-                assert_eq!(kind, QueryErrorKind::QuerierFailed, "query {query_id}");
-                failed.push(query_id);
-            }
-            other => panic!("expected querier-failed, got {other:?}"),
-        }
-    }
-    let took = killed.elapsed();
-    failed.sort_unstable();
-    assert_eq!(failed, [1, 2]);
+    let took = kill_and_await_querier_failed(child, &mut fe, &[1, 2]).await;
     println!("prefetching querier SIGKILL → both queries failed: {took:?}");
     assert!(took < Duration::from_secs(1), "took {took:?}; the idle timeout is 5 s");
     let s = t.status_until("nothing left", |s| s.running == 0).await;
@@ -154,7 +151,7 @@ async fn without_a_lifeline_a_killed_querier_is_noticed_at_the_idle_timeout() {
     let mut fe = frontend(&fe_conn, "fe-1").await;
     accepted(&mut fe, 1, "t").await;
     let child = querier_child(&t, "raw_querier_process").await;
-    let took = kill_and_await_querier_failed(child, &mut fe).await;
+    let took = kill_and_await_querier_failed(child, &mut fe, &[1]).await;
     println!("querier without lifeline SIGKILL → frontend error: {took:?} (idle timeout {idle:?})");
     assert!(
         took >= idle / 2 && took <= idle + Duration::from_secs(1),

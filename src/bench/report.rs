@@ -26,6 +26,11 @@ pub(super) struct Cpu {
     pub(super) in_process: bool,
 }
 
+/// `count` per query, of `results` queries.
+fn per(count: u64, results: u64) -> f64 {
+    count as f64 / results.max(1) as f64
+}
+
 impl Cpu {
     fn report(&self, results: u64) -> Value {
         let per_query = |s: Option<f64>| s.map(|s| s * 1e6 / results.max(1) as f64);
@@ -46,23 +51,20 @@ impl Cpu {
     /// process's frontends and queriers and of the driven schedulers: every datagram costs
     /// a system call and a wake-up on each side.
     fn datagrams(&self, results: u64) -> Value {
-        let per_query = |d: Datagrams| {
-            let n = |v: u64| v as f64 / results.max(1) as f64;
-            json!({ "sent": n(d.sent), "received": n(d.received), "send_calls": n(d.send_calls) })
-        };
+        let n = |v| per(v, results);
+        let per_query =
+            |d: Datagrams| json!({ "sent": n(d.sent), "received": n(d.received), "send_calls": n(d.send_calls) });
         json!({
             "this_process_clients": per_query(self.own_datagrams),
             "schedulers": self.schedulers.map(|s| per_query(s.datagrams)),
         })
     }
-}
 
-impl Cpu {
     /// The async runtimes' task polls, steals, spawns and thread sleeps per query, of this
     /// process and of the driven schedulers: the hops between tasks.
     fn tasks(&self, results: u64) -> Value {
+        let n = |v| per(v, results);
         let per_query = |t: RuntimeCounts| {
-            let n = |v: u64| v as f64 / results.max(1) as f64;
             json!({
                 "polls": t.polls.map(n), "steals": t.steals.map(n),
                 "spawned": t.spawned.map(n), "parks": n(t.parks),

@@ -95,16 +95,10 @@ impl Scraped {
     }
 
     fn add(self, o: Scraped) -> Scraped {
-        let sum = |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| a + b);
         Scraped {
             cpu_seconds: self.cpu_seconds + o.cpu_seconds,
             datagrams: self.datagrams.add(o.datagrams),
-            tasks: RuntimeCounts {
-                polls: sum(self.tasks.polls, o.tasks.polls),
-                steals: sum(self.tasks.steals, o.tasks.steals),
-                spawned: sum(self.tasks.spawned, o.tasks.spawned),
-                parks: self.tasks.parks + o.tasks.parks,
-            },
+            tasks: self.tasks + o.tasks,
         }
     }
 
@@ -182,5 +176,22 @@ mod tests {
             Scraped::parse("sluice_query_scheduler_quic_send_calls_total{role=\"querier\"} 4\n"),
             None
         );
+    }
+
+    #[test]
+    fn two_schedulers_add_up_and_a_counter_one_lacks_is_unknown() {
+        let with_polls = Scraped::parse(
+            "process_cpu_seconds_total 1\n\
+             sluice_query_scheduler_runtime_task_polls_total 300\n\
+             sluice_query_scheduler_runtime_thread_parks_total 20\n",
+        )
+        .unwrap();
+        let both = with_polls.add(with_polls);
+        assert_eq!(
+            (both.cpu_seconds, both.tasks.polls, both.tasks.parks),
+            (2.0, Some(600), 40)
+        );
+        let without = Scraped::parse("process_cpu_seconds_total 1\n").unwrap();
+        assert_eq!(with_polls.add(without).tasks.polls, None);
     }
 }
