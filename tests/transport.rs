@@ -59,3 +59,85 @@ async fn peers_are_asked_to_acknowledge_every_tenth_packet_not_every_second() {
     assert!(default >= messages as u64 / 3, "default acknowledgements: {default}");
     assert!(asked * 2 < default, "asked for fewer: {asked}, default: {default}");
 }
+
+/// What the kernel lets a socket buffer reach, as it reports it: twice `net.core.rmem_max` (or
+/// `wmem_max`) on Linux.
+fn kernel_buffer_cap(setting: &str) -> usize {
+    std::fs::read_to_string(format!("/proc/sys/net/core/{setting}"))
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(usize::MAX, |max| 2 * max)
+}
+
+#[tokio::test]
+async fn a_bulk_stream_crosses_loopback_in_large_datagrams_without_a_packet_lost() {
+    use sluice_client::transport::{self, MAX_UDP_PAYLOAD, SOCKET_BUFFER_REPORTED};
+    const BYTES: usize = 16 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (set, _) = tls::ensure_dev_set(dir.path()).unwrap();
+    let mut server_config = tls::quic_server(&set.scheduler).unwrap();
+    let mut server_transport = quinn::TransportConfig::default();
+    transport::tune(&mut server_transport);
+    server_config.transport_config(Arc::new(server_transport));
+    let server = transport::endpoint("127.0.0.1:0".parse().unwrap(), Some(server_config)).unwrap();
+    let mut client = transport::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let mut client_config = tls::quic_client(&set.frontend).unwrap();
+    let mut client_transport = quinn::TransportConfig::default();
+    transport::tune(&mut client_transport);
+    client_config.transport_config(Arc::new(client_transport));
+    client.set_default_client_config(client_config);
+    let connecting = client.connect(server.local_addr().unwrap(), "localhost").unwrap();
+
+    // The server sends 16 MiB as fast as the client reads it.
+    let sender = tokio::spawn(async move {
+        let conn = server.accept().await.unwrap().await.unwrap();
+        let mut stream = conn.open_uni().await.unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..BYTES / chunk.len() {
+            stream.write_all(&chunk).await.unwrap();
+        }
+        stream.finish().unwrap();
+        conn.closed().await;
+        conn.stats()
+    });
+    let conn = wait("the handshake", connecting).await.unwrap();
+    let mut stream = wait("the stream", conn.accept_uni()).await.unwrap();
+    let received = wait("the whole stream", stream.read_to_end(BYTES)).await.unwrap();
+    assert_eq!(received.len(), BYTES);
+    conn.close(0u32.into(), b"done");
+    let sent = wait("the sender", sender).await.unwrap();
+
+    // MTU discovery went past Ethernet's 1 452 bytes, as far as the ceiling, and the data
+    // went in datagrams of about that size: a sixth of the datagrams 1 452 bytes would take.
+    eprintln!("sender: {:?}, {:?}", sent.path, sent.udp_tx);
+    assert!(
+        sent.path.current_mtu > 1452 && sent.path.current_mtu <= MAX_UDP_PAYLOAD,
+        "MTU {}",
+        sent.path.current_mtu
+    );
+    assert!(sent.udp_tx.datagrams < (BYTES / 1452 / 3) as u64, "{:?}", sent.udp_tx);
+    // A full send call of them fits what the kernel takes (at 8 952 bytes quinn-udp dropped
+    // every full call), and the socket buffers hold what the windows let through (at the
+    // kernel's default, ~40 packets were lost): nothing was lost, so no window was cut. A
+    // kernel that caps the buffers below the ask (net.core.rmem_max) may drop bursts.
+    let (_, granted) = transport::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+    if granted.receive >= SOCKET_BUFFER_REPORTED {
+        assert_eq!(sent.path.lost_packets, 0, "{:?}", sent.path);
+        assert_eq!(sent.path.congestion_events, 0, "{:?}", sent.path);
+    } else {
+        assert_eq!(sent.path.black_holes_detected, 0, "{:?}", sent.path);
+        eprintln!("socket buffers capped at {granted:?}: losses not checked");
+    }
+}
+
+#[test]
+fn endpoint_sockets_get_the_buffers_asked_for_as_far_as_the_kernel_allows() {
+    use sluice_client::transport::{SOCKET_BUFFER_REPORTED, bind_udp};
+    let (_socket, granted) = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+    // Without asking, Linux gives 208 KiB (reported as 416 KiB) at most by default.
+    assert_eq!(
+        granted.receive,
+        SOCKET_BUFFER_REPORTED.min(kernel_buffer_cap("rmem_max"))
+    );
+    assert_eq!(granted.send, SOCKET_BUFFER_REPORTED.min(kernel_buffer_cap("wmem_max")));
+}

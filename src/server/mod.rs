@@ -125,7 +125,7 @@ impl Server {
             quinn::crypto::rustls::QuicServerConfig::try_from(tls_config).map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
-        sluice_client::transport::fewer_acks(&mut transport)
+        sluice_client::transport::tune(&mut transport)
             .max_concurrent_bidi_streams(config.max_streams_per_connection.into())
             .max_concurrent_uni_streams(0u8.into())
             .max_idle_timeout(Some(
@@ -143,9 +143,11 @@ impl Server {
             .send_window(SEND_WINDOW)
             .datagram_receive_buffer_size(None);
         server_config.transport_config(Arc::new(transport));
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|error| ServerError::Bind {
-            addr: config.listen,
-            error,
+        let endpoint = sluice_client::transport::endpoint(config.listen, Some(server_config)).map_err(|error| {
+            ServerError::Bind {
+                addr: config.listen,
+                error,
+            }
         })?;
         let quic_addr = endpoint.local_addr().map_err(|error| ServerError::Bind {
             addr: config.listen,

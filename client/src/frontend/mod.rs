@@ -197,12 +197,14 @@ impl Frontend {
         let discovery = config.client.discovery(MemberRole::Frontend)?;
         let mut server_config = tls::quic_server(&config.client.identity)?;
         let mut transport = quinn::TransportConfig::default();
-        crate::transport::fewer_acks(&mut transport).max_concurrent_bidi_streams(1024u32.into());
+        crate::transport::tune(&mut transport).max_concurrent_bidi_streams(1024u32.into());
         server_config.transport_config(Arc::new(transport));
         let mut result_endpoint =
-            quinn::Endpoint::server(server_config, config.result_listen).map_err(|error| ClientError::Bind {
-                addr: config.result_listen,
-                error,
+            crate::transport::endpoint(config.result_listen, Some(server_config)).map_err(|error| {
+                ClientError::Bind {
+                    addr: config.result_listen,
+                    error,
+                }
             })?;
         result_endpoint.set_default_client_config(config.client.quic_client()?);
         let bound = result_endpoint.local_addr().map_err(|error| ClientError::Bind {

@@ -441,7 +441,8 @@ impl Querier {
             )));
         }
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|error| ClientError::Bind { addr: bind, error })?;
+        let mut endpoint =
+            crate::transport::endpoint(bind, None).map_err(|error| ClientError::Bind { addr: bind, error })?;
         endpoint.set_default_client_config(config.client.quic_client()?);
         let discovery = config.client.discovery(MemberRole::Querier)?;
         let shared = Arc::new(Shared {
