@@ -86,6 +86,24 @@ impl sluice_client::Handler for Hang {
     }
 }
 
+/// A frontend peer on `t` with query 1 (tenant `t`) accepted, and the connection it runs
+/// on (keep it while the peer is used).
+async fn frontend_with_query_1(t: &TestServer) -> (quinn::Connection, Peer) {
+    let conn = t.connect(&t.certs.frontend).await.unwrap();
+    let mut fe = frontend(&conn, "fe-1").await;
+    accepted(&mut fe, 1, "t").await;
+    (conn, fe)
+}
+
+/// The querier identity a test hands its child process in the environment.
+fn child_identity() -> Identity {
+    Identity {
+        ca: std::env::var("SLUICE_CHAOS_CA").unwrap().into(),
+        cert: std::env::var("SLUICE_CHAOS_CERT").unwrap().into(),
+        key: std::env::var("SLUICE_CHAOS_KEY").unwrap().into(),
+    }
+}
+
 /// The querier process: the client crate's querier with one worker that takes a query and
 /// hangs, as a querier stuck in a long query would, until it is killed. With
 /// [`PREFETCH_VAR`], the worker also holds the next query.
@@ -93,11 +111,7 @@ impl sluice_client::Handler for Hang {
 #[ignore = "not a test: the querier process that the test below starts and kills"]
 async fn querier_process() {
     let addr = std::env::var(ROLE_VAR).expect("run by a_querier_killed_mid_query_is_reported_at_once");
-    let id = Identity {
-        ca: std::env::var("SLUICE_CHAOS_CA").unwrap().into(),
-        cert: std::env::var("SLUICE_CHAOS_CERT").unwrap().into(),
-        key: std::env::var("SLUICE_CHAOS_KEY").unwrap().into(),
-    };
+    let id = child_identity();
     let mut config = sluice_client::QuerierConfig::new("doomed-querier", id, vec![addr.parse().unwrap()]);
     config.concurrency = 1;
     config.prefetch = std::env::var_os(PREFETCH_VAR).is_some();
@@ -110,9 +124,7 @@ async fn querier_process() {
 async fn a_querier_killed_mid_query_is_reported_at_once() {
     // The default idle timeout (5 s) stays: the lifeline must make it irrelevant.
     let t = start(|_| {}).await;
-    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
-    let mut fe = frontend(&fe_conn, "fe-1").await;
-    accepted(&mut fe, 1, "t").await;
+    let (_fe_conn, mut fe) = frontend_with_query_1(&t).await;
 
     let child = querier_child(&t, "querier_process").await;
     let took = kill_and_await_querier_failed(child, &mut fe, &[1]).await;
@@ -126,9 +138,7 @@ async fn a_querier_killed_mid_query_is_reported_at_once() {
 #[tokio::test]
 async fn a_prefetching_querier_killed_mid_query_fails_its_running_and_held_queries_at_once() {
     let t = start(|_| {}).await;
-    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
-    let mut fe = frontend(&fe_conn, "fe-1").await;
-    accepted(&mut fe, 1, "t").await;
+    let (_fe_conn, mut fe) = frontend_with_query_1(&t).await;
     let child = querier_child_with(&t, "querier_process", &[(PREFETCH_VAR, "1")]).await;
     accepted(&mut fe, 2, "t").await;
     t.status_until("2 held beside the running 1", |s| s.running == 2 && s.queued == 0)
@@ -147,9 +157,7 @@ async fn a_prefetching_querier_killed_mid_query_fails_its_running_and_held_queri
 async fn without_a_lifeline_a_killed_querier_is_noticed_at_the_idle_timeout() {
     let idle = Duration::from_millis(1500);
     let t = start(|s| s.idle_timeout_ms = Some(idle.as_millis() as u64)).await;
-    let fe_conn = t.connect(&t.certs.frontend).await.unwrap();
-    let mut fe = frontend(&fe_conn, "fe-1").await;
-    accepted(&mut fe, 1, "t").await;
+    let (_fe_conn, mut fe) = frontend_with_query_1(&t).await;
     let child = querier_child(&t, "raw_querier_process").await;
     let took = kill_and_await_querier_failed(child, &mut fe, &[1]).await;
     println!("querier without lifeline SIGKILL → frontend error: {took:?} (idle timeout {idle:?})");
@@ -165,11 +173,7 @@ async fn without_a_lifeline_a_killed_querier_is_noticed_at_the_idle_timeout() {
 async fn raw_querier_process() {
     let addr =
         std::env::var(ROLE_VAR).expect("run by without_a_lifeline_a_killed_querier_is_noticed_at_the_idle_timeout");
-    let id = Identity {
-        ca: std::env::var("SLUICE_CHAOS_CA").unwrap().into(),
-        cert: std::env::var("SLUICE_CHAOS_CERT").unwrap().into(),
-        key: std::env::var("SLUICE_CHAOS_KEY").unwrap().into(),
-    };
+    let id = child_identity();
     let conn = connect(addr.parse().unwrap(), &id).await.unwrap();
     let mut w = ready_worker(&conn, "raw-querier").await;
     let d = dispatched(&mut w).await;

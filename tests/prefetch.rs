@@ -81,23 +81,22 @@ impl Setup {
 /// A scheduler, a frontend and a querier with one prefetching worker that holds a query as
 /// long as it takes.
 async fn setup() -> Setup {
-    let t = start(|_| {}).await;
-    let fe = Frontend::connect(FrontendConfig::new(
-        "frontend-1",
-        t.certs.frontend.clone(),
-        vec![t.server.quic_addr()],
-    ))
-    .await
-    .unwrap();
+    holding(start(|_| {}).await, 1).await
+}
+
+/// A frontend and a querier of `workers` prefetching loops on `t`, each holding a query as
+/// long as it takes, once every slot is registered.
+async fn holding(t: TestServer, workers: usize) -> Setup {
+    let fe = common::client::frontend_for(&[&t]).await;
     let (h, started) = gated();
     let (gate, runs) = (h.gate.clone(), h.runs.clone());
     let config = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()])
-        .with_concurrency(1)
+        .with_concurrency(workers)
         .with_prefetch(true)
         .with_hold_limit(None);
     let q = Querier::start(config, h).unwrap();
-    assert!(q.wait_connected(1, WAIT).await, "one worker registered");
-    t.status_until("two slots for the one worker", |s| s.workers.len() == 2)
+    assert!(q.wait_connected(workers, WAIT).await, "every worker registered");
+    t.status_until("two slots for each worker", |s| s.workers.len() == 2 * workers)
         .await;
     Setup {
         t,
@@ -287,15 +286,14 @@ async fn a_reserved_worker_loop_keeps_both_its_slots_for_high_priorities() {
         s.lend_max_cost = Some(0);
     })
     .await;
-    let fe = common::client::frontend_for(&[&t]).await;
-    let (h, mut started) = gated();
-    let (gate, runs) = (h.gate.clone(), h.runs.clone());
-    let config = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()])
-        .with_concurrency(2)
-        .with_prefetch(true)
-        .with_hold_limit(None);
-    let q = Querier::start(config, h).unwrap();
-    t.status_until("two loops, four slots", |s| s.workers.len() == 4).await;
+    let Setup {
+        t,
+        fe,
+        q,
+        gate,
+        mut started,
+        runs,
+    } = holding(t, 2).await;
     let low = |body: &'static str| QueryRequest::new("low", body);
     let high = |body: &'static str| QueryRequest::new("high", body).with_priority(1);
 
