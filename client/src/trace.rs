@@ -71,9 +71,28 @@ impl TraceParent {
     }
 
     /// Sets `metadata`'s trace context to this one (replacing any other).
+    /// An entry already there is rewritten in place (no allocation: a querier does this
+    /// for every query).
     pub fn set(&self, metadata: &mut Metadata) {
-        metadata.retain(|(k, _)| !k.eq_ignore_ascii_case(TRACEPARENT));
-        metadata.push((TRACEPARENT.to_string(), self.header()));
+        let mut found = false;
+        metadata.retain_mut(|(k, v)| {
+            if !k.eq_ignore_ascii_case(TRACEPARENT) {
+                return true;
+            }
+            if found {
+                return false;
+            }
+            found = true;
+            if k != TRACEPARENT {
+                *k = TRACEPARENT.to_string();
+            }
+            v.clear();
+            self.write_header(v);
+            true
+        });
+        if !found {
+            metadata.push((TRACEPARENT.to_string(), self.header()));
+        }
     }
 
     /// The trace id as 32 hex digits, as logged.
@@ -86,16 +105,25 @@ impl TraceParent {
     /// The `traceparent` header value (written by hand: it is made for every query, and
     /// the formatting machinery costs several times more).
     fn header(&self) -> String {
-        let mut out = String::with_capacity(55);
-        out.push_str("00-");
-        push_hex(&mut out, &self.trace_id.to_be_bytes());
-        out.push('-');
-        push_hex(&mut out, &self.parent_id.to_be_bytes());
-        out.push('-');
-        push_hex(&mut out, &[self.flags]);
+        let mut out = String::with_capacity(HEADER_LEN);
+        self.write_header(&mut out);
         out
     }
+
+    /// Appends the header value to `out`.
+    fn write_header(&self, out: &mut String) {
+        out.reserve(HEADER_LEN);
+        out.push_str("00-");
+        push_hex(out, &self.trace_id.to_be_bytes());
+        out.push('-');
+        push_hex(out, &self.parent_id.to_be_bytes());
+        out.push('-');
+        push_hex(out, &[self.flags]);
+    }
 }
+
+/// Length of a version-00 `traceparent` value.
+const HEADER_LEN: usize = 55;
 
 fn push_hex(out: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -169,5 +197,24 @@ mod tests {
         tp.set(&mut metadata);
         assert_eq!(TraceParent::of(&metadata), Some(tp));
         assert_eq!(metadata.len(), 2);
+        assert_eq!(metadata[0], (TRACEPARENT.to_string(), tp.to_string()));
+    }
+
+    #[test]
+    fn setting_keeps_one_context_and_the_other_entries() {
+        let mut metadata = vec![
+            ("traceparent".to_string(), "junk".to_string()),
+            ("user".to_string(), "ann".to_string()),
+            ("TRACEPARENT".to_string(), "more junk".to_string()),
+        ];
+        let tp = TraceParent::root();
+        tp.child().set(&mut metadata);
+        let child = TraceParent::of(&metadata).unwrap();
+        assert_eq!(child.trace_id, tp.trace_id);
+        assert_eq!(metadata.len(), 2);
+        assert_eq!(metadata[1], ("user".to_string(), "ann".to_string()));
+        let mut empty = Vec::new();
+        tp.set(&mut empty);
+        assert_eq!(empty, vec![(TRACEPARENT.to_string(), tp.to_string())]);
     }
 }

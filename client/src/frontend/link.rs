@@ -11,6 +11,7 @@ use sluice_protocol::{
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::outgoing::Outgoing;
 use super::{Link, Shared};
 use crate::backoff::Backoff;
 use crate::lifecycle::{Event, SchedulerIx};
@@ -73,7 +74,7 @@ async fn serve_scheduler(
         .send(&FrontendToScheduler::ResultEndpoint(shared.address.clone()))
         .await
         .map_err(|e| e.to_string())?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<FrontendToScheduler>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
     *link.tx.lock().unwrap() = Some(tx);
     backoff.reset();
     shared.event(Event::SchedulerUp {

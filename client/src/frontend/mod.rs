@@ -11,6 +11,7 @@
 //! actions and timers into events, and carries out the actions the table returns.
 
 mod link;
+mod outgoing;
 mod results;
 mod shared;
 mod types;
@@ -350,7 +351,7 @@ impl Frontend {
             retriable: request.retriable,
         };
         let entry = Entry {
-            request,
+            request: Arc::new(request),
             capability,
             placed,
             done: Some(done),

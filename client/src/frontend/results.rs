@@ -189,18 +189,10 @@ fn deliver_whole(
             };
         }
     };
-    let (body_tx, rx) = mpsc::channel(1);
-    if !body.is_empty() {
-        let _ = body_tx.try_send(body);
-    }
-    drop(body_tx);
     let _ = done.send(Ok(QueryResponse {
         status,
         metadata,
-        body: Body {
-            rx,
-            failure: Arc::new(Mutex::new(None)),
-        },
+        body: Body::whole(body),
     }));
     ResultReceipt::Delivered
 }
@@ -266,10 +258,7 @@ async fn deliver(shared: &Arc<Shared>, reader: &mut FramedRead<quinn::RecvStream
     let _ = done.send(Ok(QueryResponse {
         status,
         metadata,
-        body: Body {
-            rx,
-            failure: failure.clone(),
-        },
+        body: Body::streamed(rx, failure.clone()),
     }));
     let (outcome, error) = tokio::select! {
         (receipt, error) = stream_body(reader, &body_tx) => (Some(receipt), error),

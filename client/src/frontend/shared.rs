@@ -6,13 +6,14 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use sluice_protocol::{Capability, Enqueue, FrontendAddress, FrontendToScheduler, QueryId, RefuseReason};
+use sluice_protocol::{Capability, FrontendAddress, FrontendToScheduler, QueryId, RefuseReason};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::outgoing::{Outgoing, Placing};
 use super::{FrontendConfig, QueryRequest, QueryResponse, link};
 use crate::FastMap;
 use crate::discovery::Target;
@@ -23,7 +24,8 @@ use crate::quic_stats::QuicStats;
 /// What the shell holds for a query beside its state in the table.
 #[derive(Debug)]
 pub(super) struct Entry {
-    pub(super) request: QueryRequest,
+    /// Shared with the link writers: each placement is encoded from it, not copied.
+    pub(super) request: Arc<QueryRequest>,
     pub(super) capability: Capability,
     /// `submit` waits on this for the first placement.
     pub(super) placed: Option<oneshot::Sender<Result<(), QueryError>>>,
@@ -46,7 +48,7 @@ pub(super) struct Inner {
 pub(super) struct Link {
     pub(super) addr: SocketAddr,
     /// The frontend loop's outbound frames, while connected.
-    pub(super) tx: Mutex<Option<mpsc::UnboundedSender<FrontendToScheduler>>>,
+    pub(super) tx: Mutex<Option<mpsc::UnboundedSender<Outgoing>>>,
     /// Discovery wants new work sent here.
     pub(super) in_use: AtomicBool,
     pub(super) stop: CancellationToken,
@@ -62,9 +64,9 @@ impl Link {
         }
     }
 
-    pub(super) fn send(&self, frame: FrontendToScheduler) {
+    pub(super) fn send(&self, msg: Outgoing) {
         if let Some(tx) = self.tx.lock().unwrap().as_ref() {
-            let _ = tx.send(frame);
+            let _ = tx.send(msg);
         }
     }
 }
@@ -156,13 +158,18 @@ impl Shared {
                     attempt,
                 } => {
                     if let Some(e) = inner.entries.get(&id) {
-                        let frame = enqueue_frame(id, e, timeout, attempt);
-                        self.link(scheduler).send(frame);
+                        self.link(scheduler).send(Outgoing::Enqueue(Placing {
+                            id,
+                            request: e.request.clone(),
+                            capability: e.capability,
+                            timeout,
+                            attempt,
+                        }));
                     }
                 }
-                Action::Cancel { scheduler, id } => {
-                    self.link(scheduler).send(FrontendToScheduler::Cancel { query_id: id })
-                }
+                Action::Cancel { scheduler, id } => self
+                    .link(scheduler)
+                    .send(Outgoing::Frame(FrontendToScheduler::Cancel { query_id: id })),
                 Action::Placed { id } => {
                     if let Some(tx) = inner.entries.get_mut(&id).and_then(|e| e.placed.take()) {
                         let _ = tx.send(Ok(()));
@@ -271,22 +278,4 @@ impl Shared {
             self.event(Event::SchedulerInUse { scheduler, in_use });
         }
     }
-}
-
-fn enqueue_frame(id: QueryId, e: &Entry, timeout: Option<Duration>, attempt: u32) -> FrontendToScheduler {
-    let r = &e.request;
-    FrontendToScheduler::Enqueue(Enqueue {
-        query_id: id,
-        tenant: r.tenant.clone(),
-        actors: r.actors.clone(),
-        component: r.component.clone(),
-        priority: r.priority,
-        cost_hint: r.cost_hint,
-        // Rounded up: a budget of 0.4 ms must not read as "already expired".
-        timeout_ms: timeout.map(|t| u64::try_from(t.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)),
-        attempt,
-        capability: e.capability,
-        metadata: r.metadata.clone(),
-        payload: r.payload.clone(),
-    })
 }

@@ -214,12 +214,39 @@ pub struct QueryResponse {
 /// deadline passed) ends with an error, never as a shorter success.
 #[derive(Debug)]
 pub struct Body {
-    pub(super) rx: mpsc::Receiver<Bytes>,
-    /// Set before the sender goes when the body did not end cleanly.
-    pub(super) failure: Arc<Mutex<Option<QueryError>>>,
+    source: Source,
+}
+
+/// Where a body's chunks come from.
+#[derive(Debug)]
+enum Source {
+    /// A small result that came in one frame: its one chunk (`None` once taken, or for an
+    /// empty body). No channel: most results are this.
+    Whole(Option<Bytes>),
+    /// A result streamed in as it arrives.
+    Streamed {
+        rx: mpsc::Receiver<Bytes>,
+        /// Set before the sender goes when the body did not end cleanly.
+        failure: Arc<Mutex<Option<QueryError>>>,
+    },
 }
 
 impl Body {
+    /// A body that arrived whole.
+    pub(super) fn whole(bytes: Bytes) -> Self {
+        Body {
+            source: Source::Whole((!bytes.is_empty()).then_some(bytes)),
+        }
+    }
+
+    /// A body streamed through `rx`; `failure` is set before the sender goes when it
+    /// did not end cleanly.
+    pub(super) fn streamed(rx: mpsc::Receiver<Bytes>, failure: Arc<Mutex<Option<QueryError>>>) -> Self {
+        Body {
+            source: Source::Streamed { rx, failure },
+        }
+    }
+
     /// The next chunk; `None` once the body is complete. After an error, `None`.
     pub async fn chunk(&mut self) -> Option<Result<Bytes, QueryError>> {
         std::future::poll_fn(|cx| self.poll_chunk(cx)).await
@@ -228,10 +255,13 @@ impl Body {
     /// The next chunk, polled: what [`chunk`](Self::chunk) returns, for the
     /// [`Stream`](futures_core::Stream) implementation.
     fn poll_chunk(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<Bytes, QueryError>>> {
-        match self.rx.poll_recv(cx) {
-            std::task::Poll::Ready(Some(bytes)) => std::task::Poll::Ready(Some(Ok(bytes))),
-            std::task::Poll::Ready(None) => std::task::Poll::Ready(self.failure.lock().unwrap().take().map(Err)),
-            std::task::Poll::Pending => std::task::Poll::Pending,
+        match &mut self.source {
+            Source::Whole(chunk) => std::task::Poll::Ready(chunk.take().map(Ok)),
+            Source::Streamed { rx, failure } => match rx.poll_recv(cx) {
+                std::task::Poll::Ready(Some(bytes)) => std::task::Poll::Ready(Some(Ok(bytes))),
+                std::task::Poll::Ready(None) => std::task::Poll::Ready(failure.lock().unwrap().take().map(Err)),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            },
         }
     }
 
@@ -329,13 +359,24 @@ mod body_tests {
     use futures_core::Stream;
 
     #[tokio::test]
+    async fn a_whole_body_gives_its_one_chunk_then_ends() {
+        let mut body = Body::whole(Bytes::from_static(b"all of it"));
+        assert_eq!(body.chunk().await, Some(Ok(Bytes::from_static(b"all of it"))));
+        assert_eq!(body.chunk().await, None);
+        assert_eq!(body.chunk().await, None);
+        let mut empty = Body::whole(Bytes::new());
+        assert_eq!(empty.chunk().await, None);
+        assert_eq!(
+            Body::whole(Bytes::from_static(b"xy")).collect().await,
+            Ok(b"xy".to_vec())
+        );
+    }
+
+    #[tokio::test]
     async fn a_body_streams_its_chunks_then_the_error_it_broke_with_then_ends() {
         let (tx, rx) = mpsc::channel(4);
         let failure = Arc::new(Mutex::new(None));
-        let mut body = Body {
-            rx,
-            failure: failure.clone(),
-        };
+        let mut body = Body::streamed(rx, failure.clone());
         tx.send(Bytes::from_static(b"a")).await.unwrap();
         tx.send(Bytes::from_static(b"b")).await.unwrap();
         *failure.lock().unwrap() = Some(QueryError::Failed("disk gone".into()));
