@@ -70,6 +70,10 @@ pub const QUIC_SEND_CALLS: &str = "sluice_query_scheduler_quic_send_calls_total"
 pub const QUIC_LOST_PACKETS: &str = "sluice_query_scheduler_quic_lost_packets_total";
 /// Times a connection's congestion window was cut (counter; `role`).
 pub const QUIC_CONGESTION_EVENTS: &str = "sluice_query_scheduler_quic_congestion_events_total";
+/// The QUIC endpoint's UDP socket buffers, as the kernel granted and reports them (gauge;
+/// `direction`: `receive`, `send`). Linux reports twice what it grants; below twice
+/// `transport::SOCKET_BUFFER_BYTES` the kernel capped it (docs/operations.md).
+pub const UDP_SOCKET_BUFFER: &str = "sluice_query_scheduler_udp_socket_buffer_bytes";
 
 /// Polls of this process's async tasks: a task woken and run (counter; read at scrape
 /// time; needs `--cfg tokio_unstable`, set in .cargo/config.toml).
@@ -139,6 +143,10 @@ pub const ALL: &[(&str, &str)] = &[
     (QUIC_BYTES, "Bytes in those datagrams, by peer role and direction."),
     (QUIC_SEND_CALLS, "System calls that sent the datagrams, by peer role."),
     (QUIC_LOST_PACKETS, "Packets QUIC declared lost, by peer role."),
+    (
+        UDP_SOCKET_BUFFER,
+        "The QUIC endpoint's UDP socket buffers as the kernel reports them, by direction.",
+    ),
     (
         QUIC_CONGESTION_EVENTS,
         "Congestion window cuts of the QUIC connections, by peer role.",
@@ -255,6 +263,9 @@ const BUCKETS: &[f64] = &[
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// Set once the endpoint is bound; rendered at every scrape (a gauge set once would
+    /// go idle and be dropped).
+    socket_buffers: std::sync::OnceLock<sluice_client::transport::SocketBuffers>,
 }
 
 impl Metrics {
@@ -267,7 +278,11 @@ impl Metrics {
             .idle_timeout(MetricKindMask::ALL, Some(idle))
             .build_recorder();
         let handle = recorder.handle();
-        let m = Metrics { recorder, handle };
+        let m = Metrics {
+            recorder,
+            handle,
+            socket_buffers: std::sync::OnceLock::new(),
+        };
         m.record(|| {
             for &(name, help) in ALL {
                 metrics::describe_counter!(name, help);
@@ -276,6 +291,11 @@ impl Metrics {
             }
         });
         m
+    }
+
+    /// Records the socket buffers the QUIC endpoint was granted.
+    pub fn set_socket_buffers(&self, granted: sluice_client::transport::SocketBuffers) {
+        let _ = self.socket_buffers.set(granted);
     }
 
     /// Runs `f` with this recorder as the one the `metrics` macros write to.
@@ -299,6 +319,10 @@ impl Metrics {
             }
             if let Some(rss) = process_resident_bytes() {
                 metrics::gauge!(PROCESS_RESIDENT_MEMORY).set(rss as f64);
+            }
+            if let Some(b) = self.socket_buffers.get() {
+                metrics::gauge!(UDP_SOCKET_BUFFER, "direction" => "receive").set(b.receive as f64);
+                metrics::gauge!(UDP_SOCKET_BUFFER, "direction" => "send").set(b.send as f64);
             }
             if let Some(r) = RuntimeCounts::now() {
                 metrics::counter!(RUNTIME_THREAD_PARKS).absolute(r.parks);

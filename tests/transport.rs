@@ -225,3 +225,23 @@ fn endpoint_sockets_get_the_buffers_asked_for_as_far_as_the_kernel_allows() {
     );
     assert_eq!(granted.send, SOCKET_BUFFER_REPORTED.min(kernel_buffer_cap("wmem_max")));
 }
+
+#[tokio::test]
+async fn the_scheduler_reports_the_socket_buffers_its_endpoint_was_granted() {
+    use sluice_client::transport::SOCKET_BUFFER_REPORTED;
+    let t = common::start(|_| {}).await;
+    let (status, metrics) = common::get(t.server.admin_addr(), "/metrics").await;
+    assert_eq!(status, 200);
+    for (direction, setting) in [("receive", "rmem_max"), ("send", "wmem_max")] {
+        let series = format!("sluice_query_scheduler_udp_socket_buffer_bytes{{direction=\"{direction}\"}}");
+        let value = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"));
+        assert_eq!(
+            value as usize,
+            SOCKET_BUFFER_REPORTED.min(kernel_buffer_cap(setting)),
+            "{direction}"
+        );
+    }
+}

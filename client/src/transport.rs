@@ -128,6 +128,14 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<(std::net::UdpSocket, SocketBuff
 /// [`MAX_UDP_PAYLOAD`]; a server when `server` is given. Warns, once per process, when the
 /// kernel granted less buffer than asked for, naming the setting that caps it.
 pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> io::Result<quinn::Endpoint> {
+    endpoint_and_buffers(addr, server).map(|(endpoint, _)| endpoint)
+}
+
+/// [`endpoint`], and the socket buffers the kernel granted it (for a gauge).
+pub fn endpoint_and_buffers(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> io::Result<(quinn::Endpoint, SocketBuffers)> {
     static WARNED: AtomicBool = AtomicBool::new(false);
     let (socket, granted) = bind_udp(addr)?;
     let short = granted.receive < SOCKET_BUFFER_REPORTED || granted.send < SOCKET_BUFFER_REPORTED;
@@ -145,5 +153,6 @@ pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> io::Re
     config
         .max_udp_payload_size(MAX_UDP_PAYLOAD)
         .map_err(|error| io::Error::other(error.to_string()))?;
-    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+    let endpoint = quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))?;
+    Ok((endpoint, granted))
 }

@@ -143,12 +143,13 @@ impl Server {
             .send_window(SEND_WINDOW)
             .datagram_receive_buffer_size(None);
         server_config.transport_config(Arc::new(transport));
-        let endpoint = sluice_client::transport::endpoint(config.listen, Some(server_config)).map_err(|error| {
-            ServerError::Bind {
-                addr: config.listen,
-                error,
-            }
-        })?;
+        let (endpoint, socket_buffers) =
+            sluice_client::transport::endpoint_and_buffers(config.listen, Some(server_config)).map_err(|error| {
+                ServerError::Bind {
+                    addr: config.listen,
+                    error,
+                }
+            })?;
         let quic_addr = endpoint.local_addr().map_err(|error| ServerError::Bind {
             addr: config.listen,
             error,
@@ -162,6 +163,7 @@ impl Server {
             ..Limits::default()
         };
         let metrics = Arc::new(Metrics::new(Duration::from_secs(300)));
+        metrics.set_socket_buffers(socket_buffers);
         let mut dispatcher = Dispatcher::new(
             config.scheduler_id.clone(),
             config.queue.clone(),
