@@ -27,6 +27,15 @@
 //! Each query carries a W3C `traceparent` in its metadata ([`trace`]): the caller's,
 //! continued, or one the frontend starts; the querier runs the handler in a `query` span
 //! with its trace id.
+//!
+//! # Runtime
+//!
+//! Both clients run their tasks on the tokio runtime they are started from. A process that
+//! does little besides (a frontend that only splits, a querier with light handlers) can use
+//! a one-thread runtime: a frontend and eight queriers in one process then spent 9% less CPU
+//! per query (no task moves between threads) and peaked 7% lower, its one thread being the
+//! limit (the repository's docs/benchmarks.md, "One runtime thread for the bench process").
+//! Handlers that compute want a thread per core.
 
 #![warn(missing_docs)]
 
