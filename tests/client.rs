@@ -439,3 +439,132 @@ async fn the_largest_querier_serves_with_every_worker_on_one_stream() {
     assert_eq!(body_of(handle).await.unwrap(), b"x".as_slice());
     q.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_request_larger_than_a_frame_fails_at_once_and_alone() {
+    let t = start(|_| {}).await;
+    // One worker, 300 ms a query: the first runs and the others wait in the queue while
+    // the oversized request comes.
+    let (fe, q, events) = frontend_and_querier(&t, 1, Duration::from_millis(300)).await;
+    let mut waiting = Vec::new();
+    for i in 0..4 {
+        waiting.push(fe.submit(QueryRequest::new("t", format!("q{i}"))).await.unwrap());
+    }
+    let max = sluice_protocol::Limits::default().max_frame_len as usize;
+    let huge = || QueryRequest::new("t", vec![b'x'; max]).with_timeout(Duration::from_secs(60));
+    let started = Instant::now();
+    let refused = wait("the oversized query's answer", fe.query(huge())).await;
+    let Err(QueryError::Invalid(message)) = refused else {
+        panic!("an oversized request got {:?}", refused.map(|r| r.status));
+    };
+    assert!(message.contains("max_frame_len"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused after {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(fe.submit(huge()).await, Err(QueryError::Invalid(_))));
+    // The queries around it were not disturbed: each answered once, none placed again.
+    for (i, handle) in waiting.into_iter().enumerate() {
+        assert_eq!(body_of(handle).await.unwrap(), format!("q{i}").as_bytes());
+    }
+    assert_eq!(fe.stats().requeued, 0);
+    assert_eq!(fe.outstanding(), 0);
+    drop(events);
+    q.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_result_too_large_for_a_frame_fails_its_query_at_once_and_big_metadata_that_fits_arrives() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let mut c = QuerierConfig::new("querier-big", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+    c.concurrency = 2;
+    let max = sluice_protocol::Limits::default().max_frame_len as usize;
+    let h = handler_fn(move |request: Request| async move {
+        let with_metadata = |len: usize| {
+            let mut r = Response::ok("m");
+            r.metadata.push(("big".into(), "m".repeat(len)));
+            Ok(r)
+        };
+        match &request.payload[..] {
+            b"error" => Err(HandlerError("€".repeat(max / 3))), // 3 bytes each: the cut falls inside one
+            b"too much metadata" => with_metadata(max),
+            b"1 MiB of metadata" => with_metadata(1 << 20),
+            b"20 KiB of metadata" => with_metadata(20 << 10),
+            p => Ok(Response::ok(p.to_vec())),
+        }
+    });
+    let q = Querier::start(c, h).unwrap();
+    assert!(q.wait_connected(1, WAIT).await);
+    let run = |what: &'static str| {
+        let fe = fe.clone();
+        async move {
+            let started = Instant::now();
+            let outcome = fe
+                .query(QueryRequest::new("t", what).with_timeout(Duration::from_secs(60)))
+                .await;
+            // Answered, not left to its deadline.
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{what}: {:?}",
+                started.elapsed()
+            );
+            outcome
+        }
+    };
+    let Err(QueryError::Failed(message)) = run("error").await else {
+        panic!("a huge handler error did not fail its query");
+    };
+    assert!(
+        message.starts_with("€€") && message.ends_with("more bytes cut)"),
+        "{}",
+        &message[..60]
+    );
+    assert!(message.len() < 17 * 1024, "{} bytes", message.len());
+    let Err(QueryError::Failed(message)) = run("too much metadata").await else {
+        panic!("metadata beyond a frame did not fail its query");
+    };
+    assert!(message.contains("max_frame_len"), "{message}");
+    for (what, len) in [("1 MiB of metadata", 1 << 20), ("20 KiB of metadata", 20 << 10)] {
+        let response = run(what).await.unwrap();
+        assert_eq!(response.metadata, vec![("big".to_string(), "m".repeat(len))], "{what}");
+        assert_eq!(response.body.collect().await.unwrap(), b"m");
+    }
+    echo_queries(&fe, 2).await;
+    q.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_query_too_large_to_dispatch_is_refused_and_the_largest_that_fits_runs() {
+    let t = start(|_| {}).await;
+    let (fe, q, _events) = frontend_and_querier(&t, 2, Duration::from_millis(300)).await;
+    // A query running on the querier the whole time.
+    let running = fe.submit(QueryRequest::new("t", "running")).await.unwrap();
+    let max = sluice_protocol::Limits::default().max_frame_len as usize;
+    let request = |payload: usize| QueryRequest::new("t", vec![b'x'; payload]).with_timeout(Duration::from_secs(30));
+    // Payloads from the frame limit down: refused by the frontend as an enqueue, then by
+    // the scheduler as a dispatch (its address and queue time added), then run.
+    let mut refused_as_dispatch = 0;
+    let mut largest = None;
+    for payload in (max - 400..max - 60).rev() {
+        match fe.query(request(payload)).await {
+            Err(QueryError::Invalid(m)) if m.contains("as an enqueue frame") => assert_eq!(refused_as_dispatch, 0),
+            Err(QueryError::Invalid(m)) if m.contains("as a dispatch") => refused_as_dispatch += 1,
+            Ok(response) => {
+                assert_eq!(response.body.collect().await.unwrap().len(), payload);
+                largest = Some(payload);
+                break;
+            }
+            Err(e) => panic!("a {payload}-byte payload: {e}"),
+        }
+    }
+    assert!(
+        refused_as_dispatch > 0 && largest.is_some(),
+        "{refused_as_dispatch} refused, ran {largest:?}"
+    );
+    // Nothing of this reached the querier's other query.
+    assert_eq!(body_of(running).await.unwrap(), b"running");
+    assert_eq!(fe.stats().redelivered, 0);
+    q.shutdown().await;
+}

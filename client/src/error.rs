@@ -56,7 +56,8 @@ pub enum QueryError {
         /// The last scheduler's estimate of the wait.
         estimated_wait: std::time::Duration,
     },
-    /// The request breaks a limit; retrying will not help.
+    /// The request breaks a limit (the scheduler's, or the frame limit: refused by the
+    /// frontend before sending); retrying will not help.
     #[error("invalid request: {0}")]
     Invalid(String),
     /// No scheduler is connected and accepting work.

@@ -43,6 +43,38 @@ pub fn encode<T: Serialize>(msg: &T, dst: &mut BytesMut, max_frame_len: u32) -> 
     Ok(())
 }
 
+/// The length of `msg`'s frame body (what [`encode`] checks against the frame limit),
+/// counted without encoding it.
+pub fn body_len<T: Serialize>(msg: &T) -> Result<usize, EncodeError> {
+    postcard::serialize_with_flavor(msg, postcard::ser_flavors::Size::default())
+        .map_err(|e| EncodeError::Serialize(e.to_string()))
+}
+
+/// An upper bound of the body length of an [`Enqueue`](crate::Enqueue) with these
+/// fields, counted without walking them twice: every length prefix and number at its
+/// longest varint, and the fixed fields with room to spare. A request whose bound is
+/// within a limit needs no exact count ([`body_len`]).
+pub fn enqueue_len_bound(
+    tenant: &str,
+    actors: &[String],
+    component: Option<&str>,
+    metadata: &crate::Metadata,
+    payload: usize,
+) -> usize {
+    /// Longest varint of a length or a `u64`.
+    const MAX_VARINT: usize = 10;
+    /// The tags, id, priority, cost hint, timeout, attempt and capability at their longest.
+    const FIXED_FIELDS_MAX: usize = 96;
+    let prefixes = actors.len() + 2 * metadata.len() + 5;
+    payload
+        + tenant.len()
+        + actors.iter().map(String::len).sum::<usize>()
+        + component.map_or(0, str::len)
+        + metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + MAX_VARINT * prefixes
+        + FIXED_FIELDS_MAX
+}
+
 /// Encodes `msg` as one frame in a new buffer.
 pub fn encode_to_vec<T: Serialize>(msg: &T, max_frame_len: u32) -> Result<BytesMut, EncodeError> {
     let mut buf = BytesMut::new();

@@ -326,6 +326,16 @@ proptest! {
     }
 
     #[test]
+    fn an_enqueue_never_takes_more_than_its_length_bound(e in enqueue()) {
+        let exact = body_len(&e).unwrap();
+        prop_assert_eq!(exact, encode_to_vec(&e, u32::MAX).unwrap().len() - LENGTH_PREFIX_LEN);
+        let bound = enqueue_len_bound(&e.tenant, &e.actors, e.component.as_deref(), &e.metadata, e.payload.len());
+        prop_assert!(exact <= bound, "{} > {}", exact, bound);
+        // As the variant of `FrontendToScheduler` it is sent in, too.
+        prop_assert!(body_len(&FrontendToScheduler::Enqueue(e)).unwrap() <= bound);
+    }
+
+    #[test]
     fn frontend_to_scheduler_roundtrips(msgs in vec(frontend_to_scheduler(), 1..6), piece in 1usize..512) {
         assert_stream_roundtrip(&msgs, piece);
     }

@@ -295,7 +295,9 @@ impl Frontend {
 
     /// Enqueues a query and returns once a scheduler accepted it. A scheduler that is full
     /// for the tenant or shutting down is skipped for another; the error is returned only
-    /// when every scheduler refused, or none could be reached within `enqueue_wait`.
+    /// when every scheduler refused, or none could be reached within `enqueue_wait`. A
+    /// request too large for one frame (`max_frame_len`) fails at once with
+    /// [`QueryError::Invalid`], before anything is sent.
     /// Dropping the returned future withdraws the query.
     pub async fn submit(&self, request: QueryRequest) -> Result<QueryHandle, QueryError> {
         let (placed, placed_rx) = oneshot::channel();
@@ -339,9 +341,25 @@ impl Frontend {
             span.record("trace_id", trace.trace_id_hex());
         }
         span.in_scope(|| debug!("submitted"));
+        let (done, rx) = oneshot::channel();
+        if let Err(error) = outgoing::check_fits(&request, self.shared.config.client.max_frame_len) {
+            // Refused before it is recorded: it ends here, at once, and alone.
+            span.in_scope(|| debug!(%error, "refused"));
+            if let Some(placed) = placed {
+                let _ = placed.send(Err(error.clone()));
+            }
+            let _ = done.send(Err(error));
+            return QueryHandle {
+                id,
+                shared: self.shared.clone(),
+                rx: Some(rx),
+                armed: false,
+                span,
+                trace,
+            };
+        }
         let timeout = request.timeout.unwrap_or(self.shared.config.default_timeout);
         let deadline = Instant::now().checked_add(timeout);
-        let (done, rx) = oneshot::channel();
         let capability: Capability = rand::random();
         let event = Event::Submit {
             id,

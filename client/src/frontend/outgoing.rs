@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde::ser::{SerializeStruct, Serializer};
-use sluice_protocol::{Capability, FrontendToScheduler, QueryId};
+use sluice_protocol::{Capability, FrontendToScheduler, QueryId, body_len, enqueue_len_bound};
 
 use super::QueryRequest;
+use crate::error::QueryError;
 
 /// One message for the writer task.
 #[derive(Debug)]
@@ -39,24 +40,85 @@ impl Placing {
         self.timeout
             .map(|t| u64::try_from(t.as_micros().div_ceil(1000)).unwrap_or(u64::MAX))
     }
+
+    fn view(&self) -> EnqueueOf<'_> {
+        EnqueueOf {
+            id: self.id,
+            request: &self.request,
+            capability: self.capability,
+            timeout_ms: self.timeout_ms(),
+            attempt: self.attempt,
+        }
+    }
 }
+
+/// Err ([`QueryError::Invalid`]) when an `Enqueue` of `request` could exceed a frame of
+/// `max_frame_len` bytes in some placement (its figures at their largest). Sending it
+/// would fail on the link and take the link's other queries down with it, so the
+/// frontend refuses it before it is recorded.
+pub(super) fn check_fits(request: &QueryRequest, max_frame_len: u32) -> Result<(), QueryError> {
+    let max = max_frame_len as usize;
+    // Only a request near the limit is counted exactly.
+    let r = request;
+    if enqueue_len_bound(
+        &r.tenant,
+        &r.actors,
+        r.component.as_deref(),
+        &r.metadata,
+        r.payload.len(),
+    ) <= max
+    {
+        return Ok(());
+    }
+    let worst = EnqueueOf {
+        id: QueryId::MAX,
+        request,
+        capability: Capability::MAX,
+        timeout_ms: Some(u64::MAX),
+        attempt: u32::MAX,
+    };
+    let len = body_len(&AsFrame(&worst)).map_err(|e| QueryError::Invalid(e.to_string()))?;
+    if len > max {
+        return Err(QueryError::Invalid(format!(
+            "the request takes {len} bytes as an enqueue frame, above the frame limit of {max_frame_len} \
+             bytes (max_frame_len); send less in one query"
+        )));
+    }
+    Ok(())
+}
+
+/// An `Enqueue` frame's fields, borrowed.
+struct EnqueueOf<'a> {
+    id: QueryId,
+    request: &'a QueryRequest,
+    capability: Capability,
+    timeout_ms: Option<u64>,
+    attempt: u32,
+}
+
+/// An [`EnqueueOf`] as the `FrontendToScheduler::Enqueue` variant.
+struct AsFrame<'a, 'b>(&'b EnqueueOf<'a>);
 
 impl Serialize for Outgoing {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
             Outgoing::Frame(frame) => frame.serialize(serializer),
-            Outgoing::Enqueue(p) => {
-                // Variant 0 of `FrontendToScheduler`, fields in `Enqueue`'s order: the
-                // tests hold the bytes to those of the real frame.
-                serializer.serialize_newtype_variant("FrontendToScheduler", 0, "Enqueue", p)
-            }
+            Outgoing::Enqueue(p) => AsFrame(&p.view()).serialize(serializer),
         }
     }
 }
 
-impl Serialize for Placing {
+impl Serialize for AsFrame<'_, '_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let r = &*self.request;
+        // Variant 0 of `FrontendToScheduler`, fields in `Enqueue`'s order: the tests hold
+        // the bytes to those of the real frame.
+        serializer.serialize_newtype_variant("FrontendToScheduler", 0, "Enqueue", self.0)
+    }
+}
+
+impl Serialize for EnqueueOf<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let r = self.request;
         let mut s = serializer.serialize_struct("Enqueue", 11)?;
         s.serialize_field("query_id", &self.id)?;
         s.serialize_field("tenant", &r.tenant)?;
@@ -64,7 +126,7 @@ impl Serialize for Placing {
         s.serialize_field("component", &r.component)?;
         s.serialize_field("priority", &r.priority)?;
         s.serialize_field("cost_hint", &r.cost_hint)?;
-        s.serialize_field("timeout_ms", &self.timeout_ms())?;
+        s.serialize_field("timeout_ms", &self.timeout_ms)?;
         s.serialize_field("attempt", &self.attempt)?;
         s.serialize_field("capability", &self.capability)?;
         s.serialize_field("metadata", &r.metadata)?;
@@ -139,6 +201,44 @@ mod tests {
             prop_assert_eq!(&sent, &bytes(&expected));
             prop_assert_eq!(decode_body::<FrontendToScheduler>(&sent[4..]).unwrap(), expected);
         }
+    }
+
+    /// The worst-case body length of an enqueue of `request`, counted by encoding it.
+    fn worst_len(request: &QueryRequest) -> usize {
+        let worst = Placing {
+            id: QueryId::MAX,
+            request: Arc::new(request.clone()),
+            capability: Capability::MAX,
+            timeout: Some(Duration::MAX),
+            attempt: u32::MAX,
+        };
+        bytes(&Outgoing::Enqueue(worst)).len() - 4
+    }
+
+    #[test]
+    fn a_request_fits_up_to_the_frame_limit_and_not_a_byte_beyond() {
+        let limit = 64 * 1024;
+        let mut request = QueryRequest::new("tenant", Bytes::new())
+            .with_actors(["user", "dashboard"])
+            .with_component("store-gateway");
+        request.metadata.push(("traceparent".into(), "x".repeat(55)));
+        let overhead = worst_len(&request);
+        // The largest payload that fits, whatever the placement's figures.
+        // (`overhead` has the empty payload's 1-byte length; this one's takes 3.)
+        request.payload = Bytes::from(vec![7; limit - overhead - 2]);
+        assert_eq!(worst_len(&request), limit);
+        assert_eq!(check_fits(&request, limit as u32), Ok(()));
+        request.payload = Bytes::from(vec![7; limit - overhead - 1]);
+        let Err(QueryError::Invalid(message)) = check_fits(&request, limit as u32) else {
+            panic!("one byte over the limit was taken");
+        };
+        assert!(
+            message.contains("65537 bytes") && message.contains("max_frame_len"),
+            "{message}"
+        );
+        // Far below the limit, the bound answers alone; far above, too.
+        assert_eq!(check_fits(&QueryRequest::new("t", "q"), 64), Ok(()));
+        assert!(check_fits(&QueryRequest::new("t", vec![0; 100]), 64).is_err());
     }
 
     #[test]

@@ -27,7 +27,7 @@ use super::{HandlerError, Response, ResponseBody, Shared};
 use crate::FastMap;
 use crate::quic_stats::QuicStats;
 
-/// Largest body sent on the shared stream: a larger one would hold up the results behind
+/// Largest body (with its metadata) sent on the shared stream: a larger one would hold up the results behind
 /// it, so it gets a stream of its own.
 pub(super) const MAX_SHARED_BODY: usize = 16 * 1024;
 
@@ -116,7 +116,7 @@ pub(super) fn whole(
             metadata,
             body: ResponseBody::Bytes(body),
             ..
-        }) if body.len() <= MAX_SHARED_BODY => Ok(ResultFrame::Whole {
+        }) if body.len() + super::deliver::metadata_len(&metadata) <= MAX_SHARED_BODY => Ok(ResultFrame::Whole {
             query_id: d.query_id,
             tenant: d.tenant.clone(),
             capability: d.capability,

@@ -17,6 +17,46 @@ use sluice_protocol::{
 
 use super::{HandlerError, Response, ResponseBody, Shared, Stream, frontends};
 
+/// Longest handler error message sent; a longer one is cut at a character boundary and
+/// says how much was cut.
+pub(super) const MAX_ERROR_MESSAGE: usize = 16 * 1024;
+
+/// Room in a result's head frame for all but its metadata (ids, tenant, capability, status).
+const HEAD_ROOM: usize = 4 * 1024;
+
+/// Bytes `metadata` takes in a frame, at most (each length prefix at its longest).
+pub(super) fn metadata_len(metadata: &sluice_protocol::Metadata) -> usize {
+    10 + metadata.iter().map(|(k, v)| k.len() + v.len() + 20).sum::<usize>()
+}
+
+/// The handler's outcome made sendable: an error message cut to [`MAX_ERROR_MESSAGE`], and
+/// a response whose metadata cannot fit in a frame of `max_frame_len` turned into an error
+/// that says so. Either would otherwise fail to encode, and its query would end only at
+/// its deadline, as if the querier had never answered.
+pub(super) fn fit_to_frame(
+    outcome: Result<Response, HandlerError>,
+    max_frame_len: u32,
+) -> Result<Response, HandlerError> {
+    match outcome {
+        Err(HandlerError(mut message)) if message.len() > MAX_ERROR_MESSAGE => {
+            let mut end = MAX_ERROR_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            let cut = message.len() - end;
+            message.truncate(end);
+            message.push_str(&format!("… ({cut} more bytes cut)"));
+            Err(HandlerError(message))
+        }
+        Ok(r) if metadata_len(&r.metadata) + HEAD_ROOM > max_frame_len as usize => Err(HandlerError(format!(
+            "the handler's response metadata takes {} bytes; a result's head must fit in one frame of \
+             {max_frame_len} bytes (max_frame_len)",
+            metadata_len(&r.metadata)
+        ))),
+        other => other,
+    }
+}
+
 async fn frontend_connection(shared: &Shared, to: &FrontendAddress) -> Result<quinn::Connection, String> {
     frontends::connect(&shared.endpoint, &shared.frontends.slot(&to.address), to, &shared.quic).await
 }

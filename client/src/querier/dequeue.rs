@@ -429,6 +429,7 @@ impl<H: Handler> Driver<H> {
             }
             None => None,
             Some(outcome) => {
+                let outcome = deliver::fit_to_frame(outcome, self.shared.config.client.max_frame_len);
                 let number = self.next_delivery;
                 self.next_delivery += 1;
                 // A small whole result rides the frontend's shared results stream, its

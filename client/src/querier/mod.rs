@@ -228,7 +228,8 @@ impl BodyStream {
 pub struct Response {
     /// HTTP-style status (200 = success).
     pub status: u16,
-    /// Key/value pairs for the frontend.
+    /// Key/value pairs for the frontend. They travel in one frame with the result's head:
+    /// metadata that cannot fit in `max_frame_len` fails the query, saying so.
     pub metadata: Metadata,
     /// The result body.
     pub body: ResponseBody,
@@ -269,7 +270,8 @@ impl Response {
     }
 }
 
-/// A handler's failure; sent to the frontend as the query's error.
+/// A handler's failure; sent to the frontend as the query's error (a message longer than
+/// 16 KiB is cut, saying how much).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerError(pub String);
 

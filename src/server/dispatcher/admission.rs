@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use metrics::counter;
 use sluice_client::trace::TraceParent;
-use sluice_protocol::{Enqueue, EnqueueStatus, SchedulerToFrontend};
+use sluice_protocol::{Enqueue, EnqueueStatus, FrontendAddress, SchedulerToFrontend, body_len, enqueue_len_bound};
 use tracing::debug;
 
 use super::cluster::{DEFER_FOR, Deferred};
@@ -60,6 +60,39 @@ impl Queued for Pending {
     }
 }
 
+/// Bytes a `Dispatch` frame may take beyond its enqueue's fields and the frontend's
+/// address: the frame's tags, the worker, the queue time (dropping the priority and cost
+/// hint only makes it shorter).
+const DISPATCH_EXTRA: usize = 16;
+
+/// Bytes a frontend's address takes in a frame, at most.
+fn address_len(a: &FrontendAddress) -> usize {
+    a.id.len() + a.address.len() + a.server_name.len() + 3 * 10
+}
+
+/// Err(its length, at most) when `enqueue` could not be dispatched in one frame of
+/// `max_frame_len` bytes: its querier's stream would fail on it and take the querier's
+/// other queries down, so it is refused instead. Counted only for a request that comes
+/// near the limit.
+fn dispatch_fits(enqueue: &Enqueue, address_len: usize, max_frame_len: u32) -> Result<(), usize> {
+    let max = max_frame_len as usize;
+    let e = enqueue;
+    let bound = enqueue_len_bound(
+        &e.tenant,
+        &e.actors,
+        e.component.as_deref(),
+        &e.metadata,
+        e.payload.len(),
+    );
+    if bound + address_len + DISPATCH_EXTRA <= max {
+        return Ok(());
+    }
+    let len = body_len(enqueue)
+        .unwrap_or(usize::MAX)
+        .saturating_add(address_len + DISPATCH_EXTRA);
+    if len > max { Err(len) } else { Ok(()) }
+}
+
 /// Why an enqueue was not queued now.
 enum Refusal {
     /// Answered with this status (the tenant moved out of the request, for its metric).
@@ -86,12 +119,12 @@ impl Dispatcher {
             return; // its connection already closed
         };
         let query_id = enqueue.query_id;
-        let has_address = f.address.is_some();
+        let address_len = f.address.as_ref().map(address_len);
         // The query's trace id in the scheduler's log (only looked up when logging it).
         let trace = tracing::enabled!(tracing::Level::DEBUG)
             .then(|| TraceParent::of(&enqueue.metadata).map(|t| t.trace_id_hex()))
             .flatten();
-        let outcome = match self.admit(now, frontend, enqueue, received, has_address, defer_until) {
+        let outcome = match self.admit(now, frontend, enqueue, received, address_len, defer_until) {
             Ok(wait) => Ok(wait),
             Err(Refusal::Answer(status, tenant)) => Err((status, tenant)),
             Err(Refusal::Defer(d)) => {
@@ -156,19 +189,27 @@ impl Dispatcher {
         frontend: u64,
         enqueue: Box<Enqueue>,
         received: Instant,
-        has_address: bool,
+        address_len: Option<usize>,
         defer_until: Instant,
     ) -> Result<Option<Duration>, Refusal> {
         let refuse = |status, enqueue: Box<Enqueue>| Err(Refusal::Answer(status, enqueue.tenant));
         if !self.serving() {
             return refuse(EnqueueStatus::ShuttingDown, enqueue);
         }
-        if !has_address {
+        let Some(address_len) = address_len else {
             let reason = "the result endpoint must be announced before the first enqueue".into();
             return refuse(EnqueueStatus::Invalid { reason }, enqueue);
-        }
+        };
         if let Err(e) = enqueue.validate(&self.limits) {
             return refuse(EnqueueStatus::Invalid { reason: e.to_string() }, enqueue);
+        }
+        if let Err(len) = dispatch_fits(&enqueue, address_len, self.limits.max_frame_len) {
+            let reason = format!(
+                "the query would take {len} bytes as a dispatch to a querier (the enqueue and where \
+                 to send the result), above the frame limit of {} bytes (max_frame_len)",
+                self.limits.max_frame_len
+            );
+            return refuse(EnqueueStatus::Invalid { reason }, enqueue);
         }
         let options = EnqueueOptions {
             deadline: enqueue.timeout_ms.map(|ms| received + Duration::from_millis(ms)),
