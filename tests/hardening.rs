@@ -322,6 +322,36 @@ async fn an_amplifying_enqueue_is_refused_while_decoding_without_the_memory() {
     assert!(after < before + 64 * 1024, "peak RSS grew by {} KiB", after - before);
 }
 
+#[tokio::test]
+async fn every_number_of_an_enqueue_at_its_largest_is_served_and_the_scheduler_carries_on() {
+    let t = start(|_| {}).await;
+    let (_conn, mut fe) = frontend_loop(&t).await;
+    let FrontendToScheduler::Enqueue(base) = enqueue(u64::MAX, "t") else {
+        unreachable!()
+    };
+    let largest = Enqueue {
+        priority: Some(u8::MAX),
+        cost_hint: Some(u32::MAX),
+        timeout_ms: Some(u64::MAX),
+        attempt: u32::MAX,
+        capability: u128::MAX,
+        ..base.clone()
+    };
+    fe.send(&FrontendToScheduler::Enqueue(largest)).await;
+    assert_eq!(status_of(&mut fe, u64::MAX).await, EnqueueStatus::Accepted);
+    // It is dispatched with every figure as sent, its deadline held as far as the queue's
+    // clock reaches (centuries); then an ordinary query after it.
+    let qconn = t.connect(&t.certs.querier).await.unwrap();
+    let mut worker = ready_worker(&qconn, "querier-1").await;
+    let d = dispatched(&mut worker).await;
+    assert_eq!((d.query_id, d.attempt, d.capability), (u64::MAX, u32::MAX, u128::MAX));
+    let century_ms = 100 * 365 * 24 * 3600 * 1000;
+    assert!(d.timeout_ms.is_some_and(|ms| ms > century_ms), "{:?}", d.timeout_ms);
+    accepted(&mut fe, 1, "t").await;
+    let (_, status) = get(t.server.admin_addr(), "/ready").await;
+    assert!(status.contains("ready"), "{status}");
+}
+
 /// Not a check: measures what an idle QUIC connection costs a scheduler process (for
 /// docs/operations.md). Run with
 /// `cargo test --release --test hardening -- --ignored --nocapture idle_connection_cost`.
