@@ -568,3 +568,21 @@ async fn a_query_too_large_to_dispatch_is_refused_and_the_largest_that_fits_runs
     assert_eq!(fe.stats().redelivered, 0);
     q.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_request_with_every_field_at_its_largest_runs() {
+    let t = start(|_| {}).await;
+    let (fe, q, _events) = frontend_and_querier(&t, 1, Duration::ZERO).await;
+    let limits = sluice_protocol::Limits::default();
+    let request = QueryRequest::new("t".repeat(limits.max_tenant_len), "largest")
+        .with_actors((0..limits.max_actor_depth).map(|i| format!("{i}").repeat(limits.max_actor_len)))
+        .with_component("c".repeat(limits.max_component_len))
+        .with_priority(u8::MAX)
+        .with_cost_hint(u32::MAX)
+        .with_timeout(Duration::MAX);
+    let request = (1..limits.max_metadata_entries).fold(request, |r, i| r.with_metadata(format!("k{i}"), "v"));
+    let handle = fe.submit(request).await.unwrap();
+    assert_eq!(body_of(handle).await.unwrap(), b"largest");
+    echo_queries(&fe, 2).await;
+    q.shutdown().await;
+}
