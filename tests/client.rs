@@ -423,6 +423,36 @@ async fn a_querier_with_more_workers_than_a_stream_carries_is_refused_at_start()
 }
 
 #[tokio::test]
+async fn a_querier_whose_chunks_would_not_fit_a_frame_is_refused_at_start_and_the_largest_that_fit_stream() {
+    let t = start(|_| {}).await;
+    let config = |chunk_size: usize| {
+        let mut c = QuerierConfig::new("q", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+        c.chunk_size = chunk_size;
+        c
+    };
+    let max = sluice_protocol::Limits::default().max_frame_len as usize;
+    let (h, _events) = handler(Duration::ZERO);
+    match Querier::start(config(max), h) {
+        Err(ClientError::Config(message)) => assert!(message.contains("max_frame_len"), "{message}"),
+        Err(other) => panic!("expected a config error, got {other}"),
+        Ok(_) => panic!("started with chunks larger than a frame"),
+    }
+    // The largest chunk allowed: a result of two such chunks arrives whole.
+    let largest = max - 16;
+    let body = vec![b'r'; 2 * largest];
+    let reply = body.clone();
+    let h = handler_fn(move |_request: Request| {
+        let reply = reply.clone();
+        async move { Ok(Response::ok(reply)) }
+    });
+    let q = Querier::start(config(largest), h).unwrap();
+    let fe = frontend_for(&[&t]).await;
+    let answer = body_of(fe.submit(QueryRequest::new("t", "big")).await.unwrap()).await;
+    assert_eq!(answer.unwrap().len(), body.len());
+    q.shutdown().await;
+}
+
+#[tokio::test]
 async fn the_largest_querier_serves_with_every_worker_on_one_stream() {
     let t = start(|_| {}).await;
     let (h, _events) = handler(Duration::ZERO);

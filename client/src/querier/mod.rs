@@ -45,6 +45,9 @@ use crate::tls::Identity;
 /// result stream.
 type Stream = (FramedWrite<quinn::SendStream>, FramedRead<quinn::RecvStream>);
 
+/// Bytes a chunk frame takes beyond its chunk: the frame's tag and the chunk's length.
+const CHUNK_FRAME_OVERHEAD: usize = 16;
+
 /// Settings of a [`Querier`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -66,7 +69,7 @@ pub struct QuerierConfig {
     /// held it rests until a handler of its loop returns within this limit. `None`: a held
     /// query waits however long the query before it runs. Must be under `confirm_after`.
     pub hold_limit: Option<Duration>,
-    /// Result body bytes per chunk frame.
+    /// Result body bytes per chunk frame; a chunk frame must fit in `max_frame_len`.
     pub chunk_size: usize,
     /// Attempts to deliver a result before giving up on it.
     pub delivery_attempts: u32,
@@ -421,6 +424,13 @@ impl Querier {
             return Err(ClientError::Config(
                 "concurrency, chunk_size and delivery_attempts must be at least 1".into(),
             ));
+        }
+        let largest_chunk = config.client.max_frame_len as usize - CHUNK_FRAME_OVERHEAD;
+        if config.chunk_size > largest_chunk {
+            return Err(ClientError::Config(format!(
+                "chunk_size is {} bytes; a chunk frame must fit in max_frame_len ({} bytes): at most {largest_chunk}",
+                config.chunk_size, config.client.max_frame_len
+            )));
         }
         if let Some(limit) = config.hold_limit
             && limit >= config.confirm_after
