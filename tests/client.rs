@@ -616,3 +616,31 @@ async fn a_request_with_every_field_at_its_largest_runs() {
     echo_queries(&fe, 2).await;
     q.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_query_too_large_for_its_schedulers_smaller_frames_fails_at_once_and_alone() {
+    // The scheduler reads frames of at most 1 MiB; the frontend would send up to 8 MiB.
+    let t = start(|s| s.max_frame_len = Some(1 << 20)).await;
+    let (fe, q, _events) = frontend_and_querier(&t, 1, Duration::from_millis(300)).await;
+    let mut waiting = Vec::new();
+    for i in 0..3 {
+        waiting.push(fe.submit(QueryRequest::new("t", format!("q{i}"))).await.unwrap());
+    }
+    let started = Instant::now();
+    let big = QueryRequest::new("t", vec![b'x'; 2 << 20]).with_timeout(Duration::from_secs(30));
+    let Err(QueryError::Invalid(message)) = wait("the big query's answer", fe.query(big)).await else {
+        panic!("a query too large for the scheduler was not refused");
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "after {:?}",
+        started.elapsed()
+    );
+    assert!(message.contains("the scheduler's frame limit of 1048576"), "{message}");
+    // Its link was never closed: the others ran once each, none placed again.
+    for (i, handle) in waiting.into_iter().enumerate() {
+        assert_eq!(body_of(handle).await.unwrap(), format!("q{i}").as_bytes());
+    }
+    assert_eq!(fe.stats().requeued, 0);
+    q.shutdown().await;
+}

@@ -157,7 +157,11 @@ async fn a_result_that_overtakes_its_enqueue_ack_is_delivered() {
             writer: FramedWrite::new(send, 1 << 20),
         };
         peer.reader.hello().await.unwrap().unwrap();
-        peer.send(&HelloReply::Welcome { id: "fake".into() }).await;
+        peer.send(&HelloReply::Welcome {
+            id: "fake".into(),
+            max_frame_len: 1 << 20,
+        })
+        .await;
         let FrontendToScheduler::ResultEndpoint(result_at) = peer.recv::<FrontendToScheduler>().await else {
             panic!("expected the result endpoint first")
         };

@@ -60,7 +60,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks. A peer with another version is refused in
 /// the [`HelloReply`]; the version is the first field of [`Hello`] so it can always be read.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// A frontend-chosen query identifier, unique among that frontend's outstanding queries.
 pub type QueryId = u64;
@@ -129,8 +129,10 @@ impl Hello {
 /// The answer to a [`Hello`], sent by the side that accepted the stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HelloReply {
-    /// Accepted; carries the acceptor's id (scheduler id or frontend id).
-    Welcome { id: String },
+    /// Accepted; carries the acceptor's id (scheduler id or frontend id) and the largest
+    /// frame it reads (its `max_frame_len`): a larger one would close the connection, so
+    /// the opener sends nothing larger on it.
+    Welcome { id: String, max_frame_len: u32 },
     /// Refused; the stream is closed after this frame.
     Rejected { code: RejectCode, message: String },
 }

@@ -45,7 +45,7 @@ fn hello_reply() -> impl Strategy<Value = HelloReply> {
         Just(RejectCode::ShuttingDown),
     ];
     prop_oneof![
-        text().prop_map(|id| HelloReply::Welcome { id }),
+        (text(), any::<u32>()).prop_map(|(id, max_frame_len)| HelloReply::Welcome { id, max_frame_len }),
         (code, text()).prop_map(|(code, message)| HelloReply::Rejected { code, message }),
     ]
 }

@@ -85,6 +85,7 @@ pub(crate) async fn serve_stream(
     }
     let welcome = HelloReply::Welcome {
         id: limits.scheduler_id.clone(),
+        max_frame_len: limits.limits.max_frame_len,
     };
     if writer.send(&welcome).await.is_err() {
         return;

@@ -66,7 +66,7 @@ async fn serve_scheduler(
         .await
         .map_err(|e| e.to_string())?;
     match reader.next::<HelloReply>().await.map_err(|e| e.to_string())? {
-        Some(HelloReply::Welcome { .. }) => {}
+        Some(HelloReply::Welcome { max_frame_len, .. }) => link.max_frame_len.store(max_frame_len, Ordering::Relaxed),
         Some(HelloReply::Rejected { code, message }) => return Err(format!("refused ({code:?}): {message}")),
         None => return Err("closed before the hello reply".into()),
     }

@@ -342,7 +342,10 @@ impl Frontend {
         }
         span.in_scope(|| debug!("submitted"));
         let (done, rx) = oneshot::channel();
-        if let Err(error) = outgoing::check_fits(&request, self.shared.config.client.max_frame_len) {
+        let max_frame_len = self.shared.config.client.max_frame_len;
+        let len_bound = outgoing::len_bound(&request);
+        if let Err(len) = outgoing::fits(&request, len_bound, max_frame_len) {
+            let error = QueryError::Invalid(outgoing::too_large(len, max_frame_len, "this frontend's"));
             // Refused before it is recorded: it ends here, at once, and alone.
             span.in_scope(|| debug!(%error, "refused"));
             if let Some(placed) = placed {
@@ -370,6 +373,7 @@ impl Frontend {
         };
         let entry = Entry {
             request: Arc::new(request),
+            len_bound,
             capability,
             placed,
             done: Some(done),

@@ -11,7 +11,6 @@ use serde::ser::{SerializeStruct, Serializer};
 use sluice_protocol::{Capability, FrontendToScheduler, QueryId, body_len, enqueue_len_bound};
 
 use super::QueryRequest;
-use crate::error::QueryError;
 
 /// One message for the writer task.
 #[derive(Debug)]
@@ -52,22 +51,23 @@ impl Placing {
     }
 }
 
-/// Err ([`QueryError::Invalid`]) when an `Enqueue` of `request` could exceed a frame of
-/// `max_frame_len` bytes in some placement (its figures at their largest). Sending it
-/// would fail on the link and take the link's other queries down with it, so the
-/// frontend refuses it before it is recorded.
-pub(super) fn check_fits(request: &QueryRequest, max_frame_len: u32) -> Result<(), QueryError> {
-    let max = max_frame_len as usize;
-    // Only a request near the limit is counted exactly.
+/// An upper bound of the body length of an `Enqueue` of `request`, quick to count.
+pub(super) fn len_bound(request: &QueryRequest) -> usize {
     let r = request;
-    if enqueue_len_bound(
+    enqueue_len_bound(
         &r.tenant,
         &r.actors,
         r.component.as_deref(),
         &r.metadata,
         r.payload.len(),
-    ) <= max
-    {
+    )
+}
+
+/// Err(its length) when an `Enqueue` of `request` could exceed a frame of `max_frame_len`
+/// bytes in some placement (its figures at their largest); `bound` is its [`len_bound`].
+/// Counted exactly only when the bound is above the limit.
+pub(super) fn fits(request: &QueryRequest, bound: usize, max_frame_len: u32) -> Result<(), usize> {
+    if bound <= max_frame_len as usize {
         return Ok(());
     }
     let worst = EnqueueOf {
@@ -77,14 +77,17 @@ pub(super) fn check_fits(request: &QueryRequest, max_frame_len: u32) -> Result<(
         timeout_ms: Some(u64::MAX),
         attempt: u32::MAX,
     };
-    let len = body_len(&AsFrame(&worst)).map_err(|e| QueryError::Invalid(e.to_string()))?;
-    if len > max {
-        return Err(QueryError::Invalid(format!(
-            "the request takes {len} bytes as an enqueue frame, above the frame limit of {max_frame_len} \
-             bytes (max_frame_len); send less in one query"
-        )));
-    }
-    Ok(())
+    let len = body_len(&AsFrame(&worst)).unwrap_or(usize::MAX);
+    if len > max_frame_len as usize { Err(len) } else { Ok(()) }
+}
+
+/// Why a request of `len` bytes as an enqueue is refused, for a frame limit of `max`
+/// (`whose`: this frontend's, or the scheduler's it would go to).
+pub(super) fn too_large(len: usize, max: u32, whose: &str) -> String {
+    format!(
+        "the request takes {len} bytes as an enqueue frame, above {whose} frame limit of {max} bytes \
+         (max_frame_len); send less in one query"
+    )
 }
 
 /// An `Enqueue` frame's fields, borrowed.
@@ -227,18 +230,14 @@ mod tests {
         // (`overhead` has the empty payload's 1-byte length; this one's takes 3.)
         request.payload = Bytes::from(vec![7; limit - overhead - 2]);
         assert_eq!(worst_len(&request), limit);
-        assert_eq!(check_fits(&request, limit as u32), Ok(()));
+        let fits = |r: &QueryRequest, max: usize| fits(r, len_bound(r), max as u32);
+        assert_eq!(fits(&request, limit), Ok(()));
         request.payload = Bytes::from(vec![7; limit - overhead - 1]);
-        let Err(QueryError::Invalid(message)) = check_fits(&request, limit as u32) else {
-            panic!("one byte over the limit was taken");
-        };
-        assert!(
-            message.contains("65537 bytes") && message.contains("max_frame_len"),
-            "{message}"
-        );
-        // Far below the limit, the bound answers alone; far above, too.
-        assert_eq!(check_fits(&QueryRequest::new("t", "q"), 64), Ok(()));
-        assert!(check_fits(&QueryRequest::new("t", vec![0; 100]), 64).is_err());
+        assert_eq!(fits(&request, limit), Err(limit + 1));
+        // The bound is never below the exact count, and answers alone far from the limit.
+        assert!(len_bound(&request) > limit);
+        assert_eq!(fits(&QueryRequest::new("t", "q"), 64), Ok(()));
+        assert!(fits(&QueryRequest::new("t", vec![0; 100]), 64).is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -13,7 +13,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::outgoing::{Outgoing, Placing};
+use super::outgoing::{self, Outgoing, Placing};
 use super::{FrontendConfig, QueryRequest, QueryResponse, link};
 use crate::FastMap;
 use crate::discovery::Target;
@@ -26,6 +26,8 @@ use crate::quic_stats::QuicStats;
 pub(super) struct Entry {
     /// Shared with the link writers: each placement is encoded from it, not copied.
     pub(super) request: Arc<QueryRequest>,
+    /// Its enqueue's length, at most ([`outgoing::len_bound`]).
+    pub(super) len_bound: usize,
     pub(super) capability: Capability,
     /// `submit` waits on this for the first placement.
     pub(super) placed: Option<oneshot::Sender<Result<(), QueryError>>>,
@@ -49,6 +51,8 @@ pub(super) struct Link {
     pub(super) addr: SocketAddr,
     /// The frontend loop's outbound frames, while connected.
     pub(super) tx: Mutex<Option<mpsc::UnboundedSender<Outgoing>>>,
+    /// The largest frame the scheduler reads, from its `Welcome` (`u32::MAX` before).
+    pub(super) max_frame_len: AtomicU32,
     /// Discovery wants new work sent here.
     pub(super) in_use: AtomicBool,
     pub(super) stop: CancellationToken,
@@ -59,6 +63,7 @@ impl Link {
         Link {
             addr,
             tx: Mutex::new(None),
+            max_frame_len: AtomicU32::new(u32::MAX),
             in_use: AtomicBool::new(in_use),
             stop: CancellationToken::new(),
         }
@@ -157,15 +162,27 @@ impl Shared {
                     timeout,
                     attempt,
                 } => {
-                    if let Some(e) = inner.entries.get(&id) {
-                        self.link(scheduler).send(Outgoing::Enqueue(Placing {
-                            id,
-                            request: e.request.clone(),
-                            capability: e.capability,
-                            timeout,
-                            attempt,
-                        }));
+                    let Some(e) = inner.entries.get(&id) else { continue };
+                    let link = self.link(scheduler);
+                    let max = link.max_frame_len.load(Ordering::Relaxed);
+                    if let Err(len) = outgoing::fits(&e.request, e.len_bound, max) {
+                        // Sent, it would close the connection; refused here instead.
+                        let reason = outgoing::too_large(len, max, "the scheduler's");
+                        let mut more = Vec::new();
+                        let event = Event::TooLarge { scheduler, id, reason };
+                        inner.table.handle(event, Instant::now(), &mut more);
+                        if let Some(c) = self.apply(inner, more) {
+                            claim = Some(c);
+                        }
+                        continue;
                     }
+                    link.send(Outgoing::Enqueue(Placing {
+                        id,
+                        request: e.request.clone(),
+                        capability: e.capability,
+                        timeout,
+                        attempt,
+                    }));
                 }
                 Action::Cancel { scheduler, id } => self
                     .link(scheduler)

@@ -288,6 +288,15 @@ impl QueryTable {
                     out.push(Action::Cancel { scheduler: s, id });
                 }
             }
+            Event::TooLarge { scheduler, id, reason } => {
+                if self
+                    .queries
+                    .get(&id)
+                    .is_some_and(|q| q.state == State::Placing(scheduler))
+                {
+                    self.fail(id, QueryError::Invalid(reason), out);
+                }
+            }
             Event::Tick => self.tick(now, out),
             Event::Close => {
                 let ids: Vec<QueryId> = self.queries.keys().copied().collect();

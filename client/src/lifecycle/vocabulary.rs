@@ -97,6 +97,13 @@ pub(crate) enum Event {
     ResultEnd { id: QueryId },
     /// The caller gave the query up (dropped or cancelled its handle).
     Cancel { id: QueryId },
+    /// The shell could not send the enqueue the table asked for to `scheduler`: the query
+    /// is too large for the frames that scheduler reads. Fails the query (`Invalid`).
+    TooLarge {
+        scheduler: SchedulerIx,
+        id: QueryId,
+        reason: String,
+    },
     /// Time passed: deadlines and placement waits are checked.
     Tick,
     /// The frontend is closing: every query ends as cancelled.

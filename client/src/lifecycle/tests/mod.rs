@@ -129,6 +129,36 @@ fn a_query_is_placed_dispatched_and_ends_with_its_result() {
 }
 
 #[test]
+fn a_query_too_large_for_its_scheduler_fails_once_and_a_late_word_changes_nothing() {
+    let mut t = T::new(&[S0]);
+    let out = t.submit(1, None, false);
+    let s = enqueued_at(&out, 1).expect("an enqueue");
+    let too_large = || Event::TooLarge {
+        scheduler: s,
+        id: 1,
+        reason: "too large".into(),
+    };
+    assert_eq!(
+        t.on(too_large()),
+        [Action::Fail {
+            id: 1,
+            error: QueryError::Invalid("too large".into())
+        }]
+    );
+    assert_eq!(t.table.len(), 0);
+    assert_eq!(t.on(too_large()), []);
+    // Only a query still being placed there is failed by it.
+    let s = t.queued(2, None, false);
+    let out = t.on(Event::TooLarge {
+        scheduler: s,
+        id: 2,
+        reason: "late".into(),
+    });
+    assert_eq!(out, []);
+    assert_eq!(t.table.state(2), Some(State::Queued(s)));
+}
+
+#[test]
 fn a_whole_result_is_taken_and_ends_its_query_in_one_step_once() {
     let mut t = T::new(&[S0]);
     let s = t.queued(1, None, false);
