@@ -644,3 +644,22 @@ async fn a_query_too_large_for_its_schedulers_smaller_frames_fails_at_once_and_a
     assert_eq!(fe.stats().requeued, 0);
     q.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_querier_configured_for_smaller_frames_than_its_scheduler_runs_a_large_query_beside_others() {
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let (h, _events) = handler(Duration::from_millis(300));
+    let mut c = QuerierConfig::new("querier-small", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+    c.concurrency = 2;
+    c.client.max_frame_len = 1 << 20;
+    let q = Querier::start(c, h).unwrap();
+    assert!(q.wait_connected(1, WAIT).await);
+    let other = fe.submit(QueryRequest::new("t", "other")).await.unwrap();
+    // A 2 MiB dispatch, twice the querier's own frame limit, within the scheduler's.
+    let big = vec![b'x'; 2 << 20];
+    let response = wait("the large query", fe.query(QueryRequest::new("t", big.clone()))).await;
+    assert_eq!(response.unwrap().body.collect().await.unwrap(), big);
+    assert_eq!(body_of(other).await.unwrap(), b"other");
+    q.shutdown().await;
+}

@@ -44,7 +44,9 @@ pub struct ClientConfig {
     /// A peer silent for this long is taken as gone (a frontend's queued queries go to
     /// other schedulers). Pings go out every fifth of it.
     pub idle_timeout: Duration,
-    /// Largest frame sent or accepted.
+    /// Largest frame sent or accepted. A querier takes dispatches as large as its
+    /// scheduler reads (the scheduler's `Welcome` says), since they carry what frontends
+    /// sent there; a frontend sends a scheduler nothing larger than that scheduler reads.
     pub max_frame_len: u32,
 }
 

@@ -99,6 +99,12 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
         }
     }
 
+    /// Refuses frames over `max_frame_len` bytes from now on (clamped to
+    /// [`HARD_MAX_FRAME_LEN`](crate::HARD_MAX_FRAME_LEN)).
+    pub fn set_max_frame_len(&mut self, max_frame_len: u32) {
+        self.decoder = FrameDecoder::new(max_frame_len);
+    }
+
     /// This reader, failing with [`ReadError::FrameTimeout`] when a frame that has started
     /// to arrive is not complete within `timeout` (a peer may not park half a frame).
     pub fn with_frame_timeout(mut self, timeout: Duration) -> Self {

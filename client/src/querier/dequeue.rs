@@ -558,7 +558,13 @@ pub(super) async fn open(shared: &Shared, conn: &quinn::Connection, kind: Stream
             .await
             .map_err(|e| e.to_string())?;
         match r.next::<HelloReply>().await.map_err(|e| e.to_string())? {
-            Some(HelloReply::Welcome { .. }) => Ok((w, r)),
+            Some(HelloReply::Welcome { max_frame_len, .. }) => {
+                // A dispatch may be as large as the scheduler reads (it carries what a
+                // frontend sent there): refusing it would drop the stream and every query
+                // on it, so take frames up to that, whatever this querier's own limit.
+                r.set_max_frame_len(max.max(max_frame_len));
+                Ok((w, r))
+            }
             Some(HelloReply::Rejected { code, message }) => Err(format!("refused ({code:?}): {message}")),
             None => Err("closed before the hello reply".into()),
         }
