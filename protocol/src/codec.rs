@@ -50,10 +50,22 @@ pub fn body_len<T: Serialize>(msg: &T) -> Result<usize, EncodeError> {
         .map_err(|e| EncodeError::Serialize(e.to_string()))
 }
 
+/// Longest varint postcard writes: a length or a `u64`.
+const MAX_VARINT: usize = 10;
+
+/// An upper bound of the bytes `metadata` takes in a frame: every length prefix at its
+/// longest.
+pub fn metadata_len_bound(metadata: &crate::Metadata) -> usize {
+    MAX_VARINT
+        + metadata
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2 * MAX_VARINT)
+            .sum::<usize>()
+}
+
 /// An upper bound of the body length of an [`Enqueue`](crate::Enqueue) with these
-/// fields, counted without walking them twice: every length prefix and number at its
-/// longest varint, and the fixed fields with room to spare. A request whose bound is
-/// within a limit needs no exact count ([`body_len`]).
+/// fields, counted without encoding them: every length prefix and number at its longest
+/// varint, and the fixed fields with room to spare. See [`fits_frame`].
 pub fn enqueue_len_bound(
     tenant: &str,
     actors: &[String],
@@ -61,18 +73,30 @@ pub fn enqueue_len_bound(
     metadata: &crate::Metadata,
     payload: usize,
 ) -> usize {
-    /// Longest varint of a length or a `u64`.
-    const MAX_VARINT: usize = 10;
     /// The tags, id, priority, cost hint, timeout, attempt and capability at their longest.
     const FIXED_FIELDS_MAX: usize = 96;
-    let prefixes = actors.len() + 2 * metadata.len() + 5;
+    // The tenant's, actor list's, component's and payload's length prefixes, and each actor's.
+    let prefixes = actors.len() + 4;
     payload
         + tenant.len()
         + actors.iter().map(String::len).sum::<usize>()
         + component.map_or(0, str::len)
-        + metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + metadata_len_bound(metadata)
         + MAX_VARINT * prefixes
         + FIXED_FIELDS_MAX
+}
+
+/// Whether `msg`, and `extra` bytes its frame will carry beside it, fit in a frame of
+/// `max_frame_len` bytes. `bound` is an upper bound of `msg`'s body length: when it fits,
+/// that is the answer at once (the common case, nothing walked); otherwise `msg` is
+/// counted exactly ([`body_len`]). Err: the length, `extra` included.
+pub fn fits_frame<T: Serialize>(msg: &T, bound: usize, extra: usize, max_frame_len: u32) -> Result<(), usize> {
+    let max = max_frame_len as usize;
+    if bound.saturating_add(extra) <= max {
+        return Ok(());
+    }
+    let len = body_len(msg).unwrap_or(usize::MAX).saturating_add(extra);
+    if len > max { Err(len) } else { Ok(()) }
 }
 
 /// Encodes `msg` as one frame in a new buffer.

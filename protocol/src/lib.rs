@@ -33,7 +33,7 @@ mod limits;
 
 pub use codec::{
     FrameDecoder, HELLO_MAX_FRAME_LEN, LENGTH_PREFIX_LEN, body_len, decode_body, decode_hello_body, encode,
-    encode_to_vec, enqueue_len_bound,
+    encode_to_vec, enqueue_len_bound, fits_frame, metadata_len_bound,
 };
 pub use error::{DecodeError, EncodeError, InvalidRequest};
 pub use frame::*;

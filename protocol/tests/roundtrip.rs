@@ -331,6 +331,7 @@ proptest! {
         prop_assert_eq!(exact, encode_to_vec(&e, u32::MAX).unwrap().len() - LENGTH_PREFIX_LEN);
         let bound = enqueue_len_bound(&e.tenant, &e.actors, e.component.as_deref(), &e.metadata, e.payload.len());
         prop_assert!(exact <= bound, "{} > {}", exact, bound);
+        prop_assert!(body_len(&e.metadata).unwrap() <= metadata_len_bound(&e.metadata));
         // As the variant of `FrontendToScheduler` it is sent in, too.
         prop_assert!(body_len(&FrontendToScheduler::Enqueue(e)).unwrap() <= bound);
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde::ser::{SerializeStruct, Serializer};
-use sluice_protocol::{Capability, FrontendToScheduler, QueryId, body_len, enqueue_len_bound};
+use sluice_protocol::{Capability, FrontendToScheduler, QueryId, enqueue_len_bound, fits_frame};
 
 use super::QueryRequest;
 
@@ -67,9 +67,6 @@ pub(super) fn len_bound(request: &QueryRequest) -> usize {
 /// bytes in some placement (its figures at their largest); `bound` is its [`len_bound`].
 /// Counted exactly only when the bound is above the limit.
 pub(super) fn fits(request: &QueryRequest, bound: usize, max_frame_len: u32) -> Result<(), usize> {
-    if bound <= max_frame_len as usize {
-        return Ok(());
-    }
     let worst = EnqueueOf {
         id: QueryId::MAX,
         request,
@@ -77,8 +74,7 @@ pub(super) fn fits(request: &QueryRequest, bound: usize, max_frame_len: u32) -> 
         timeout_ms: Some(u64::MAX),
         attempt: u32::MAX,
     };
-    let len = body_len(&AsFrame(&worst)).unwrap_or(usize::MAX);
-    if len > max_frame_len as usize { Err(len) } else { Ok(()) }
+    fits_frame(&AsFrame(&worst), bound, 0, max_frame_len)
 }
 
 /// Why a request of `len` bytes as an enqueue is refused, for a frame limit of `max`

@@ -116,14 +116,16 @@ pub(super) fn whole(
             metadata,
             body: ResponseBody::Bytes(body),
             ..
-        }) if body.len() + super::deliver::metadata_len(&metadata) <= MAX_SHARED_BODY => Ok(ResultFrame::Whole {
-            query_id: d.query_id,
-            tenant: d.tenant.clone(),
-            capability: d.capability,
-            status,
-            metadata,
-            body,
-        }),
+        }) if body.len() + sluice_protocol::metadata_len_bound(&metadata) <= MAX_SHARED_BODY => {
+            Ok(ResultFrame::Whole {
+                query_id: d.query_id,
+                tenant: d.tenant.clone(),
+                capability: d.capability,
+                status,
+                metadata,
+                body,
+            })
+        }
         other => Err(other),
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use sluice_protocol::{
     Dispatch, FramedRead, FramedWrite, FrontendAddress, Hello, RefuseReason, ResultFrame, ResultReceipt, Role,
-    StreamKind, WriteError,
+    StreamKind, WriteError, metadata_len_bound,
 };
 
 use super::{HandlerError, Response, ResponseBody, Shared, Stream, frontends};
@@ -23,11 +23,6 @@ pub(super) const MAX_ERROR_MESSAGE: usize = 16 * 1024;
 
 /// Room in a result's head frame for all but its metadata (ids, tenant, capability, status).
 const HEAD_ROOM: usize = 4 * 1024;
-
-/// Bytes `metadata` takes in a frame, at most (each length prefix at its longest).
-pub(super) fn metadata_len(metadata: &sluice_protocol::Metadata) -> usize {
-    10 + metadata.iter().map(|(k, v)| k.len() + v.len() + 20).sum::<usize>()
-}
 
 /// The handler's outcome made sendable: an error message cut to [`MAX_ERROR_MESSAGE`], and
 /// a response whose metadata cannot fit in a frame of `max_frame_len` turned into an error
@@ -48,10 +43,10 @@ pub(super) fn fit_to_frame(
             message.push_str(&format!("… ({cut} more bytes cut)"));
             Err(HandlerError(message))
         }
-        Ok(r) if metadata_len(&r.metadata) + HEAD_ROOM > max_frame_len as usize => Err(HandlerError(format!(
+        Ok(r) if metadata_len_bound(&r.metadata) + HEAD_ROOM > max_frame_len as usize => Err(HandlerError(format!(
             "the handler's response metadata takes {} bytes; a result's head must fit in one frame of \
              {max_frame_len} bytes (max_frame_len)",
-            metadata_len(&r.metadata)
+            metadata_len_bound(&r.metadata)
         ))),
         other => other,
     }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use metrics::counter;
 use sluice_client::trace::TraceParent;
-use sluice_protocol::{Enqueue, EnqueueStatus, FrontendAddress, SchedulerToFrontend, body_len, enqueue_len_bound};
+use sluice_protocol::{Enqueue, EnqueueStatus, FrontendAddress, SchedulerToFrontend, enqueue_len_bound, fits_frame};
 use tracing::debug;
 
 use super::cluster::{DEFER_FOR, Deferred};
@@ -75,7 +75,6 @@ fn address_len(a: &FrontendAddress) -> usize {
 /// other queries down, so it is refused instead. Counted only for a request that comes
 /// near the limit.
 fn dispatch_fits(enqueue: &Enqueue, address_len: usize, max_frame_len: u32) -> Result<(), usize> {
-    let max = max_frame_len as usize;
     let e = enqueue;
     let bound = enqueue_len_bound(
         &e.tenant,
@@ -84,13 +83,7 @@ fn dispatch_fits(enqueue: &Enqueue, address_len: usize, max_frame_len: u32) -> R
         &e.metadata,
         e.payload.len(),
     );
-    if bound + address_len + DISPATCH_EXTRA <= max {
-        return Ok(());
-    }
-    let len = body_len(enqueue)
-        .unwrap_or(usize::MAX)
-        .saturating_add(address_len + DISPATCH_EXTRA);
-    if len > max { Err(len) } else { Ok(()) }
+    fits_frame(enqueue, bound, address_len + DISPATCH_EXTRA, max_frame_len)
 }
 
 /// Why an enqueue was not queued now.
