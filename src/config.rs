@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::Args;
 use serde::Deserialize;
-use sluice_protocol::HARD_MAX_FRAME_LEN;
+use sluice_protocol::{HARD_MAX_FRAME_LEN, MIN_FRAME_LEN};
 use thiserror::Error;
 
 use crate::queue::{QueueConfig, TenantOverrides};
@@ -310,10 +310,10 @@ impl Settings {
         };
         queue.validate().map_err(|e| invalid(&e.key, e.problem))?;
         let max_frame_len = self.max_frame_len.unwrap_or(8 * 1024 * 1024);
-        if !(1024..=HARD_MAX_FRAME_LEN).contains(&max_frame_len) {
+        if !(MIN_FRAME_LEN..=HARD_MAX_FRAME_LEN).contains(&max_frame_len) {
             return Err(invalid(
                 "max_frame_len",
-                format!("must be between 1024 and {HARD_MAX_FRAME_LEN} bytes"),
+                format!("must be between {MIN_FRAME_LEN} and {HARD_MAX_FRAME_LEN} bytes"),
             ));
         }
         // A timeout of hours is a timeout turned off: refused, with the key named.
@@ -514,7 +514,7 @@ mod tests {
         );
         check(
             Settings {
-                max_frame_len: Some(10),
+                max_frame_len: Some(MIN_FRAME_LEN - 1),
                 ..Settings::default()
             },
             "max_frame_len:",

@@ -453,6 +453,34 @@ async fn a_querier_whose_chunks_would_not_fit_a_frame_is_refused_at_start_and_th
 }
 
 #[tokio::test]
+async fn a_frame_limit_the_protocol_does_not_allow_is_refused_at_start() {
+    let t = start(|_| {}).await;
+    for max_frame_len in [
+        0,
+        16,
+        sluice_protocol::MIN_FRAME_LEN - 1,
+        sluice_protocol::HARD_MAX_FRAME_LEN + 1,
+    ] {
+        let mut f = FrontendConfig::new("fe", t.certs.frontend.clone(), vec![t.server.quic_addr()]);
+        f.client.max_frame_len = max_frame_len;
+        match Frontend::connect(f).await {
+            Err(ClientError::Config(message)) => assert!(message.contains("max_frame_len"), "{message}"),
+            Err(other) => panic!("expected a config error, got {other}"),
+            Ok(_) => panic!("a frontend started with max_frame_len {max_frame_len}"),
+        }
+        let mut q = QuerierConfig::new("q", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+        q.client.max_frame_len = max_frame_len;
+        q.chunk_size = 1;
+        let (h, _events) = handler(Duration::ZERO);
+        match Querier::start(q, h) {
+            Err(ClientError::Config(message)) => assert!(message.contains("max_frame_len"), "{message}"),
+            Err(other) => panic!("expected a config error, got {other}"),
+            Ok(_) => panic!("a querier started with max_frame_len {max_frame_len}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn the_largest_querier_serves_with_every_worker_on_one_stream() {
     let t = start(|_| {}).await;
     let (h, _events) = handler(Duration::ZERO);

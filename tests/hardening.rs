@@ -261,6 +261,32 @@ async fn ids_are_bounded_at_the_hello() {
 }
 
 #[tokio::test]
+async fn a_result_endpoint_with_a_frame_limit_out_of_range_closes_its_frontends_connection() {
+    let t = start(|_| {}).await;
+    for max_frame_len in [0, MIN_FRAME_LEN - 1, HARD_MAX_FRAME_LEN + 1, u32::MAX] {
+        let conn = t.connect(&t.certs.frontend).await.unwrap();
+        let mut fe = open(&conn, Hello::new(Role::Frontend, "fe-bad", StreamKind::FrontendLoop))
+            .await
+            .expect("welcome");
+        fe.send(&FrontendToScheduler::ResultEndpoint(FrontendAddress {
+            id: "fe-bad".into(),
+            address: "127.0.0.1:7777".into(),
+            server_name: "localhost".into(),
+            max_frame_len,
+        }))
+        .await;
+        assert_eq!(
+            closed_with(&conn).await,
+            u64::from(close_code::PROTOCOL_ERROR),
+            "{max_frame_len}"
+        );
+    }
+    // The limits themselves are taken.
+    let (_conn, mut fe) = frontend_loop(&t).await;
+    accepted(&mut fe, 1, "t").await;
+}
+
+#[tokio::test]
 async fn a_querier_may_announce_shutdown_only_for_itself() {
     let t = start(|_| {}).await;
     let victim_conn = t.connect(&t.certs.querier).await.unwrap();

@@ -389,6 +389,7 @@ async fn shared_stream_fails(silent: bool) {
         id: "raw-frontend".into(),
         address: result_at.to_string(),
         server_name: "localhost".into(),
+        max_frame_len: sluice_protocol::Limits::default().max_frame_len,
     }))
     .await;
     accepted(&mut fe, 1, "t").await;
@@ -413,4 +414,34 @@ async fn shared_stream_fails(silent: bool) {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
     q.shutdown().await;
     fake.abort();
+}
+
+#[tokio::test]
+async fn a_frontend_reading_smaller_frames_than_a_queriers_chunks_gets_its_large_result_beside_others() {
+    let t = start(|_| {}).await;
+    // The frontend reads frames of at most 64 KiB; the querier's chunks are 256 KiB.
+    let mut c = FrontendConfig::new("frontend-small", t.certs.frontend.clone(), vec![t.server.quic_addr()]);
+    c.client.max_frame_len = 64 << 10;
+    let fe = Frontend::connect(c).await.unwrap();
+    let body = Bytes::from(vec![b'r'; 1 << 20]);
+    let reply = body.clone();
+    let h = handler_fn(move |request: Request| {
+        let reply = reply.clone();
+        async move {
+            if &request.payload[..] == b"slow" {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                return Ok(Response::ok(Bytes::from_static(b"slow")));
+            }
+            Ok(Response::ok(reply))
+        }
+    });
+    let mut qc = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+    qc.concurrency = 2;
+    let q = Querier::start(qc, h).unwrap();
+    assert!(q.wait_connected(2, WAIT).await);
+    let other = fe.submit(QueryRequest::new("t", "slow")).await.unwrap();
+    let large = wait("the large result", fe.query(QueryRequest::new("t", "large"))).await;
+    assert_eq!(large.unwrap().body.collect().await.unwrap(), body);
+    assert_eq!(body_of(other).await.unwrap(), b"slow".as_slice());
+    q.shutdown().await;
 }

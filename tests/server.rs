@@ -404,7 +404,7 @@ async fn a_malformed_frame_closes_only_that_connection() {
 
 #[tokio::test]
 async fn an_oversized_frame_is_refused_before_it_is_read() {
-    let t = start(|s| s.max_frame_len = Some(4096)).await;
+    let t = start(|s| s.max_frame_len = Some(sluice_protocol::MIN_FRAME_LEN)).await;
     let conn = t.connect(&t.certs.frontend).await.unwrap();
     let mut fe = frontend(&conn, "fe").await;
     fe.writer.get_mut().write_all(&[0x00, 0x10, 0x00, 0x00]).await.unwrap(); // 1 MiB announced

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use sluice_protocol::Limits;
+use sluice_protocol::{HARD_MAX_FRAME_LEN, Limits, MIN_FRAME_LEN};
 
 use crate::discovery::Discovery;
 use crate::error::ClientError;
@@ -44,7 +44,7 @@ pub struct ClientConfig {
     /// A peer silent for this long is taken as gone (a frontend's queued queries go to
     /// other schedulers). Pings go out every fifth of it.
     pub idle_timeout: Duration,
-    /// Largest frame sent or accepted. A querier takes dispatches as large as its
+    /// Largest frame sent or accepted, 64 KiB to 64 MiB. A querier takes dispatches as large as its
     /// scheduler reads (the scheduler's `Welcome` says), since they carry what frontends
     /// sent there; a frontend sends a scheduler nothing larger than that scheduler reads.
     pub max_frame_len: u32,
@@ -64,6 +64,17 @@ impl ClientConfig {
             idle_timeout: Duration::from_secs(5),
             max_frame_len: Limits::default().max_frame_len,
         }
+    }
+
+    /// Checks what both a frontend and a querier need: a frame limit the protocol allows.
+    pub(crate) fn validate(&self) -> Result<(), ClientError> {
+        if !(MIN_FRAME_LEN..=HARD_MAX_FRAME_LEN).contains(&self.max_frame_len) {
+            return Err(ClientError::Config(format!(
+                "max_frame_len is {} bytes; it must be between {MIN_FRAME_LEN} and {HARD_MAX_FRAME_LEN}",
+                self.max_frame_len
+            )));
+        }
+        Ok(())
     }
 
     /// Starts following the schedulers, as a gossip member of `role` if it gossips.

@@ -60,7 +60,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks. A peer with another version is refused in
 /// the [`HelloReply`]; the version is the first field of [`Hello`] so it can always be read.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// A frontend-chosen query identifier, unique among that frontend's outstanding queries.
 pub type QueryId = u64;
@@ -401,6 +401,12 @@ pub struct FrontendAddress {
     pub address: String,
     /// TLS server name to verify the endpoint's certificate against.
     pub server_name: String,
+    /// The largest frame the endpoint reads (the frontend's `max_frame_len`, between
+    /// [`MIN_FRAME_LEN`](crate::MIN_FRAME_LEN) and
+    /// [`HARD_MAX_FRAME_LEN`](crate::HARD_MAX_FRAME_LEN)): a querier sends its results in
+    /// frames no larger. A scheduler closes the connection of a frontend that announces a
+    /// limit outside that range.
+    pub max_frame_len: u32,
 }
 
 // ---------------------------------------------------------------------------

@@ -245,6 +245,11 @@ impl<W: AsyncWrite + Unpin> FramedWrite<W> {
         }
     }
 
+    /// The largest frame this writer produces.
+    pub fn max_frame_len(&self) -> u32 {
+        self.max_frame_len
+    }
+
     /// Adds a frame to the pending batch without writing it.
     pub fn buffer<T: Serialize>(&mut self, msg: &T) -> Result<(), EncodeError> {
         encode(msg, &mut self.buf, self.max_frame_len)

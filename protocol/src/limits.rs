@@ -17,6 +17,11 @@ pub const MAX_SLOTS_PER_LOOP: u8 = 16;
 /// The largest frame any peer may be configured to accept: 64 MiB.
 pub const HARD_MAX_FRAME_LEN: u32 = 64 * 1024 * 1024;
 
+/// The smallest frame limit any peer may be configured with: 64 KiB. Every frame the
+/// protocol needs whatever the query (a whole result of up to 16 KiB with its head, a
+/// handler's error message cut to 16 KiB, a hello) fits in it.
+pub const MIN_FRAME_LEN: u32 = 64 * 1024;
+
 /// Bounds on frames and on the fields of an [`Enqueue`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

@@ -95,13 +95,14 @@ fn frontend_to_scheduler() -> impl Strategy<Value = FrontendToScheduler> {
     prop_oneof![
         enqueue().prop_map(FrontendToScheduler::Enqueue),
         any::<u64>().prop_map(|query_id| FrontendToScheduler::Cancel { query_id }),
-        (text(), text(), text()).prop_map(|(id, address, server_name)| FrontendToScheduler::ResultEndpoint(
-            FrontendAddress {
+        (text(), text(), text(), any::<u32>()).prop_map(|(id, address, server_name, max_frame_len)| {
+            FrontendToScheduler::ResultEndpoint(FrontendAddress {
                 id,
                 address,
-                server_name
-            }
-        )),
+                server_name,
+                max_frame_len,
+            })
+        }),
     ]
 }
 
@@ -176,7 +177,7 @@ fn querier_to_scheduler() -> impl Strategy<Value = QuerierToScheduler> {
 fn dispatch() -> impl Strategy<Value = Dispatch> {
     (
         any::<u64>(),
-        (text(), text(), text()),
+        (text(), text(), text(), any::<u32>()),
         text(),
         vec(text(), 0..5),
         option::of(text()),
@@ -188,7 +189,7 @@ fn dispatch() -> impl Strategy<Value = Dispatch> {
         .prop_map(
             |(
                 query_id,
-                (id, address, server_name),
+                (id, address, server_name, max_frame_len),
                 tenant,
                 actors,
                 component,
@@ -203,6 +204,7 @@ fn dispatch() -> impl Strategy<Value = Dispatch> {
                         id,
                         address,
                         server_name,
+                        max_frame_len,
                     },
                     tenant,
                     actors,

@@ -194,6 +194,7 @@ pub async fn frontend(conn: &quinn::Connection, id: &str) -> Peer {
         id: id.into(),
         address: "127.0.0.1:7777".into(),
         server_name: "localhost".into(),
+        max_frame_len: sluice_protocol::Limits::default().max_frame_len,
     }))
     .await;
     peer

@@ -190,6 +190,7 @@ impl Frontend {
     /// # Ok(()) }
     /// ```
     pub async fn connect(config: FrontendConfig) -> Result<Frontend, ClientError> {
+        config.client.validate()?;
         if config.max_attempts == 0 || config.default_timeout.is_zero() {
             return Err(ClientError::Config(
                 "max_attempts and default_timeout must be above zero".into(),
@@ -216,6 +217,7 @@ impl Frontend {
             id: config.client.id.clone(),
             address: config.result_advertise.clone().unwrap_or_else(|| bound.to_string()),
             server_name: config.result_server_name.clone(),
+            max_frame_len: config.client.max_frame_len,
         };
         let (available, _) = watch::channel(0);
         let policy = Policy {

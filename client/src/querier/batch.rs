@@ -92,7 +92,7 @@ pub(super) fn send(shared: &Shared, to: &FrontendAddress, frame: ResultFrame, re
         quic: shared.quic.clone(),
         slot: Arc::downgrade(&shared.frontends.slot(&to.address)),
         to: to.clone(),
-        max_frame_len: shared.config.client.max_frame_len,
+        max_frame_len: super::deliver::result_frame_len(shared, to),
         stalled_after: shared.config.client.idle_timeout,
     };
     tokio::spawn(task.run(hello, rx));

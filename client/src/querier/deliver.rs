@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_protocol::{
-    Dispatch, FramedRead, FramedWrite, FrontendAddress, Hello, RefuseReason, ResultFrame, ResultReceipt, Role,
-    StreamKind, WriteError, metadata_len_bound,
+    Dispatch, FramedRead, FramedWrite, FrontendAddress, Hello, MIN_FRAME_LEN, RefuseReason, ResultFrame, ResultReceipt,
+    Role, StreamKind, WriteError, metadata_len_bound,
 };
 
-use super::{HandlerError, Response, ResponseBody, Shared, Stream, frontends};
+use super::{CHUNK_FRAME_OVERHEAD, HandlerError, Response, ResponseBody, Shared, Stream, frontends};
 
 /// Longest handler error message sent; a longer one is cut at a character boundary and
 /// says how much was cut.
@@ -52,16 +52,28 @@ pub(super) fn fit_to_frame(
     }
 }
 
+/// The largest frame a result to `to` may take: the smaller of this querier's limit and
+/// the one the frontend announced (never below the protocol's floor, whatever it says).
+pub(super) fn result_frame_len(shared: &Shared, to: &FrontendAddress) -> u32 {
+    shared
+        .config
+        .client
+        .max_frame_len
+        .min(to.max_frame_len.max(MIN_FRAME_LEN))
+}
+
 async fn frontend_connection(shared: &Shared, to: &FrontendAddress) -> Result<quinn::Connection, String> {
     frontends::connect(&shared.endpoint, &shared.frontends.slot(&to.address), to, &shared.quic).await
 }
 
-/// Opens a result stream on `conn` with its hello buffered (not sent): it leaves with the
-/// stream's first frames. The frontend sends nothing back but the receipt.
-async fn open_result(shared: &Shared, conn: &quinn::Connection) -> Result<Stream, String> {
+/// Opens a result stream to `to` on `conn` with its hello buffered (not sent): it leaves
+/// with the stream's first frames. The frontend sends nothing back but the receipt.
+async fn open_result(shared: &Shared, conn: &quinn::Connection, to: &FrontendAddress) -> Result<Stream, String> {
     let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let max = shared.config.client.max_frame_len;
-    let (mut w, r) = (FramedWrite::new(send, max), FramedRead::new(recv, max));
+    let (mut w, r) = (
+        FramedWrite::new(send, result_frame_len(shared, to)),
+        FramedRead::new(recv, shared.config.client.max_frame_len),
+    );
     w.buffer(&Hello::new(Role::Querier, &shared.config.client.id, StreamKind::Result))
         .map_err(|e| e.to_string())?;
     Ok((w, r))
@@ -82,7 +94,7 @@ pub(super) fn confirm(shared: &Arc<Shared>, d: &Dispatch) -> Early {
     };
     tokio::spawn(async move {
         let conn = frontend_connection(&shared, &frontend).await?;
-        let (mut w, r) = open_result(&shared, &conn).await?;
+        let (mut w, r) = open_result(&shared, &conn, &frontend).await?;
         w.send(&started).await.map_err(|e| e.to_string())?;
         Ok((w, r))
     })
@@ -152,7 +164,7 @@ async fn deliver(
                 Err(_) => {
                     let opened = async {
                         let conn = frontend_connection(shared, &d.frontend).await?;
-                        open_result(shared, &conn).await
+                        open_result(shared, &conn, &d.frontend).await
                     };
                     match opened.await {
                         Ok(stream) => stream,
@@ -202,7 +214,12 @@ async fn send_result(
 ) -> Result<ResultReceipt, String> {
     let io = |e: WriteError| e.to_string();
     let encode = |e: sluice_protocol::EncodeError| e.to_string();
-    let chunk = shared.config.chunk_size;
+    // Chunk frames fit the frame limit the stream was opened with (the frontend's, when
+    // it reads smaller frames than this querier's chunks).
+    let chunk = shared
+        .config
+        .chunk_size
+        .min(w.max_frame_len() as usize - CHUNK_FRAME_OVERHEAD);
     // Frames are buffered and written when a chunk's worth is waiting, so a small result
     // (head, body, end) leaves in one write.
     w.buffer(head).map_err(encode)?;

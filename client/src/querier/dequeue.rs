@@ -429,7 +429,8 @@ impl<H: Handler> Driver<H> {
             }
             None => None,
             Some(outcome) => {
-                let outcome = deliver::fit_to_frame(outcome, self.shared.config.client.max_frame_len);
+                let limit = deliver::result_frame_len(&self.shared, &active.dispatch.frontend);
+                let outcome = deliver::fit_to_frame(outcome, limit);
                 let number = self.next_delivery;
                 self.next_delivery += 1;
                 // A small whole result rides the frontend's shared results stream, its

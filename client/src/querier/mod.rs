@@ -69,7 +69,8 @@ pub struct QuerierConfig {
     /// held it rests until a handler of its loop returns within this limit. `None`: a held
     /// query waits however long the query before it runs. Must be under `confirm_after`.
     pub hold_limit: Option<Duration>,
-    /// Result body bytes per chunk frame; a chunk frame must fit in `max_frame_len`.
+    /// Result body bytes per chunk frame; a chunk frame must fit in `max_frame_len`. A
+    /// frontend that reads smaller frames (its address says) gets smaller chunks.
     pub chunk_size: usize,
     /// Attempts to deliver a result before giving up on it.
     pub delivery_attempts: u32,
@@ -420,6 +421,7 @@ impl Querier {
     /// # Ok(()) }
     /// ```
     pub fn start<H: Handler>(config: QuerierConfig, handler: H) -> Result<Querier, ClientError> {
+        config.client.validate()?;
         if config.concurrency == 0 || config.chunk_size == 0 || config.delivery_attempts == 0 {
             return Err(ClientError::Config(
                 "concurrency, chunk_size and delivery_attempts must be at least 1".into(),

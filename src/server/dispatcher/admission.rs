@@ -65,9 +65,10 @@ impl Queued for Pending {
 /// hint only makes it shorter).
 const DISPATCH_EXTRA: usize = 16;
 
-/// Bytes a frontend's address takes in a frame, at most.
+/// Bytes a frontend's address takes in a frame, at most: three strings with their
+/// lengths, and its frame limit.
 fn address_len(a: &FrontendAddress) -> usize {
-    a.id.len() + a.address.len() + a.server_name.len() + 3 * 10
+    a.id.len() + a.address.len() + a.server_name.len() + 3 * 10 + 5
 }
 
 /// Err(its length, at most) when `enqueue` could not be dispatched in one frame of

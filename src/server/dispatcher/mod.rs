@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use metrics::counter;
 
 use sluice_protocol::{
-    FrontendAddress, Limits, LoadHint, MAX_ID_LEN, QueryErrorKind, QueryId, SchedulerToFrontend, SchedulerToQuerier,
-    WorkerSlot,
+    FrontendAddress, HARD_MAX_FRAME_LEN, Limits, LoadHint, MAX_ID_LEN, MIN_FRAME_LEN, QueryErrorKind, QueryId,
+    SchedulerToFrontend, SchedulerToQuerier, WorkerSlot,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -248,6 +248,15 @@ impl Dispatcher {
                 let fields = [&address.id, &address.address, &address.server_name];
                 if fields.iter().any(|x| x.is_empty() || x.len() > MAX_ID_LEN) {
                     warn!(frontend = %f.name, "result endpoint with an empty or over-long field; closing the connection");
+                    f.tx.protocol_violation();
+                    return;
+                }
+                if !(MIN_FRAME_LEN..=HARD_MAX_FRAME_LEN).contains(&address.max_frame_len) {
+                    warn!(
+                        frontend = %f.name,
+                        max_frame_len = address.max_frame_len,
+                        "result endpoint with a frame limit out of range; closing the connection"
+                    );
                     f.tx.protocol_violation();
                     return;
                 }

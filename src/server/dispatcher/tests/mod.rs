@@ -42,6 +42,7 @@ fn harness_with(config: QueueConfig) -> Harness {
         id: "fe".into(),
         address: "127.0.0.1:1".into(),
         server_name: "localhost".into(),
+        max_frame_len: sluice_protocol::MIN_FRAME_LEN,
     };
     d.handle(Command::ResultEndpoint { frontend, address }, now);
     Harness {
