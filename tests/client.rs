@@ -236,7 +236,7 @@ async fn handlers_from_closures_and_behind_arc_dyn_serve_queries() {
     let t = start(|_| {}).await;
     let fe = frontend_for(&[&t]).await;
     let config = |id: &str| {
-        let mut c = QuerierConfig::new(id, t.certs.querier.clone(), vec![t.server.quic_addr()]);
+        let mut c = querier_config(&t, id);
         c.concurrency = 1;
         c
     };
@@ -341,7 +341,7 @@ async fn a_handle_shows_where_its_query_is_and_the_handler_sees_which_scheduler_
             Ok(Response::ok(request.payload))
         }
     });
-    let mut config = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+    let mut config = querier_config(&t, "querier-1");
     config.concurrency = 1;
     let q = Querier::start(config, handler).unwrap();
     assert_eq!(wait("the handler", seen.recv()).await, Some((t.server.quic_addr(), 1)));
@@ -376,11 +376,7 @@ async fn a_query_carries_its_trace_context_to_the_handler_one_hop_further_each_t
             Ok(Response::ok(request.payload))
         }
     });
-    let q = Querier::start(
-        QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()]),
-        handler,
-    )
-    .unwrap();
+    let q = Querier::start(querier_config(&t, "querier-1"), handler).unwrap();
     // The caller's trace continues: same trace id, a new parent at every hop.
     let caller = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
     let mut request = QueryRequest::new("t", "q");
@@ -413,8 +409,7 @@ async fn a_query_carries_its_trace_context_to_the_handler_one_hop_further_each_t
 async fn a_querier_with_more_workers_than_a_stream_carries_is_refused_at_start() {
     let t = start(|_| {}).await;
     let (h, _events) = handler(Duration::ZERO);
-    let config = QuerierConfig::new("q", t.certs.querier.clone(), vec![t.server.quic_addr()])
-        .with_concurrency(usize::from(sluice_protocol::MAX_WORKERS_PER_STREAM) + 1);
+    let config = querier_config(&t, "q").with_concurrency(usize::from(sluice_protocol::MAX_WORKERS_PER_STREAM) + 1);
     match Querier::start(config, h) {
         Err(ClientError::Config(message)) => assert!(message.contains("at most 1024"), "{message}"),
         Err(other) => panic!("expected a config error, got {other}"),
@@ -426,7 +421,7 @@ async fn a_querier_with_more_workers_than_a_stream_carries_is_refused_at_start()
 async fn a_querier_whose_chunks_would_not_fit_a_frame_is_refused_at_start_and_the_largest_that_fit_stream() {
     let t = start(|_| {}).await;
     let config = |chunk_size: usize| {
-        let mut c = QuerierConfig::new("q", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+        let mut c = querier_config(&t, "q");
         c.chunk_size = chunk_size;
         c
     };
@@ -461,14 +456,14 @@ async fn a_frame_limit_the_protocol_does_not_allow_is_refused_at_start() {
         sluice_protocol::MIN_FRAME_LEN - 1,
         sluice_protocol::HARD_MAX_FRAME_LEN + 1,
     ] {
-        let mut f = FrontendConfig::new("fe", t.certs.frontend.clone(), vec![t.server.quic_addr()]);
+        let mut f = frontend_config(&t, "fe");
         f.client.max_frame_len = max_frame_len;
         match Frontend::connect(f).await {
             Err(ClientError::Config(message)) => assert!(message.contains("max_frame_len"), "{message}"),
             Err(other) => panic!("expected a config error, got {other}"),
             Ok(_) => panic!("a frontend started with max_frame_len {max_frame_len}"),
         }
-        let mut q = QuerierConfig::new("q", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+        let mut q = querier_config(&t, "q");
         q.client.max_frame_len = max_frame_len;
         q.chunk_size = 1;
         let (h, _events) = handler(Duration::ZERO);
@@ -536,7 +531,7 @@ async fn a_request_larger_than_a_frame_fails_at_once_and_alone() {
 async fn a_result_too_large_for_a_frame_fails_its_query_at_once_and_big_metadata_that_fits_arrives() {
     let t = start(|_| {}).await;
     let fe = frontend_for(&[&t]).await;
-    let mut c = QuerierConfig::new("querier-big", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+    let mut c = querier_config(&t, "querier-big");
     c.concurrency = 2;
     let max = sluice_protocol::Limits::default().max_frame_len as usize;
     let h = handler_fn(move |request: Request| async move {
@@ -678,7 +673,7 @@ async fn a_querier_configured_for_smaller_frames_than_its_scheduler_runs_a_large
     let t = start(|_| {}).await;
     let fe = frontend_for(&[&t]).await;
     let (h, _events) = handler(Duration::from_millis(300));
-    let mut c = QuerierConfig::new("querier-small", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+    let mut c = querier_config(&t, "querier-small");
     c.concurrency = 2;
     c.client.max_frame_len = 1 << 20;
     let q = Querier::start(c, h).unwrap();

@@ -242,7 +242,7 @@ async fn a_hung_handler_is_cancelled_at_the_deadline_and_its_worker_freed() {
     let t = start(|_| {}).await;
     let fe = frontend_for(&[&t]).await;
     let (h, mut events) = handler(Duration::ZERO);
-    let mut config = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+    let mut config = querier_config(&t, "querier-1");
     config.concurrency = 1;
     config.cancel_grace = Duration::from_millis(200);
     let q = Querier::start(config, h).unwrap();
@@ -304,7 +304,7 @@ async fn a_retriable_query_whose_querier_dies_runs_again_elsewhere() {
             Ok(Response::ok(format!("attempt {}", request.attempt)))
         }
     }
-    let mut config = QuerierConfig::new("querier-2", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+    let mut config = querier_config(&t, "querier-2");
     config.concurrency = 1;
     let q2 = Querier::start(config, Attempt).unwrap();
     assert!(q2.wait_connected(1, WAIT).await);

@@ -424,8 +424,7 @@ async fn probed_frontend(
     max_frame_len: u32,
     idle: Duration,
 ) -> (sluice_client::Frontend, quinn::Connection) {
-    let mut config =
-        sluice_client::FrontendConfig::new("fe-probed", t.certs.frontend.clone(), vec![t.server.quic_addr()]);
+    let mut config = common::client::frontend_config(t, "fe-probed");
     config.client.max_frame_len = max_frame_len;
     config.client.idle_timeout = idle;
     let fe = sluice_client::Frontend::connect(config).await.unwrap();

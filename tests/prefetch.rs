@@ -90,7 +90,7 @@ async fn holding(t: TestServer, workers: usize) -> Setup {
     let fe = common::client::frontend_for(&[&t]).await;
     let (h, started) = gated();
     let (gate, runs) = (h.gate.clone(), h.runs.clone());
-    let config = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()])
+    let config = common::client::querier_config(&t, "querier-1")
         .with_concurrency(workers)
         .with_prefetch(true)
         .with_hold_limit(None);
@@ -152,7 +152,7 @@ async fn a_worker_holds_one_query_runs_one_at_a_time_and_never_runs_a_cancelled_
 async fn more_slots_than_a_dequeue_stream_takes_or_too_long_a_hold_limit_are_refused_at_start() {
     let t = start(|_| {}).await;
     let config = |workers| {
-        QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()])
+        common::client::querier_config(&t, "querier-1")
             .with_concurrency(workers)
             .with_prefetch(true)
     };
@@ -228,8 +228,7 @@ async fn a_query_held_behind_a_long_one_is_given_back_and_runs_once_on_another_q
     let fe = common::client::frontend_for(&[&t]).await;
     let (h, mut started) = gated();
     let (gate, runs) = (h.gate.clone(), h.runs.clone());
-    let config =
-        |id: &str| QuerierConfig::new(id, t.certs.querier.clone(), vec![t.server.quic_addr()]).with_concurrency(1);
+    let config = |id: &str| common::client::querier_config(&t, id).with_concurrency(1);
     let a = Querier::start(
         config("querier-a").with_prefetch(true).with_hold_limit(Some(HOLD)),
         h.clone(),

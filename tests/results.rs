@@ -400,7 +400,7 @@ async fn shared_stream_fails(silent: bool) {
         counted.fetch_add(1, Ordering::SeqCst);
         async move { Ok(Response::ok(request.payload)) }
     });
-    let mut config = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+    let mut config = querier_config(&t, "querier-1");
     config.concurrency = 1;
     // How long a shared stream may leave a result unacknowledged.
     config.client.idle_timeout = Duration::from_secs(1);
@@ -420,7 +420,7 @@ async fn shared_stream_fails(silent: bool) {
 async fn a_frontend_reading_smaller_frames_than_a_queriers_chunks_gets_its_large_result_beside_others() {
     let t = start(|_| {}).await;
     // The frontend reads frames of at most 64 KiB; the querier's chunks are 256 KiB.
-    let mut c = FrontendConfig::new("frontend-small", t.certs.frontend.clone(), vec![t.server.quic_addr()]);
+    let mut c = frontend_config(&t, "frontend-small");
     c.client.max_frame_len = 64 << 10;
     let fe = Frontend::connect(c).await.unwrap();
     let body = Bytes::from(vec![b'r'; 1 << 20]);
@@ -435,7 +435,7 @@ async fn a_frontend_reading_smaller_frames_than_a_queriers_chunks_gets_its_large
             Ok(Response::ok(reply))
         }
     });
-    let mut qc = QuerierConfig::new("querier-1", t.certs.querier.clone(), vec![t.server.quic_addr()]);
+    let mut qc = querier_config(&t, "querier-1");
     qc.concurrency = 2;
     let q = Querier::start(qc, h).unwrap();
     assert!(q.wait_connected(2, WAIT).await);

@@ -94,6 +94,16 @@ pub fn handler(delay: Duration) -> (TestHandler, Events) {
     )
 }
 
+/// A querier's settings with the test certificates, dialing the one scheduler `t`.
+pub fn querier_config(t: &TestServer, id: &str) -> QuerierConfig {
+    QuerierConfig::new(id, t.certs.querier.clone(), vec![t.server.quic_addr()])
+}
+
+/// A frontend's settings with the test certificates, dialing the one scheduler `t`.
+pub fn frontend_config(t: &TestServer, id: &str) -> FrontendConfig {
+    FrontendConfig::new(id, t.certs.frontend.clone(), vec![t.server.quic_addr()])
+}
+
 pub async fn frontend_for(servers: &[&TestServer]) -> Frontend {
     let config = FrontendConfig::new(
         "frontend-1",
