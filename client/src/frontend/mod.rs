@@ -346,22 +346,26 @@ impl Frontend {
         let (done, rx) = oneshot::channel();
         let max_frame_len = self.shared.config.client.max_frame_len;
         let len_bound = outgoing::len_bound(&request);
-        if let Err(len) = outgoing::fits(&request, len_bound, max_frame_len) {
-            let error = QueryError::Invalid(outgoing::too_large(len, max_frame_len, "this frontend's"));
+        let refused = outgoing::fits(&request, len_bound, max_frame_len)
+            .err()
+            .map(|len| QueryError::Invalid(outgoing::too_large(len, max_frame_len, "this frontend's")));
+        // Armed (a dropped handle cancels the query) unless refused: nothing to cancel then.
+        let handle = QueryHandle {
+            id,
+            shared: self.shared.clone(),
+            rx: Some(rx),
+            armed: refused.is_none(),
+            span,
+            trace,
+        };
+        if let Some(error) = refused {
             // Refused before it is recorded: it ends here, at once, and alone.
-            span.in_scope(|| debug!(%error, "refused"));
+            handle.span.in_scope(|| debug!(%error, "refused"));
             if let Some(placed) = placed {
                 let _ = placed.send(Err(error.clone()));
             }
             let _ = done.send(Err(error));
-            return QueryHandle {
-                id,
-                shared: self.shared.clone(),
-                rx: Some(rx),
-                armed: false,
-                span,
-                trace,
-            };
+            return handle;
         }
         let timeout = request.timeout.unwrap_or(self.shared.config.default_timeout);
         let deadline = Instant::now().checked_add(timeout);
@@ -381,15 +385,7 @@ impl Frontend {
             done: Some(done),
             abort: None,
         };
-        // Armed before anything is sent: a dropped future cancels the query.
-        let handle = QueryHandle {
-            id,
-            shared: self.shared.clone(),
-            rx: Some(rx),
-            armed: true,
-            span,
-            trace,
-        };
+        // The handle is armed before anything is sent.
         self.shared.event_with(event, Some((id, entry)));
         handle
     }
