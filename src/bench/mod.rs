@@ -30,6 +30,7 @@ use crate::config::Settings;
 use crate::server::Server;
 use crate::tls::CertSet;
 
+mod arrivals;
 mod report;
 mod scrape;
 use report::{Cpu, Measured, plot_waits, report};
@@ -250,7 +251,7 @@ fn request(c: &BenchConfig, tenant: usize, n: u64, payload: &bytes::Bytes) -> Qu
 
 /// Starts the load generator's tasks, submitting until `until` and recording in `outcomes`:
 /// closed loop (submitters per frontend, spread over tenants by weight) or open loop
-/// (Poisson arrivals per tenant).
+/// (Poisson arrivals per tenant, `arrivals`).
 fn spawn_load(
     c: &BenchConfig,
     frontends: &[Frontend],
@@ -282,39 +283,7 @@ fn spawn_load(
                 }
             }
         }
-        Some(rate) => {
-            for t in 0..c.tenants {
-                let tenant_rate = rate * weight(c, t) / total_weight;
-                let fe = frontends[t % frontends.len()].clone();
-                let (outcomes, payload, c) = (outcomes.clone(), payload.clone(), c.clone());
-                tasks.push(tokio::spawn(async move {
-                    let mut rng = crate::sim::Rng::new(c.seed ^ (t as u64 + 1));
-                    let mut next = Instant::now();
-                    // Finished queries are reaped as the run goes: a task kept until the end
-                    // holds its memory, and the heap growing by a page at a time stalled
-                    // this process for tens of milliseconds per fresh huge page.
-                    let mut inflight = tokio::task::JoinSet::new();
-                    let mut lateness = Vec::new();
-                    let mut n = 0u64;
-                    loop {
-                        next += Duration::from_nanos(rng.exp_ns(tenant_rate));
-                        if next >= until {
-                            break;
-                        }
-                        tokio::time::sleep_until(next.into()).await;
-                        let late = Instant::now().saturating_duration_since(next);
-                        lateness.push(u64::try_from(late.as_micros()).unwrap_or(u64::MAX));
-                        outcomes.submitted.fetch_add(1, Ordering::Relaxed);
-                        let (fe, outcomes, req) = (fe.clone(), outcomes.clone(), request(&c, t, n, &payload));
-                        inflight.spawn(async move { outcomes.record(one_query(&fe, req).await) });
-                        while inflight.try_join_next().is_some() {}
-                        n += 1;
-                    }
-                    outcomes.lateness.lock().unwrap().extend(lateness);
-                    while inflight.join_next().await.is_some() {}
-                }));
-            }
-        }
+        Some(rate) => tasks.push(arrivals::spawn(c, rate, frontends, outcomes, payload, until)),
     }
     tasks
 }
