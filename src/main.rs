@@ -446,8 +446,11 @@ fn bench_summary(report: &serde_json::Value) -> String {
     let f = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
     let g = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
     let d = &report["datagrams_per_query"];
+    let generator = report["cpu"]["generator_thread_us_per_query"]
+        .as_f64()
+        .map_or(String::new(), |g| format!(", the generator's thread {g:.1} µs of it"));
     format!(
-        "{:.0} queries/s, p99 {} ms; CPU per query: schedulers {} µs, this process {} µs ({}); \
+        "{:.0} queries/s, p99 {} ms; CPU per query: schedulers {} µs, this process {} µs ({}{generator}); \
          datagrams per query: this process {} sent, {} received; schedulers {} sent, {} received; \
          task polls per query: this process {}, schedulers {}",
         report["throughput_per_second"].as_f64().unwrap_or(0.0),

@@ -244,6 +244,14 @@ pub fn process_cpu_seconds() -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
+/// The calling thread's CPU time so far, from `/proc/thread-self/schedstat` (nanoseconds,
+/// unlike the process's clock ticks); `None` where there is no procfs.
+pub fn thread_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = stat.split_ascii_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 / 1e9)
+}
+
 /// This process's resident memory, from `/proc/self/status`; `None` where there is no
 /// procfs.
 pub fn process_resident_bytes() -> Option<u64> {
@@ -340,6 +348,33 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Burns this thread's CPU until its clock moved by `seconds` (bounded in wall time).
+    #[cfg(target_os = "linux")]
+    fn burn(seconds: f64) {
+        let start = thread_cpu_seconds().expect("procfs");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut x = 0u64;
+        while thread_cpu_seconds().expect("procfs") - start < seconds {
+            for i in 0..10_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+            assert!(std::time::Instant::now() < deadline, "the thread's clock did not move");
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_threads_cpu_counts_its_own_work_and_not_another_threads() {
+        let before = thread_cpu_seconds().expect("procfs");
+        // Another thread's 50 ms of work while this one waits for it.
+        std::thread::spawn(|| burn(0.05)).join().unwrap();
+        let waited = thread_cpu_seconds().unwrap() - before;
+        assert!(waited < 0.05, "another thread's work was counted: {waited} s");
+        burn(0.02);
+        let worked = thread_cpu_seconds().unwrap() - before;
+        assert!(worked >= 0.02, "this thread's work was not counted: {worked} s");
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn runtime_counts_grow_with_the_tasks_run() {

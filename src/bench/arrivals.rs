@@ -36,6 +36,7 @@ pub(super) fn spawn(
     let total_weight: f64 = (0..c.tenants).map(|i| weight(c, i)).sum();
     let (c, frontends, outcomes, payload) = (c.clone(), frontends.to_vec(), outcomes.clone(), payload.clone());
     let generator = tokio::task::spawn_blocking(move || {
+        let cpu_start = crate::metrics::thread_cpu_seconds();
         let start = Instant::now();
         // Per tenant: its random stream, its rate and the number of its next query.
         let mut tenants: Vec<(Rng, f64, u64)> = (0..c.tenants)
@@ -87,6 +88,8 @@ pub(super) fn spawn(
             while inflight.try_join_next().is_some() {}
         }
         outcomes.lateness.lock().unwrap().extend(lateness);
+        *outcomes.generator_cpu.lock().unwrap() =
+            cpu_start.zip(crate::metrics::thread_cpu_seconds()).map(|(a, b)| b - a);
         inflight
     });
     tokio::spawn(async move {

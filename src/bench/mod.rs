@@ -184,6 +184,9 @@ struct Outcomes {
     /// Open loop: microseconds each submit came after its scheduled arrival (the load
     /// generator's own lateness; a late arrival is a burst the system did not cause).
     lateness: Mutex<Vec<u64>>,
+    /// Open loop: CPU seconds the generator's own thread used (sleeping, waking, handing
+    /// arrivals to the runtime).
+    generator_cpu: Mutex<Option<f64>>,
 }
 
 impl Outcomes {
@@ -429,6 +432,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         own_datagrams,
         own_tasks,
         in_process: c.target.is_none(),
+        generator: *outcomes.generator_cpu.lock().unwrap(),
     };
 
     for q in queriers {

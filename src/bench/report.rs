@@ -24,6 +24,8 @@ pub(super) struct Cpu {
     /// This process's runtime: task polls, steals, spawns and thread sleeps.
     pub(super) own_tasks: RuntimeCounts,
     pub(super) in_process: bool,
+    /// Open loop: by the load generator's own thread (part of `own`).
+    pub(super) generator: Option<f64>,
 }
 
 /// `count` per query, of `results` queries.
@@ -42,6 +44,8 @@ impl Cpu {
             } else {
                 "frontends, queriers and the load generator"
             },
+            "generator_thread_seconds": self.generator,
+            "generator_thread_us_per_query": per_query(self.generator),
             "schedulers_seconds": self.schedulers.map(|s| s.cpu_seconds),
             "schedulers_us_per_query": per_query(self.schedulers.map(|s| s.cpu_seconds)),
         })
