@@ -84,6 +84,10 @@ async fn serve_scheduler(
     let writer_task = tokio::spawn(async move {
         let _ = writer.pump(&mut rx).await;
     });
+    // Waited on by every turn of the loop, registered once (not once per frame).
+    let frontend_stop = shared.stop.cancelled();
+    let link_stop = link.stop.cancelled();
+    tokio::pin!(frontend_stop, link_stop);
     let result = loop {
         tokio::select! {
             msg = reader.next::<SchedulerToFrontend>() => match msg {
@@ -94,11 +98,11 @@ async fn serve_scheduler(
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e.to_string()),
             },
-            _ = shared.stop.cancelled() => {
+            _ = &mut frontend_stop => {
                 conn.close(close_code::DONE.into(), b"frontend closing");
                 break Ok(());
             }
-            _ = link.stop.cancelled() => {
+            _ = &mut link_stop => {
                 conn.close(close_code::DONE.into(), b"scheduler no longer in use");
                 break Ok(());
             }

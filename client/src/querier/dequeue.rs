@@ -82,12 +82,18 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     let mut timer_at: Option<Instant> = None;
+    // Waited on by every turn of the loop, registered once (not once per turn).
+    let link_stop = d.link.stop.clone().cancelled_owned();
+    let querier_stop = d.shared.stopping.clone().cancelled_owned();
+    tokio::pin!(link_stop, querier_stop);
     d.grow(*wanted.borrow_and_update());
     loop {
         d.carry_out().await;
-        let stopping = d.shared.stopping.is_cancelled() || d.link.stop.is_cancelled();
+        let link_stopped = d.link.stop.is_cancelled();
+        let querier_stopping = d.shared.stopping.is_cancelled();
+        let stopping = querier_stopping || link_stopped;
         // A link that stops asks for nothing more; its running queries are reported.
-        if d.link.stop.is_cancelled() && d.slots.stream() == SlotStream::Open {
+        if link_stopped && d.slots.stream() == SlotStream::Open {
             d.slots.draining();
             continue;
         }
@@ -166,8 +172,8 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
                 let n = *wanted.borrow_and_update();
                 d.grow(n);
             }
-            _ = d.link.stop.cancelled(), if !d.link.stop.is_cancelled() => {}
-            _ = d.shared.stopping.cancelled(), if !d.shared.stopping.is_cancelled() => {}
+            _ = &mut link_stop, if !link_stopped => {}
+            _ = &mut querier_stop, if !querier_stopping => {}
         }
     }
 }
