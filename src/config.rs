@@ -310,7 +310,7 @@ impl Settings {
         };
         queue.validate().map_err(|e| invalid(&e.key, e.problem))?;
         let max_frame_len = self.max_frame_len.unwrap_or(8 * 1024 * 1024);
-        if !(MIN_FRAME_LEN..=HARD_MAX_FRAME_LEN).contains(&max_frame_len) {
+        if !sluice_protocol::frame_limit_allowed(max_frame_len) {
             return Err(invalid(
                 "max_frame_len",
                 format!("must be between {MIN_FRAME_LEN} and {HARD_MAX_FRAME_LEN} bytes"),

@@ -68,7 +68,7 @@ impl ClientConfig {
 
     /// Checks what both a frontend and a querier need: a frame limit the protocol allows.
     pub(crate) fn validate(&self) -> Result<(), ClientError> {
-        if !(MIN_FRAME_LEN..=HARD_MAX_FRAME_LEN).contains(&self.max_frame_len) {
+        if !sluice_protocol::frame_limit_allowed(self.max_frame_len) {
             return Err(ClientError::Config(format!(
                 "max_frame_len is {} bytes; it must be between {MIN_FRAME_LEN} and {HARD_MAX_FRAME_LEN}",
                 self.max_frame_len

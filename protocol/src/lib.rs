@@ -39,4 +39,7 @@ pub use error::{DecodeError, EncodeError, InvalidRequest};
 pub use frame::*;
 #[cfg(feature = "tokio")]
 pub use io::{FrameSource, FramedRead, FramedWrite, ReadError, ReceiveBudget, WriteError};
-pub use limits::{HARD_MAX_FRAME_LEN, Limits, MAX_ID_LEN, MAX_SLOTS_PER_LOOP, MAX_WORKERS_PER_STREAM, MIN_FRAME_LEN};
+pub use limits::{
+    HARD_MAX_FRAME_LEN, Limits, MAX_ID_LEN, MAX_SLOTS_PER_LOOP, MAX_WORKERS_PER_STREAM, MIN_FRAME_LEN,
+    frame_limit_allowed,
+};

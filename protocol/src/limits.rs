@@ -22,6 +22,13 @@ pub const HARD_MAX_FRAME_LEN: u32 = 64 * 1024 * 1024;
 /// handler's error message cut to 16 KiB, a hello) fits in it.
 pub const MIN_FRAME_LEN: u32 = 64 * 1024;
 
+/// Whether a peer may use `max_frame_len` as its frame limit: between [`MIN_FRAME_LEN`] and
+/// [`HARD_MAX_FRAME_LEN`]. The one rule a scheduler's settings, a client's configuration and
+/// a frontend's announced result endpoint are all held to.
+pub fn frame_limit_allowed(max_frame_len: u32) -> bool {
+    (MIN_FRAME_LEN..=HARD_MAX_FRAME_LEN).contains(&max_frame_len)
+}
+
 /// Bounds on frames and on the fields of an [`Enqueue`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -103,5 +110,25 @@ impl Enqueue {
             return Err(InvalidRequest::ZeroCost);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_limit_is_allowed_from_the_floor_to_the_hard_maximum_inclusive() {
+        for (len, allowed) in [
+            (0, false),
+            (MIN_FRAME_LEN - 1, false),
+            (MIN_FRAME_LEN, true),
+            (Limits::default().max_frame_len, true),
+            (HARD_MAX_FRAME_LEN, true),
+            (HARD_MAX_FRAME_LEN + 1, false),
+            (u32::MAX, false),
+        ] {
+            assert_eq!(frame_limit_allowed(len), allowed, "{len}");
+        }
     }
 }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use metrics::counter;
 
 use sluice_protocol::{
-    FrontendAddress, HARD_MAX_FRAME_LEN, Limits, LoadHint, MAX_ID_LEN, MIN_FRAME_LEN, QueryErrorKind, QueryId,
-    SchedulerToFrontend, SchedulerToQuerier, WorkerSlot,
+    FrontendAddress, Limits, LoadHint, MAX_ID_LEN, QueryErrorKind, QueryId, SchedulerToFrontend, SchedulerToQuerier,
+    WorkerSlot,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -251,7 +251,7 @@ impl Dispatcher {
                     f.tx.protocol_violation();
                     return;
                 }
-                if !(MIN_FRAME_LEN..=HARD_MAX_FRAME_LEN).contains(&address.max_frame_len) {
+                if !sluice_protocol::frame_limit_allowed(address.max_frame_len) {
                     warn!(
                         frontend = %f.name,
                         max_frame_len = address.max_frame_len,
