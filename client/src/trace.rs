@@ -53,9 +53,9 @@ impl TraceParent {
             return None;
         }
         let tp = TraceParent {
-            trace_id: hex(&b[3..35])?,
-            parent_id: u64::try_from(hex(&b[36..52])?).ok()?,
-            flags: u8::try_from(hex(&b[53..55])?).ok()?,
+            trace_id: u128::from(hex64(&b[3..19])?) << 64 | u128::from(hex64(&b[19..35])?),
+            parent_id: hex64(&b[36..52])?,
+            flags: u8::try_from(hex64(&b[53..55])?).ok()?,
         };
         (tp.trace_id != 0 && tp.parent_id != 0).then_some(tp)
     }
@@ -123,16 +123,29 @@ impl TraceParent {
 /// Length of a version-00 `traceparent` value.
 const HEADER_LEN: usize = 55;
 
-/// The value of at most 32 lowercase hex digits; `None` at any other byte.
-fn hex(digits: &[u8]) -> Option<u128> {
-    digits.iter().try_fold(0u128, |value, &d| {
-        let nibble = match d {
-            b'0'..=b'9' => d - b'0',
-            b'a'..=b'f' => d - b'a' + 10,
-            _ => return None,
-        };
-        Some(value << 4 | u128::from(nibble))
-    })
+/// Each byte's value as a lowercase hex digit; `INVALID` for every other byte.
+const NIBBLE: [u8; 256] = {
+    let mut table = [INVALID; 256];
+    let mut i = 0;
+    while i < 16 {
+        table[b"0123456789abcdef"[i] as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+const INVALID: u8 = 0xff;
+
+/// The value of at most 16 lowercase hex digits; `None` at any other byte. No branch per
+/// digit: a bad byte sets high bits that are checked once at the end.
+fn hex64(digits: &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    let mut seen = 0u8;
+    for &d in digits {
+        let nibble = NIBBLE[usize::from(d)];
+        seen |= nibble;
+        value = value << 4 | u64::from(nibble & 0x0f);
+    }
+    (seen & 0xf0 == 0).then_some(value)
 }
 
 fn push_hex(out: &mut String, bytes: &[u8]) {

@@ -45,12 +45,12 @@ fn main() {
     };
     let dispatch = Dispatch {
         query_id: 42,
-        frontend: FrontendAddress {
+        frontend: std::sync::Arc::new(FrontendAddress {
             id: "fe-1".into(),
             address: "127.0.0.1:9095".into(),
             server_name: "localhost".into(),
             max_frame_len: 8 << 20,
-        },
+        }),
         tenant: "tenant-a".into(),
         actors: vec!["user-1".into()],
         component: None,

@@ -55,6 +55,8 @@
 //! Query ids are chosen by the frontend and are unique per frontend; a query is
 //! identified system-wide by the frontend's id plus its query id.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -367,8 +369,13 @@ pub const LIFELINE_MAGIC: [u8; 4] = *b"SLL1";
 pub struct Dispatch {
     /// The query's id at its frontend.
     pub query_id: QueryId,
-    /// Where to send the result.
-    pub frontend: FrontendAddress,
+    /// Where to send the result. Shared: a frontend named by an earlier dispatch decoded
+    /// on the same thread is not decoded again (see `intern`).
+    #[serde(
+        serialize_with = "crate::intern::serialize",
+        deserialize_with = "crate::intern::deserialize"
+    )]
+    pub frontend: Arc<FrontendAddress>,
     /// The tenant the query runs for.
     pub tenant: String,
     /// The actor path it was queued under.

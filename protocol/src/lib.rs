@@ -27,6 +27,7 @@ pub mod bounded;
 mod codec;
 mod error;
 mod frame;
+mod intern;
 #[cfg(feature = "tokio")]
 mod io;
 mod limits;

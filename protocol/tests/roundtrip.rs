@@ -200,12 +200,12 @@ fn dispatch() -> impl Strategy<Value = Dispatch> {
             )| {
                 Dispatch {
                     query_id,
-                    frontend: FrontendAddress {
+                    frontend: std::sync::Arc::new(FrontendAddress {
                         id,
                         address,
                         server_name,
                         max_frame_len,
-                    },
+                    }),
                     tenant,
                     actors,
                     component,

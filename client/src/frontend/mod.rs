@@ -233,6 +233,7 @@ impl Frontend {
             inner: Mutex::new(Inner {
                 table: QueryTable::new(policy, seed),
                 entries: FastMap::default(),
+                actions: Vec::new(),
             }),
             available,
             next_id: AtomicU64::new(1),

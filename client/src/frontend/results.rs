@@ -181,7 +181,7 @@ fn deliver_whole(
 ) -> ResultReceipt {
     let whole = Event::ResultWhole { id, tenant, capability };
     let done = match shared.event_with(whole, None) {
-        Some(Claim::Accepted { done, .. }) => done,
+        Some(Claim::Whole { done }) => done,
         Some(Claim::Refused(reason)) => return ResultReceipt::Refused { reason },
         _ => {
             return ResultReceipt::Refused {

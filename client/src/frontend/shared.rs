@@ -41,6 +41,65 @@ pub(super) struct Entry {
 pub(super) struct Inner {
     pub(super) table: QueryTable,
     pub(super) entries: FastMap<QueryId, Entry>,
+    /// The table's actions for one event; kept between events for its capacity.
+    pub(super) actions: Vec<Action>,
+}
+
+/// What the shell does for an event once the lock is released: answering a caller wakes
+/// its task, and dropping an ended query's entry frees its request; neither needs the
+/// table, so neither holds up the other tasks that do.
+#[derive(Debug, Default)]
+struct Afterwards {
+    /// The first (usually the only) reply, kept inline: no allocation for it.
+    first: Option<Reply>,
+    more: Vec<Reply>,
+}
+
+#[derive(Debug)]
+enum Reply {
+    /// The first placement succeeded.
+    Placed(oneshot::Sender<Result<(), QueryError>>),
+    /// The query ended with `error`: whoever waits on `entry` hears it.
+    Fail(Entry, QueryError),
+    /// The querier reported the query failed.
+    Failed(Entry, String),
+    /// The query ended with its result delivered: only the entry is left to free.
+    Done(Entry),
+}
+
+impl Afterwards {
+    fn push(&mut self, reply: Reply) {
+        if self.first.is_none() && self.more.is_empty() {
+            self.first = Some(reply);
+        } else {
+            self.more.push(reply);
+        }
+    }
+
+    fn run(self) {
+        for reply in self.first.into_iter().chain(self.more) {
+            match reply {
+                Reply::Placed(tx) => {
+                    let _ = tx.send(Ok(()));
+                }
+                Reply::Fail(e, error) => {
+                    if let Some(tx) = e.placed {
+                        let _ = tx.send(Err(error));
+                    } else if let Some(tx) = e.done {
+                        let _ = tx.send(Err(error));
+                    } else if let Some(tx) = e.abort {
+                        let _ = tx.send(error);
+                    }
+                }
+                Reply::Failed(e, message) => {
+                    if let Some(tx) = e.done {
+                        let _ = tx.send(Err(QueryError::Failed(message)));
+                    }
+                }
+                Reply::Done(e) => drop(e),
+            }
+        }
+    }
 }
 
 /// One scheduler this frontend connects to. Links are only ever appended, so a link's
@@ -84,6 +143,10 @@ pub(crate) enum Claim {
     Accepted {
         done: oneshot::Sender<Result<QueryResponse, QueryError>>,
         abort: oneshot::Receiver<QueryError>,
+    },
+    /// The whole result is taken, and its query ended: send the caller its response here.
+    Whole {
+        done: oneshot::Sender<Result<QueryResponse, QueryError>>,
     },
     /// The querier's early confirmation is taken; the result follows on the same stream.
     Confirmed,
@@ -129,32 +192,36 @@ impl Shared {
                     ..
                 }
         );
-        let mut actions = Vec::new();
+        let mut afterwards = Afterwards::default();
         let claim = {
             let mut inner = self.inner.lock().unwrap();
             if let Some((id, entry)) = new {
                 inner.entries.insert(id, entry);
             }
             let before = inner.table.next_timer();
+            let mut actions = std::mem::take(&mut inner.actions);
             inner.table.handle(event, Instant::now(), &mut actions);
-            let claim = self.apply(&mut inner, actions);
+            let claim = self.apply(&mut inner, &mut actions, &mut afterwards);
+            inner.actions = actions;
             let after = inner.table.next_timer();
             if after.is_some() && (before.is_none() || after < before) {
                 self.timer.notify_one();
             }
             claim
         };
+        afterwards.run();
         if schedulers_may_change {
             self.set_available();
         }
         claim
     }
 
-    /// Carries out the table's actions (under the lock, so frames about one query leave
-    /// in the order decided). Returns the claim a result stream asked for, if any.
-    fn apply(&self, inner: &mut Inner, actions: Vec<Action>) -> Option<Claim> {
+    /// Carries out the table's actions, draining `actions`: frames under the lock, so
+    /// frames about one query leave in the order decided; answers to callers and freeing
+    /// into `afterwards`. Returns the claim a result stream asked for, if any.
+    fn apply(&self, inner: &mut Inner, actions: &mut Vec<Action>, afterwards: &mut Afterwards) -> Option<Claim> {
         let mut claim = None;
-        for action in actions {
+        for action in actions.drain(..) {
             match action {
                 Action::Enqueue {
                     scheduler,
@@ -171,7 +238,7 @@ impl Shared {
                         let mut more = Vec::new();
                         let event = Event::TooLarge { scheduler, id, reason };
                         inner.table.handle(event, Instant::now(), &mut more);
-                        if let Some(c) = self.apply(inner, more) {
+                        if let Some(c) = self.apply(inner, &mut more, afterwards) {
                             claim = Some(c);
                         }
                         continue;
@@ -189,34 +256,39 @@ impl Shared {
                     .send(Outgoing::Frame(FrontendToScheduler::Cancel { query_id: id })),
                 Action::Placed { id } => {
                     if let Some(tx) = inner.entries.get_mut(&id).and_then(|e| e.placed.take()) {
-                        let _ = tx.send(Ok(()));
+                        afterwards.push(Reply::Placed(tx));
                     }
                 }
                 Action::Fail { id, error } => {
-                    let Some(e) = inner.entries.remove(&id) else { continue };
-                    if let Some(tx) = e.placed {
-                        let _ = tx.send(Err(error));
-                    } else if let Some(tx) = e.done {
-                        let _ = tx.send(Err(error));
-                    } else if let Some(tx) = e.abort {
-                        let _ = tx.send(error);
+                    if let Some(e) = inner.entries.remove(&id) {
+                        afterwards.push(Reply::Fail(e, error));
                     }
                 }
                 Action::Failed { id, message } => {
-                    if let Some(tx) = inner.entries.remove(&id).and_then(|e| e.done) {
-                        let _ = tx.send(Err(QueryError::Failed(message)));
+                    if let Some(e) = inner.entries.remove(&id) {
+                        afterwards.push(Reply::Failed(e, message));
                     }
                 }
                 Action::Accept { id } => {
+                    // A whole result ends its query as it is accepted: no body to cut short.
+                    let streams = inner.table.state(id).is_some();
                     let Some(e) = inner.entries.get_mut(&id) else { continue };
-                    let (abort, abort_rx) = oneshot::channel();
-                    e.abort = Some(abort);
-                    claim = e.done.take().map(|done| Claim::Accepted { done, abort: abort_rx });
+                    claim = e.done.take().map(|done| {
+                        if streams {
+                            let (abort, abort_rx) = oneshot::channel();
+                            e.abort = Some(abort);
+                            Claim::Accepted { done, abort: abort_rx }
+                        } else {
+                            Claim::Whole { done }
+                        }
+                    });
                 }
                 Action::Refuse { reason, .. } => claim = Some(Claim::Refused(reason)),
                 Action::Confirmed { .. } => claim = Some(Claim::Confirmed),
                 Action::Done { id } => {
-                    inner.entries.remove(&id);
+                    if let Some(e) = inner.entries.remove(&id) {
+                        afterwards.push(Reply::Done(e));
+                    }
                 }
             }
         }

@@ -120,7 +120,6 @@ impl QueryTable {
     }
 
     /// The state of `id`, if it has not ended.
-    #[cfg(test)]
     pub(crate) fn state(&self, id: QueryId) -> Option<State> {
         self.queries.get(&id).map(|q| q.state)
     }
@@ -606,20 +605,23 @@ impl QueryTable {
 
 /// Two random choices among accepting schedulers not in `skip`, the less loaded wins.
 fn pick(schedulers: &[SchedulerView], seed: &mut u64, skip: &HashSet<SchedulerIx>) -> Option<SchedulerIx> {
-    let candidates: Vec<SchedulerIx> = schedulers
-        .iter()
-        .enumerate()
-        .filter(|(i, v)| v.accepting() && !skip.contains(i))
-        .map(|(i, _)| i)
-        .collect();
-    let n = candidates.len() as u64;
+    // Counted, then walked again for the two picks: no list is built for every placement.
+    let candidates = || {
+        schedulers
+            .iter()
+            .enumerate()
+            .filter(|(i, v)| v.accepting() && !skip.contains(i))
+            .map(|(i, _)| i)
+    };
+    let n = candidates().count() as u64;
     if n == 0 {
         return None;
     }
     *seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
     let r = mix(*seed);
-    let a = candidates[(r % n) as usize];
-    let b = candidates[((r >> 32) % n) as usize];
+    let nth = |k: u64| candidates().nth(k as usize).expect("below the count");
+    let a = nth(r % n);
+    let b = nth((r >> 32) % n);
     Some(if schedulers[b].queued < schedulers[a].queued {
         b
     } else {

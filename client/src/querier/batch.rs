@@ -161,14 +161,14 @@ struct Task {
 
 impl Task {
     async fn run(self, hello: Hello, mut results: mpsc::UnboundedReceiver<Whole>) {
-        let mut waiting: FastMap<QueryId, VecDeque<(Reply, ResultFrame)>> = FastMap::default();
+        let mut waiting = VecDeque::new();
         let ended = self.carry(hello, &mut results, &mut waiting).await;
         if let Err(e) = ended {
             debug!(frontend = %self.to.address, error = %e, "shared results stream ended");
         }
         // Whatever was not acknowledged, or not even written, goes back to its link.
         results.close();
-        for (reply, frame) in waiting.into_values().flatten() {
+        for (_, reply, frame) in waiting {
             reply.send(Err(frame));
         }
         while let Ok(whole) = results.try_recv() {
@@ -177,12 +177,13 @@ impl Task {
     }
 
     /// Writes results and matches acks until the stream breaks (`Err`) or the querier lets
-    /// go and every result is acknowledged (`Ok`).
+    /// go and every result is acknowledged (`Ok`). `waiting`: the results written and not
+    /// yet acknowledged, in the order written, which is the order their acks come in.
     async fn carry(
         &self,
         hello: Hello,
         results: &mut mpsc::UnboundedReceiver<Whole>,
-        waiting: &mut FastMap<QueryId, VecDeque<(Reply, ResultFrame)>>,
+        waiting: &mut VecDeque<(QueryId, Reply, ResultFrame)>,
     ) -> Result<(), String> {
         let slot = self.slot.upgrade().ok_or("the querier stopped")?;
         let conn = connect(&self.endpoint, &slot, &self.to, &self.quic).await?;
@@ -195,6 +196,10 @@ impl Task {
         w.buffer(&hello).map_err(|e| e.to_string())?;
         let (mut open, mut next) = (true, None);
         let mut progress = tokio::time::Instant::now();
+        // Armed once and moved on only when it fires early: progress is a clock read, not a
+        // timer registered and dropped for every result.
+        let stall = tokio::time::sleep(self.stalled_after);
+        tokio::pin!(stall);
         loop {
             // `next` is always taken here, before anything that can fail.
             while let Some(whole) = next.take().or_else(|| results.try_recv().ok()) {
@@ -209,7 +214,7 @@ impl Task {
                     if waiting.is_empty() {
                         progress = tokio::time::Instant::now();
                     }
-                    waiting.entry(id).or_default().push_back((whole.reply, whole.frame));
+                    waiting.push_back((id, whole.reply, whole.frame));
                 } else {
                     whole.reply.send(Err(whole.frame));
                 }
@@ -228,16 +233,21 @@ impl Task {
                 },
                 ack = r.next::<ResultAck>() => {
                     let ack = ack.map_err(|e| e.to_string())?.ok_or("the frontend closed it")?;
-                    let queue = waiting.get_mut(&ack.query_id).ok_or("an ack of nothing sent")?;
-                    let (reply, _) = queue.pop_front().ok_or("an ack of nothing sent")?;
-                    if queue.is_empty() {
-                        waiting.remove(&ack.query_id);
+                    match waiting.front() {
+                        Some((id, ..)) if *id == ack.query_id => {}
+                        Some(_) => return Err("an ack out of order".into()),
+                        None => return Err("an ack of nothing sent".into()),
                     }
+                    let (_, reply, _) = waiting.pop_front().expect("checked above");
                     reply.send(Ok(ack.receipt));
                     progress = tokio::time::Instant::now();
                 }
-                () = tokio::time::sleep_until(progress + self.stalled_after), if !waiting.is_empty() => {
-                    return Err(format!("no acknowledgement for {:?}", self.stalled_after));
+                () = &mut stall, if !waiting.is_empty() => {
+                    let due = progress + self.stalled_after;
+                    if tokio::time::Instant::now() >= due {
+                        return Err(format!("no acknowledgement for {:?}", self.stalled_after));
+                    }
+                    stall.as_mut().reset(due);
                 }
             }
         }

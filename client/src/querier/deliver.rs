@@ -105,7 +105,7 @@ pub(super) fn confirm(shared: &Arc<Shared>, d: &Dispatch) -> Early {
 /// the result travels and its receipt comes back.
 pub(super) fn hand_off(
     shared: &Arc<Shared>,
-    d: Dispatch,
+    d: Box<Dispatch>,
     outcome: Result<Response, HandlerError>,
     deadline: Option<tokio::time::Instant>,
     early: Option<Early>,

@@ -28,7 +28,7 @@ use crate::trace::TraceParent;
 
 /// A query dispatched to a slot: what its result needs, and its handler (once it runs).
 struct Active {
-    dispatch: Dispatch,
+    dispatch: Box<Dispatch>,
     deadline: Option<Instant>,
     cancelled: CancellationToken,
     /// The handler's request and span until it starts (at once, or when a worker is free
@@ -192,7 +192,7 @@ struct Driver<H: Handler> {
     receipts: tokio::sync::mpsc::UnboundedSender<batch::Settled>,
     /// Results on a shared results stream, by delivery number: their worker, and what a
     /// stream of their own would need if the shared one does not carry them.
-    on_shared: FastMap<u64, (WorkerSlot, Dispatch, Option<Instant>)>,
+    on_shared: FastMap<u64, (WorkerSlot, Box<Dispatch>, Option<Instant>)>,
     next_delivery: u64,
     session: Option<Session>,
     /// What `slots` asked for and is not done yet.
@@ -258,7 +258,8 @@ impl<H: Handler> Driver<H> {
     /// Does what the slots asked for: frames into the stream's buffer (written at once,
     /// all together), cancels, aborts and confirmations.
     async fn carry_out(&mut self) {
-        for action in std::mem::take(&mut self.out) {
+        let mut actions = std::mem::take(&mut self.out);
+        for action in actions.drain(..) {
             match action {
                 Action::Send(frame) => {
                     if let Some(s) = &mut self.session
@@ -299,6 +300,10 @@ impl<H: Handler> Driver<H> {
                 }
             }
         }
+        // The list goes back, emptied, for its capacity: no allocation on the next turn.
+        if self.out.is_empty() {
+            self.out = actions;
+        }
         if let Some(s) = &mut self.session
             && s.w.buffered() > 0
             && let Err(e) = s.w.flush().await
@@ -325,7 +330,7 @@ impl<H: Handler> Driver<H> {
                     now,
                     &mut self.out,
                 ) {
-                    Ok(()) => self.accept(worker, *dispatch, now),
+                    Ok(()) => self.accept(worker, dispatch, now),
                     Err(e) => {
                         warn!(scheduler = %self.link.addr, error = %e, "the scheduler broke the dequeue protocol");
                         self.lost(&e);
@@ -341,7 +346,7 @@ impl<H: Handler> Driver<H> {
     }
 
     /// Takes a dispatched query in: its handler starts when the slots say so.
-    fn accept(&mut self, slot: WorkerSlot, mut d: Dispatch, now: Instant) {
+    fn accept(&mut self, slot: WorkerSlot, mut d: Box<Dispatch>, now: Instant) {
         let cancelled = CancellationToken::new();
         // The handler runs in a `query` span with the query's trace id, and sees a trace
         // context naming this hop.
@@ -478,7 +483,7 @@ impl<H: Handler> Driver<H> {
         &mut self,
         slot: WorkerSlot,
         number: u64,
-        dispatch: Dispatch,
+        dispatch: Box<Dispatch>,
         outcome: Result<Response, HandlerError>,
         deadline: Option<Instant>,
         early: Option<deliver::Early>,

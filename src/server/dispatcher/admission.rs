@@ -113,7 +113,7 @@ impl Dispatcher {
             return; // its connection already closed
         };
         let query_id = enqueue.query_id;
-        let address_len = f.address.as_ref().map(address_len);
+        let address_len = f.address.as_deref().map(address_len);
         // The query's trace id in the scheduler's log (only looked up when logging it).
         let trace = tracing::enabled!(tracing::Level::DEBUG)
             .then(|| TraceParent::of(&enqueue.metadata).map(|t| t.trace_id_hex()))

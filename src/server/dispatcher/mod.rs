@@ -42,7 +42,7 @@ use crate::metrics::{self as m, Metrics};
 struct Frontend {
     name: String,
     tx: FrontendTx,
-    address: Option<FrontendAddress>,
+    address: Option<Arc<FrontendAddress>>,
 }
 
 /// Where the scheduler is in its life; admission is open only while `Serving`, and never
@@ -260,7 +260,7 @@ impl Dispatcher {
                     f.tx.protocol_violation();
                     return;
                 }
-                f.address = Some(address);
+                f.address = Some(Arc::new(address));
             }
             Command::Enqueue {
                 frontend,
