@@ -325,15 +325,32 @@ async fn whole_results_share_one_stream_and_are_acknowledged_in_order() {
 /// ran once.
 #[tokio::test]
 async fn a_result_the_shared_stream_did_not_carry_goes_on_its_own_stream() {
-    shared_stream_fails(false).await;
+    shared_stream_fails(Failure::Broken).await;
 }
 
 #[tokio::test]
 async fn a_shared_stream_that_is_never_acknowledged_is_given_up() {
-    shared_stream_fails(true).await;
+    shared_stream_fails(Failure::Silent).await;
 }
 
-async fn shared_stream_fails(silent: bool) {
+/// Acks come back in the order results were written: one out of order breaks the stream,
+/// and both results go again on streams of their own (each handler still ran once).
+#[tokio::test]
+async fn an_ack_out_of_order_sends_the_shared_streams_results_on_their_own_streams() {
+    shared_stream_fails(Failure::OutOfOrder).await;
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Failure {
+    /// The frontend reads the result, then resets the stream.
+    Broken,
+    /// It reads the result and never answers.
+    Silent,
+    /// It reads two results and acknowledges the second first.
+    OutOfOrder,
+}
+
+async fn shared_stream_fails(failure: Failure) {
     use sluice_protocol::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -358,8 +375,19 @@ async fn shared_stream_fails(silent: bool) {
                 let first: ResultFrame = peer.recv().await;
                 let _ = seen_tx.send((hello.stream, first.clone()));
                 if hello.stream == StreamKind::Results {
+                    if failure == Failure::OutOfOrder {
+                        let second: ResultFrame = peer.recv().await;
+                        let _ = seen_tx.send((hello.stream, second.clone()));
+                        let ResultFrame::Whole { query_id, .. } = second else {
+                            panic!("{second:?}")
+                        };
+                        let receipt = ResultReceipt::Delivered;
+                        peer.send(&ResultAck { query_id, receipt }).await;
+                        tokio::time::sleep(WAIT * 2).await;
+                        return;
+                    }
                     // Read, then broken or silent: no acknowledgement ever comes.
-                    if silent {
+                    if failure == Failure::Silent {
                         tokio::time::sleep(WAIT * 2).await;
                     }
                     let _ = peer.writer.get_mut().reset(0u32.into());
@@ -392,7 +420,10 @@ async fn shared_stream_fails(silent: bool) {
         max_frame_len: sluice_protocol::Limits::default().max_frame_len,
     }))
     .await;
-    accepted(&mut fe, 1, "t").await;
+    let queries = if failure == Failure::OutOfOrder { 2 } else { 1 };
+    for id in 1..=queries {
+        accepted(&mut fe, id, "t").await;
+    }
 
     let runs = Arc::new(AtomicUsize::new(0));
     let counted = runs.clone();
@@ -401,19 +432,40 @@ async fn shared_stream_fails(silent: bool) {
         async move { Ok(Response::ok(request.payload)) }
     });
     let mut config = querier_config(&t, "querier-1");
-    config.concurrency = 1;
+    config.concurrency = queries as usize;
     // How long a shared stream may leave a result unacknowledged.
     config.client.idle_timeout = Duration::from_secs(1);
     let q = Querier::start(config, handler).unwrap();
-    let (kind, frame) = wait("the shared stream", seen.recv()).await.unwrap();
-    assert_eq!(kind, StreamKind::Results);
-    assert!(matches!(frame, ResultFrame::Whole { query_id: 1, .. }), "{frame:?}");
-    let (kind, frame) = wait("its own stream", seen.recv()).await.unwrap();
-    assert_eq!(kind, StreamKind::Result);
-    assert!(matches!(frame, ResultFrame::Head { query_id: 1, .. }), "{frame:?}");
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    // What the fake frontend saw, in order: each query's result on the shared stream (the
+    // first frame of each stream), then each on a stream of its own.
+    let mut firsts = Vec::new();
+    for _ in 0..2 * queries {
+        firsts.push(wait("the next stream's frame", seen.recv()).await.unwrap());
+    }
+    let ids = |seen: &[(StreamKind, ResultFrame)], want: StreamKind| {
+        let mut ids: Vec<u64> = seen
+            .iter()
+            .map(|(kind, frame)| match (kind, frame) {
+                (k, ResultFrame::Whole { query_id, .. } | ResultFrame::Head { query_id, .. }) if *k == want => {
+                    *query_id
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        ids.sort();
+        ids
+    };
+    let (on_shared, on_own) = firsts.split_at(queries as usize);
+    let (on_shared, on_own) = (ids(on_shared, StreamKind::Results), ids(on_own, StreamKind::Result));
+    let all: Vec<u64> = (1..=queries).collect();
+    assert_eq!((on_shared, on_own), (all.clone(), all));
+    assert_eq!(runs.load(Ordering::SeqCst), queries as usize, "each handler ran once");
+    // Shutting down waits for deliveries: nothing more was sent.
     q.shutdown().await;
     fake.abort();
+    if let Ok(extra) = seen.try_recv() {
+        panic!("a result sent again: {extra:?}");
+    }
 }
 
 #[tokio::test]

@@ -29,7 +29,6 @@ async fn enqueue_dispatch_ready_cycle() {
     w.send(&QuerierToScheduler::Ready {
         worker: 0,
         finished: Some(Finished {
-            frontend_id: "fe-1".into(),
             query_id: 1,
             measured_cost: None,
         }),

@@ -108,7 +108,6 @@ fn main() {
         QuerierToScheduler::Ready {
             worker: 3,
             finished: Some(Finished {
-                frontend_id: "fe-1".into(),
                 query_id: 41,
                 measured_cost: Some(9),
             }),

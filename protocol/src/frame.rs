@@ -62,7 +62,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks. A peer with another version is refused in
 /// the [`HelloReply`]; the version is the first field of [`Hello`] so it can always be read.
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;
 
 /// A frontend-chosen query identifier, unique among that frontend's outstanding queries.
 pub type QueryId = u64;
@@ -329,9 +329,8 @@ pub enum QuerierToScheduler {
 /// The query a worker just finished, reported with its next [`QuerierToScheduler::Ready`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finished {
-    /// The frontend that sent the query.
-    pub frontend_id: String,
-    /// The query's id at that frontend.
+    /// The query's id at its frontend (the scheduler knows which frontend: it dispatched
+    /// the query to this worker).
     pub query_id: QueryId,
     /// Measured cost in the same units as [`Enqueue::cost_hint`], when the querier knows it.
     pub measured_cost: Option<u32>,

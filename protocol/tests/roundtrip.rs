@@ -157,18 +157,15 @@ fn scheduler_to_frontend() -> impl Strategy<Value = SchedulerToFrontend> {
 
 fn querier_to_scheduler() -> impl Strategy<Value = QuerierToScheduler> {
     prop_oneof![
-        (
-            any::<u16>(),
-            option::of((text(), any::<u64>(), option::of(any::<u32>()))),
-        )
-            .prop_map(|(worker, finished)| QuerierToScheduler::Ready {
+        (any::<u16>(), option::of((any::<u64>(), option::of(any::<u32>()))),).prop_map(|(worker, finished)| {
+            QuerierToScheduler::Ready {
                 worker,
-                finished: finished.map(|(frontend_id, query_id, measured_cost)| Finished {
-                    frontend_id,
+                finished: finished.map(|(query_id, measured_cost)| Finished {
                     query_id,
                     measured_cost,
                 }),
-            }),
+            }
+        }),
         (any::<u16>(), any::<u64>()).prop_map(|(worker, query_id)| QuerierToScheduler::HandBack { worker, query_id }),
         any::<u8>().prop_map(|slots_per_loop| QuerierToScheduler::LoopSlots { slots_per_loop }),
     ]

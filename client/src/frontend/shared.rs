@@ -269,17 +269,15 @@ impl Shared {
                         afterwards.push(Reply::Failed(e, message));
                     }
                 }
-                Action::Accept { id } => {
-                    // A whole result ends its query as it is accepted: no body to cut short.
-                    let streams = inner.table.state(id).is_some();
+                Action::Accept { id, whole } => {
                     let Some(e) = inner.entries.get_mut(&id) else { continue };
                     claim = e.done.take().map(|done| {
-                        if streams {
+                        if whole {
+                            Claim::Whole { done }
+                        } else {
                             let (abort, abort_rx) = oneshot::channel();
                             e.abort = Some(abort);
                             Claim::Accepted { done, abort: abort_rx }
-                        } else {
-                            Claim::Whole { done }
                         }
                     });
                 }

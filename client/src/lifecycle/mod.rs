@@ -73,6 +73,16 @@ impl Query {
     }
 }
 
+/// How a querier's result for a query arrived.
+enum Arrival {
+    /// Its head: the body follows on the stream.
+    Head,
+    /// Head, body and end in one frame.
+    Whole,
+    /// The querier's error instead of a result.
+    Failed(String),
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct SchedulerView {
     up: bool,
@@ -120,6 +130,7 @@ impl QueryTable {
     }
 
     /// The state of `id`, if it has not ended.
+    #[cfg(test)]
     pub(crate) fn state(&self, id: QueryId) -> Option<State> {
         self.queries.get(&id).map(|q| q.state)
     }
@@ -260,20 +271,16 @@ impl QueryTable {
                 }
             }
             Event::ResultStarted { id, tenant, capability } => self.on_started(id, &tenant, capability, out),
-            Event::ResultHead { id, tenant, capability } => self.on_result(id, &tenant, capability, None, out),
+            Event::ResultHead { id, tenant, capability } => self.on_result(id, &tenant, capability, Arrival::Head, out),
             Event::ResultWhole { id, tenant, capability } => {
-                self.on_result(id, &tenant, capability, None, out);
-                if self.queries.get(&id).is_some_and(|q| q.state == State::Receiving) {
-                    self.end(id);
-                    out.push(Action::Done { id });
-                }
+                self.on_result(id, &tenant, capability, Arrival::Whole, out)
             }
             Event::ResultError {
                 id,
                 tenant,
                 capability,
                 message,
-            } => self.on_result(id, &tenant, capability, Some(message), out),
+            } => self.on_result(id, &tenant, capability, Arrival::Failed(message), out),
             Event::ResultEnd { id } => {
                 if self.queries.get(&id).is_some_and(|q| q.state == State::Receiving) {
                     self.end(id);
@@ -497,20 +504,25 @@ impl QueryTable {
         id: QueryId,
         tenant: &str,
         capability: Capability,
-        failed: Option<String>,
+        arrival: Arrival,
         out: &mut Vec<Action>,
     ) {
         if !self.claim(id, tenant, capability, false, out) {
             return;
         }
-        match failed {
-            Some(message) => {
+        match arrival {
+            Arrival::Failed(message) => {
                 self.end(id);
                 out.push(Action::Failed { id, message });
             }
-            None => {
+            Arrival::Head => {
                 self.queries.get_mut(&id).expect("claimed").state = State::Receiving;
-                out.push(Action::Accept { id });
+                out.push(Action::Accept { id, whole: false });
+            }
+            Arrival::Whole => {
+                self.end(id);
+                out.push(Action::Accept { id, whole: true });
+                out.push(Action::Done { id });
             }
         }
     }

@@ -126,8 +126,9 @@ pub(crate) enum Action {
     Placed { id: QueryId },
     /// The query ended with this error; forget it.
     Fail { id: QueryId, error: QueryError },
-    /// The result stream for `id` is taken: hand it to the caller.
-    Accept { id: QueryId },
+    /// The result stream for `id` is taken: hand it to the caller. `whole` when the result
+    /// came in one frame: the query has ended already, there is no body left to cut short.
+    Accept { id: QueryId, whole: bool },
     /// The early result stream of `id` (its querier's confirmation) is taken; its result
     /// follows on it.
     Confirmed { id: QueryId },

@@ -322,14 +322,10 @@ impl<H: Handler> Driver<H> {
             SchedulerToQuerier::Dispatch { worker, dispatch } => {
                 let timeout = dispatch.timeout_ms.map(Duration::from_millis);
                 let now = Instant::now();
-                match self.slots.dispatched(
-                    worker,
-                    dispatch.query_id,
-                    &dispatch.frontend.id,
-                    timeout,
-                    now,
-                    &mut self.out,
-                ) {
+                match self
+                    .slots
+                    .dispatched(worker, dispatch.query_id, timeout, now, &mut self.out)
+                {
                     Ok(()) => self.accept(worker, dispatch, now),
                     Err(e) => {
                         warn!(scheduler = %self.link.addr, error = %e, "the scheduler broke the dequeue protocol");

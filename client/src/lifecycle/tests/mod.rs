@@ -123,7 +123,7 @@ fn a_query_is_placed_dispatched_and_ends_with_its_result() {
         tenant: "t".into(),
         capability: CAP,
     });
-    assert_eq!(out, [Action::Accept { id: 1 }]);
+    assert_eq!(out, [Action::Accept { id: 1, whole: false }]);
     assert_eq!(t.on(Event::ResultEnd { id: 1 }), [Action::Done { id: 1 }]);
     assert_eq!(t.table.len(), 0);
 }
@@ -172,7 +172,10 @@ fn a_whole_result_is_taken_and_ends_its_query_in_one_step_once() {
     let out = t.on(whole(CAP + 1));
     assert!(matches!(out[..], [Action::Refuse { .. }]), "{out:?}");
     assert_eq!(t.table.state(1), Some(State::Dispatched(s)));
-    assert_eq!(t.on(whole(CAP)), [Action::Accept { id: 1 }, Action::Done { id: 1 }]);
+    assert_eq!(
+        t.on(whole(CAP)),
+        [Action::Accept { id: 1, whole: true }, Action::Done { id: 1 }]
+    );
     assert_eq!(t.table.len(), 0);
     let again = t.on(whole(CAP));
     assert!(matches!(again[..], [Action::Refuse { .. }]), "{again:?}");
@@ -230,7 +233,10 @@ fn a_dispatched_query_given_back_unstarted_is_placed_again_and_its_next_querier_
         tenant: "t".into(),
         capability: CAP,
     };
-    assert_eq!(t.on(whole), [Action::Accept { id: 1 }, Action::Done { id: 1 }]);
+    assert_eq!(
+        t.on(whole),
+        [Action::Accept { id: 1, whole: true }, Action::Done { id: 1 }]
+    );
 }
 
 #[test]
@@ -288,7 +294,7 @@ fn a_lost_scheduler_changes_nothing_for_a_dispatched_query() {
             tenant: "t".into(),
             capability: CAP,
         }),
-        [Action::Accept { id: 1 }]
+        [Action::Accept { id: 1, whole: false }]
     );
 }
 
@@ -325,7 +331,7 @@ fn a_dispatch_its_lost_scheduler_left_unconfirmed_is_placed_again_after_the_grac
         tenant: "t".into(),
         capability: CAP,
     });
-    assert_eq!(out, [Action::Accept { id: 2 }]);
+    assert_eq!(out, [Action::Accept { id: 2, whole: false }]);
 }
 
 #[test]
@@ -362,7 +368,7 @@ fn a_result_that_overtakes_a_replacement_withdraws_the_second_copy() {
                 scheduler: again,
                 id: 1
             },
-            Action::Accept { id: 1 }
+            Action::Accept { id: 1, whole: false }
         ]
     );
 }
@@ -542,7 +548,7 @@ fn results_are_refused_for_unknown_queries_other_tenants_and_duplicates() {
             reason: RefuseReason::TenantMismatch
         }]
     );
-    assert_eq!(t.on(head("t")), [Action::Accept { id: 1 }]);
+    assert_eq!(t.on(head("t")), [Action::Accept { id: 1, whole: false }]);
     assert_eq!(
         t.on(head("t")),
         [Action::Refuse {

@@ -49,7 +49,6 @@ pub(super) enum State {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Run {
     pub(super) query_id: QueryId,
-    pub(super) frontend_id: String,
     /// When its handler is told to stop (its deadline), until it is.
     pub(super) deadline: Option<Instant>,
     /// When it is confirmed to its frontend, until it is.
@@ -267,7 +266,6 @@ impl Slots {
         &mut self,
         slot: WorkerSlot,
         query_id: QueryId,
-        frontend_id: &str,
         timeout: Option<Duration>,
         now: Instant,
         out: &mut Vec<Action>,
@@ -282,7 +280,6 @@ impl Slots {
         }
         let mut run = Run {
             query_id,
-            frontend_id: frontend_id.to_string(),
             deadline: timeout.map(|t| now + t),
             confirm_at: Some(now + self.confirm_after),
             abort_at: None,
@@ -383,7 +380,6 @@ impl Slots {
         self.held.retain(|h| *h != i);
         out.push(Action::Drop(slot_of(i)));
         let finished = Finished {
-            frontend_id: run.frontend_id,
             query_id: run.query_id,
             measured_cost: None,
         };
@@ -486,7 +482,6 @@ impl Slots {
         };
         self.running -= 1;
         let finished = Finished {
-            frontend_id: run.frontend_id,
             query_id: run.query_id,
             measured_cost,
         };

@@ -9,7 +9,6 @@ fn ready(worker: WorkerSlot, finished: Option<QueryId>) -> Action {
     Action::Send(QuerierToScheduler::Ready {
         worker,
         finished: finished.map(|query_id| Finished {
-            frontend_id: "fe".into(),
             query_id,
             measured_cost: None,
         }),
@@ -48,10 +47,10 @@ fn with_prefetch_each_worker_holds_one_query_and_runs_one_at_a_time() {
     let mut s = open_prefetching(1);
     let now = Instant::now();
     let mut out = Vec::new();
-    s.dispatched(0, 1, "fe", None, now, &mut out).unwrap();
+    s.dispatched(0, 1, None, now, &mut out).unwrap();
     assert_eq!(out, vec![Action::Start(0)], "a free worker runs it at once");
     out.clear();
-    s.dispatched(1, 2, "fe", None, now, &mut out).unwrap();
+    s.dispatched(1, 2, None, now, &mut out).unwrap();
     assert!(out.is_empty(), "the only worker is busy: held, not started");
     assert!(matches!(s.state(1), Some(State::Held(_))));
     s.done(0, Some(10), None, Instant::now(), &mut out);
@@ -61,7 +60,7 @@ fn with_prefetch_each_worker_holds_one_query_and_runs_one_at_a_time() {
         "the held query starts as the slot reports"
     );
     out.clear();
-    s.dispatched(0, 3, "fe", None, now, &mut out).unwrap();
+    s.dispatched(0, 3, None, now, &mut out).unwrap();
     assert!(out.is_empty(), "query 2 runs: query 3 is held");
     s.done(1, None, None, Instant::now(), &mut out);
     assert_eq!(out, vec![Action::Start(0), ready(1, Some(2))]);
@@ -72,8 +71,8 @@ fn a_link_grows_by_whole_loops_and_held_queries_stay_with_their_own() {
     let mut s = open_prefetching(1);
     let now = Instant::now();
     let mut out = Vec::new();
-    s.dispatched(0, 1, "fe", None, now, &mut out).unwrap();
-    s.dispatched(1, 2, "fe", None, now, &mut out).unwrap();
+    s.dispatched(0, 1, None, now, &mut out).unwrap();
+    s.dispatched(1, 2, None, now, &mut out).unwrap();
     assert_eq!(out, vec![Action::Start(0)]);
     out.clear();
     s.grow(2, now, &mut out);
@@ -99,15 +98,15 @@ fn a_held_query_cancelled_or_past_its_deadline_never_runs_and_is_reported_at_onc
     let mut s = open_prefetching(1);
     let t0 = Instant::now();
     let mut out = Vec::new();
-    s.dispatched(0, 1, "fe", None, t0, &mut out).unwrap();
-    s.dispatched(1, 2, "fe", None, t0, &mut out).unwrap();
+    s.dispatched(0, 1, None, t0, &mut out).unwrap();
+    s.dispatched(1, 2, None, t0, &mut out).unwrap();
     out.clear();
     s.cancel(1, 9, t0, &mut out);
     assert!(out.is_empty(), "another query's cancel");
     s.cancel(1, 2, t0, &mut out);
     assert_eq!(out, vec![Action::Drop(1), ready(1, Some(2))]);
     out.clear();
-    s.dispatched(1, 3, "fe", Some(Duration::from_millis(500)), t0, &mut out)
+    s.dispatched(1, 3, Some(Duration::from_millis(500)), t0, &mut out)
         .unwrap();
     assert!(out.is_empty(), "held");
     s.tick(t0 + CONFIRM, &mut out);
@@ -134,8 +133,8 @@ fn a_draining_link_runs_its_held_queries_before_it_is_idle() {
     let mut s = open_prefetching(1);
     let now = Instant::now();
     let mut out = Vec::new();
-    s.dispatched(0, 1, "fe", None, now, &mut out).unwrap();
-    s.dispatched(1, 2, "fe", None, now, &mut out).unwrap();
+    s.dispatched(0, 1, None, now, &mut out).unwrap();
+    s.dispatched(1, 2, None, now, &mut out).unwrap();
     s.draining();
     out.clear();
     s.done(0, None, None, Instant::now(), &mut out);
@@ -160,10 +159,10 @@ fn every_free_worker_asks_once_a_stream_opens_and_new_workers_ask_at_once() {
 fn a_dispatch_to_a_worker_that_did_not_ask_is_refused() {
     let (mut s, _) = open(1);
     let now = Instant::now();
-    s.dispatched(0, 1, "fe", None, now, &mut Vec::new()).unwrap();
-    assert!(s.dispatched(0, 2, "fe", None, now, &mut Vec::new()).is_err(), "busy");
+    s.dispatched(0, 1, None, now, &mut Vec::new()).unwrap();
+    assert!(s.dispatched(0, 2, None, now, &mut Vec::new()).is_err(), "busy");
     assert!(
-        s.dispatched(7, 2, "fe", None, now, &mut Vec::new()).is_err(),
+        s.dispatched(7, 2, None, now, &mut Vec::new()).is_err(),
         "no such worker"
     );
 }
@@ -173,11 +172,11 @@ fn a_finished_query_is_reported_only_once_its_previous_delivery_is_settled() {
     let (mut s, _) = open(1);
     let now = Instant::now();
     let mut out = Vec::new();
-    s.dispatched(0, 1, "fe", None, now, &mut Vec::new()).unwrap();
+    s.dispatched(0, 1, None, now, &mut Vec::new()).unwrap();
     s.done(0, Some(10), None, Instant::now(), &mut out);
     assert_eq!(out, vec![ready(0, Some(1))], "only the newest delivery in flight");
     out.clear();
-    s.dispatched(0, 2, "fe", None, now, &mut Vec::new()).unwrap();
+    s.dispatched(0, 2, None, now, &mut Vec::new()).unwrap();
     s.done(0, Some(11), None, Instant::now(), &mut out);
     assert!(out.is_empty(), "delivery 10 is still in flight");
     assert!(matches!(s.state(0), Some(State::Settling { .. })));
@@ -192,7 +191,7 @@ fn a_finished_query_is_reported_only_once_its_previous_delivery_is_settled() {
 fn deadline_cancels_then_the_grace_aborts_and_confirmation_comes_once() {
     let (mut s, _) = open(1);
     let t0 = Instant::now();
-    s.dispatched(0, 1, "fe", Some(Duration::from_millis(500)), t0, &mut Vec::new())
+    s.dispatched(0, 1, Some(Duration::from_millis(500)), t0, &mut Vec::new())
         .unwrap();
     assert_eq!(s.next_moment(), Some(t0 + CONFIRM));
     let mut out = Vec::new();
@@ -218,9 +217,9 @@ fn new_moments_are_handed_out_once_earliest_first() {
     let (mut s, _) = open(2);
     let t0 = Instant::now();
     assert_eq!(s.take_fresh(), None);
-    s.dispatched(0, 1, "fe", Some(Duration::from_millis(30)), t0, &mut Vec::new())
+    s.dispatched(0, 1, Some(Duration::from_millis(30)), t0, &mut Vec::new())
         .unwrap();
-    s.dispatched(1, 2, "fe", None, t0, &mut Vec::new()).unwrap();
+    s.dispatched(1, 2, None, t0, &mut Vec::new()).unwrap();
     assert_eq!(
         s.take_fresh(),
         Some(t0 + Duration::from_millis(30)),
@@ -237,7 +236,7 @@ fn a_cancel_for_another_query_or_a_free_worker_is_ignored() {
     let (mut s, _) = open(2);
     let now = Instant::now();
     let mut out = Vec::new();
-    s.dispatched(0, 1, "fe", None, now, &mut Vec::new()).unwrap();
+    s.dispatched(0, 1, None, now, &mut Vec::new()).unwrap();
     s.cancel(0, 9, now, &mut out);
     s.cancel(1, 1, now, &mut out);
     assert!(out.is_empty());
@@ -250,8 +249,8 @@ fn a_cancel_for_another_query_or_a_free_worker_is_ignored() {
 fn a_draining_stream_gets_one_last_ready_per_running_query_and_no_more_asks() {
     let (mut s, _) = open(3);
     let now = Instant::now();
-    s.dispatched(0, 1, "fe", None, now, &mut Vec::new()).unwrap();
-    s.dispatched(1, 2, "fe", None, now, &mut Vec::new()).unwrap();
+    s.dispatched(0, 1, None, now, &mut Vec::new()).unwrap();
+    s.dispatched(1, 2, None, now, &mut Vec::new()).unwrap();
     s.draining();
     assert_eq!(s.state(2), Some(&State::Idle));
     let mut out = Vec::new();
@@ -266,7 +265,7 @@ fn a_draining_stream_gets_one_last_ready_per_running_query_and_no_more_asks() {
 fn queries_run_on_across_a_lost_stream_and_their_workers_ask_on_the_next() {
     let (mut s, _) = open(2);
     let now = Instant::now();
-    s.dispatched(0, 1, "fe", None, now, &mut Vec::new()).unwrap();
+    s.dispatched(0, 1, None, now, &mut Vec::new()).unwrap();
     s.closed();
     assert_eq!(s.state(1), Some(&State::Idle));
     let mut out = Vec::new();
@@ -290,8 +289,8 @@ fn one_running_one_held(t0: Instant) -> Slots {
     s.grow(1, t0, &mut out);
     s.opened(&mut out);
     out.clear();
-    s.dispatched(0, 1, "fe", None, t0, &mut out).unwrap();
-    s.dispatched(1, 2, "fe", None, t0, &mut out).unwrap();
+    s.dispatched(0, 1, None, t0, &mut out).unwrap();
+    s.dispatched(1, 2, None, t0, &mut out).unwrap();
     assert_eq!(out, vec![Action::Start(0)]);
     s
 }
@@ -317,7 +316,7 @@ fn a_query_held_past_the_hold_limit_is_given_back_and_its_slot_rests_until_a_sho
     assert_eq!(out, vec![ready(0, Some(1))]);
     out.clear();
     let t1 = t0 + Duration::from_millis(200);
-    s.dispatched(0, 3, "fe", None, t1, &mut out).unwrap();
+    s.dispatched(0, 3, None, t1, &mut out).unwrap();
     assert_eq!(out, vec![Action::Start(0)], "the worker is free: it runs at once");
     out.clear();
     // Query 3 ran within the limit: short queries again, so prefetch resumes.
@@ -345,14 +344,14 @@ fn a_woken_slot_asks_only_once_its_last_delivery_is_settled() {
     s.done(1, Some(11), None, t0, &mut out);
     s.settled(0, 10, &mut out);
     out.clear();
-    s.dispatched(0, 3, "fe", None, t0, &mut out).unwrap();
-    s.dispatched(1, 4, "fe", None, t0, &mut out).unwrap();
+    s.dispatched(0, 3, None, t0, &mut out).unwrap();
+    s.dispatched(1, 4, None, t0, &mut out).unwrap();
     s.tick(t0 + HOLD, &mut out);
     assert_eq!(out, vec![Action::Start(0), hand_back(1, 4), Action::Drop(1)]);
     out.clear();
     // Query 3 ran long; query 5 runs within the limit and wakes slot 1.
     s.done(0, None, None, t0 + HOLD, &mut out);
-    s.dispatched(0, 5, "fe", None, t0 + HOLD, &mut out).unwrap();
+    s.dispatched(0, 5, None, t0 + HOLD, &mut out).unwrap();
     assert_eq!(out, vec![ready(0, Some(3)), Action::Start(0)]);
     out.clear();
     s.done(0, None, None, t0 + HOLD + Duration::from_millis(1), &mut out);
@@ -407,7 +406,7 @@ fn a_held_query_waits_for_its_own_worker_loop() {
     let now = Instant::now();
     let mut out = Vec::new();
     for (slot, query) in [(0, 1), (2, 2), (1, 3), (3, 4)] {
-        s.dispatched(slot, query, "fe", None, now, &mut out).unwrap();
+        s.dispatched(slot, query, None, now, &mut out).unwrap();
     }
     assert_eq!(out, vec![Action::Start(0), Action::Start(2)], "3 and 4 are held");
     out.clear();
@@ -432,14 +431,14 @@ fn a_resting_slot_is_woken_only_by_a_short_handler_of_its_own_loop() {
     s.opened(&mut out);
     out.clear();
     // Loop 0 (slots 0 and 1) runs query 1 and holds query 2 until the limit.
-    s.dispatched(0, 1, "fe", None, t0, &mut out).unwrap();
-    s.dispatched(1, 2, "fe", None, t0, &mut out).unwrap();
+    s.dispatched(0, 1, None, t0, &mut out).unwrap();
+    s.dispatched(1, 2, None, t0, &mut out).unwrap();
     s.tick(t0 + HOLD, &mut out);
     assert_eq!(out, vec![Action::Start(0), hand_back(1, 2), Action::Drop(1)]);
     out.clear();
     // A short query on loop 1 says nothing about loop 0.
     let t1 = t0 + HOLD;
-    s.dispatched(2, 3, "fe", None, t1, &mut out).unwrap();
+    s.dispatched(2, 3, None, t1, &mut out).unwrap();
     s.done(2, None, None, t1 + Duration::from_millis(1), &mut out);
     assert_eq!(out, vec![Action::Start(2), ready(2, Some(3))]);
     assert_eq!(s.state(1), Some(&State::Resting { woken: false }));
@@ -447,7 +446,7 @@ fn a_resting_slot_is_woken_only_by_a_short_handler_of_its_own_loop() {
     // Loop 0's long query ends, then a short one: now slot 1 asks again.
     s.done(0, None, None, t0 + Duration::from_millis(200), &mut out);
     let t2 = t0 + Duration::from_millis(200);
-    s.dispatched(0, 4, "fe", None, t2, &mut out).unwrap();
+    s.dispatched(0, 4, None, t2, &mut out).unwrap();
     s.done(0, None, None, t2 + Duration::from_millis(1), &mut out);
     assert_eq!(
         out,

@@ -211,7 +211,6 @@ fn a_measured_cost_corrects_the_tenants_account() {
     // Query 1 was hinted at 1 and really cost 5: a owes 4 visits, so b's queries go
     // first (plain round robin would alternate: 3, 2, 4).
     let finished = Finished {
-        frontend_id: "fe".into(),
         query_id: 1,
         measured_cost: Some(5),
     };
