@@ -82,6 +82,8 @@ async fn a_querier_killed_mid_query_fails_the_query_promptly() {
     assert!(matches!(err, QueryError::QuerierFailed(_)), "{err:?}");
     println!("querier aborted → frontend error: {took:?}");
     assert!(took < Duration::from_secs(1), "{took:?}");
+    // The crash took the running handler with it (its future was dropped, not left to run).
+    wait("the handler dropped", events.ended.recv()).await;
 }
 
 #[tokio::test]

@@ -9,16 +9,28 @@ use tokio::sync::mpsc;
 use super::{TestServer, wait};
 
 /// Answers with the payload, after `delay`; panics on payload "panic"; waits for the
-/// cancel on payload "hang" and reports it.
+/// cancel on payload "hang" and reports it. Reports each run's start, and its end however
+/// it ends (returned, panicked, or its future dropped).
 pub struct TestHandler {
     pub delay: Duration,
     pub cancelled: mpsc::UnboundedSender<u64>,
     pub started: mpsc::UnboundedSender<u64>,
+    pub ended: mpsc::UnboundedSender<u64>,
+}
+
+/// Reports a run's end when dropped.
+struct EndOfRun(u64, mpsc::UnboundedSender<u64>);
+
+impl Drop for EndOfRun {
+    fn drop(&mut self) {
+        let _ = self.1.send(self.0);
+    }
 }
 
 impl Handler for TestHandler {
     async fn handle(&self, request: Request) -> Result<Response, HandlerError> {
         let _ = self.started.send(request.query_id);
+        let _end = EndOfRun(request.query_id, self.ended.clone());
         match &request.payload[..] {
             b"panic" => panic!("boom"),
             b"fail" => Err(HandlerError("no such metric".into())),
@@ -76,20 +88,24 @@ impl Handler for TestHandler {
 pub struct Events {
     pub cancelled: mpsc::UnboundedReceiver<u64>,
     pub started: mpsc::UnboundedReceiver<u64>,
+    pub ended: mpsc::UnboundedReceiver<u64>,
 }
 
 pub fn handler(delay: Duration) -> (TestHandler, Events) {
     let (ctx, crx) = mpsc::unbounded_channel();
     let (stx, srx) = mpsc::unbounded_channel();
+    let (etx, erx) = mpsc::unbounded_channel();
     (
         TestHandler {
             delay,
             cancelled: ctx,
             started: stx,
+            ended: etx,
         },
         Events {
             cancelled: crx,
             started: srx,
+            ended: erx,
         },
     )
 }

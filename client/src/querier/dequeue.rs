@@ -16,10 +16,12 @@ use sluice_protocol::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::{AbortHandle, JoinSet};
+
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, warn};
+use tracing::{debug, warn};
 
+use super::running::{self, Ended};
 use super::slots::{Action, Slots, Stream as SlotStream};
 use super::{Handler, HandlerError, Link, Request, Response, Shared, Stream, batch, deliver};
 use crate::FastMap;
@@ -35,7 +37,8 @@ struct Active {
     /// for a held query).
     pending: Option<(Request, tracing::Span)>,
     dispatched_at: Instant,
-    task: Option<AbortHandle>,
+    /// Its handler's task and run number, once it runs.
+    task: Option<(u64, AbortHandle)>,
     early: Option<deliver::Early>,
 }
 
@@ -46,9 +49,6 @@ struct Session {
     r: FramedRead<quinn::RecvStream>,
 }
 
-/// What a handler's task yields: its worker and the handler's outcome.
-type HandlerJoin = Result<(tokio::task::Id, (WorkerSlot, Result<Response, HandlerError>)), tokio::task::JoinError>;
-
 type Connecting = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Session, String>> + Send>>;
 
 /// One link's workers against its scheduler, until the querier stops or the scheduler
@@ -56,8 +56,11 @@ type Connecting = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Sess
 pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, handler: Arc<H>, seed: u64) {
     let mut wanted = link.wanted.subscribe();
     let (receipts, mut settled) = tokio::sync::mpsc::unbounded_channel();
+    let (ends, mut ended) = tokio::sync::mpsc::unbounded_channel();
     let mut d = Driver {
         receipts,
+        ends,
+        next_run: 0,
         on_shared: FastMap::default(),
         slots: Slots::new(
             shared.config.cancel_grace,
@@ -66,7 +69,6 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
         )
         .with_hold_limit(shared.config.hold_limit),
         active: Vec::new(),
-        handlers: JoinSet::new(),
         deliveries: JoinSet::new(),
         delivery_ids: FastMap::default(),
         next_delivery: 0,
@@ -144,7 +146,7 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
         }
         tokio::select! {
             biased;
-            Some(joined) = d.handlers.join_next_with_id() => d.handler_done(joined),
+            Some(end) = ended.recv() => d.handler_done(end),
             Some(settled) = d.deliveries.join_next_with_id() => d.settled(settled),
             Some(s) = settled.recv() => d.settled_shared(s),
             next = read(&mut d.session) => d.frame(next).await,
@@ -184,7 +186,9 @@ struct Driver<H: Handler> {
     slots: Slots,
     /// Per slot, the query it runs or holds.
     active: Vec<Option<Active>>,
-    handlers: JoinSet<(WorkerSlot, Result<Response, HandlerError>)>,
+    /// Where handlers' tasks report their ends, and the next run's number.
+    ends: tokio::sync::mpsc::UnboundedSender<Ended>,
+    next_run: u64,
     deliveries: JoinSet<(WorkerSlot, u64)>,
     /// A delivery task's worker and number, for a task that panicked.
     delivery_ids: FastMap<tokio::task::Id, (WorkerSlot, u64)>,
@@ -275,7 +279,7 @@ impl<H: Handler> Driver<H> {
                 }
                 Action::Abort(slot) => {
                     if let Some(a) = &self.active[usize::from(slot)]
-                        && let Some(task) = &a.task
+                        && let Some((_, task)) = &a.task
                     {
                         warn!(query = a.dispatch.query_id, grace = ?self.shared.config.cancel_grace, "handler ignored its cancel; aborting it");
                         task.abort();
@@ -391,33 +395,24 @@ impl<H: Handler> Driver<H> {
         };
         request.queue_time += a.dispatched_at.elapsed();
         let h = self.handler.clone();
-        let task = self
-            .handlers
-            .spawn(async move { (slot, h.handle(request).await) }.instrument(span));
-        a.task = Some(task);
+        let run = self.next_run;
+        self.next_run += 1;
+        let task = running::spawn(
+            async move { h.handle(request).await },
+            run,
+            slot,
+            self.ends.clone(),
+            span,
+        );
+        a.task = Some((run, task));
     }
 
     /// A handler returned, panicked or was aborted: its result goes to a sender task and
     /// the worker is reported free once its previous delivery is settled.
-    fn handler_done(&mut self, joined: HandlerJoin) {
-        let (slot, outcome) = match joined {
-            Ok((_, (slot, outcome))) => (slot, Some(outcome)),
-            Err(e) => {
-                let id = e.id();
-                let Some(slot) = self
-                    .active
-                    .iter()
-                    .position(|a| a.as_ref().and_then(|a| a.task.as_ref()).is_some_and(|t| t.id() == id))
-                else {
-                    return;
-                };
-                let outcome = e
-                    .is_panic()
-                    .then(|| Err(HandlerError(format!("handler panicked: {}", panic_message(e)))));
-                (WorkerSlot::try_from(slot).expect("bounded"), outcome)
-            }
-        };
-        let Some(active) = self.active[usize::from(slot)].take() else {
+    fn handler_done(&mut self, Ended { run, slot, outcome }: Ended) {
+        let entry = self.active.get_mut(usize::from(slot));
+        // Only the end of the slot's current run (an earlier one's has been dealt with).
+        let Some(active) = entry.and_then(|a| a.take_if(|a| a.task.as_ref().is_some_and(|(r, _)| *r == run))) else {
             return;
         };
         let measured_cost = outcome
@@ -527,6 +522,15 @@ impl<H: Handler> Driver<H> {
     }
 }
 
+impl<H: Handler> Drop for Driver<H> {
+    /// A link dropped with queries running (the querier aborted) takes their handlers with it.
+    fn drop(&mut self) {
+        for (_, task) in self.active.iter().flatten().filter_map(|a| a.task.as_ref()) {
+            task.abort();
+        }
+    }
+}
+
 async fn scheduler_connection(shared: &Shared, link: &Link) -> Result<quinn::Connection, String> {
     let mut slot = link.conn.lock().await;
     if let Some(c) = slot.as_ref()
@@ -590,15 +594,6 @@ pub(super) async fn notify_shutdown(shared: &Shared, link: &Link) -> Result<(), 
         Some(NoticeReply::Acknowledged) => Ok(()),
         None => Err("closed before acknowledging".into()),
     }
-}
-
-fn panic_message(e: tokio::task::JoinError) -> String {
-    let payload = e.into_panic();
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Opens (once per token) the TCP lifeline the scheduler asked for and holds it, so that

@@ -18,6 +18,7 @@ mod batch;
 mod deliver;
 mod dequeue;
 mod frontends;
+mod running;
 mod slots;
 
 use std::collections::HashMap;
