@@ -25,7 +25,7 @@
 //! is absolute, travels as the remaining budget, and ends the query even if nobody
 //! answers; every submitted query ends exactly once, by one `Fail` or by its result.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use sluice_protocol::{Capability, EnqueueStatus, QueryErrorKind, QueryId, RefuseReason};
@@ -33,7 +33,9 @@ use sluice_protocol::{Capability, EnqueueStatus, QueryErrorKind, QueryId, Refuse
 use crate::FastMap;
 use crate::error::QueryError;
 
+mod timers;
 mod vocabulary;
+use timers::Timers;
 pub(crate) use vocabulary::{Action, Counters, Event, Policy, SchedulerIx, State};
 
 #[derive(Debug)]
@@ -105,8 +107,9 @@ pub(crate) struct QueryTable {
     schedulers: Vec<SchedulerView>,
     /// Queries in `Waiting`, oldest first (stale ids are skipped).
     waiting: VecDeque<QueryId>,
-    /// Deadlines and placement waits, earliest first (stale entries are skipped).
-    timers: BTreeSet<(Instant, QueryId)>,
+    /// Deadlines, placement waits and confirmation graces, earliest first (stale ones are
+    /// skipped, and swept in bulk).
+    timers: Timers,
     seed: u64,
     counters: Counters,
 }
@@ -118,7 +121,7 @@ impl QueryTable {
             queries: FastMap::default(),
             schedulers: Vec::new(),
             waiting: VecDeque::new(),
-            timers: BTreeSet::new(),
+            timers: Timers::default(),
             seed,
             counters: Counters::default(),
         }
@@ -161,8 +164,15 @@ impl QueryTable {
     }
 
     /// When [`Event::Tick`] is next due.
-    pub(crate) fn next_timer(&self) -> Option<Instant> {
-        self.timers.first().map(|(at, _)| *at)
+    pub(crate) fn next_timer(&mut self) -> Option<Instant> {
+        let queries = &self.queries;
+        self.timers.next(|at, id| moment_current(queries, at, id))
+    }
+
+    fn add_timer(&mut self, at: Instant, id: QueryId) {
+        let queries = &self.queries;
+        self.timers
+            .add(at, id, queries.len(), |at, id| moment_current(queries, at, id));
     }
 
     /// Applies `event` at `now`, appending what to do to `out`.
@@ -176,7 +186,7 @@ impl QueryTable {
                 retriable,
             } => {
                 if let Some(d) = deadline {
-                    self.timers.insert((d, id));
+                    self.add_timer(d, id);
                 }
                 self.queries.insert(
                     id,
@@ -254,17 +264,20 @@ impl QueryTable {
                 self.view(scheduler).up = false;
                 // Its queued copies are gone with it; dispatched ones still answer directly,
                 // once their querier confirms them.
-                let mut lost = Vec::new();
+                let (mut lost, mut orphaned) = (Vec::new(), Vec::new());
                 let grace = now + self.policy.confirm_grace;
                 for (id, q) in self.queries.iter_mut() {
                     match q.state {
                         State::Placing(s) | State::Queued(s) if s == scheduler => lost.push(*id),
                         State::Dispatched(s) if s == scheduler && q.orphaned_until.is_none() => {
                             q.orphaned_until = Some(grace);
-                            self.timers.insert((grace, *id));
+                            orphaned.push(*id);
                         }
                         _ => {}
                     }
+                }
+                for id in orphaned {
+                    self.add_timer(grace, id);
                 }
                 for id in lost {
                     self.replace(id, false, now, out);
@@ -346,17 +359,16 @@ impl QueryTable {
                 let until = now + self.policy.placement_wait;
                 let until = q.deadline.map_or(until, |d| d.min(until));
                 q.wait_until = Some(until);
-                self.timers.insert((until, id));
                 self.waiting.push_back(id);
+                self.add_timer(until, id);
             }
             return;
         };
         let q = self.queries.get_mut(&id).expect("checked above");
         q.attempt = q.attempt.max(1);
         q.state = State::Placing(s);
-        if let Some(w) = q.wait_until.take() {
-            self.timers.remove(&(w, id));
-        }
+        // Its wait's moment goes stale (skipped when due).
+        q.wait_until = None;
         out.push(Action::Enqueue {
             scheduler: s,
             id,
@@ -479,9 +491,7 @@ impl QueryTable {
         q.state = State::Waiting;
         q.refused.clear();
         q.last_refusal = None;
-        if let Some(o) = q.orphaned_until.take() {
-            self.timers.remove(&(o, id));
-        }
+        q.orphaned_until = None;
         self.place(id, now, out);
     }
 
@@ -492,9 +502,7 @@ impl QueryTable {
             return;
         }
         let q = self.queries.get_mut(&id).expect("claimed");
-        if let Some(o) = q.orphaned_until.take() {
-            self.timers.remove(&(o, id));
-        }
+        q.orphaned_until = None;
         q.state = State::Started;
         out.push(Action::Confirmed { id });
     }
@@ -570,18 +578,13 @@ impl QueryTable {
         {
             out.push(Action::Cancel { scheduler: s, id });
         }
-        if let Some(w) = q.wait_until.take() {
-            self.timers.remove(&(w, id));
-        }
+        q.wait_until = None;
         true
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
-        while let Some(&(at, id)) = self.timers.first() {
-            if at > now {
-                break;
-            }
-            self.timers.pop_first();
+        // A moment that went stale finds its query gone, or its fields later than `now`.
+        while let Some((_, id)) = self.timers.pop_due(now) {
             let Some(q) = self.queries.get(&id) else { continue };
             if q.deadline.is_some_and(|d| d <= now) {
                 if let Some(s) = q.holder() {
@@ -605,14 +608,17 @@ impl QueryTable {
         }
     }
 
-    /// Forgets `id` (its timers and waiting place are skipped lazily).
+    /// Forgets `id` (its moments and waiting place are skipped lazily).
     fn end(&mut self, id: QueryId) -> Option<Query> {
-        let q = self.queries.remove(&id)?;
-        for at in [q.deadline, q.wait_until, q.orphaned_until].into_iter().flatten() {
-            self.timers.remove(&(at, id));
-        }
-        Some(q)
+        self.queries.remove(&id)
     }
+}
+
+/// Whether `id`'s moment `at` still matters: the query is live and has it.
+fn moment_current(queries: &FastMap<QueryId, Query>, at: Instant, id: QueryId) -> bool {
+    queries
+        .get(&id)
+        .is_some_and(|q| [q.deadline, q.wait_until, q.orphaned_until].contains(&Some(at)))
 }
 
 /// Two random choices among accepting schedulers not in `skip`, the less loaded wins.

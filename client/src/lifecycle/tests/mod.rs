@@ -574,3 +574,35 @@ fn results_are_refused_for_unknown_queries_other_tenants_and_duplicates() {
 // ---------------------------------------------------------------------------
 
 mod props;
+
+/// Moments are not removed when their query ends, only skipped: however many queries come
+/// and go, the table holds a bounded number of them, and a live query's deadline still fires.
+#[test]
+fn moments_of_ended_queries_do_not_pile_up() {
+    let mut t = T::new(&[S0]);
+    let hour = Some(Duration::from_secs(3600));
+    t.queued(0, Some(Duration::from_secs(60)), false);
+    for id in 1..=10_000 {
+        let s = t.queued(id, hour, false);
+        t.on(dispatched(s, id));
+        let out = t.on(Event::ResultWhole {
+            id,
+            tenant: "t".into(),
+            capability: CAP,
+        });
+        assert_eq!(out, [Action::Accept { id, whole: true }, Action::Done { id }]);
+        let held = t.table.timers.len();
+        assert!(
+            held <= 2 * timers::SWEEP_FACTOR + timers::SWEEP_SLACK + 1,
+            "{held} moments held"
+        );
+    }
+    assert_eq!(t.table.len(), 1);
+    assert_eq!(t.table.next_timer(), Some(t.t0 + Duration::from_secs(60)));
+    let out = t.at(Duration::from_secs(60), Event::Tick);
+    assert!(
+        matches!(out[..], [Action::Cancel { id: 0, .. }, Action::Fail { id: 0, .. }]),
+        "{out:?}"
+    );
+    assert_eq!(t.table.next_timer(), None);
+}
