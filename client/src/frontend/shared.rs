@@ -198,13 +198,11 @@ impl Shared {
             if let Some((id, entry)) = new {
                 inner.entries.insert(id, entry);
             }
-            let before = inner.table.next_timer();
             let mut actions = std::mem::take(&mut inner.actions);
             inner.table.handle(event, Instant::now(), &mut actions);
             let claim = self.apply(&mut inner, &mut actions, &mut afterwards);
             inner.actions = actions;
-            let after = inner.table.next_timer();
-            if after.is_some() && (before.is_none() || after < before) {
+            if inner.table.timer_moved_earlier() {
                 self.timer.notify_one();
             }
             claim

@@ -169,6 +169,12 @@ impl QueryTable {
         self.timers.next(|at, id| moment_current(queries, at, id))
     }
 
+    /// Whether a moment earlier than every other was added since the last call: whoever
+    /// waits for [`next_timer`](Self::next_timer) must look again.
+    pub(crate) fn timer_moved_earlier(&mut self) -> bool {
+        self.timers.take_earlier()
+    }
+
     fn add_timer(&mut self, at: Instant, id: QueryId) {
         let queries = &self.queries;
         self.timers

@@ -25,6 +25,8 @@ pub(super) const SWEEP_SLACK: usize = 64;
 #[derive(Debug, Default)]
 pub(super) struct Timers {
     heap: BinaryHeap<Reverse<(Instant, QueryId)>>,
+    /// A moment was added before every one held (the waiter must wake earlier).
+    earlier: bool,
 }
 
 impl Timers {
@@ -34,7 +36,17 @@ impl Timers {
         if self.heap.len() >= live.saturating_mul(SWEEP_FACTOR).saturating_add(SWEEP_SLACK) {
             self.heap.retain(|Reverse((at, id))| current(*at, *id));
         }
+        if self.heap.peek().is_none_or(|Reverse((first, _))| at < *first) {
+            self.earlier = true;
+        }
         self.heap.push(Reverse((at, id)));
+    }
+
+    /// Whether a moment was added before every one held since the last call. Whoever
+    /// waits for [`next`](Self::next) must then look again; otherwise the moment it waits
+    /// for is still the earliest (or stale, which only wakes it early).
+    pub(super) fn take_earlier(&mut self) -> bool {
+        std::mem::take(&mut self.earlier)
     }
 
     /// The earliest moment that still matters; stale ones before it are dropped.
@@ -81,7 +93,12 @@ mod tests {
             t.add(t0 + Duration::from_secs(s), id, 3, all);
         }
         // Query 2 ended: its moment no longer matters.
-        let current = |_, id| id != 2;
+        assert!(t.take_earlier(), "the first moment, then an earlier one");
+        assert!(!t.take_earlier());
+        t.add(t0 + Duration::from_secs(5), 4, 4, all);
+        assert!(!t.take_earlier(), "not before the earliest");
+        // Query 2 ended: its moment no longer matters.
+        let current = |_, id| id != 2 && id != 4;
         assert_eq!(t.next(current), Some(t0 + Duration::from_secs(2)));
         assert_eq!(t.pop_due(t0 + Duration::from_secs(1)), None);
         assert_eq!(
@@ -91,6 +108,10 @@ mod tests {
         assert_eq!(
             t.pop_due(t0 + Duration::from_secs(3)),
             Some((t0 + Duration::from_secs(3), 1))
+        );
+        assert_eq!(
+            t.pop_due(t0 + Duration::from_secs(9)),
+            Some((t0 + Duration::from_secs(5), 4))
         );
         assert_eq!(t.pop_due(t0 + Duration::from_secs(9)), None);
         assert_eq!(t.next(current), None);
