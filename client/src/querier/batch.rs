@@ -99,15 +99,16 @@ pub(super) fn send(shared: &Shared, to: &FrontendAddress, frame: ResultFrame, re
 }
 
 /// The result as one frame for the shared stream when it is small and whole (`Ok`), or
-/// the outcome back (`Err`) for a stream of its own.
+/// the outcome back (`Err`) for a stream of its own. The frame takes the dispatch's tenant
+/// (no copy per query); [`unwhole`] gives it back if the frame comes back.
 pub(super) fn whole(
-    d: &Dispatch,
+    d: &mut Dispatch,
     outcome: Result<Response, HandlerError>,
 ) -> Result<ResultFrame, Result<Response, HandlerError>> {
     match outcome {
         Err(HandlerError(message)) => Ok(ResultFrame::Error {
             query_id: d.query_id,
-            tenant: d.tenant.clone(),
+            tenant: std::mem::take(&mut d.tenant),
             capability: d.capability,
             message,
         }),
@@ -119,7 +120,7 @@ pub(super) fn whole(
         }) if body.len() + sluice_protocol::metadata_len_bound(&metadata) <= MAX_SHARED_BODY => {
             Ok(ResultFrame::Whole {
                 query_id: d.query_id,
-                tenant: d.tenant.clone(),
+                tenant: std::mem::take(&mut d.tenant),
                 capability: d.capability,
                 status,
                 metadata,
@@ -130,18 +131,29 @@ pub(super) fn whole(
     }
 }
 
-/// The outcome a shared-stream frame carried, to send it on a stream of its own.
-pub(super) fn unwhole(frame: ResultFrame) -> Result<Response, HandlerError> {
+/// The outcome a shared-stream frame carried, to send it on a stream of its own; the
+/// tenant [`whole`] took goes back to `d`.
+pub(super) fn unwhole(frame: ResultFrame, d: &mut Dispatch) -> Result<Response, HandlerError> {
     match frame {
         ResultFrame::Whole {
-            status, metadata, body, ..
-        } => Ok(Response {
             status,
             metadata,
-            body: ResponseBody::Bytes(body),
-            measured_cost: None,
-        }),
-        ResultFrame::Error { message, .. } => Err(HandlerError(message)),
+            body,
+            tenant,
+            ..
+        } => {
+            d.tenant = tenant;
+            Ok(Response {
+                status,
+                metadata,
+                body: ResponseBody::Bytes(body),
+                measured_cost: None,
+            })
+        }
+        ResultFrame::Error { message, tenant, .. } => {
+            d.tenant = tenant;
+            Err(HandlerError(message))
+        }
         other => Err(HandlerError(format!("not a whole result: {other:?}"))),
     }
 }

@@ -411,7 +411,8 @@ impl<H: Handler> Driver<H> {
     fn handler_done(&mut self, Ended { run, slot, outcome }: Ended) {
         let entry = self.active.get_mut(usize::from(slot));
         // Only the end of the slot's current run (an earlier one's has been dealt with).
-        let Some(active) = entry.and_then(|a| a.take_if(|a| a.task.as_ref().is_some_and(|(r, _)| *r == run))) else {
+        let Some(mut active) = entry.and_then(|a| a.take_if(|a| a.task.as_ref().is_some_and(|(r, _)| *r == run)))
+        else {
             return;
         };
         let measured_cost = outcome
@@ -438,7 +439,7 @@ impl<H: Handler> Driver<H> {
                 // receipt coming back here; anything else gets a sender of its own.
                 let outcome = match active.early {
                     Some(_) => Err(outcome),
-                    None => batch::whole(&active.dispatch, outcome),
+                    None => batch::whole(&mut active.dispatch, outcome),
                 };
                 match outcome {
                     Ok(frame) => {
@@ -490,7 +491,7 @@ impl<H: Handler> Driver<H> {
     /// A shared results stream settled a result: delivered or refused, or given back to
     /// go on a stream of its own.
     fn settled_shared(&mut self, s: batch::Settled) {
-        let Some((slot, dispatch, deadline)) = self.on_shared.remove(&s.number) else {
+        let Some((slot, mut dispatch, deadline)) = self.on_shared.remove(&s.number) else {
             return;
         };
         match s.outcome {
@@ -505,7 +506,8 @@ impl<H: Handler> Driver<H> {
                     query = dispatch.query_id,
                     "the shared results stream did not carry it; sending it on its own"
                 );
-                self.own_stream(slot, s.number, dispatch, batch::unwhole(frame), deadline, None, true);
+                let outcome = batch::unwhole(frame, &mut dispatch);
+                self.own_stream(slot, s.number, dispatch, outcome, deadline, None, true);
             }
         }
     }
