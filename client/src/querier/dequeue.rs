@@ -15,12 +15,12 @@ use sluice_protocol::{
     SchedulerToQuerier, StreamKind, WorkerSlot,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::running::{self, Ended};
+use super::running::{self, End};
 use super::slots::{Action, Slots, Stream as SlotStream};
 use super::{Handler, HandlerError, Link, Request, Response, Shared, Stream, batch, deliver};
 use crate::FastMap;
@@ -68,8 +68,7 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
         )
         .with_hold_limit(shared.config.hold_limit),
         active: Vec::new(),
-        deliveries: JoinSet::new(),
-        delivery_ids: FastMap::default(),
+        deliveries: FastMap::default(),
         next_delivery: 0,
         session: None,
         out: Vec::new(),
@@ -145,8 +144,7 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
         }
         tokio::select! {
             biased;
-            Some(end) = ended.recv() => d.handler_done(end),
-            Some(settled) = d.deliveries.join_next_with_id() => d.settled(settled),
+            Some(end) = ended.recv() => d.ended(end),
             Some(s) = settled.recv() => d.settled_shared(s),
             next = read(&mut d.session) => d.frame(next).await,
             opened = poll_opt(&mut connecting) => {
@@ -185,12 +183,12 @@ struct Driver<H: Handler> {
     slots: Slots,
     /// Per slot, the query it runs or holds.
     active: Vec<Option<Active>>,
-    /// Where handlers' tasks report their ends, and the next run's number.
-    ends: tokio::sync::mpsc::UnboundedSender<Ended>,
+    /// Where the link's tasks (handlers, deliveries) report their ends, and the next
+    /// handler run's number.
+    ends: tokio::sync::mpsc::UnboundedSender<End>,
     next_run: u64,
-    deliveries: JoinSet<(WorkerSlot, u64)>,
-    /// A delivery task's worker and number, for a task that panicked.
-    delivery_ids: FastMap<tokio::task::Id, (WorkerSlot, u64)>,
+    /// Results on streams of their own, by delivery number, while their tasks run.
+    deliveries: FastMap<u64, AbortHandle>,
     /// Where the shared results streams send this link's receipts.
     receipts: tokio::sync::mpsc::UnboundedSender<batch::Settled>,
     /// Results on a shared results stream, by delivery number: their worker, and what a
@@ -396,7 +394,7 @@ impl<H: Handler> Driver<H> {
         let h = self.handler.clone();
         let run = self.next_run;
         self.next_run += 1;
-        let task = running::spawn(
+        let task = running::handler(
             async move { h.handle(request).await },
             run,
             slot,
@@ -406,9 +404,20 @@ impl<H: Handler> Driver<H> {
         a.task = Some((run, task));
     }
 
+    /// One of the link's tasks ended.
+    fn ended(&mut self, end: End) {
+        match end {
+            End::Handler { run, slot, outcome } => self.handler_done(run, slot, outcome),
+            End::Delivery { slot, number } => {
+                self.deliveries.remove(&number);
+                self.slots.settled(slot, number, &mut self.out);
+            }
+        }
+    }
+
     /// A handler returned, panicked or was aborted: its result goes to a sender task and
     /// the worker is reported free once its previous delivery is settled.
-    fn handler_done(&mut self, Ended { run, slot, outcome }: Ended) {
+    fn handler_done(&mut self, run: u64, slot: WorkerSlot, outcome: Option<Result<Response, HandlerError>>) {
         let entry = self.active.get_mut(usize::from(slot));
         // Only the end of the slot's current run (an earlier one's has been dealt with).
         let Some(mut active) = entry.and_then(|a| a.take_if(|a| a.task.as_ref().is_some_and(|(r, _)| *r == run)))
@@ -481,11 +490,8 @@ impl<H: Handler> Driver<H> {
         again: bool,
     ) {
         let send = deliver::hand_off(&self.shared, dispatch, outcome, deadline, early, again);
-        let task = self.deliveries.spawn(async move {
-            send.await;
-            (slot, number)
-        });
-        self.delivery_ids.insert(task.id(), (slot, number));
+        let task = running::delivery(send, slot, number, self.ends.clone());
+        self.deliveries.insert(number, task);
     }
 
     /// A shared results stream settled a result: delivered or refused, or given back to
@@ -511,22 +517,16 @@ impl<H: Handler> Driver<H> {
             }
         }
     }
-
-    fn settled(&mut self, joined: Result<(tokio::task::Id, (WorkerSlot, u64)), tokio::task::JoinError>) {
-        let id = match &joined {
-            Ok((id, _)) => *id,
-            Err(e) => e.id(),
-        };
-        if let Some((slot, number)) = self.delivery_ids.remove(&id) {
-            self.slots.settled(slot, number, &mut self.out);
-        }
-    }
 }
 
 impl<H: Handler> Drop for Driver<H> {
-    /// A link dropped with queries running (the querier aborted) takes their handlers with it.
+    /// A link dropped with queries running (the querier aborted) takes their handlers and
+    /// deliveries with it.
     fn drop(&mut self) {
         for (_, task) in self.active.iter().flatten().filter_map(|a| a.task.as_ref()) {
+            task.abort();
+        }
+        for task in self.deliveries.values() {
             task.abort();
         }
     }
