@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::running::{self, End};
+use super::running::{self, End, Runners};
 use super::slots::{Action, Slots, Stream as SlotStream};
 use super::{Handler, HandlerError, Link, Request, Response, Shared, Stream, batch, deliver};
 use crate::FastMap;
@@ -36,8 +36,8 @@ struct Active {
     /// for a held query).
     pending: Option<(Request, tracing::Span)>,
     dispatched_at: Instant,
-    /// Its handler's task and run number, once it runs.
-    task: Option<(u64, AbortHandle)>,
+    /// Its handler's run number, once it runs.
+    run: Option<u64>,
     early: Option<deliver::Early>,
 }
 
@@ -58,6 +58,7 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
     let (ends, mut ended) = tokio::sync::mpsc::unbounded_channel();
     let mut d = Driver {
         receipts,
+        runners: running::Runners::new(handler, ends.clone()),
         ends,
         next_run: 0,
         on_shared: FastMap::default(),
@@ -74,7 +75,6 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
         out: Vec::new(),
         shared,
         link,
-        handler,
     };
     let mut backoff = Backoff::new(seed ^ u64::from(d.link.addr.port()) << 16);
     let mut connecting: Option<Connecting> = None;
@@ -183,9 +183,10 @@ struct Driver<H: Handler> {
     slots: Slots,
     /// Per slot, the query it runs or holds.
     active: Vec<Option<Active>>,
-    /// Where the link's tasks (handlers, deliveries) report their ends, and the next
-    /// handler run's number.
+    /// Where the link's tasks (handlers, deliveries) report their ends, what runs the
+    /// handlers, and the next handler run's number.
     ends: tokio::sync::mpsc::UnboundedSender<End>,
+    runners: Runners<H>,
     next_run: u64,
     /// Results on streams of their own, by delivery number, while their tasks run.
     deliveries: FastMap<u64, AbortHandle>,
@@ -198,7 +199,6 @@ struct Driver<H: Handler> {
     session: Option<Session>,
     /// What `slots` asked for and is not done yet.
     out: Vec<Action>,
-    handler: Arc<H>,
 }
 
 /// Opens the link's connection (or reuses it) and its dequeue stream.
@@ -276,10 +276,10 @@ impl<H: Handler> Driver<H> {
                 }
                 Action::Abort(slot) => {
                     if let Some(a) = &self.active[usize::from(slot)]
-                        && let Some((_, task)) = &a.task
+                        && let Some(run) = a.run
                     {
                         warn!(query = a.dispatch.query_id, grace = ?self.shared.config.cancel_grace, "handler ignored its cancel; aborting it");
-                        task.abort();
+                        self.runners.abort(slot, run);
                     }
                 }
                 Action::Start(slot) => self.run(slot),
@@ -375,13 +375,13 @@ impl<H: Handler> Driver<H> {
             cancelled,
             pending: Some((request, span)),
             dispatched_at: now,
-            task: None,
+            run: None,
             early: None,
         });
     }
 
-    /// Runs a query's handler in a task of its own (so a panic becomes an error result,
-    /// and a handler that ignores its cancel can be aborted). A held query's wait on this
+    /// Runs a query's handler on its slot's runner (a panic becomes an error result, and a
+    /// handler that ignores its cancel can be aborted). A held query's wait on this
     /// querier counts in its `queue_time`.
     fn run(&mut self, slot: WorkerSlot) {
         let Some(a) = &mut self.active[usize::from(slot)] else {
@@ -391,17 +391,10 @@ impl<H: Handler> Driver<H> {
             return;
         };
         request.queue_time += a.dispatched_at.elapsed();
-        let h = self.handler.clone();
         let run = self.next_run;
         self.next_run += 1;
-        let task = running::handler(
-            async move { h.handle(request).await },
-            run,
-            slot,
-            self.ends.clone(),
-            span,
-        );
-        a.task = Some((run, task));
+        self.runners.start(slot, run, request, span);
+        a.run = Some(run);
     }
 
     /// One of the link's tasks ended.
@@ -420,8 +413,7 @@ impl<H: Handler> Driver<H> {
     fn handler_done(&mut self, run: u64, slot: WorkerSlot, outcome: Option<Result<Response, HandlerError>>) {
         let entry = self.active.get_mut(usize::from(slot));
         // Only the end of the slot's current run (an earlier one's has been dealt with).
-        let Some(mut active) = entry.and_then(|a| a.take_if(|a| a.task.as_ref().is_some_and(|(r, _)| *r == run)))
-        else {
+        let Some(mut active) = entry.and_then(|a| a.take_if(|a| a.run == Some(run))) else {
             return;
         };
         let measured_cost = outcome
@@ -520,12 +512,9 @@ impl<H: Handler> Driver<H> {
 }
 
 impl<H: Handler> Drop for Driver<H> {
-    /// A link dropped with queries running (the querier aborted) takes their handlers and
-    /// deliveries with it.
+    /// A link dropped with queries running (the querier aborted) takes their deliveries
+    /// with it (and, as `runners` goes, their handlers).
     fn drop(&mut self) {
-        for (_, task) in self.active.iter().flatten().filter_map(|a| a.task.as_ref()) {
-            task.abort();
-        }
         for task in self.deliveries.values() {
             task.abort();
         }
