@@ -56,8 +56,7 @@ pub async fn run(limit: Option<Duration>, stop: Arc<AtomicBool>, show: impl Fn(&
             result: bytes::Bytes::from_static(b"ok"),
             service: SERVICE,
             slow_service: SERVICE,
-            queue_times: queue_times.clone(),
-            component_times: Arc::default(),
+            waits: queue_times.clone(),
             started: Instant::now(),
         };
         queriers.push(Querier::start(config, handler).map_err(|e| e.to_string())?);
@@ -107,7 +106,7 @@ pub async fn run(limit: Option<Duration>, stop: Arc<AtomicBool>, show: impl Fn(&
     while !stop.load(Ordering::Relaxed) && limit.is_none_or(|l| started.elapsed() < l) {
         tick.tick().await;
         let now: BTreeMap<String, Tally> = tallies.lock().unwrap().clone();
-        let waits: BTreeMap<String, Vec<u64>> = std::mem::take(&mut *queue_times.lock().unwrap())
+        let waits: BTreeMap<String, Vec<u64>> = std::mem::take(&mut queue_times.lock().unwrap().by_tenant)
             .into_iter()
             .map(|(tenant, points)| (tenant, points.into_iter().map(|p| p.1).collect()))
             .collect();

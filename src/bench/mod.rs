@@ -27,6 +27,7 @@ use sluice_client::{
 };
 
 use crate::config::Settings;
+use crate::queue::FastMap;
 use crate::server::Server;
 use crate::tls::CertSet;
 
@@ -120,7 +121,34 @@ impl Default for BenchConfig {
 
 /// Per tenant, `(milliseconds since the start, queue wait in microseconds)` of every query,
 /// as the queriers saw it.
-pub(crate) type QueueTimes = Arc<Mutex<BTreeMap<String, Vec<(u64, u64)>>>>;
+pub(crate) type QueueTimes = Arc<Mutex<Waits>>;
+
+/// The queue times the handlers saw, as (ms since the clock's start, µs waited), per tenant
+/// and per component. One lock per query, and a name seen before costs a hash lookup, not
+/// an allocation: the load generator's own cost counts in the bench process's CPU per query.
+#[derive(Default)]
+pub(crate) struct Waits {
+    pub(crate) by_tenant: FastMap<String, Vec<(u64, u64)>>,
+    pub(crate) by_component: FastMap<String, Vec<(u64, u64)>>,
+}
+
+impl Waits {
+    fn record(&mut self, tenant: &str, component: &str, point: (u64, u64)) {
+        for (map, key) in [(&mut self.by_tenant, tenant), (&mut self.by_component, component)] {
+            match map.get_mut(key) {
+                Some(points) => points.push(point),
+                None => {
+                    map.insert(key.to_string(), vec![point]);
+                }
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.by_tenant.clear();
+        self.by_component.clear();
+    }
+}
 
 /// A querier handler that records each query's queue time per tenant, then waits
 /// `service` and answers with `result`.
@@ -130,9 +158,8 @@ pub(crate) struct BenchHandler {
     pub(crate) service: Duration,
     /// Service time of `store-gateway` queries.
     pub(crate) slow_service: Duration,
-    pub(crate) queue_times: QueueTimes,
-    /// The same, per component (`unknown` for none).
-    pub(crate) component_times: QueueTimes,
+    /// Per tenant and per component (`unknown` for none).
+    pub(crate) waits: QueueTimes,
     pub(crate) started: Instant,
 }
 
@@ -140,11 +167,8 @@ impl Handler for BenchHandler {
     async fn handle(&self, request: Request) -> Result<Response, HandlerError> {
         let micros = u64::try_from(request.queue_time.as_micros()).unwrap_or(u64::MAX);
         let at = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        // Recorded without allocating once a tenant or component has been seen: the load
-        // generator's own cost counts in the bench process's CPU per query.
-        record(&self.queue_times, &request.tenant, (at, micros));
-        record(
-            &self.component_times,
+        self.waits.lock().unwrap().record(
+            &request.tenant,
             request.component.as_deref().unwrap_or("unknown"),
             (at, micros),
         );
@@ -156,16 +180,6 @@ impl Handler for BenchHandler {
             tokio::time::sleep(service).await;
         }
         Ok(Response::ok(self.result.clone()))
-    }
-}
-
-fn record(times: &QueueTimes, key: &str, point: (u64, u64)) {
-    let mut times = times.lock().unwrap();
-    match times.get_mut(key) {
-        Some(points) => points.push(point),
-        None => {
-            times.insert(key.to_string(), vec![point]);
-        }
     }
 }
 
@@ -325,8 +339,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         ),
     };
 
-    let queue_times: QueueTimes = Arc::default();
-    let component_times: QueueTimes = Arc::default();
+    let waits: QueueTimes = Arc::default();
     let clock = Instant::now();
     let mut queriers = Vec::new();
     for q in 0..c.queriers {
@@ -339,8 +352,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
             result: bytes::Bytes::from(vec![b'r'; c.result_bytes]),
             service: c.service,
             slow_service: c.slow_service,
-            queue_times: queue_times.clone(),
-            component_times: component_times.clone(),
+            waits: waits.clone(),
             started: clock,
         };
         queriers.push(Querier::start(config, handler).map_err(|e| e.to_string())?);
@@ -399,8 +411,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     let cpu_before = (crate::metrics::process_cpu_seconds(), scrape::schedulers(admin).await?);
     let datagrams_before = Datagrams::of_clients(&frontends, &queriers);
     let tasks_before = crate::metrics::RuntimeCounts::now().unwrap_or_default();
-    queue_times.lock().unwrap().clear(); // warm-up queries
-    component_times.lock().unwrap().clear();
+    waits.lock().unwrap().clear(); // warm-up queries
     let started = Instant::now();
     let offset_ms = u64::try_from(started.duration_since(clock).as_millis()).unwrap_or(0);
     let tasks = spawn_load(&c, &frontends, &outcomes, &payload, started + c.duration);
@@ -449,7 +460,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     }
     let _ = std::fs::remove_dir_all(&dir);
     if let Some(path) = plot {
-        plot_waits(path, &c, &queue_times.lock().unwrap(), offset_ms)?;
+        plot_waits(path, &c, &waits.lock().unwrap().by_tenant, offset_ms)?;
     }
     let measured = Measured {
         elapsed,
@@ -459,5 +470,5 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
         cpu,
         offset_ms,
     };
-    Ok(report(&c, &measured, &outcomes, &queue_times, &component_times))
+    Ok(report(&c, &measured, &outcomes, &waits.lock().unwrap()))
 }

@@ -8,8 +8,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::scrape::{Datagrams, Scraped};
-use super::{BenchConfig, Outcomes, QueueTimes};
+use super::{BenchConfig, Outcomes, Waits};
 use crate::metrics::RuntimeCounts;
+use crate::queue::FastMap;
 
 /// CPU seconds used during the load.
 pub(super) struct Cpu {
@@ -108,7 +109,7 @@ const TIMELINE_MS: u64 = 100;
 
 /// Queries served and their queue waits per [`TIMELINE_MS`] of the run: a stall or a backlog
 /// that the run's percentiles hide shows as a bucket with few served and long waits.
-fn timeline(queue_times: &BTreeMap<String, Vec<(u64, u64)>>, offset_ms: u64) -> Vec<Value> {
+fn timeline(queue_times: &FastMap<String, Vec<(u64, u64)>>, offset_ms: u64) -> Vec<Value> {
     buckets(queue_times.values().flatten(), offset_ms, TIMELINE_MS)
         .into_iter()
         .map(|(n, waits)| {
@@ -125,7 +126,7 @@ fn timeline(queue_times: &BTreeMap<String, Vec<(u64, u64)>>, offset_ms: u64) -> 
 pub(super) fn plot_waits(
     path: &std::path::Path,
     c: &BenchConfig,
-    waits: &BTreeMap<String, Vec<(u64, u64)>>,
+    waits: &FastMap<String, Vec<(u64, u64)>>,
     offset_ms: u64,
 ) -> Result<(), String> {
     use plotters::prelude::*;
@@ -229,13 +230,7 @@ pub(super) struct Measured {
     pub(super) offset_ms: u64,
 }
 
-pub(super) fn report(
-    c: &BenchConfig,
-    m: &Measured,
-    o: &Outcomes,
-    queue_times: &QueueTimes,
-    component_times: &QueueTimes,
-) -> Value {
+pub(super) fn report(c: &BenchConfig, m: &Measured, o: &Outcomes, waits: &Waits) -> Value {
     let (submitted, results, rejected, errors) = (
         o.submitted.load(Ordering::Relaxed),
         o.results.load(Ordering::Relaxed),
@@ -248,12 +243,14 @@ pub(super) fn report(
     accepted.sort_unstable();
     let mut lateness = o.lateness.lock().unwrap().clone();
     lateness.sort_unstable();
-    let queue_times = queue_times.lock().unwrap();
+    let queue_times = &waits.by_tenant;
     let mut all_waits: Vec<u64> = queue_times.values().flatten().map(|p| p.1).collect();
     all_waits.sort_unstable();
     let mut tenants = Vec::new();
     let mut quiet_served = Vec::new();
-    for (tenant, waits) in queue_times.iter() {
+    // By name, as the report lists them.
+    let by_name: BTreeMap<&String, &Vec<(u64, u64)>> = queue_times.iter().collect();
+    for (tenant, waits) in by_name {
         let mut w: Vec<u64> = waits.iter().map(|p| p.1).collect();
         w.sort_unstable();
         if tenant != "tenant-0" || c.noisy_factor == 1.0 {
@@ -276,10 +273,8 @@ pub(super) fn report(
     } else {
         1.0
     };
-    let components: Vec<Value> = component_times
-        .lock()
-        .unwrap()
-        .iter()
+    let components: Vec<Value> = BTreeMap::from_iter(&waits.by_component)
+        .into_iter()
         .map(|(component, points)| {
             let mut w: Vec<u64> = points.iter().map(|p| p.1).collect();
             w.sort_unstable();
@@ -340,6 +335,6 @@ pub(super) fn report(
         "fairness": { "jain_index_equal_tenants": jain, "noisy_tenant_share": noisy_share },
         "components": components,
         "tenants": tenants,
-        "timeline_100ms": timeline(&queue_times, m.offset_ms),
+        "timeline_100ms": timeline(queue_times, m.offset_ms),
     })
 }
