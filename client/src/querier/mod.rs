@@ -81,8 +81,8 @@ pub struct QuerierConfig {
     /// `confirm_grace`.
     pub confirm_after: Duration,
     /// How long a handler may go on after its query was cancelled or its deadline passed
-    /// before its task is aborted (so a handler that ignores cancellation cannot hold a
-    /// worker forever).
+    /// before it is aborted: its future dropped where it waits (so a handler that ignores
+    /// cancellation cannot hold a worker forever).
     pub cancel_grace: Duration,
 }
 
@@ -155,7 +155,7 @@ pub struct Request {
     /// The opaque request to execute.
     pub payload: Bytes,
     /// Fires when the frontend cancels the query or its deadline passes: stop work and
-    /// return (the task is aborted after `cancel_grace`).
+    /// return (the handler's future is dropped after `cancel_grace`).
     pub cancelled: CancellationToken,
 }
 
@@ -287,6 +287,11 @@ impl<T: std::fmt::Display> From<T> for HandlerError {
 }
 
 /// What a querier runs for each query. Implement it with an `async fn`.
+///
+/// Each worker runs its queries one after another on a task that lives as long as its link
+/// to a scheduler, so handlers of different workers run concurrently (on any of the
+/// runtime's threads). A panic becomes an error result for that query; a handler still
+/// running `cancel_grace` after its query was cancelled is dropped where it waits.
 pub trait Handler: Send + Sync + 'static {
     /// Runs one query. Return promptly once `request.cancelled` fires.
     fn handle(&self, request: Request) -> impl Future<Output = Result<Response, HandlerError>> + Send;
