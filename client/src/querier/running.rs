@@ -110,7 +110,7 @@ impl<H: Handler> Runners<H> {
                 }
             }
         }
-        // Unreachable (a runner just spawned has its receiver); the run still ends.
+        // The new runner's task is gone too: the runtime is shutting down. The run still ends.
         let _ = self.to.send(End::Handler {
             run: next.run,
             slot,
@@ -137,18 +137,23 @@ impl Drop for Runner {
 fn spawn_runner<H: Handler>(handler: Arc<H>, slot: WorkerSlot, to: mpsc::UnboundedSender<End>) -> Runner {
     let (runs, queued) = mpsc::unbounded_channel();
     let abort = Arc::new(Abort::default());
-    let mut inbox = Inbox {
-        queued,
-        to,
-        slot,
-        current: None,
-    };
+    let mut inbox = Inbox { queued, to, slot };
     let signal = abort.clone();
     let task = tokio::spawn(async move {
         while let Some(Run { run, request, span }) = inbox.queued.recv().await {
-            inbox.current = Some(run);
+            // Reported once, as a delivery's end is: its outcome, or none if the task
+            // goes first.
+            let no_outcome = End::Handler {
+                run,
+                slot,
+                outcome: None,
+            };
+            let mut report = Report {
+                to: inbox.to.clone(),
+                if_dropped: Some(no_outcome),
+            };
             let outcome = run_one(&*handler, request, span, run, &signal).await;
-            inbox.ended(run, outcome);
+            report.send(End::Handler { run, slot, outcome });
         }
     })
     .abort_handle();
@@ -187,36 +192,24 @@ async fn run_one<H: Handler>(
     .await
 }
 
-/// A runner's side of its queue. Dropped with runs unreported (its task aborted, or a
-/// handler's drop panicked), it reports them as ended with no outcome.
+/// A runner's side of its queue. Dropped with runs still queued (its task aborted, or a
+/// handler's drop panicked), it reports them as ended with no outcome (the run under way
+/// has its own [`Report`]).
 struct Inbox {
     queued: mpsc::UnboundedReceiver<Run>,
     to: mpsc::UnboundedSender<End>,
     slot: WorkerSlot,
-    /// The run under way, until its end is reported.
-    current: Option<u64>,
-}
-
-impl Inbox {
-    fn ended(&mut self, run: u64, outcome: Option<Result<Response, HandlerError>>) {
-        self.current = None;
-        // A link that is gone waits for nothing.
-        let _ = self.to.send(End::Handler {
-            run,
-            slot: self.slot,
-            outcome,
-        });
-    }
 }
 
 impl Drop for Inbox {
     fn drop(&mut self) {
         self.queued.close();
-        if let Some(run) = self.current.take() {
-            self.ended(run, None);
-        }
         while let Ok(queued) = self.queued.try_recv() {
-            self.ended(queued.run, None);
+            let _ = self.to.send(End::Handler {
+                run: queued.run,
+                slot: self.slot,
+                outcome: None,
+            });
         }
     }
 }
@@ -371,18 +364,19 @@ mod tests {
         .expect("the handlers start");
     }
 
-    fn probe() -> Arc<Probe> {
-        Arc::new(Probe {
+    /// Runners of a fresh [`Probe`], and where their runs end.
+    fn runners() -> (Runners<Probe>, Arc<Probe>, mpsc::UnboundedReceiver<End>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let h = Arc::new(Probe {
             calls: Default::default(),
             dropped: Default::default(),
-        })
+        });
+        (Runners::new(h.clone(), tx), h, rx)
     }
 
     #[tokio::test]
     async fn a_slots_runs_end_once_each_on_one_task() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let h = probe();
-        let mut runners = Runners::new(h.clone(), tx);
+        let (mut runners, h, mut rx) = runners();
         for run in 0..3 {
             runners.start(3, run, request(7 + run), tracing::Span::none());
             let (r, slot, outcome) = next(&mut rx).await;
@@ -396,8 +390,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panic_becomes_an_error_result_and_the_runner_goes_on() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut runners = Runners::new(probe(), tx);
+        let (mut runners, _, mut rx) = runners();
         runners.start(0, 1, request(1), tracing::Span::none());
         let (run, _, outcome) = next(&mut rx).await;
         assert_eq!(run, 1);
@@ -411,9 +404,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_aborted_run_drops_its_handler_reports_no_outcome_and_the_next_run_runs() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let h = probe();
-        let mut runners = Runners::new(h.clone(), tx);
+        let (mut runners, h, mut rx) = runners();
         runners.start(1, 5, request(0), tracing::Span::none());
         // Queued behind the stuck run, as a slot's next run is after an abort.
         runners.start(1, 6, request(11), tracing::Span::none());
@@ -430,9 +421,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_runner_that_dies_reports_its_runs_and_is_replaced() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let h = probe();
-        let mut runners = Runners::new(h.clone(), tx);
+        let (mut runners, h, mut rx) = runners();
         runners.start(2, 1, request(2), tracing::Span::none());
         runners.start(2, 2, request(13), tracing::Span::none());
         running(&h, 1).await;
@@ -447,9 +436,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropped_runners_drop_their_handlers_and_report_no_outcome() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let h = probe();
-        let mut runners = Runners::new(h.clone(), tx);
+        let (mut runners, h, mut rx) = runners();
         runners.start(0, 1, request(0), tracing::Span::none());
         runners.start(1, 2, request(0), tracing::Span::none());
         running(&h, 2).await;
