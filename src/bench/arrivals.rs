@@ -10,11 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use sluice_client::Frontend;
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::{BenchConfig, Outcomes, one_query, request, weight};
+use super::{BenchConfig, Outcomes, Requests, one_query, weight};
 use crate::sim::Rng;
 
 /// The generator wakes at most once per grain and releases every arrival then due: the
@@ -29,12 +28,12 @@ pub(super) fn spawn(
     rate: f64,
     frontends: &[Frontend],
     outcomes: &Arc<Outcomes>,
-    payload: &Bytes,
+    requests: &Requests,
     until: Instant,
 ) -> JoinHandle<()> {
     let runtime = tokio::runtime::Handle::current();
     let total_weight: f64 = (0..c.tenants).map(|i| weight(c, i)).sum();
-    let (c, frontends, outcomes, payload) = (c.clone(), frontends.to_vec(), outcomes.clone(), payload.clone());
+    let (c, frontends, outcomes, requests) = (c.clone(), frontends.to_vec(), outcomes.clone(), requests.clone());
     let generator = tokio::task::spawn_blocking(move || {
         let cpu_start = crate::metrics::thread_cpu_seconds();
         let start = Instant::now();
@@ -79,7 +78,7 @@ pub(super) fn spawn(
                 let (fe, outcomes, req) = (
                     frontends[t % frontends.len()].clone(),
                     outcomes.clone(),
-                    request(&c, t, *n, &payload),
+                    requests.make(t, *n),
                 );
                 inflight.spawn_on(async move { outcomes.record(one_query(&fe, req).await) }, &runtime);
                 *n += 1;

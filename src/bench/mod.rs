@@ -253,17 +253,53 @@ pub(crate) async fn one_query(frontend: &Frontend, request: QueryRequest) -> Res
     })
 }
 
-fn request(c: &BenchConfig, tenant: usize, n: u64, payload: &bytes::Bytes) -> QueryRequest {
-    let mut r = QueryRequest::new(format!("tenant-{tenant}"), payload.clone())
-        .with_actors([format!("user-{}", n % c.users.max(1) as u64)]);
-    if c.slow_share > 0.0 {
-        // Spread deterministically: query n of a tenant is slow when its fractional
-        // position falls under the share.
-        let slow =
-            (crate::queue::mix64(n ^ ((tenant as u64) << 40)) >> 11) as f64 / (1u64 << 53) as f64 <= c.slow_share;
-        r.component = Some(if slow { "store-gateway" } else { "ingester" }.into());
+/// The load generator's queries. Tenant and user names are made once: formatting them
+/// for every query cost the generator about as much as a frame's decoding.
+#[derive(Clone)]
+pub(super) struct Requests(Arc<RequestsInner>);
+
+struct RequestsInner {
+    tenants: Vec<String>,
+    /// The first users' names (the rest, if a run asks for more, are formatted as needed).
+    users: Vec<String>,
+    user_count: u64,
+    slow_share: f64,
+    payload: bytes::Bytes,
+}
+
+/// Users whose names are made in advance.
+const NAMED_USERS: u64 = 1024;
+
+impl Requests {
+    pub(super) fn new(c: &BenchConfig, payload: &bytes::Bytes) -> Self {
+        let user_count = (c.users as u64).max(1);
+        Requests(Arc::new(RequestsInner {
+            tenants: (0..c.tenants).map(|t| format!("tenant-{t}")).collect(),
+            users: (0..user_count.min(NAMED_USERS)).map(|u| format!("user-{u}")).collect(),
+            user_count,
+            slow_share: c.slow_share,
+            payload: payload.clone(),
+        }))
     }
-    r
+
+    /// Query `n` of `tenant`.
+    pub(super) fn make(&self, tenant: usize, n: u64) -> QueryRequest {
+        let r = &*self.0;
+        let user = n % r.user_count;
+        let user = match r.users.get(user as usize) {
+            Some(name) => name.clone(),
+            None => format!("user-{user}"),
+        };
+        let mut q = QueryRequest::new(r.tenants[tenant].clone(), r.payload.clone()).with_actors([user]);
+        if r.slow_share > 0.0 {
+            // Spread deterministically: query n of a tenant is slow when its fractional
+            // position falls under the share.
+            let slow =
+                (crate::queue::mix64(n ^ ((tenant as u64) << 40)) >> 11) as f64 / (1u64 << 53) as f64 <= r.slow_share;
+            q.component = Some(if slow { "store-gateway" } else { "ingester" }.into());
+        }
+        q
+    }
 }
 
 /// Starts the load generator's tasks, submitting until `until` and recording in `outcomes`:
@@ -277,6 +313,7 @@ fn spawn_load(
     until: Instant,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let total_weight: f64 = (0..c.tenants).map(|i| weight(c, i)).sum();
+    let requests = Requests::new(c, payload);
     let mut tasks = Vec::new();
     match c.rate {
         None => {
@@ -288,19 +325,19 @@ fn spawn_load(
                     tenant_of.extend(std::iter::repeat_n(t, n));
                 }
                 for (k, t) in tenant_of.into_iter().enumerate() {
-                    let (fe, outcomes, payload, c) = (fe.clone(), outcomes.clone(), payload.clone(), c.clone());
+                    let (fe, outcomes, requests) = (fe.clone(), outcomes.clone(), requests.clone());
                     tasks.push(tokio::spawn(async move {
                         let mut n = k as u64;
                         while Instant::now() < until {
                             outcomes.submitted.fetch_add(1, Ordering::Relaxed);
-                            outcomes.record(one_query(&fe, request(&c, t, n, &payload)).await);
+                            outcomes.record(one_query(&fe, requests.make(t, n)).await);
                             n += 1;
                         }
                     }));
                 }
             }
         }
-        Some(rate) => tasks.push(arrivals::spawn(c, rate, frontends, outcomes, payload, until)),
+        Some(rate) => tasks.push(arrivals::spawn(c, rate, frontends, outcomes, &requests, until)),
     }
     tasks
 }
