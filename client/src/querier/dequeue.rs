@@ -73,6 +73,7 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
         next_delivery: 0,
         session: None,
         out: Vec::new(),
+        turn_now: None,
         shared,
         link,
     };
@@ -144,8 +145,20 @@ pub(super) async fn link_loop<H: Handler>(shared: Arc<Shared>, link: Arc<Link>, 
         }
         tokio::select! {
             biased;
-            Some(end) = ended.recv() => d.ended(end),
-            Some(s) = settled.recv() => d.settled_shared(s),
+            // Every end and receipt already waiting is taken in one turn: their `Ready`s
+            // leave in one write, and the loop waits (registering its wakers) once.
+            Some(end) = ended.recv() => {
+                d.ended(end);
+                while let Ok(end) = ended.try_recv() {
+                    d.ended(end);
+                }
+            }
+            Some(s) = settled.recv() => {
+                d.settled_shared(s);
+                while let Ok(s) = settled.try_recv() {
+                    d.settled_shared(s);
+                }
+            }
             next = read(&mut d.session) => d.frame(next).await,
             opened = poll_opt(&mut connecting) => {
                 connecting = None;
@@ -199,6 +212,10 @@ struct Driver<H: Handler> {
     session: Option<Session>,
     /// What `slots` asked for and is not done yet.
     out: Vec<Action>,
+    /// The clock as read by this turn's events (a dispatch, a handler's end), until the
+    /// turn's actions are carried out: a query started by them was held until then, and
+    /// that is measured without reading the clock again.
+    turn_now: Option<Instant>,
 }
 
 /// Opens the link's connection (or reuses it) and its dequeue stream.
@@ -301,6 +318,7 @@ impl<H: Handler> Driver<H> {
                 }
             }
         }
+        self.turn_now = None;
         // The list goes back, emptied, for its capacity: no allocation on the next turn.
         if self.out.is_empty() {
             self.out = actions;
@@ -323,6 +341,7 @@ impl<H: Handler> Driver<H> {
             SchedulerToQuerier::Dispatch { worker, dispatch } => {
                 let timeout = dispatch.timeout_ms.map(Duration::from_millis);
                 let now = Instant::now();
+                self.turn_now = Some(now);
                 match self
                     .slots
                     .dispatched(worker, dispatch.query_id, timeout, now, &mut self.out)
@@ -390,7 +409,8 @@ impl<H: Handler> Driver<H> {
         let Some((mut request, span)) = a.pending.take() else {
             return;
         };
-        request.queue_time += a.dispatched_at.elapsed();
+        let now = self.turn_now.unwrap_or_else(Instant::now);
+        request.queue_time += now.saturating_duration_since(a.dispatched_at);
         let run = self.next_run;
         self.next_run += 1;
         self.runners.start(slot, run, request, span);
@@ -464,8 +484,8 @@ impl<H: Handler> Driver<H> {
                 Some(number)
             }
         };
-        self.slots
-            .done(slot, delivery, measured_cost, Instant::now(), &mut self.out);
+        let now = *self.turn_now.get_or_insert_with(Instant::now);
+        self.slots.done(slot, delivery, measured_cost, now, &mut self.out);
     }
 
     /// Sends a result on a stream of its own, from a task of its own (`again`: a copy may
