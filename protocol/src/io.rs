@@ -136,6 +136,19 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
         }
     }
 
+    /// The next message if a whole one is buffered already, without reading; `Ok(None)`
+    /// when none is ([`next`](Self::next) waits for it). A reader takes every frame that
+    /// arrived together with this, then acts on them at once.
+    pub fn try_next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ReadError> {
+        match self.decoder.decode::<T>(&mut self.buf)? {
+            Some(msg) => {
+                self.frame_done()?;
+                Ok(Some(msg))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// The [`Hello`] that opens a stream, version checked first.
     pub async fn hello(&mut self) -> Result<Option<Hello>, ReadError> {
         loop {
@@ -382,6 +395,31 @@ mod tests {
         }
         writer.await.unwrap();
         assert!(r.next::<QuerierToScheduler>().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn try_next_takes_only_whole_frames_already_buffered() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let reply = encode_to_vec(&NoticeReply::Acknowledged, 1024).unwrap();
+        // Two whole frames and the first bytes of a third arrive together.
+        let mut burst = [reply.clone(), reply.clone()].concat();
+        burst.extend_from_slice(&reply[..2]);
+        a.write_all(&burst).await.unwrap();
+        let mut r = FramedRead::new(b, 1024);
+        assert_eq!(r.try_next::<NoticeReply>().unwrap(), None, "nothing read yet");
+        assert_eq!(r.next::<NoticeReply>().await.unwrap(), Some(NoticeReply::Acknowledged));
+        assert_eq!(r.try_next::<NoticeReply>().unwrap(), Some(NoticeReply::Acknowledged));
+        assert_eq!(r.try_next::<NoticeReply>().unwrap(), None, "half a frame waits");
+        assert_eq!(r.buffered(), 2);
+        a.write_all(&reply[2..]).await.unwrap();
+        assert_eq!(r.next::<NoticeReply>().await.unwrap(), Some(NoticeReply::Acknowledged));
+        // A frame over the limit, buffered behind a whole one, is refused here too.
+        a.write_all(&[&reply[..], &[0, 1, 0, 0]].concat()).await.unwrap();
+        assert_eq!(r.next::<NoticeReply>().await.unwrap(), Some(NoticeReply::Acknowledged));
+        assert!(matches!(
+            r.try_next::<NoticeReply>(),
+            Err(ReadError::Decode(DecodeError::FrameTooLarge { .. }))
+        ));
     }
 
     #[tokio::test]

@@ -88,13 +88,30 @@ async fn serve_scheduler(
     let frontend_stop = shared.stop.cancelled();
     let link_stop = link.stop.cancelled();
     tokio::pin!(frontend_stop, link_stop);
+    let mut events = Vec::new();
     let result = loop {
         tokio::select! {
             msg = reader.next::<SchedulerToFrontend>() => match msg {
-                Ok(Some(m)) => match event_of(s, m) {
-                    Ok(event) => shared.event(event),
-                    Err(cancelled) => shared.cancel_acknowledged(cancelled),
-                },
+                Ok(Some(m)) => {
+                    // The frames that arrived with it go to the table with it, under one
+                    // lock of the table.
+                    let mut next = Ok(Some(m));
+                    while let Ok(Some(m)) = next {
+                        match event_of(s, m) {
+                            Ok(event) => events.push(event),
+                            Err(cancelled) => {
+                                // In order: what came before it first.
+                                shared.events(&mut events, None);
+                                shared.cancel_acknowledged(cancelled);
+                            }
+                        }
+                        next = reader.try_next::<SchedulerToFrontend>();
+                    }
+                    shared.events(&mut events, None);
+                    if let Err(e) = next {
+                        break Err(e.to_string());
+                    }
+                }
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e.to_string()),
             },

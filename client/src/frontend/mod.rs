@@ -38,7 +38,7 @@ use crate::trace::TraceParent;
 use crate::discovery::Discovery;
 use crate::error::{ClientError, QueryError};
 use crate::gossip::MemberRole;
-use crate::lifecycle::{Event, Policy, QueryTable, SchedulerIx, State};
+use crate::lifecycle::{Event, Now, Policy, QueryTable, SchedulerIx, State};
 use crate::quic_stats::{QuicStats, QuicTotals};
 use crate::tls;
 
@@ -369,7 +369,8 @@ impl Frontend {
             return handle;
         }
         let timeout = request.timeout.unwrap_or(self.shared.config.default_timeout);
-        let deadline = Instant::now().checked_add(timeout);
+        let now = Instant::now();
+        let deadline = now.checked_add(timeout);
         let capability: Capability = rand::random();
         let event = Event::Submit {
             id,
@@ -387,7 +388,7 @@ impl Frontend {
             abort: None,
         };
         // The handle is armed before anything is sent.
-        self.shared.event_with(event, Some((id, entry)));
+        self.shared.event_with(event, Some((id, entry)), Now::at(now));
         handle
     }
 

@@ -14,7 +14,7 @@ use tracing::warn;
 
 use super::{Body, Claim, QueryResponse, Shared};
 use crate::error::QueryError;
-use crate::lifecycle::Event;
+use crate::lifecycle::{Event, Now};
 use crate::tls;
 
 /// Chunks buffered between the result stream and the caller's body reader.
@@ -91,16 +91,20 @@ async fn receive_result(
 }
 
 /// Reads a shared results stream: each frame a whole result, each answered by an ack in
-/// order; acks written together when no further result is waiting to be read.
+/// order; acks written together when no further result is waiting to be read. The results
+/// that arrived together go to the query table together, under one lock of it.
 async fn receive_results(
     shared: &Arc<Shared>,
     conn: &quinn::Connection,
     mut reader: FramedRead<quinn::RecvStream>,
     mut writer: FramedWrite<quinn::SendStream>,
 ) {
+    // Per result read: its query, and its response if it is a whole result (`None`: the
+    // querier's failure report).
+    let mut read: Vec<(QueryId, Option<QueryResponse>)> = Vec::new();
+    let (mut events, mut claims) = (Vec::new(), Vec::new());
     loop {
-        // Whatever arrived together is answered together.
-        let frame = tokio::select! {
+        let mut next = tokio::select! {
             biased;
             frame = reader.next::<ResultFrame>() => frame,
             () = std::future::ready(()), if writer.buffered() > 0 => {
@@ -110,30 +114,78 @@ async fn receive_results(
                 continue;
             }
         };
-        let (query_id, receipt) = match frame {
-            Ok(Some(ResultFrame::Whole {
-                query_id,
-                tenant,
-                capability,
-                status,
-                metadata,
-                body,
-            })) => (
-                query_id,
-                deliver_whole(shared, query_id, tenant, capability, status, metadata, body),
-            ),
-            Ok(Some(ResultFrame::Error {
-                query_id,
-                tenant,
-                capability,
-                message,
-            })) => (query_id, take_error(shared, query_id, tenant, capability, message)),
-            Ok(None) => {
+        // `Some(true)`: the stream ended cleanly; `Some(false)`: it broke the protocol.
+        let ended = loop {
+            match next {
+                Ok(Some(ResultFrame::Whole {
+                    query_id,
+                    tenant,
+                    capability,
+                    status,
+                    metadata,
+                    body,
+                })) => {
+                    events.push(Event::ResultWhole {
+                        id: query_id,
+                        tenant,
+                        capability,
+                    });
+                    let response = QueryResponse {
+                        status,
+                        metadata,
+                        body: Body::whole(body),
+                    };
+                    read.push((query_id, Some(response)));
+                }
+                Ok(Some(ResultFrame::Error {
+                    query_id,
+                    tenant,
+                    capability,
+                    message,
+                })) => {
+                    events.push(Event::ResultError {
+                        id: query_id,
+                        tenant,
+                        capability,
+                        message,
+                    });
+                    read.push((query_id, None));
+                }
+                Ok(None) => break Some(true),
+                Ok(Some(_)) | Err(_) => break Some(false),
+            }
+            next = match reader.try_next::<ResultFrame>() {
+                Ok(None) => break None,
+                more => more,
+            };
+        };
+        shared.events(&mut events, Some(&mut claims));
+        for ((query_id, response), claim) in read.drain(..).zip(claims.drain(..)) {
+            let receipt = match (response, claim) {
+                (Some(response), Some(Claim::Whole { done })) => {
+                    let _ = done.send(Ok(response));
+                    ResultReceipt::Delivered
+                }
+                (_, Some(Claim::Refused(reason))) => ResultReceipt::Refused { reason },
+                (Some(_), _) => ResultReceipt::Refused {
+                    reason: RefuseReason::UnknownQuery,
+                },
+                // A failure for a query that already ended is acknowledged: there is
+                // nothing to retry.
+                (None, _) => ResultReceipt::Delivered,
+            };
+            if writer.buffer(&ResultAck { query_id, receipt }).is_err() {
+                return;
+            }
+        }
+        match ended {
+            None => {}
+            Some(true) => {
                 let _ = writer.flush().await;
                 let _ = writer.get_mut().finish();
                 return;
             }
-            Ok(Some(_)) | Err(_) => {
+            Some(false) => {
                 warn!(remote = %conn.remote_address(), "a shared results stream broke the protocol; closing the connection");
                 conn.close(
                     close_code::PROTOCOL_ERROR.into(),
@@ -141,9 +193,6 @@ async fn receive_results(
                 );
                 return;
             }
-        };
-        if writer.buffer(&ResultAck { query_id, receipt }).is_err() {
-            return;
         }
     }
 }
@@ -163,38 +212,10 @@ fn take_error(
         capability,
         message,
     };
-    match shared.event_with(event, None) {
+    match shared.event_with(event, None, Now::lazy()) {
         Some(Claim::Refused(reason)) => ResultReceipt::Refused { reason },
         _ => ResultReceipt::Delivered,
     }
-}
-
-/// Hands a whole result to its query; the receipt to send back.
-fn deliver_whole(
-    shared: &Arc<Shared>,
-    id: QueryId,
-    tenant: String,
-    capability: sluice_protocol::Capability,
-    status: u16,
-    metadata: sluice_protocol::Metadata,
-    body: bytes::Bytes,
-) -> ResultReceipt {
-    let whole = Event::ResultWhole { id, tenant, capability };
-    let done = match shared.event_with(whole, None) {
-        Some(Claim::Whole { done }) => done,
-        Some(Claim::Refused(reason)) => return ResultReceipt::Refused { reason },
-        _ => {
-            return ResultReceipt::Refused {
-                reason: RefuseReason::UnknownQuery,
-            };
-        }
-    };
-    let _ = done.send(Ok(QueryResponse {
-        status,
-        metadata,
-        body: Body::whole(body),
-    }));
-    ResultReceipt::Delivered
 }
 
 /// Delivers the result on `reader` to its query; `None` when the query's deadline cut
@@ -215,7 +236,7 @@ async fn deliver(shared: &Arc<Shared>, reader: &mut FramedRead<quinn::RecvStream
             tenant,
             capability,
         };
-        match shared.event_with(event, None) {
+        match shared.event_with(event, None, Now::lazy()) {
             Some(Claim::Confirmed) => {}
             Some(Claim::Refused(reason)) => return refused(reason),
             _ => return refused(RefuseReason::UnknownQuery),
@@ -248,7 +269,7 @@ async fn deliver(shared: &Arc<Shared>, reader: &mut FramedRead<quinn::RecvStream
         tenant,
         capability,
     };
-    let (done, mut abort) = match shared.event_with(head, None) {
+    let (done, mut abort) = match shared.event_with(head, None, Now::lazy()) {
         Some(Claim::Accepted { done, abort }) => (done, abort),
         Some(Claim::Refused(reason)) => return refused(reason),
         _ => return refused(RefuseReason::UnknownQuery),

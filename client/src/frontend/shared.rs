@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
 
 use sluice_protocol::{Capability, FrontendAddress, FrontendToScheduler, QueryId, RefuseReason};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -18,7 +17,7 @@ use super::{FrontendConfig, QueryRequest, QueryResponse, link};
 use crate::FastMap;
 use crate::discovery::Target;
 use crate::error::QueryError;
-use crate::lifecycle::{Action, Event, QueryTable, SchedulerIx};
+use crate::lifecycle::{Action, Event, Now, QueryTable, SchedulerIx};
 use crate::quic_stats::QuicStats;
 
 /// What the shell holds for a query beside its state in the table.
@@ -175,37 +174,19 @@ pub(super) struct Shared {
 impl Shared {
     /// Feeds `event` to the table and carries out what it decides.
     pub(super) fn event(&self, event: Event) {
-        self.event_with(event, None);
+        self.event_with(event, None, Now::lazy());
     }
 
-    /// Likewise, first recording a new query's entry.
-    pub(super) fn event_with(&self, event: Event, new: Option<(QueryId, Entry)>) -> Option<Claim> {
-        // Only these can change which schedulers accept work.
-        let schedulers_may_change = matches!(
-            event,
-            Event::SchedulerUp { .. }
-                | Event::SchedulerDown { .. }
-                | Event::SchedulerInUse { .. }
-                | Event::SchedulerDraining { .. }
-                | Event::Status {
-                    status: sluice_protocol::EnqueueStatus::ShuttingDown,
-                    ..
-                }
-        );
+    /// Likewise, first recording a new query's entry, at `now`.
+    pub(super) fn event_with(&self, event: Event, new: Option<(QueryId, Entry)>, now: Now) -> Option<Claim> {
+        let schedulers_may_change = may_change_schedulers(&event);
         let mut afterwards = Afterwards::default();
         let claim = {
             let mut inner = self.inner.lock().unwrap();
             if let Some((id, entry)) = new {
                 inner.entries.insert(id, entry);
             }
-            let mut actions = std::mem::take(&mut inner.actions);
-            inner.table.handle(event, Instant::now(), &mut actions);
-            let claim = self.apply(&mut inner, &mut actions, &mut afterwards);
-            inner.actions = actions;
-            if inner.table.timer_moved_earlier() {
-                self.timer.notify_one();
-            }
-            claim
+            self.handle(&mut inner, event, &now, &mut afterwards)
         };
         afterwards.run();
         if schedulers_may_change {
@@ -214,10 +195,50 @@ impl Shared {
         claim
     }
 
+    /// Feeds `events`, in order, to the table under one lock of it (the frames that
+    /// arrived together), and carries out what it decides; each event's claim, in order,
+    /// into `claims` if given. Empties `events`, keeping its room.
+    pub(super) fn events(&self, events: &mut Vec<Event>, mut claims: Option<&mut Vec<Option<Claim>>>) {
+        let schedulers_may_change = events.iter().any(may_change_schedulers);
+        let (now, mut afterwards) = (Now::lazy(), Afterwards::default());
+        {
+            let mut inner = self.inner.lock().unwrap();
+            for event in events.drain(..) {
+                let claim = self.handle(&mut inner, event, &now, &mut afterwards);
+                if let Some(claims) = claims.as_deref_mut() {
+                    claims.push(claim);
+                }
+            }
+        }
+        afterwards.run();
+        if schedulers_may_change {
+            self.set_available();
+        }
+    }
+
+    /// One event, the lock held: the table's decision and its frames; the rest into
+    /// `afterwards`.
+    fn handle(&self, inner: &mut Inner, event: Event, now: &Now, afterwards: &mut Afterwards) -> Option<Claim> {
+        let mut actions = std::mem::take(&mut inner.actions);
+        inner.table.handle(event, now, &mut actions);
+        let claim = self.apply(inner, &mut actions, now, afterwards);
+        inner.actions = actions;
+        if inner.table.timer_moved_earlier() {
+            self.timer.notify_one();
+        }
+        claim
+    }
+
     /// Carries out the table's actions, draining `actions`: frames under the lock, so
     /// frames about one query leave in the order decided; answers to callers and freeing
     /// into `afterwards`. Returns the claim a result stream asked for, if any.
-    fn apply(&self, inner: &mut Inner, actions: &mut Vec<Action>, afterwards: &mut Afterwards) -> Option<Claim> {
+    fn apply(
+        &self,
+        inner: &mut Inner,
+        actions: &mut Vec<Action>,
+        now: &Now,
+        afterwards: &mut Afterwards,
+    ) -> Option<Claim> {
         let mut claim = None;
         for action in actions.drain(..) {
             match action {
@@ -235,8 +256,8 @@ impl Shared {
                         let reason = outgoing::too_large(len, max, "the scheduler's");
                         let mut more = Vec::new();
                         let event = Event::TooLarge { scheduler, id, reason };
-                        inner.table.handle(event, Instant::now(), &mut more);
-                        if let Some(c) = self.apply(inner, &mut more, afterwards) {
+                        inner.table.handle(event, now, &mut more);
+                        if let Some(c) = self.apply(inner, &mut more, now, afterwards) {
                             claim = Some(c);
                         }
                         continue;
@@ -363,4 +384,19 @@ impl Shared {
             self.event(Event::SchedulerInUse { scheduler, in_use });
         }
     }
+}
+
+/// Whether `event` can change which schedulers accept work (only these can).
+fn may_change_schedulers(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::SchedulerUp { .. }
+            | Event::SchedulerDown { .. }
+            | Event::SchedulerInUse { .. }
+            | Event::SchedulerDraining { .. }
+            | Event::Status {
+                status: sluice_protocol::EnqueueStatus::ShuttingDown,
+                ..
+            }
+    )
 }

@@ -1,5 +1,5 @@
 //! The life of every query at the frontend, as data: one [`QueryTable`] whose
-//! [`handle`](QueryTable::handle) takes an [`Event`] and `now` and returns the [`Action`]s
+//! [`handle`](QueryTable::handle) takes an [`Event`] and [`Now`] and returns the [`Action`]s
 //! the async shell (`frontend.rs`) must carry out. No I/O, no clock, no tasks: every
 //! state a query can be in is a [`State`] here, and every way out of it is an arm of
 //! `handle`, so orders of events a network rarely produces are unit- and property-tested.
@@ -36,7 +36,7 @@ use crate::error::QueryError;
 mod timers;
 mod vocabulary;
 use timers::Timers;
-pub(crate) use vocabulary::{Action, Counters, Event, Policy, SchedulerIx, State};
+pub(crate) use vocabulary::{Action, Counters, Event, Now, Policy, SchedulerIx, State};
 
 #[derive(Debug)]
 struct Query {
@@ -182,7 +182,7 @@ impl QueryTable {
     }
 
     /// Applies `event` at `now`, appending what to do to `out`.
-    pub(crate) fn handle(&mut self, event: Event, now: Instant, out: &mut Vec<Action>) {
+    pub(crate) fn handle(&mut self, event: Event, now: &Now, out: &mut Vec<Action>) {
         match event {
             Event::Submit {
                 id,
@@ -212,7 +212,7 @@ impl QueryTable {
                         last_refusal: None,
                     },
                 );
-                self.place(id, now, out);
+                self.place(id, now.get(), out);
             }
             Event::Status {
                 scheduler,
@@ -245,7 +245,7 @@ impl QueryTable {
                 id,
                 kind,
                 message,
-            } => self.on_scheduler_error(scheduler, id, kind, message, now, out),
+            } => self.on_scheduler_error(scheduler, id, kind, message, now.get(), out),
             Event::SchedulerUp { scheduler, in_use } => {
                 *self.view(scheduler) = SchedulerView {
                     up: true,
@@ -257,12 +257,12 @@ impl QueryTable {
                 for q in self.queries.values_mut() {
                     q.refused.remove(&scheduler);
                 }
-                self.place_waiting(now, out);
+                self.place_waiting(now.get(), out);
             }
             Event::SchedulerInUse { scheduler, in_use } => {
                 self.view(scheduler).in_use = in_use;
                 if in_use {
-                    self.place_waiting(now, out);
+                    self.place_waiting(now.get(), out);
                 }
             }
             Event::SchedulerDraining { scheduler } => self.view(scheduler).draining = true,
@@ -271,6 +271,7 @@ impl QueryTable {
                 // Its queued copies are gone with it; dispatched ones still answer directly,
                 // once their querier confirms them.
                 let (mut lost, mut orphaned) = (Vec::new(), Vec::new());
+                let now = now.get();
                 let grace = now + self.policy.confirm_grace;
                 for (id, q) in self.queries.iter_mut() {
                     match q.state {
@@ -322,7 +323,7 @@ impl QueryTable {
                     self.fail(id, QueryError::Invalid(reason), out);
                 }
             }
-            Event::Tick => self.tick(now, out),
+            Event::Tick => self.tick(now.get(), out),
             Event::Close => {
                 let ids: Vec<QueryId> = self.queries.keys().copied().collect();
                 for id in ids {
@@ -405,7 +406,7 @@ impl QueryTable {
         scheduler: SchedulerIx,
         id: QueryId,
         status: EnqueueStatus,
-        now: Instant,
+        now: &Now,
         out: &mut Vec<Action>,
     ) {
         let Some(q) = self.queries.get_mut(&id) else { return };
@@ -445,7 +446,7 @@ impl QueryTable {
             q.refused.insert(scheduler);
             q.last_refusal = Some(error);
         }
-        self.place(id, now, out);
+        self.place(id, now.get(), out);
     }
 
     fn on_scheduler_error(

@@ -8,6 +8,34 @@ use sluice_protocol::{Capability, EnqueueStatus, QueryErrorKind, QueryId, Refuse
 
 use crate::error::QueryError;
 
+/// The moment an event is handled at. The shell's clock is read only if the event needs
+/// it, once: most of a query's events (its acceptance, its dispatch, its result) do not,
+/// and a clock read is paid per event.
+#[derive(Debug, Default)]
+pub(crate) struct Now(std::cell::OnceCell<Instant>);
+
+impl Now {
+    /// Read from the clock when first asked for.
+    pub(crate) fn lazy() -> Self {
+        Now::default()
+    }
+
+    /// A moment already known (a clock the caller has just read; the tests' fake clock).
+    pub(crate) fn at(at: Instant) -> Self {
+        Now(std::cell::OnceCell::from(at))
+    }
+
+    pub(crate) fn get(&self) -> Instant {
+        *self.0.get_or_init(Instant::now)
+    }
+
+    /// Whether the clock was asked for.
+    #[cfg(test)]
+    pub(crate) fn was_read(&self) -> bool {
+        self.0.get().is_some()
+    }
+}
+
 /// A scheduler link's index at the frontend; names the link for the frontend's life.
 pub(crate) type SchedulerIx = usize;
 

@@ -43,7 +43,7 @@ impl T {
 
     fn on(&mut self, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
-        self.table.handle(event, self.now, &mut out);
+        self.table.handle(event, &Now::at(self.now), &mut out);
         out
     }
 
@@ -126,6 +126,34 @@ fn a_query_is_placed_dispatched_and_ends_with_its_result() {
     assert_eq!(out, [Action::Accept { id: 1, whole: false }]);
     assert_eq!(t.on(Event::ResultEnd { id: 1 }), [Action::Done { id: 1 }]);
     assert_eq!(t.table.len(), 0);
+}
+
+#[test]
+fn a_query_accepted_dispatched_and_answered_reads_no_clock() {
+    let mut t = T::new(&[S0]);
+    let out = t.submit(1, Some(Duration::from_secs(1)), false);
+    let s = enqueued_at(&out, 1).expect("an enqueue");
+    let lazily = |table: &mut QueryTable, event: Event| {
+        let (now, mut out) = (Now::lazy(), Vec::new());
+        table.handle(event, &now, &mut out);
+        (now.was_read(), out)
+    };
+    assert_eq!(
+        lazily(&mut t.table, accepted(s, 1)),
+        (false, vec![Action::Placed { id: 1 }])
+    );
+    assert_eq!(lazily(&mut t.table, dispatched(s, 1)), (false, vec![]));
+    let whole = Event::ResultWhole {
+        id: 1,
+        tenant: "t".into(),
+        capability: CAP,
+    };
+    let ends = vec![Action::Accept { id: 1, whole: true }, Action::Done { id: 1 }];
+    assert_eq!(lazily(&mut t.table, whole), (false, ends));
+    // A refusal places the query again, and that needs the time (what is left of its deadline).
+    t.submit(2, Some(Duration::from_secs(1)), false);
+    let refused = status(S0, 2, EnqueueStatus::QueueFull);
+    assert!(lazily(&mut t.table, refused).0);
 }
 
 #[test]
