@@ -187,14 +187,11 @@ impl Handler for BenchHandler {
 struct Outcomes {
     submitted: AtomicU64,
     results: AtomicU64,
-    /// Result body bytes received.
-    result_bytes: AtomicU64,
     rejected: AtomicU64,
     errors: AtomicU64,
     error_kinds: Mutex<BTreeMap<String, u64>>,
-    /// Microseconds from submit to result, and from submit to acceptance.
-    latencies: Mutex<Vec<u64>>,
-    accepted: Mutex<Vec<u64>>,
+    /// The results' figures, under one lock (one lock taken per result).
+    timings: Mutex<Timings>,
     /// Open loop: microseconds each submit came after its scheduled arrival (the load
     /// generator's own lateness; a late arrival is a burst the system did not cause).
     lateness: Mutex<Vec<u64>>,
@@ -203,15 +200,25 @@ struct Outcomes {
     generator_cpu: Mutex<Option<f64>>,
 }
 
+#[derive(Default)]
+struct Timings {
+    /// Microseconds from submit to result, and from submit to acceptance.
+    latencies: Vec<u64>,
+    accepted: Vec<u64>,
+    /// Result body bytes received.
+    result_bytes: u64,
+}
+
 impl Outcomes {
     fn record(&self, outcome: Result<Timing, QueryError>) {
         let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         match outcome {
             Ok(t) => {
                 self.results.fetch_add(1, Ordering::Relaxed);
-                self.result_bytes.fetch_add(t.bytes as u64, Ordering::Relaxed);
-                self.latencies.lock().unwrap().push(micros(t.total));
-                self.accepted.lock().unwrap().push(micros(t.accepted));
+                let mut timings = self.timings.lock().unwrap();
+                timings.result_bytes += t.bytes as u64;
+                timings.latencies.push(micros(t.total));
+                timings.accepted.push(micros(t.accepted));
             }
             Err(QueryError::TooManyOutstanding { .. } | QueryError::QueueFull) => {
                 self.rejected.fetch_add(1, Ordering::Relaxed);

@@ -237,9 +237,11 @@ pub(super) fn report(c: &BenchConfig, m: &Measured, o: &Outcomes, waits: &Waits)
         o.rejected.load(Ordering::Relaxed),
         o.errors.load(Ordering::Relaxed),
     );
-    let mut latencies = o.latencies.lock().unwrap().clone();
+    let (mut latencies, mut accepted, result_bytes) = {
+        let t = o.timings.lock().unwrap();
+        (t.latencies.clone(), t.accepted.clone(), t.result_bytes)
+    };
     latencies.sort_unstable();
-    let mut accepted = o.accepted.lock().unwrap().clone();
     accepted.sort_unstable();
     let mut lateness = o.lateness.lock().unwrap().clone();
     lateness.sort_unstable();
@@ -324,7 +326,7 @@ pub(super) fn report(c: &BenchConfig, m: &Measured, o: &Outcomes, waits: &Waits)
         "outcomes": {
             "submitted": submitted, "results": results, "rejected": rejected, "errors": errors,
             "lost": submitted.saturating_sub(results + rejected + errors),
-            "result_bytes_received": o.result_bytes.load(Ordering::Relaxed),
+            "result_bytes_received": result_bytes,
             "dispatched_by_schedulers": m.dispatched,
             "placed_again_unstarted": m.requeued, "redelivered": m.redelivered,
             "error_kinds": *o.error_kinds.lock().unwrap(),
