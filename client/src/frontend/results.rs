@@ -160,6 +160,8 @@ async fn receive_results(
             };
         };
         shared.events(&mut events, Some(&mut claims));
+        // Every taken result reaches its caller, even if an ack could not be written.
+        let mut acked = true;
         for ((query_id, response), claim) in read.drain(..).zip(claims.drain(..)) {
             let receipt = match (response, claim) {
                 (Some(response), Some(Claim::Whole { done })) => {
@@ -174,9 +176,10 @@ async fn receive_results(
                 // nothing to retry.
                 (None, _) => ResultReceipt::Delivered,
             };
-            if writer.buffer(&ResultAck { query_id, receipt }).is_err() {
-                return;
-            }
+            acked = acked && writer.buffer(&ResultAck { query_id, receipt }).is_ok();
+        }
+        if !acked {
+            return;
         }
         match ended {
             None => {}

@@ -199,6 +199,9 @@ impl Shared {
     /// arrived together), and carries out what it decides; each event's claim, in order,
     /// into `claims` if given. Empties `events`, keeping its room.
     pub(super) fn events(&self, events: &mut Vec<Event>, mut claims: Option<&mut Vec<Option<Claim>>>) {
+        if events.is_empty() {
+            return;
+        }
         let schedulers_may_change = events.iter().any(may_change_schedulers);
         let (now, mut afterwards) = (Now::lazy(), Afterwards::default());
         {
