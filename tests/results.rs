@@ -319,6 +319,48 @@ async fn whole_results_share_one_stream_and_are_acknowledged_in_order() {
     }
 }
 
+/// Results read together are handed to the query table together: a frame that breaks the
+/// shared stream's protocol, arriving in the same write as a whole result, still lets that
+/// result reach its caller before the connection is closed.
+#[tokio::test]
+async fn a_result_written_with_a_protocol_breaking_frame_still_reaches_its_caller() {
+    use sluice_protocol::*;
+    let t = start(|_| {}).await;
+    let fe = frontend_for(&[&t]).await;
+    let submitted = fe.submit(QueryRequest::new("t", "one")).await.unwrap();
+    let sched = t.connect(&t.certs.querier).await.unwrap();
+    let mut w = worker(&sched, "raw-querier").await;
+    w.ready(0).await;
+    let d = dispatched(&mut w).await;
+
+    let addr: std::net::SocketAddr = fe.result_address().address.parse().unwrap();
+    let conn = connect(addr, &t.certs.querier).await.unwrap();
+    let (send, _recv) = conn.open_bi().await.unwrap();
+    let mut writer = FramedWrite::new(send, 1 << 20);
+    writer
+        .buffer(&Hello::new(Role::Querier, "raw-querier", StreamKind::Results))
+        .unwrap();
+    writer
+        .buffer(&ResultFrame::Whole {
+            query_id: d.query_id,
+            tenant: d.tenant.clone(),
+            capability: d.capability,
+            status: 200,
+            metadata: Vec::new(),
+            body: Bytes::from_static(b"taken"),
+        })
+        .unwrap();
+    writer.buffer(&ResultFrame::End { total_len: 0 }).unwrap();
+    writer.flush().await.unwrap();
+
+    let response = wait("the response", submitted.response()).await.unwrap();
+    assert_eq!(response.body.collect().await.unwrap(), b"taken");
+    match tokio::time::timeout(WAIT, conn.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(c.error_code, close_code::PROTOCOL_ERROR.into()),
+        other => panic!("{other:?}"),
+    }
+}
+
 /// A frontend whose shared results stream breaks before its acknowledgement (a fake one:
 /// it reads the result, then resets the stream), or that never acknowledges it (alive, not
 /// reading): the querier sends the result again on a stream of its own, and its handler
