@@ -163,19 +163,7 @@ async fn receive_results(
         // Every taken result reaches its caller, even if an ack could not be written.
         let mut acked = true;
         for ((query_id, response), claim) in read.drain(..).zip(claims.drain(..)) {
-            let receipt = match (response, claim) {
-                (Some(response), Some(Claim::Whole { done })) => {
-                    let _ = done.send(Ok(response));
-                    ResultReceipt::Delivered
-                }
-                (_, Some(Claim::Refused(reason))) => ResultReceipt::Refused { reason },
-                (Some(_), _) => ResultReceipt::Refused {
-                    reason: RefuseReason::UnknownQuery,
-                },
-                // A failure for a query that already ended is acknowledged: there is
-                // nothing to retry.
-                (None, _) => ResultReceipt::Delivered,
-            };
+            let receipt = answer(response, claim);
             acked = acked && writer.buffer(&ResultAck { query_id, receipt }).is_ok();
         }
         if !acked {
@@ -200,8 +188,7 @@ async fn receive_results(
     }
 }
 
-/// Hands a querier's failure report to its query; the receipt to send back (a failure for
-/// a query that already ended is acknowledged: there is nothing to retry).
+/// Hands a querier's failure report to its query; the receipt to send back.
 fn take_error(
     shared: &Arc<Shared>,
     id: QueryId,
@@ -215,9 +202,23 @@ fn take_error(
         capability,
         message,
     };
-    match shared.event_with(event, None, Now::lazy()) {
-        Some(Claim::Refused(reason)) => ResultReceipt::Refused { reason },
-        _ => ResultReceipt::Delivered,
+    answer(None, shared.event_with(event, None, Now::lazy()))
+}
+
+/// What the table's `claim` on a result means: a whole result (`response`) goes to its
+/// caller if taken; the receipt to send back. A failure report (`response` `None`) for a
+/// query that already ended is acknowledged: there is nothing to retry.
+fn answer(response: Option<QueryResponse>, claim: Option<Claim>) -> ResultReceipt {
+    match (response, claim) {
+        (Some(response), Some(Claim::Whole { done })) => {
+            let _ = done.send(Ok(response));
+            ResultReceipt::Delivered
+        }
+        (_, Some(Claim::Refused(reason))) => ResultReceipt::Refused { reason },
+        (Some(_), _) => ResultReceipt::Refused {
+            reason: RefuseReason::UnknownQuery,
+        },
+        (None, _) => ResultReceipt::Delivered,
     }
 }
 

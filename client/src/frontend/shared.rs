@@ -179,20 +179,12 @@ impl Shared {
 
     /// Likewise, first recording a new query's entry, at `now`.
     pub(super) fn event_with(&self, event: Event, new: Option<(QueryId, Entry)>, now: Now) -> Option<Claim> {
-        let schedulers_may_change = may_change_schedulers(&event);
-        let mut afterwards = Afterwards::default();
-        let claim = {
-            let mut inner = self.inner.lock().unwrap();
+        self.with_table(may_change_schedulers(&event), |inner, afterwards| {
             if let Some((id, entry)) = new {
                 inner.entries.insert(id, entry);
             }
-            self.handle(&mut inner, event, &now, &mut afterwards)
-        };
-        afterwards.run();
-        if schedulers_may_change {
-            self.set_available();
-        }
-        claim
+            self.handle(inner, event, &now, afterwards)
+        })
     }
 
     /// Feeds `events`, in order, to the table under one lock of it (the frames that
@@ -202,21 +194,27 @@ impl Shared {
         if events.is_empty() {
             return;
         }
-        let schedulers_may_change = events.iter().any(may_change_schedulers);
-        let (now, mut afterwards) = (Now::lazy(), Afterwards::default());
-        {
-            let mut inner = self.inner.lock().unwrap();
+        let now = Now::lazy();
+        self.with_table(events.iter().any(may_change_schedulers), |inner, afterwards| {
             for event in events.drain(..) {
-                let claim = self.handle(&mut inner, event, &now, &mut afterwards);
+                let claim = self.handle(inner, event, &now, afterwards);
                 if let Some(claims) = claims.as_deref_mut() {
                     claims.push(claim);
                 }
             }
-        }
+        });
+    }
+
+    /// Runs `f` with the table locked, then, unlocked, what it left in `afterwards`; and
+    /// tells who waits for an accepting scheduler if `schedulers_may_change`.
+    fn with_table<R>(&self, schedulers_may_change: bool, f: impl FnOnce(&mut Inner, &mut Afterwards) -> R) -> R {
+        let mut afterwards = Afterwards::default();
+        let r = f(&mut self.inner.lock().unwrap(), &mut afterwards);
         afterwards.run();
         if schedulers_may_change {
             self.set_available();
         }
+        r
     }
 
     /// One event, the lock held: the table's decision and its frames; the rest into
