@@ -12,6 +12,7 @@
 //! found again by its id.
 
 use std::any::Any;
+use std::borrow::Borrow;
 use std::future::{Future, poll_fn};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::pin;
@@ -148,8 +149,9 @@ fn spawn_runner<H: Handler>(handler: Arc<H>, slot: WorkerSlot, to: mpsc::Unbound
                 slot,
                 outcome: None,
             };
+            // Borrows the runner's sender: a run costs no sender of its own.
             let mut report = Report {
-                to: inbox.to.clone(),
+                to: &inbox.to,
                 if_dropped: Some(no_outcome),
             };
             let outcome = run_one(&*handler, request, span, run, &signal).await;
@@ -233,6 +235,8 @@ fn spawn<F>(task: F, to: mpsc::UnboundedSender<End>, if_dropped: End) -> AbortHa
 where
     F: Future<Output = End> + Send + 'static,
 {
+    // Owns its sender: a task aborted before its first poll drops the report unstarted,
+    // and the report must still send.
     let mut report = Report {
         to,
         if_dropped: Some(if_dropped),
@@ -245,23 +249,24 @@ where
 }
 
 /// Sends a task's end once: what it returned, or when dropped unsent, `if_dropped`.
-struct Report {
-    to: mpsc::UnboundedSender<End>,
+/// `S` is the link's sender, owned or borrowed.
+struct Report<S: Borrow<mpsc::UnboundedSender<End>>> {
+    to: S,
     if_dropped: Option<End>,
 }
 
-impl Report {
+impl<S: Borrow<mpsc::UnboundedSender<End>>> Report<S> {
     fn send(&mut self, end: End) {
         self.if_dropped = None;
         // A link that is gone waits for nothing.
-        let _ = self.to.send(end);
+        let _ = self.to.borrow().send(end);
     }
 }
 
-impl Drop for Report {
+impl<S: Borrow<mpsc::UnboundedSender<End>>> Drop for Report<S> {
     fn drop(&mut self) {
         if let Some(end) = self.if_dropped.take() {
-            let _ = self.to.send(end);
+            let _ = self.to.borrow().send(end);
         }
     }
 }
