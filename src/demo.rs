@@ -86,7 +86,7 @@ pub async fn run(limit: Option<Duration>, stop: Arc<AtomicBool>, show: impl Fn(&
                 n += 1;
                 let (fe, tallies, tenant) = (fe.clone(), tallies.clone(), tenant.clone());
                 tokio::spawn(async move {
-                    let outcome = one_query(&fe, request).await;
+                    let outcome = one_query(&fe, request, Instant::now()).await;
                     let mut t = tallies.lock().unwrap();
                     let t = t.entry(tenant).or_default();
                     match outcome {

@@ -80,7 +80,10 @@ pub(super) fn spawn(
                     outcomes.clone(),
                     requests.make(t, *n),
                 );
-                inflight.spawn_on(async move { outcomes.record(one_query(&fe, req).await) }, &runtime);
+                inflight.spawn_on(
+                    async move { outcomes.record(one_query(&fe, req, Instant::now()).await) },
+                    &runtime,
+                );
                 *n += 1;
                 next.push(Reverse((at + Duration::from_nanos(rng.exp_ns(*tenant_rate)), t)));
             }

@@ -247,8 +247,13 @@ pub(crate) struct Timing {
 }
 
 /// One query from submit to the last byte of its result.
-pub(crate) async fn one_query(frontend: &Frontend, request: QueryRequest) -> Result<Timing, QueryError> {
-    let started = Instant::now();
+/// Submits `request` at `started` (the caller's clock read, which it may also use) and
+/// waits for its whole result.
+pub(crate) async fn one_query(
+    frontend: &Frontend,
+    request: QueryRequest,
+    started: Instant,
+) -> Result<Timing, QueryError> {
     let handle = frontend.submit(request).await?;
     let accepted = started.elapsed();
     let response = handle.response().await?;
@@ -335,9 +340,14 @@ fn spawn_load(
                     let (fe, outcomes, requests) = (fe.clone(), outcomes.clone(), requests.clone());
                     tasks.push(tokio::spawn(async move {
                         let mut n = k as u64;
-                        while Instant::now() < until {
+                        // One clock read says both whether to go on and when the query started.
+                        loop {
+                            let started = Instant::now();
+                            if started >= until {
+                                break;
+                            }
                             outcomes.submitted.fetch_add(1, Ordering::Relaxed);
-                            outcomes.record(one_query(&fe, requests.make(t, n)).await);
+                            outcomes.record(one_query(&fe, requests.make(t, n), started).await);
                             n += 1;
                         }
                     }));
@@ -410,7 +420,7 @@ pub async fn run(c: BenchConfig, plot: Option<&std::path::Path>, progress: impl 
     if c.target.is_some() {
         // Running schedulers: one query through each frontend shows that the path works.
         for fe in &frontends {
-            one_query(fe, QueryRequest::new("bench-warm-up", "warm-up"))
+            one_query(fe, QueryRequest::new("bench-warm-up", "warm-up"), Instant::now())
                 .await
                 .map_err(|e| format!("warm-up query failed: {e}"))?;
         }
