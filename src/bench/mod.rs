@@ -257,7 +257,8 @@ pub(crate) async fn one_query(
     let handle = frontend.submit(request).await?;
     let accepted = started.elapsed();
     let response = handle.response().await?;
-    let body = response.body.collect().await?;
+    // As bytes: a lone chunk is the received frame's, not copied (the caller's cost counts).
+    let body = response.body.collect_bytes().await?;
     Ok(Timing {
         accepted,
         total: started.elapsed(),

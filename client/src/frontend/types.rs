@@ -273,6 +273,25 @@ impl Body {
         }
         Ok(out)
     }
+
+    /// The whole body as [`Bytes`]: a body that came in one chunk (nearly every small
+    /// result) is that chunk as it was received, neither copied nor allocated again; a
+    /// longer one is joined into one buffer, as [`collect`](Self::collect) does.
+    pub async fn collect_bytes(mut self) -> Result<Bytes, QueryError> {
+        let Some(first) = self.chunk().await.transpose()? else {
+            return Ok(Bytes::new());
+        };
+        let Some(second) = self.chunk().await.transpose()? else {
+            return Ok(first);
+        };
+        let mut out = bytes::BytesMut::with_capacity(first.len() + second.len());
+        out.extend_from_slice(&first);
+        out.extend_from_slice(&second);
+        while let Some(chunk) = self.chunk().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out.freeze())
+    }
 }
 
 /// Where a query is now, as its frontend knows it ([`QueryHandle::placement`](super::QueryHandle::placement)).
@@ -370,6 +389,46 @@ mod body_tests {
             Body::whole(Bytes::from_static(b"xy")).collect().await,
             Ok(b"xy".to_vec())
         );
+    }
+
+    #[tokio::test]
+    async fn collecting_as_bytes_shares_a_lone_chunk_and_joins_several() {
+        // One chunk: the very bytes received, not a copy.
+        let received = Bytes::from(b"the whole result".to_vec());
+        let collected = Body::whole(received.clone()).collect_bytes().await.unwrap();
+        assert_eq!(collected, received);
+        assert_eq!(
+            collected.as_ptr(),
+            received.as_ptr(),
+            "a lone chunk is shared, not copied"
+        );
+        assert_eq!(Body::whole(Bytes::new()).collect_bytes().await, Ok(Bytes::new()));
+
+        // Several chunks are joined, in order.
+        let (tx, rx) = mpsc::channel(4);
+        for part in [&b"a"[..], b"bc", b"def"] {
+            tx.send(Bytes::copy_from_slice(part)).await.unwrap();
+        }
+        drop(tx);
+        let body = Body::streamed(rx, Arc::new(Mutex::new(None)));
+        assert_eq!(body.collect_bytes().await, Ok(Bytes::from_static(b"abcdef")));
+
+        // A body that broke, after one chunk or after several, is an error, not a shorter body.
+        for sent in [1, 3] {
+            let (tx, rx) = mpsc::channel(4);
+            let failure = Arc::new(Mutex::new(None));
+            for _ in 0..sent {
+                tx.send(Bytes::from_static(b"x")).await.unwrap();
+            }
+            *failure.lock().unwrap() = Some(QueryError::Failed("stream broke".into()));
+            drop(tx);
+            let body = Body::streamed(rx, failure);
+            assert_eq!(
+                body.collect_bytes().await,
+                Err(QueryError::Failed("stream broke".into())),
+                "{sent} chunk(s) before the break"
+            );
+        }
     }
 
     #[tokio::test]
