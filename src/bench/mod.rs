@@ -246,9 +246,8 @@ pub(crate) struct Timing {
     pub(crate) bytes: usize,
 }
 
-/// One query from submit to the last byte of its result.
-/// Submits `request` at `started` (the caller's clock read, which it may also use) and
-/// waits for its whole result.
+/// One query from submit to the last byte of its result; `started` is the caller's clock
+/// read when it submits (a read the caller may use for its own needs too).
 pub(crate) async fn one_query(
     frontend: &Frontend,
     request: QueryRequest,
@@ -257,7 +256,7 @@ pub(crate) async fn one_query(
     let handle = frontend.submit(request).await?;
     let accepted = started.elapsed();
     let response = handle.response().await?;
-    // As bytes: a lone chunk is the received frame's, not copied (the caller's cost counts).
+    // As bytes: a lone chunk is taken as received, not copied (the caller's cost counts).
     let body = response.body.collect_bytes().await?;
     Ok(Timing {
         accepted,
