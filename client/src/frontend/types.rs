@@ -266,12 +266,9 @@ impl Body {
     }
 
     /// The whole body in one buffer.
-    pub async fn collect(mut self) -> Result<Vec<u8>, QueryError> {
-        let mut out = Vec::new();
-        while let Some(chunk) = self.chunk().await {
-            out.extend_from_slice(&chunk?);
-        }
-        Ok(out)
+    pub async fn collect(self) -> Result<Vec<u8>, QueryError> {
+        // A buffer this body holds alone becomes the `Vec` without a new allocation.
+        self.collect_bytes().await.map(Vec::from)
     }
 
     /// The whole body as [`Bytes`]: a body that came in one chunk (nearly every small
