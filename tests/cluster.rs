@@ -202,6 +202,11 @@ async fn a_tenants_limit_holds_for_one_to_four_schedulers() {
         let (again, _) = burst(&f, LIMIT as usize).await;
         let (_, holds) = converged(&running.iter().collect::<Vec<_>>()).await;
         let total: u64 = holds.iter().sum();
+        assert_eq!(
+            total,
+            (kept.len() + again.len()) as u64,
+            "{n} schedulers: every query accepted and not withdrawn is held somewhere"
+        );
         assert!(
             again.len() * 10 >= room * 9,
             "{n} schedulers: {} places taken again, of {room} left free by {withdrawn} withdrawn",
